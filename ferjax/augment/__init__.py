@@ -1,0 +1,1 @@
+"""Semantic augmentation: latent-perturbation sampling and class-balancing policies."""

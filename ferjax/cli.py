@@ -1,0 +1,114 @@
+"""The `ferjax` command: one entry point, one verb per job.
+
+Handlers live beside the code they drive and are imported lazily, so `ferjax --help` is quick.
+A `UserError` ends in one line on stderr and exit code 2; anything else is a bug (exit 1).
+"""
+
+import argparse
+import importlib
+import sys
+
+from ferjax.errors import UserError
+
+EPILOG_CONFIG = ("Config fields are overridden with --config.FIELD=VALUE (typed by the field; "
+                 "unknown fields and wrong types are errors).")
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse, but a bad flag is one line (not usage + message) and exit code 2."""
+
+  def error(self, message):
+    raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _verb(subparsers, name, handler, help_text, example, **kwargs):
+  p = subparsers.add_parser(
+      name, help=help_text, allow_abbrev=False, description=f"{help_text}\n\nexample:\n  {example}",
+      formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+  p.set_defaults(handler=handler)
+  return p
+
+
+def _add_config_args(p, required=True):
+  p.add_argument("--config", required=required, metavar="FILE",
+                 help="Python config file defining get_config() (see experiments/configs/)")
+
+
+def _add_distributed_args(p):
+  g = p.add_argument_group("multi-host (optional; also read from JAX_COORDINATOR_ADDRESS etc.)")
+  g.add_argument("--coordinator-address", default=None, help="host:port of process 0")
+  g.add_argument("--num-processes", type=int, default=None)
+  g.add_argument("--process-id", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = _Parser(
+      prog="ferjax", allow_abbrev=False,
+      description="Long-tailed facial expression recognition in JAX: VAE-GAN semantic "
+                  "augmentation, long-tail baselines, per-class evaluation.",
+      epilog="Run `ferjax VERB --help` for each verb's options and an example.")
+  parser.add_argument("--version", action="version", version=_version())
+  verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+
+  # --- data ---------------------------------------------------------------------------------
+  data = verbs.add_parser("data", help="prepare real datasets and show dataset statistics",
+                          description="Prepare real datasets and show dataset statistics.")
+  data_verbs = data.add_subparsers(dest="data_verb", metavar="ACTION", parser_class=_Parser)
+  p = _verb(data_verbs, "prepare", "ferjax.data.commands:prepare",
+            "Prepare a real dataset once from its raw files into TFDS array_record form.",
+            "ferjax data prepare fer2013 --manual-dir ~/downloads/fer2013")
+  p.add_argument("name", help="fer2013, ferplus, rafdb, affectnet or ckplus")
+  p.add_argument("--manual-dir", required=True, help="folder holding the raw files as downloaded")
+  p.add_argument("--data-dir", default=None,
+                 help="where prepared datasets live (default $FERJAX_DATA_DIR or ~/.ferjax/datasets)")
+  p = _verb(data_verbs, "stats", "ferjax.data.commands:stats",
+            "Print per-split class counts and the imbalance ratio; write a class histogram PNG "
+            "(and, for the synthetic set, a per-class sample grid).",
+            "ferjax data stats synthetic --out runs/synthetic_stats")
+  p.add_argument("name", help="synthetic, fer2013, ferplus, rafdb, affectnet or ckplus")
+  p.add_argument("--split", default=None, help="one split only (default: all available)")
+  p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+  p.add_argument("--data-dir", default=None, help="where prepared datasets live")
+  p.add_argument("--out", default=".", help="folder for the PNGs (default: current folder)")
+  data.set_defaults(handler=None, data_parser=data)
+  return parser
+
+
+def _version() -> str:
+  from ferjax import __version__
+  return f"ferjax {__version__}"
+
+
+def _run_handler(spec: str, args) -> int:
+  module_name, func_name = spec.split(":")
+  handler = getattr(importlib.import_module(module_name), func_name)
+  return handler(args) or 0
+
+
+def main(argv=None) -> int:
+  parser = build_parser()
+  try:
+    args, rest = parser.parse_known_args(argv)
+    args.overrides = [a for a in rest if a.startswith("--config.")]
+    unknown = [a for a in rest if not a.startswith("--config.")]
+    if unknown:
+      raise UserError(f"ferjax: unrecognized arguments: {' '.join(unknown)} (see ferjax --help)")
+    if args.overrides and not hasattr(args, "config"):
+      raise UserError(f"ferjax {args.verb}: takes no --config overrides")
+    if args.verb is None:
+      parser.print_help()
+      return 2
+    if getattr(args, "handler", None) is None:
+      args.data_parser.print_help()
+      return 2
+    return _run_handler(args.handler, args)
+  except UserError as e:
+    print(f"ferjax: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("ferjax: interrupted", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,94 @@
+"""`ferjax data prepare` and `ferjax data stats`."""
+
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+from ferjax import plots
+from ferjax.data import loading
+from ferjax.errors import UserError
+
+SYNTHETIC_SPLITS = ("train", "validation", "test")
+
+
+def prepare(args) -> int:
+  from ferjax.data import builders
+  if args.name not in loading.DATASET_NAMES or args.name == "synthetic":
+    real = [n for n in loading.DATASET_NAMES if n != "synthetic"]
+    raise UserError(f"data prepare: unknown dataset {args.name!r}: expected one of "
+                            f"{', '.join(real)} (synthetic needs no preparation)")
+  counts = builders.prepare(args.name, args.manual_dir, data_dir=args.data_dir)
+  where = builders.default_data_dir() if args.data_dir is None else args.data_dir
+  print(f"prepared {args.name} in {where}")
+  for split, n in counts.items():
+    print(f"  {split}: {n} images")
+  return 0
+
+
+def split_stats(labels: np.ndarray, class_names) -> dict:
+  """Per-class counts, total and imbalance ratio (largest / smallest non-empty class)."""
+  counts = np.bincount(labels, minlength=len(class_names))
+  nonzero = counts[counts > 0]
+  ratio = float(nonzero.max() / nonzero.min()) if len(nonzero) else float("nan")
+  return {"counts": {c: int(n) for c, n in zip(class_names, counts)}, "total": int(counts.sum()),
+          "imbalance_ratio": round(ratio, 2), "empty_classes": [c for c, n in
+                                                                zip(class_names, counts) if n == 0]}
+
+
+def stats(args) -> int:
+  name = args.name
+  if name not in loading.DATASET_NAMES:
+    raise UserError(f"data stats: unknown dataset {name!r}: expected one of "
+                            f"{', '.join(loading.DATASET_NAMES)}")
+  if name == "synthetic":
+    splits = SYNTHETIC_SPLITS
+  else:
+    from ferjax.data import builders
+    splits = builders.available_splits(name, data_dir=args.data_dir)
+  if args.split is not None:
+    if args.split not in splits:
+      raise UserError(f"data stats {name}: no split {args.split!r} (available: "
+                              f"{', '.join(splits)})")
+    splits = (args.split,)
+
+  result = {"dataset": name, "splits": {}}
+  train = None
+  for split in splits:
+    ds = loading.load(name, split, data_dir=args.data_dir)
+    result["class_names"] = list(ds.class_names)
+    result["image_shape"] = list(ds.images.shape[1:])
+    result["splits"][split] = split_stats(ds.labels, ds.class_names)
+    if split == "train" or train is None:
+      train = ds
+
+  out = pathlib.Path(args.out)
+  counts_by_split = {s: list(v["counts"].values()) for s, v in result["splits"].items()}
+  hist = plots.save_class_histogram(counts_by_split, result["class_names"],
+                                    out / f"{name}_class_histogram.png", title=f"{name}: images per class")
+  grid = plots.save_class_grid(train.images, train.labels, train.class_names,
+                               out / f"{name}_samples_{train.split}.png", per_class=12, scale=2)
+  result["files"] = [str(hist), str(grid)]
+
+  if args.json:
+    json.dump(result, sys.stdout, indent=2)
+    print()
+  else:
+    print(_table(result))
+  return 0
+
+
+def _table(result: dict) -> str:
+  names = result["class_names"]
+  width = max(10, *(len(n) for n in names))
+  splits = list(result["splits"])
+  lines = [f"{result['dataset']}: images {tuple(result['image_shape'])}, {len(names)} classes"]
+  lines.append(f"{'class':<{width}}" + "".join(f"{s:>12}" for s in splits))
+  for c in names:
+    lines.append(f"{c:<{width}}" + "".join(f"{result['splits'][s]['counts'][c]:>12}" for s in splits))
+  lines.append(f"{'total':<{width}}" + "".join(f"{result['splits'][s]['total']:>12}" for s in splits))
+  lines.append(f"{'imbalance':<{width}}" +
+               "".join(f"{result['splits'][s]['imbalance_ratio']:>12.2f}" for s in splits))
+  lines.append("wrote " + ", ".join(result["files"]))
+  return "\n".join(lines)

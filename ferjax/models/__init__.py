@@ -1,0 +1,1 @@
+"""Models as pure functions of explicit parameter pytrees (Flax Linen init/apply)."""

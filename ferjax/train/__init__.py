@@ -1,0 +1,1 @@
+"""Trainers (one readable trainer per stage) and the shared pieces they stand on."""

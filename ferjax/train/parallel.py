@@ -1,0 +1,66 @@
+"""Device mesh and shardings: one code path for 1 CPU, 8 GPUs and a multi-host pod.
+
+Data parallelism only: parameters are replicated, batches are split along the mesh axis
+`data`. Inside a jitted step, `jax.lax.with_sharding_constraint(x, batch_sharding(mesh))` on
+the sampled batch is all it takes; XLA inserts the gradient all-reduce, and BatchNorm
+statistics computed with plain `jnp.mean` over the batch axis are global-batch statistics.
+"""
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ferjax.errors import UserError
+
+DATA_AXIS = "data"
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
+  """Starts jax.distributed from arguments or the usual environment variables.
+
+  With no arguments and none of JAX_COORDINATOR_ADDRESS / SLURM / TPU pod variables set, this is
+  a single-process run and nothing happens. Must run before anything touches a device.
+  """
+  coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if num_processes is None and "JAX_NUM_PROCESSES" in os.environ:
+    num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+  if process_id is None and "JAX_PROCESS_ID" in os.environ:
+    process_id = int(os.environ["JAX_PROCESS_ID"])
+  on_cluster = any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES"))
+  if coordinator_address is None and not on_cluster:
+    return False
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+  return True
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+  """A 1-D mesh over all devices of all processes (or the first `num_devices`)."""
+  devices = jax.devices()
+  if num_devices is not None:
+    if num_devices > len(devices):
+      raise UserError(f"num_devices: asked for {num_devices}, only {len(devices)} available")
+    devices = devices[:num_devices]
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, field: str = "batch_size") -> None:
+  n = mesh.devices.size
+  if batch_size <= 0 or batch_size % n:
+    raise UserError(f"config field {field!r}: expected a positive multiple of the device count "
+                    f"({n}), got {batch_size}")
+
+
+def put_replicated(tree, mesh: Mesh):
+  """Places a host pytree on every device of the mesh (parameters, resident datasets)."""
+  return jax.device_put(tree, replicated(mesh))
