@@ -75,3 +75,43 @@ def time_step(step_fn, carry, *, what: str, batch: int, dtype: str, steps: int =
   }
   record.update(extra or {})
   return record
+
+
+# --- `ferjax bench` ----------------------------------------------------------------------------
+
+BENCH_TARGETS = ("classifier", "vaegan", "sampler", "evaluate")
+
+
+def _config_for(what: str, path, overrides):
+  """The config under measurement: a file (as for training) or the trainer's defaults."""
+  from ferjax import configs
+  if what == "vaegan":
+    from ferjax.train import vaegan as trainer
+  else:
+    from ferjax.train import classifier as trainer
+  if path is not None:
+    return configs.load_config(path, overrides)
+  config = trainer.default_config()
+  configs.apply_overrides(config, overrides)
+  return config
+
+
+def cli_main(args) -> int:
+  import json
+  if args.batch is not None and args.batch <= 0:
+    from ferjax.errors import UserError
+    raise UserError(f"--batch: expected a positive number of images, got {args.batch}")
+  config = _config_for(args.what, args.config, args.overrides)
+  if args.what == "vaegan":
+    from ferjax.train import vaegan
+    records = [vaegan.bench(config, batch_size=args.batch, steps=args.steps)]
+  elif args.what == "sampler":
+    from ferjax.augment import synthesis
+    records = synthesis.bench(config, batch_size=args.batch, steps=args.steps)
+  else:
+    from ferjax import evaluate
+    records = [r for r in evaluate.bench(config, batch_size=args.batch, steps=args.steps)
+               if r["what"] == args.what]
+  for record in records:
+    print(json.dumps(record))
+  return 0

@@ -71,6 +71,53 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--data-dir", default=None, help="where prepared datasets live")
   p.add_argument("--out", default=".", help="folder for the PNGs (default: current folder)")
   data.set_defaults(handler=None, data_parser=data)
+
+  # --- training and evaluation ----------------------------------------------------------------
+  p = _verb(verbs, "train-vaegan", "ferjax.train.vaegan:cli_main",
+            "Train the VAE-GAN (encoder, generator, discriminator) on a dataset's train split; "
+            "resumes from the workdir's latest checkpoint.",
+            "ferjax train-vaegan --config experiments/configs/vaegan_synthetic_tiny.py "
+            "--workdir runs/vaegan_tiny", epilog=EPILOG_CONFIG)
+  _add_config_args(p)
+  p.add_argument("--workdir", required=True, help="run folder: config.json, metrics.jsonl, "
+                 "checkpoints/, PNG grids")
+  _add_distributed_args(p)
+
+  p = _verb(verbs, "train", "ferjax.train.classifier:cli_main",
+            "Train a classifier (ResNet, long-tail losses and samplers, optional semantic "
+            "augmentation); keeps the last checkpoints and the best one on the validation split.",
+            "ferjax train --config experiments/configs/classifier_synthetic_tiny.py "
+            "--workdir runs/classifier_tiny", epilog=EPILOG_CONFIG)
+  _add_config_args(p)
+  p.add_argument("--workdir", required=True, help="run folder: config.json, metrics.jsonl, "
+                 "checkpoints/, curves")
+  _add_distributed_args(p)
+
+  p = _verb(verbs, "evaluate", "ferjax.evaluate:cli_main",
+            "Evaluate a trained classifier's checkpoint on a split: writes eval_<split>.json "
+            "(accuracy, mean class accuracy, macro-F1, per-class, confusion, head/medium/tail) "
+            "and a confusion-matrix PNG. No retraining needed to change --tta or --logit-adjust.",
+            "ferjax evaluate --workdir runs/classifier_tiny --split test --logit-adjust 1.0")
+  p.add_argument("--workdir", required=True, help="a `ferjax train` run folder")
+  p.add_argument("--split", default="test", help="split to evaluate (default: test)")
+  p.add_argument("--checkpoint", default="best", help="best (on validation), last, or a step")
+  p.add_argument("--tta", default="none", choices=("none", "flip"), help="test-time augmentation")
+  p.add_argument("--logit-adjust", type=float, default=0.0, metavar="TAU",
+                 help="post-hoc logit adjustment: subtract TAU * log(train class prior)")
+  p.add_argument("--features", action="store_true",
+                 help="also write penultimate-layer features to features_<split>.npz")
+  _add_distributed_args(p)
+
+  p = _verb(verbs, "bench", "ferjax.bench:cli_main",
+            "Measure throughput (images/s after warm-up, median of repeats) of a train step, the "
+            "augmentation sampler or evaluation; one JSON line per measurement.",
+            "ferjax bench classifier --config.model.name=resnet18 --config.model.stem=small "
+            "--config.data.image_size=48 --config.data.channels=1 --batch 64",
+            epilog=EPILOG_CONFIG + " Without --config, the trainer's default config is measured.")
+  p.add_argument("what", choices=("classifier", "vaegan", "sampler", "evaluate"))
+  _add_config_args(p, required=False)
+  p.add_argument("--batch", type=int, default=None, help="global batch size (default: config's)")
+  p.add_argument("--steps", type=int, default=20, help="timed steps per repeat (default 20)")
   return parser
 
 
@@ -101,6 +148,10 @@ def main(argv=None) -> int:
     if getattr(args, "handler", None) is None:
       args.data_parser.print_help()
       return 2
+    if hasattr(args, "coordinator_address"):
+      from ferjax.train import parallel
+      parallel.initialize_distributed(args.coordinator_address, args.num_processes,
+                                      args.process_id)
     return _run_handler(args.handler, args)
   except UserError as e:
     print(f"ferjax: error: {e}", file=sys.stderr)

@@ -8,6 +8,7 @@ import numpy as np
 
 from ferjax import plots
 from ferjax.data import loading
+from ferjax.data.dataset import Dataset
 from ferjax.errors import UserError
 
 SYNTHETIC_SPLITS = ("train", "validation", "test")
@@ -56,12 +57,12 @@ def stats(args) -> int:
   result = {"dataset": name, "splits": {}}
   train = None
   for split in splits:
-    ds = loading.load(name, split, data_dir=args.data_dir)
-    result["class_names"] = list(ds.class_names)
-    result["image_shape"] = list(ds.images.shape[1:])
-    result["splits"][split] = split_stats(ds.labels, ds.class_names)
+    labels, sample = _load_for_stats(name, split, args.data_dir)
+    result["class_names"] = list(sample.class_names)
+    result["image_shape"] = list(sample.images.shape[1:])
+    result["splits"][split] = split_stats(labels, sample.class_names)
     if split == "train" or train is None:
-      train = ds
+      train = sample
 
   out = pathlib.Path(args.out)
   counts_by_split = {s: list(v["counts"].values()) for s, v in result["splits"].items()}
@@ -77,6 +78,23 @@ def stats(args) -> int:
   else:
     print(_table(result))
   return 0
+
+
+def _load_for_stats(name: str, split: str, data_dir):
+  """(all labels of the split, a Dataset to draw the sample grid from).
+
+  Streamed datasets (AffectNet) are read batch by batch; their first batch is the sample.
+  """
+  if name not in loading.STREAMED:
+    ds = loading.load(name, split, data_dir=data_dir)
+    return ds.labels, ds
+  from ferjax.data import builders
+  sample, labels = None, []
+  for images, batch_labels in builders.stream(name, split, data_dir=data_dir, batch_size=1024):
+    if sample is None:
+      sample = Dataset(images, batch_labels, tuple(builders.info(name)["class_names"]), name, split)
+    labels.append(batch_labels)
+  return np.concatenate(labels), sample
 
 
 def _table(result: dict) -> str:

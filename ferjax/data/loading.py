@@ -6,7 +6,9 @@ from PIL import Image
 from ferjax.data.dataset import Dataset
 from ferjax.errors import UserError
 
-DATASET_NAMES = ("synthetic", "fer2013", "ferplus", "rafdb", "affectnet", "ckplus")
+DATASET_NAMES = ("synthetic", "fer2013", "ferplus", "rafdb", "affectnet", "affectnet8", "ckplus")
+# Too big for host memory at full size: read with ferjax.data.builders.stream.
+STREAMED = ("affectnet", "affectnet8")
 
 
 def load(name: str, split: str, *, data_dir=None, manual_dir=None, image_size=None,

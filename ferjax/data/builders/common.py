@@ -1,0 +1,377 @@
+"""Code shared by the ferjax dataset builders (one TFDS builder per dataset).
+
+Every builder is a `tfds.core.GeneratorBasedBuilder` written as `array_record` and prepared from
+Python, so neither building nor reading needs TensorFlow. Images are stored in one of two ways:
+
+* ``raw``: a `tfds.features.Tensor` of uint8 [H, W, C] with `Encoding.BYTES` (the array's bytes,
+  no proto int64 list). Used for small fixed-size grayscale sets (FER-2013, FERPlus, CK+ at
+  48x48): decoding is `np.frombuffer`.
+* ``jpeg``: a `tfds.features.Image` given encoded JPEG bytes (PIL produced them, or they are the
+  original file's bytes when those already have the stored size and mode). Used for RGB sets
+  (RAF-DB, AffectNet). Readers skip TFDS' image decoding (`tfds.decode.SkipDecoding`) and decode
+  with PIL themselves.
+
+Preparation is split in two phases: `scan` (a classmethod) reads only the layout, label files and
+CSVs and raises `UserError` for every problem it can find before anything is written; the TFDS
+generators then decode the images and raise `UserError` naming the file for undecodable ones.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import inspect
+import io
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+from PIL import Image, UnidentifiedImageError
+
+from ferjax.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+# Files a download or an OS leaves next to images; never treated as images or class folders.
+IGNORED_NAMES = {"thumbs.db", "desktop.ini", "__macosx"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """What a person needs to know about a dataset before preparing it (`builders.info`)."""
+  name: str
+  class_names: tuple[str, ...]
+  image_shape: tuple[int, int, int]
+  splits: tuple[str, ...]
+  source: str
+  layout: str
+  description: str
+  notes: str = ""
+
+  def as_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["num_classes"] = len(self.class_names)
+    return d
+
+  @property
+  def instructions(self) -> str:
+    return (f"Get {self.name} from {self.source}. Point --manual-dir at a folder holding "
+            f"{self.layout}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def visible_entries(folder: Path) -> list[Path]:
+  """Entries of `folder`, sorted, without hidden files and OS droppings."""
+  return sorted(p for p in folder.iterdir()
+                if not p.name.startswith(".") and p.name.lower() not in IGNORED_NAMES)
+
+
+def is_image_file(path: Path) -> bool:
+  return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def require_dir(manual_dir: Path, spec: DatasetSpec) -> Path:
+  """The manual dir, resolved; UserError when it is missing or empty."""
+  manual_dir = Path(manual_dir).expanduser()
+  if not manual_dir.is_dir():
+    raise UserError(f"{spec.name}: manual dir {manual_dir} does not exist: expected "
+                    f"{spec.layout}; get the data from {spec.source}")
+  if not visible_entries(manual_dir):
+    raise UserError(f"{spec.name}: manual dir {manual_dir} is empty: expected {spec.layout}; "
+                    f"get the data from {spec.source}")
+  return manual_dir.resolve()
+
+
+def scan_class_folders(split_dir: Path, class_names: Sequence[str], *, spec: DatasetSpec,
+                       manual_dir: Path) -> list[tuple[Path, int]]:
+  """(image path, label) for `split_dir/<class>/*.<image ext>`, sorted by class then name.
+
+  Class folders match `class_names` case-insensitively. An unknown folder is a UserError; files
+  other than images inside class folders are ignored; loose files next to the class folders are
+  ignored too. An empty result is the caller's to judge.
+  """
+  lookup = {c.lower(): i for i, c in enumerate(class_names)}
+  items = []
+  for entry in visible_entries(split_dir):
+    if not entry.is_dir():
+      continue
+    label = lookup.get(entry.name.lower())
+    if label is None:
+      raise UserError(f"{spec.name}: unknown class folder {rel(entry, manual_dir)}: expected "
+                      f"folders named {', '.join(class_names)}")
+    items.extend((p, label) for p in visible_entries(entry) if is_image_file(p))
+  return items
+
+
+def rel(path: Path, root: Path) -> str:
+  """`path` relative to `root` when inside it (shorter messages), else the full path."""
+  try:
+    return str(Path(path).relative_to(root))
+  except ValueError:
+    return str(path)
+
+
+def open_csv(path: Path) -> Iterator[tuple[int, list[str]]]:
+  """(line number, row) for every non-empty row of a CSV file, header included."""
+  with open(path, newline="", encoding="utf-8-sig") as f:
+    reader = csv.reader(f)
+    for row in reader:
+      if row and any(cell.strip() for cell in row):
+        yield reader.line_num, row
+
+
+def header_index(header: Sequence[str], wanted: Sequence[str], *, path: Path,
+                 spec: DatasetSpec) -> list[int]:
+  """Column indexes of `wanted` in `header` (case- and space-insensitive)."""
+  norm = [h.strip().lower() for h in header]
+  missing = [w for w in wanted if w.lower() not in norm]
+  if missing:
+    raise UserError(f"{spec.name}: {path} line 1: missing column(s) {', '.join(missing)}; "
+                    f"expected a header with {','.join(wanted)}")
+  return [norm.index(w.lower()) for w in wanted]
+
+
+def parse_int(text: str, *, what: str, path: Path, line: int, spec: DatasetSpec,
+              lo: int | None = None, hi: int | None = None) -> int:
+  try:
+    value = int(text.strip())
+  except ValueError:
+    value = None
+  if value is None or (lo is not None and value < lo) or (hi is not None and value > hi):
+    bounds = f" in {lo}..{hi}" if lo is not None and hi is not None else ""
+    raise UserError(f"{spec.name}: {path} line {line}: {what} must be an integer{bounds}, "
+                    f"got {text.strip()!r}")
+  return value
+
+
+def parse_pixels(text: str, *, size: int, path: Path, line: int,
+                 spec: DatasetSpec) -> np.ndarray:
+  """Space-separated ints 0..255 -> uint8 [size, size, 1]."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    try:
+      values = np.fromstring(text, dtype=np.int64, sep=" ")
+    except (ValueError, DeprecationWarning):
+      values = None
+  if values is None or values.size != size * size:
+    got = "unparseable values" if values is None else f"{values.size} values"
+    raise UserError(f"{spec.name}: {path} line {line}: expected {size * size} pixel values "
+                    f"0..255 ({size}x{size}), got {got}")
+  if values.min() < 0 or values.max() > 255:
+    raise UserError(f"{spec.name}: {path} line {line}: pixel values must be in 0..255, got "
+                    f"{values.min()}..{values.max()}")
+  return values.astype(np.uint8).reshape(size, size, 1)
+
+
+def missing_files_error(spec: DatasetSpec, label_file: Path, missing: Sequence[Path],
+                        manual_dir: Path, total: int) -> UserError:
+  return UserError(f"{spec.name}: {label_file} references {len(missing)} of {total} images that "
+                   f"do not exist, first {rel(missing[0], manual_dir)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------
+
+
+def open_image(source: Path | bytes, *, name: str, spec_name: str) -> Image.Image:
+  """A loaded PIL image; UserError naming `name` when it cannot be decoded."""
+  try:
+    img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    img.load()
+    return img
+  except (OSError, ValueError, SyntaxError) as e:
+    raise decode_error(spec_name, name, e) from None
+
+
+def decode_error(spec_name: str, name: str, error: Exception) -> UserError:
+  if isinstance(error, UnidentifiedImageError):
+    reason = "not an image PIL can read"
+  else:
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+  return UserError(f"{spec_name}: cannot decode image {name}: {reason}")
+
+
+def to_array(img: Image.Image, size: int, channels: int) -> np.ndarray:
+  """PIL image -> uint8 [size, size, channels] (converted, resized bilinear when needed)."""
+  img = img.convert("L" if channels == 1 else "RGB")
+  if img.size != (size, size):
+    img = img.resize((size, size), Image.BILINEAR)
+  return np.asarray(img, dtype=np.uint8).reshape(size, size, channels)
+
+
+def encode_jpeg(img: Image.Image, quality: int = 95) -> bytes:
+  buf = io.BytesIO()
+  img.save(buf, format="JPEG", quality=quality)
+  return buf.getvalue()
+
+
+def jpeg_for_storage(path: Path, *, size: int, name: str, spec_name: str) -> bytes:
+  """JPEG bytes of an RGB `size`x`size` image: the file itself when it already is one."""
+  data = path.read_bytes()
+  img = open_image(data, name=name, spec_name=spec_name)
+  if img.format == "JPEG" and img.mode == "RGB" and img.size == (size, size):
+    return data
+  img = img.convert("RGB")
+  if img.size != (size, size):
+    img = img.resize((size, size), Image.BILINEAR)
+  return encode_jpeg(img)
+
+
+def decode_stored(value: Any, channels: int) -> np.ndarray:
+  """A stored image (raw array or encoded bytes) -> uint8 [H, W, C]."""
+  if isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 3:
+    return value
+  if isinstance(value, np.ndarray):  # A 0-d object array holding bytes.
+    value = value.item()
+  with Image.open(io.BytesIO(value)) as img:
+    img = img.convert("L" if channels == 1 else "RGB")
+    arr = np.asarray(img, dtype=np.uint8)
+  return arr.reshape(arr.shape[0], arr.shape[1], channels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parallel encoding: threads, since PIL releases the GIL while it decodes, resizes and encodes
+# (processes would need the caller's script to be import-safe, or fork a multithreaded JAX).
+# ---------------------------------------------------------------------------------------------
+
+
+def default_num_workers() -> int:
+  return max(1, min(8, (os.cpu_count() or 1)))
+
+
+def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], num_workers: int,
+                 window: int = 1024) -> Iterator[Any]:
+  """`map(fn, items)` in order, over `num_workers` threads, `window` items at a time.
+
+  Memory stays bounded by one window of results. Small inputs run in this thread.
+  """
+  if num_workers <= 1 or len(items) <= window:
+    yield from map(fn, items)
+    return
+  with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+    for start in range(0, len(items), window):
+      yield from pool.map(fn, items[start:start + window])
+
+
+# ---------------------------------------------------------------------------------------------
+# The builder base class
+# ---------------------------------------------------------------------------------------------
+
+Plan = dict[str, list[Any]]
+
+
+class FerBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base of the ferjax builders: features, manual-dir scan, and per-split generation.
+
+  Subclasses set `SPEC`, `STORAGE` ("raw" or "jpeg"), `MANUAL_DOWNLOAD_INSTRUCTIONS`, and
+  implement `scan(manual_dir) -> {split: items}` (validation only, nothing decoded or written)
+  and `_generate_examples(items)` yielding `(key, example)`.
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First ferjax release."}
+  SPEC: ClassVar[DatasetSpec]
+  STORAGE: ClassVar[str] = "raw"
+
+  def __init__(self, *, plan: Plan | None = None, manual_root: Path | None = None,
+               num_workers: int = 1, **kwargs):
+    self._plan = plan
+    self._manual_root = manual_root
+    self._num_workers = num_workers
+    super().__init__(**kwargs)
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # TFDS' own lookup needs the `importlib_resources` backport for builders that live in a
+    # package; the file of the class is all it needs (for a checksums file we do not have).
+    return epath.Path(inspect.getfile(cls))
+
+  # TFDS prints where it prepares (our staging dir, renamed afterwards): the caller reports the
+  # final location instead. Progress bars stay.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
+  # -- what a subclass provides ----------------------------------------------------------------
+
+  @classmethod
+  def scan(cls, manual_dir: Path) -> Plan:
+    raise NotImplementedError
+
+  def _generate_examples(self, items):
+    raise NotImplementedError
+
+  def _extra_features(self) -> dict[str, tfds.features.FeatureConnector]:
+    return {}
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return self.SPEC.image_shape
+
+  # -- public split names -> stored splits (overridden for derived splits) -------------------
+
+  @classmethod
+  def spec_for(cls, name: str) -> DatasetSpec:
+    return cls.SPEC
+
+  @classmethod
+  def select(cls, name: str, split: str, stored: Sequence[str] | None
+             ) -> tuple[str, Callable[[dict[str, np.ndarray]], np.ndarray] | None]:
+    """(stored split, selector or None) for public split `split` of dataset `name`.
+
+    A selector maps the split's non-image features (arrays) to a boolean mask of the examples
+    that belong to `split`. `stored` = the prepared splits, or None to check the name only.
+    """
+    spec = cls.spec_for(name)
+    if split not in spec.splits:
+      raise UserError(f"dataset {name!r} has no split {split!r}: expected one of "
+                      f"{', '.join(spec.splits)}")
+    if stored is not None and split not in stored:
+      raise UserError(f"dataset {name!r} was prepared without a {split!r} split (its raw files "
+                      f"had none); available: {', '.join(cls.public_splits(name, stored))}")
+    return split, None
+
+  @classmethod
+  def public_splits(cls, name: str, stored: Sequence[str]) -> tuple[str, ...]:
+    return tuple(s for s in cls.spec_for(name).splits if s in stored)
+
+  # -- TFDS hooks -----------------------------------------------------------------------------
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    shape = self.image_shape
+    if self.STORAGE == "raw":
+      image = tfds.features.Tensor(shape=shape, dtype=np.uint8,
+                                   encoding=tfds.features.Encoding.BYTES)
+    else:
+      image = tfds.features.Image(shape=shape, encoding_format="jpeg")
+    features = {
+        "image": image,
+        "label": tfds.features.ClassLabel(names=list(self.SPEC.class_names)),
+        **self._extra_features(),
+    }
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=self.SPEC.description,
+        features=tfds.features.FeaturesDict(features),
+        supervised_keys=("image", "label"),
+    )
+
+  def _split_generators(self, dl_manager):
+    plan = self._plan
+    if plan is None:
+      plan = self.scan(self._manual_root or Path(dl_manager.manual_dir))
+    return {split: self._generate_examples(items) for split, items in plan.items()}
+
