@@ -7,6 +7,7 @@ for one example and vmapped.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def to_float(images_uint8, dtype=jnp.float32):
@@ -62,3 +63,210 @@ def random_flip(key, images):
   """Per-example horizontal flip of a batch [B, H, W, C]."""
   keys = jax.random.split(key, images.shape[0])
   return jax.vmap(flip_one)(keys, images)
+
+
+# --- Balancing policies: which examples a batch is drawn from ----------------------------------
+#
+# Every policy draws a class for each batch slot from class probabilities q_j ∝ n_j^power and
+# then an example of that class uniformly (Kang et al. 2020, "Decoupling representation and
+# classifier"): instance power 1 (plain i.i.d. sampling), square-root 1/2, class-balanced 0;
+# progressive moves linearly from instance (step 0) to class-balanced (last step). Random
+# over-sampling instead repeats each class's examples up to the largest class's count once,
+# fixed by the seed, and walks that enlarged set in shuffled epochs: over each epoch every class
+# is drawn exactly max_n times and every example at least once.
+
+SAMPLERS = ("instance", "class_balanced", "sqrt", "progressive", "oversample")
+
+
+def sampler_class_probs(sampler: str, class_counts, progress=0.0):
+  """Class probabilities [K] of a class-aware policy; `progress` = step / num_steps in [0, 1]."""
+  counts = jnp.asarray(class_counts, jnp.float32)
+  present = (counts > 0).astype(jnp.float32)
+  instance = counts / counts.sum()
+  balanced = present / present.sum()
+  if sampler == "instance":
+    return instance
+  if sampler == "class_balanced":
+    return balanced
+  if sampler == "sqrt":
+    return jnp.sqrt(counts) / jnp.sqrt(counts).sum()
+  if sampler == "progressive":
+    progress = jnp.clip(progress, 0.0, 1.0)
+    return (1.0 - progress) * instance + progress * balanced
+  raise ValueError(f"sampler {sampler!r} has no class probabilities")
+
+
+def oversampled_order(labels, num_classes: int, seed: int):
+  """Host numpy: indices of the over-sampled train set, every present class repeated to max_n.
+
+  Each class keeps all its examples, repeated whole as often as fits, plus a seeded random
+  subset (without replacement) for the remainder.
+  """
+  labels = np.asarray(labels)
+  rng = np.random.default_rng(seed)
+  counts = np.bincount(labels, minlength=num_classes)
+  target = counts.max()
+  parts = []
+  for k in range(num_classes):
+    members = np.flatnonzero(labels == k)
+    if len(members) == 0:
+      continue
+    repeats, remainder = divmod(target, len(members))
+    parts.append(np.tile(members, repeats))
+    parts.append(rng.choice(members, remainder, replace=False))
+  return np.concatenate(parts).astype(np.int32)
+
+
+def sample_epochs(key, order, step, batch_size: int):
+  """Batch `step` of a walk through `order` in epochs, each epoch a fresh permutation.
+
+  Positions step*B .. step*B+B-1 of the endless sequence perm_0 + perm_1 + ...; epoch e is
+  permuted with fold_in(key, e), so any step can be computed directly (resume-exact).
+  Needs batch_size <= len(order).
+  """
+  length = order.shape[0]
+  position = step * batch_size + jnp.arange(batch_size)
+  epoch, within = position // length, position % length
+  first_epoch = epoch[0]  # A batch spans at most two epochs.
+  perm_a = jax.random.permutation(jax.random.fold_in(key, first_epoch), length)
+  perm_b = jax.random.permutation(jax.random.fold_in(key, first_epoch + 1), length)
+  return order[jnp.where(epoch == first_epoch, perm_a[within], perm_b[within])]
+
+
+def sample_indices(key, step, *, sampler: str, index, class_counts, batch_size: int,
+                   num_steps: int, oversampled=None):
+  """Training-set indices [B] of batch `step` under a balancing policy (see above).
+
+  `index` is `class_index(labels, K)`; `oversampled` is `oversampled_order(...)` (on device),
+  needed by the `oversample` policy only.
+  """
+  if sampler == "oversample":
+    return sample_epochs(key, oversampled, step, batch_size)
+  progress = step / max(num_steps - 1, 1)
+  probs = sampler_class_probs(sampler, class_counts, progress)
+  indices, _ = sample_weighted(key, index, probs, batch_size)
+  return indices
+
+
+# --- Augmentation: written for one example [H, W, C] float in [-1, 1], vmapped -----------------
+
+CROPS = ("none", "pad", "resized")
+
+
+def random_crop_one(key, image, padding: int, mode: str = "reflect"):
+  """Pads by `padding` on each side (reflect) and crops back to H x W at a random offset."""
+  if padding <= 0:
+    return image
+  h, w, c = image.shape
+  padded = jnp.pad(image, ((padding, padding), (padding, padding), (0, 0)), mode=mode)
+  dy, dx = jax.random.randint(key, (2,), 0, 2 * padding + 1)
+  return jax.lax.dynamic_slice(padded, (dy, dx, 0), (h, w, c))
+
+
+def _resample(image, src_y, src_x):
+  """Bilinear sample of image [H, W, C] at float source coordinates [H', W'] (edges extended)."""
+  sample = lambda plane: jax.scipy.ndimage.map_coordinates(plane, [src_y, src_x], order=1,
+                                                           mode="nearest")
+  return jax.vmap(sample, in_axes=-1, out_axes=-1)(image)
+
+
+def random_resized_crop_one(key, image, scale=(0.6, 1.0), ratio=(3 / 4, 4 / 3)):
+  """Crops a random box (area fraction in `scale`, aspect in `ratio`) and resizes it to H x W.
+
+  As torchvision's RandomResizedCrop, except that a box too large for the image is clipped to
+  it instead of being redrawn (no loop in a jitted step).
+  """
+  h, w, _ = image.shape
+  area_key, ratio_key, y_key, x_key = jax.random.split(key, 4)
+  area = h * w * jax.random.uniform(area_key, (), minval=scale[0], maxval=scale[1])
+  log_ratio = jax.random.uniform(ratio_key, (), minval=np.log(ratio[0]), maxval=np.log(ratio[1]))
+  aspect = jnp.exp(log_ratio)  # width / height
+  box_h = jnp.clip(jnp.sqrt(area / aspect), 1.0, h)
+  box_w = jnp.clip(jnp.sqrt(area * aspect), 1.0, w)
+  y0 = jax.random.uniform(y_key, (), maxval=h - box_h)
+  x0 = jax.random.uniform(x_key, (), maxval=w - box_w)
+  # Output pixel centres mapped into the box (half-pixel convention, as image resizing does).
+  src_y = y0 + (jnp.arange(h) + 0.5) * box_h / h - 0.5
+  src_x = x0 + (jnp.arange(w) + 0.5) * box_w / w - 0.5
+  grid_y, grid_x = jnp.meshgrid(src_y, src_x, indexing="ij")
+  return _resample(image, grid_y, grid_x)
+
+
+def rotate(image, angle):
+  """Rotates image [H, W, C] by `angle` radians about its centre (counter-clockwise on screen)."""
+  h, w, _ = image.shape
+  cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+  y, x = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32) - cy, jnp.arange(w, dtype=jnp.float32) - cx,
+                      indexing="ij")
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
+  # Inverse map: each output pixel reads the source pixel rotated back by -angle
+  # (rows grow downwards, so counter-clockwise on screen is this sign convention).
+  src_x = cos * x - sin * y + cx
+  src_y = sin * x + cos * y + cy
+  return _resample(image, src_y, src_x)
+
+
+def random_rotation_one(key, image, max_degrees: float):
+  """Rotation by an angle drawn uniformly from [-max_degrees, max_degrees]."""
+  if max_degrees <= 0:
+    return image
+  angle = jax.random.uniform(key, (), minval=-max_degrees, maxval=max_degrees) * (np.pi / 180.0)
+  return rotate(image, angle)
+
+
+def random_erasing_one(key, image, prob: float, scale=(0.02, 0.33), ratio=(0.3, 3.3),
+                       value: float = 0.0):
+  """Random erasing (Zhong et al. 2020): with probability `prob`, one box is set to `value`.
+
+  Box area fraction in `scale`, aspect (h/w) log-uniform in `ratio`; value 0 is mid-gray in
+  [-1, 1] (torchvision's default fill after normalisation). Boxes are clipped to the image.
+  """
+  if prob <= 0:
+    return image
+  h, w, _ = image.shape
+  apply_key, area_key, ratio_key, y_key, x_key = jax.random.split(key, 5)
+  area = h * w * jax.random.uniform(area_key, (), minval=scale[0], maxval=scale[1])
+  aspect = jnp.exp(jax.random.uniform(ratio_key, (), minval=np.log(ratio[0]),
+                                      maxval=np.log(ratio[1])))
+  box_h = jnp.clip(jnp.round(jnp.sqrt(area * aspect)), 1, h).astype(jnp.int32)
+  box_w = jnp.clip(jnp.round(jnp.sqrt(area / aspect)), 1, w).astype(jnp.int32)
+  y0 = jax.random.randint(y_key, (), 0, h - box_h + 1)
+  x0 = jax.random.randint(x_key, (), 0, w - box_w + 1)
+  rows, cols = jnp.arange(h)[:, None, None], jnp.arange(w)[None, :, None]
+  inside = (rows >= y0) & (rows < y0 + box_h) & (cols >= x0) & (cols < x0 + box_w)
+  erase = inside & jax.random.bernoulli(apply_key, prob)
+  return jnp.where(erase, jnp.asarray(value, image.dtype), image)
+
+
+def augment_one(key, image, augment_config):
+  """The standard augmentations of `config.augment`, in order: crop, flip, rotation, erasing."""
+  crop_key, flip_key, rotate_key, erase_key = jax.random.split(key, 4)
+  cfg = augment_config
+  if cfg.crop == "pad":
+    image = random_crop_one(crop_key, image, cfg.crop_padding)
+  elif cfg.crop == "resized":
+    image = random_resized_crop_one(crop_key, image, tuple(cfg.resized_crop_scale))
+  if cfg.flip:
+    image = flip_one(flip_key, image)
+  image = random_rotation_one(rotate_key, image, cfg.rotation_deg)
+  return random_erasing_one(erase_key, image, cfg.erasing_prob)
+
+
+def augment_batch(key, images, augment_config):
+  """Per-example augmentation of a batch [B, H, W, C] (one key per example)."""
+  keys = jax.random.split(key, images.shape[0])
+  return jax.vmap(lambda k, x: augment_one(k, x, augment_config))(keys, images)
+
+
+def mixup(key, images, labels, alpha: float):
+  """Mixup (Zhang et al. 2018) with one lambda ~ Beta(alpha, alpha) per example.
+
+  Each example i is mixed with example perm(i) of the batch; returns (mixed images, partner
+  labels [B], lam [B]); the loss is lam * L(labels) + (1 - lam) * L(partner labels).
+  """
+  perm_key, lam_key = jax.random.split(key)
+  partner = jax.random.permutation(perm_key, images.shape[0])
+  lam = jax.random.beta(lam_key, alpha, alpha, (images.shape[0],)).astype(images.dtype)
+  mix_one = lambda l, x, y: l * x + (1.0 - l) * y
+  mixed = jax.vmap(mix_one)(lam, images, images[partner])
+  return mixed, labels[partner], lam
