@@ -1,0 +1,141 @@
+"""Classification losses for long-tailed data, as per-example functions of (logits, labels).
+
+Every loss here is a cross-entropy on (possibly) adjusted logits, so label smoothing applies to
+all of them the same way (the target distribution is smoothed):
+
+  ce                CE(z)
+  focal             -sum_k t_k (1 - p_k)^gamma log p_k                       (Lin et al. 2017)
+  ldam              CE(s * (z - m_y e_y)), m_j = C / n_j^(1/4)              (Cao et al. 2019)
+  balanced_softmax  CE(z + log pi)                                          (Ren et al. 2020)
+  logit_adjusted    CE(z + tau log pi)                                      (Menon et al. 2021)
+
+with pi the training class prior. The last two are trained on adjusted logits and predict with
+the raw ones; `posthoc_adjust` is the evaluation-time variant for a model trained with plain CE.
+Class weights (inverse frequency, or effective number of samples, Cui et al. 2019) multiply each
+example's loss by the weight of its class, optionally from step `drw_start_step` on only
+(deferred re-weighting, Cao et al. 2019). LDAM + effective-number weights + DRW is LDAM-DRW.
+
+Classes with no training examples are counted as 1 for priors and margins, so logs stay finite.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LOSS_NAMES = ("ce", "focal", "ldam", "balanced_softmax", "logit_adjusted")
+CLASS_WEIGHTS = ("none", "inverse", "effective")
+
+
+# --- Class statistics --------------------------------------------------------------------------
+def log_prior(class_counts) -> np.ndarray:
+  """log of the training class frequencies (counts clamped to >= 1)."""
+  counts = np.maximum(np.asarray(class_counts, np.float64), 1.0)
+  return np.log(counts / counts.sum()).astype(np.float32)
+
+
+def class_weights(class_counts, kind: str = "none", beta: float = 0.9999) -> np.ndarray:
+  """Per-class loss weights, normalised to sum to the number of classes (as Cui et al.).
+
+  inverse:   w_j ∝ 1 / n_j
+  effective: w_j ∝ (1 - beta) / (1 - beta^n_j), the inverse effective number of samples.
+  """
+  counts = np.maximum(np.asarray(class_counts, np.float64), 1.0)
+  if kind == "none":
+    weights = np.ones_like(counts)
+  elif kind == "inverse":
+    weights = 1.0 / counts
+  elif kind == "effective":
+    weights = (1.0 - beta) / (1.0 - np.power(beta, counts))
+  else:
+    raise ValueError(f"unknown class weights {kind!r}")
+  return (weights * len(counts) / weights.sum()).astype(np.float32)
+
+
+def ldam_margins(class_counts, max_margin: float = 0.5) -> np.ndarray:
+  """LDAM margins m_j ∝ n_j^(-1/4), scaled so the rarest class gets `max_margin`."""
+  counts = np.maximum(np.asarray(class_counts, np.float64), 1.0)
+  margins = counts ** -0.25
+  return (margins * max_margin / margins.max()).astype(np.float32)
+
+
+def drw_weights(step, weights, start_step):
+  """Deferred re-weighting: all ones before `start_step`, `weights` from then on."""
+  weights = jnp.asarray(weights)
+  if start_step is None:
+    return weights
+  return jnp.where(step >= start_step, weights, jnp.ones_like(weights))
+
+
+# --- Losses (per example) -----------------------------------------------------------------------
+def smoothed_targets(labels, num_classes: int, label_smoothing: float = 0.0):
+  one_hot = jax.nn.one_hot(labels, num_classes)
+  return one_hot * (1.0 - label_smoothing) + label_smoothing / num_classes
+
+
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+  """Per-example CE [B] of logits [B, K] against int labels [B]."""
+  targets = smoothed_targets(labels, logits.shape[-1], label_smoothing)
+  return -jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1)
+
+
+def focal_loss(logits, labels, gamma: float = 2.0, label_smoothing: float = 0.0):
+  """Per-example focal loss; gamma = 0 is cross-entropy."""
+  targets = smoothed_targets(labels, logits.shape[-1], label_smoothing)
+  log_p = jax.nn.log_softmax(logits)
+  # (1 - p)^gamma, floored so that its gradient stays finite when p -> 1 and gamma < 1.
+  modulator = jnp.maximum(-jnp.expm1(log_p), 1e-12) ** gamma
+  return -jnp.sum(targets * modulator * log_p, axis=-1)
+
+
+def ldam_loss(logits, labels, margins, scale: float = 1.0, label_smoothing: float = 0.0):
+  """Per-example LDAM: CE(scale * (logits - margin of the true class on the true logit))."""
+  one_hot = jax.nn.one_hot(labels, logits.shape[-1])
+  adjusted = scale * (logits - one_hot * jnp.asarray(margins)[labels][:, None])
+  return cross_entropy(adjusted, labels, label_smoothing)
+
+
+def balanced_softmax_loss(logits, labels, log_prior_, label_smoothing: float = 0.0):
+  """Per-example balanced softmax: CE(logits + log prior)."""
+  return cross_entropy(logits + log_prior_, labels, label_smoothing)
+
+
+def logit_adjusted_loss(logits, labels, log_prior_, tau: float = 1.0, label_smoothing: float = 0.0):
+  """Per-example logit-adjusted loss: CE(logits + tau * log prior)."""
+  return cross_entropy(logits + tau * log_prior_, labels, label_smoothing)
+
+
+def posthoc_adjust(logits, log_prior_, tau: float):
+  """Post-hoc logit adjustment at evaluation: logits - tau * log prior (Menon et al. 2021)."""
+  return logits - tau * log_prior_
+
+
+# --- From the config ---------------------------------------------------------------------------
+def make_loss(loss_config, class_counts):
+  """`config.loss` + training class counts -> `loss_fn(logits, labels, step) -> [B]`.
+
+  The returned per-example losses already carry the class weights (switched on at
+  `drw_start_step` when that is set); the train step adds example weights and mixup.
+  """
+  name = loss_config.name
+  smoothing = loss_config.label_smoothing
+  prior = jnp.asarray(log_prior(class_counts))
+  weights = jnp.asarray(class_weights(class_counts, loss_config.class_weights, loss_config.beta))
+  margins = jnp.asarray(ldam_margins(class_counts, loss_config.ldam_max_margin))
+
+  def loss_fn(logits, labels, step):
+    logits = logits.astype(jnp.float32)
+    if name == "ce":
+      losses = cross_entropy(logits, labels, smoothing)
+    elif name == "focal":
+      losses = focal_loss(logits, labels, loss_config.focal_gamma, smoothing)
+    elif name == "ldam":
+      losses = ldam_loss(logits, labels, margins, loss_config.ldam_scale, smoothing)
+    elif name == "balanced_softmax":
+      losses = balanced_softmax_loss(logits, labels, prior, smoothing)
+    elif name == "logit_adjusted":
+      losses = logit_adjusted_loss(logits, labels, prior, loss_config.tau, smoothing)
+    else:
+      raise ValueError(f"unknown loss {name!r}")
+    return losses * drw_weights(step, weights, loss_config.drw_start_step)[labels]
+
+  return loss_fn

@@ -1,0 +1,193 @@
+"""ResNet-10/18/34/50 classifiers for face images, with an optional CBAM block attention.
+
+Two stems:
+  standard  7x7/2 conv + 3x3/2 max-pool (torchvision layout), for inputs of ~96 px and up;
+  small     3x3/1 conv, no max-pool, for 32-64 px inputs such as FER-2013's 48 px.
+The four stages then halve the map three times, so the last stage sees the input divided by 8
+(small) or by 32 (standard): 48 px small -> 48-24-12-6; 112 px standard -> 28-14-7-4.
+XLA on CPU is ~100x slower on a 3x3 conv over a 2x2 map than over a 3x3 one, so
+`smallest_feature_map` lets configs refuse to go below 3x3 (32 px small ends at 4x4: fine;
+64 px standard would end at 2x2: use the small stem there).
+
+`input_norm='per_image'` standardises each input image (zero mean, unit variance) first.
+`width` scales every stage's channel count (0.25 -> 16-32-64-128 for ResNet-18), for CPU-sized
+variants. `dtype=bfloat16` computes in bf16 with float32 parameters; logits and features come
+back as float32. Calling the model returns `(logits [B, K], features [B, D])`, `features` being
+the globally pooled penultimate activations (for linear probes and feature export).
+Inputs are float images in [-1, 1], [B, H, W, C] with C = 1 or 3.
+"""
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+# name -> (blocks per stage, block type). ResNet-10 is the long-tail literature's small backbone
+# (ImageNet-LT, OLTR / decoupling papers); it is also the quickest to compile in tests.
+ARCHITECTURES = {
+    "resnet10": ((1, 1, 1, 1), "basic"),
+    "resnet18": ((2, 2, 2, 2), "basic"),
+    "resnet34": ((3, 4, 6, 3), "basic"),
+    "resnet50": ((3, 4, 6, 3), "bottleneck"),
+}
+MODEL_NAMES = tuple(ARCHITECTURES)
+STEMS = ("small", "standard")
+INPUT_NORMS = ("none", "per_image")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# He initialisation with fan-out, as torchvision's ResNet.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class CBAM(nn.Module):
+  """Convolutional block attention (Woo et al. 2018): channel attention, then spatial attention."""
+  reduction: int = 16
+  spatial_kernel: int = 7
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    channels = x.shape[-1]
+    hidden = nn.Dense(max(channels // self.reduction, 4), dtype=self.dtype, name="channel_fc1")
+    out = nn.Dense(channels, dtype=self.dtype, name="channel_fc2")
+    mlp = lambda v: out(nn.relu(hidden(v)))  # One MLP shared by the avg- and max-pooled paths.
+    channel_gate = nn.sigmoid(mlp(jnp.mean(x, axis=(1, 2))) + mlp(jnp.max(x, axis=(1, 2))))
+    x = x * channel_gate[:, None, None, :]
+    pooled = jnp.concatenate([jnp.mean(x, -1, keepdims=True), jnp.max(x, -1, keepdims=True)], -1)
+    k = self.spatial_kernel
+    spatial_gate = nn.sigmoid(nn.Conv(1, (k, k), padding=k // 2, dtype=self.dtype,
+                                      name="spatial_conv")(pooled))
+    return x * spatial_gate
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs (ResNet-10/18/34)."""
+  filters: int
+  strides: int
+  conv: Callable
+  norm: Callable
+  cbam: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    y = self.conv(self.filters, (3, 3), self.strides, padding=1)(x)
+    y = nn.relu(self.norm()(y))
+    y = self.conv(self.filters, (3, 3), padding=1)(y)
+    # Zero-init the last BatchNorm scale: each block starts as the identity (Goyal et al. 2017).
+    y = self.norm(scale_init=nn.initializers.zeros)(y)
+    if self.cbam:
+      y = CBAM(dtype=self.dtype)(y)
+    return nn.relu(_shortcut(x, y, self.strides, self.conv, self.norm) + y)
+
+
+class BottleneckBlock(nn.Module):
+  """1x1 reduce, 3x3, 1x1 expand by 4 (ResNet-50)."""
+  filters: int
+  strides: int
+  conv: Callable
+  norm: Callable
+  cbam: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.relu(self.norm()(self.conv(self.filters, (1, 1))(x)))
+    y = nn.relu(self.norm()(self.conv(self.filters, (3, 3), self.strides, padding=1)(y)))
+    y = self.norm(scale_init=nn.initializers.zeros)(self.conv(self.filters * 4, (1, 1))(y))
+    if self.cbam:
+      y = CBAM(dtype=self.dtype)(y)
+    return nn.relu(_shortcut(x, y, self.strides, self.conv, self.norm) + y)
+
+
+def _shortcut(x, y, strides, conv, norm):
+  """Identity, or a strided 1x1 projection when the shape changes."""
+  if x.shape == y.shape:
+    return x
+  return norm(name="norm_proj")(conv(y.shape[-1], (1, 1), strides, name="conv_proj")(x))
+
+
+class ResNet(nn.Module):
+  """ResNet returning (logits, pooled features); see the module docstring."""
+  stage_sizes: Sequence[int]
+  block: str  # "basic" | "bottleneck"
+  num_classes: int
+  width: float = 1.0
+  stem: str = "small"
+  cbam: bool = False
+  input_norm: str = "none"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    if self.input_norm == "per_image":
+      x = standardize_per_image(x)
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_init)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                             epsilon=1e-5, dtype=self.dtype)
+    block = BasicBlock if self.block == "basic" else BottleneckBlock
+    widths = stage_widths(self.width)
+
+    x = x.astype(self.dtype)
+    if self.stem == "standard":
+      x = conv(widths[0], (7, 7), 2, padding=3, name="stem_conv")(x)
+      x = nn.relu(norm(name="stem_norm")(x))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    else:
+      x = conv(widths[0], (3, 3), 1, padding=1, name="stem_conv")(x)
+      x = nn.relu(norm(name="stem_norm")(x))
+
+    for stage, num_blocks in enumerate(self.stage_sizes):
+      for i in range(num_blocks):
+        strides = 2 if stage > 0 and i == 0 else 1
+        x = block(widths[stage], strides, conv, norm, self.cbam, self.dtype,
+                  name=f"stage{stage + 1}_block{i + 1}")(x)
+
+    features = jnp.mean(x, axis=(1, 2))
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(features)
+    return logits.astype(jnp.float32), features.astype(jnp.float32)
+
+
+def standardize_per_image(x):
+  """Zero mean, unit variance per image (std floored at 1/sqrt(pixels), as TF's version).
+
+  Removes each image's global brightness and contrast, which BatchNorm (batch statistics)
+  cannot; part of the model, so training and evaluation always agree.
+  """
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
+  std = jnp.std(x, axis=(1, 2, 3), keepdims=True)
+  return (x - mean) / jnp.maximum(std, 1.0 / np.sqrt(np.prod(x.shape[1:])))
+
+
+def stage_widths(width: float) -> tuple[int, ...]:
+  """Channels of the four stages: 64-128-256-512 times `width` (at least 4 each)."""
+  return tuple(max(4, int(round(64 * width * 2 ** i))) for i in range(4))
+
+
+def create_model(name: str, *, num_classes: int, stem: str = "small", width: float = 1.0,
+                 cbam: bool = False, input_norm: str = "none", dtype: str = "float32") -> ResNet:
+  """Builds a ResNet by name (resnet10 / resnet18 / resnet34 / resnet50)."""
+  stage_sizes, block = ARCHITECTURES[name]
+  return ResNet(stage_sizes=stage_sizes, block=block, num_classes=num_classes, width=width,
+                stem=stem, cbam=cbam, input_norm=input_norm, dtype=DTYPES[dtype])
+
+
+def model_from_config(model_config, num_classes: int) -> ResNet:
+  """`config.model` (name, stem, width, cbam, input_norm, dtype) -> ResNet."""
+  return create_model(model_config.name, num_classes=num_classes, stem=model_config.stem,
+                      width=model_config.width, cbam=model_config.cbam,
+                      input_norm=model_config.input_norm, dtype=model_config.dtype)
+
+
+def smallest_feature_map(image_size: int, stem: str) -> int:
+  """Side of the last stage's feature map (where the smallest convs run)."""
+  size = image_size
+  if stem == "standard":
+    size = (size + 2 * 3 - 7) // 2 + 1  # 7x7/2 conv, padding 3.
+    size = (size + 2 * 1 - 3) // 2 + 1  # 3x3/2 max-pool, padding 1.
+  for _ in range(3):  # Stages 2-4 each halve the map with a 3x3/2 conv, padding 1.
+    size = (size + 2 * 1 - 3) // 2 + 1
+  return size

@@ -1,0 +1,196 @@
+"""Evaluation: metrics against hand-computed confusion matrices, padding, and `ferjax evaluate`."""
+
+import argparse
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import ferjax.data
+from ferjax import evaluate
+from ferjax.data import Dataset, pipeline
+from ferjax.errors import UserError
+from ferjax.models import resnet
+from ferjax.train import classifier, parallel
+
+NAMES = ("a", "b", "c", "d", "e", "f", "g")
+
+
+def stand_in_load(name, split, *, image_size=32, channels=1, **unused):
+  """Long-tailed 7-class set whose class is the image's brightness (as in test_classifier)."""
+  counts = {"train": [120, 80, 50, 30, 20, 12, 8], "validation": [10] * 7, "test": [13] * 7}[split]
+  rng = np.random.default_rng({"train": 0, "validation": 1, "test": 2}[split])
+  labels = rng.permutation(np.repeat(np.arange(7), counts)).astype(np.int32)
+  level = (labels + 0.5) / 7 * 255
+  noise = rng.normal(0, 20, (len(labels), image_size, image_size, channels))
+  images = np.clip(level[:, None, None, None] + noise, 0, 255).astype(np.uint8)
+  return Dataset(images, labels, NAMES, name, split)
+
+
+def tiny_config():
+  config = classifier.default_config()
+  config.model.update(name="resnet10", width=0.125)
+  config.data.image_size = 32
+  config.optim.warmup_steps = 1
+  config.train.update(num_steps=4, batch_size=16, log_every=2, eval_every=2, checkpoint_every=2)
+  config.eval.batch_size = 32  # 91 test images: the last batch is padded with 5 rows
+  return config
+
+
+# --- Metrics -----------------------------------------------------------------------------------
+# Rows = true class. Class 1 has no support but is predicted once; class 3 is never predicted.
+CONFUSION = np.array([[3, 1, 0, 0],
+                      [0, 0, 0, 0],
+                      [1, 0, 2, 0],
+                      [1, 0, 1, 0]])
+
+
+def test_confusion_matrix_counts_rows_true_columns_predicted():
+  labels = [0, 0, 0, 0, 2, 2, 2, 3, 3]
+  preds = [0, 0, 0, 1, 0, 2, 2, 0, 2]
+  np.testing.assert_array_equal(evaluate.confusion_matrix(labels, preds, 4), CONFUSION)
+
+
+def test_metrics_from_a_hand_computed_confusion_matrix():
+  m = evaluate.metrics_from_confusion(CONFUSION, train_counts=[100, 50, 10, 5],
+                                      class_names=["w", "x", "y", "z"])
+  assert m["accuracy"] == pytest.approx(5 / 9)
+  # Mean over the classes with support (w, y, z): (3/4 + 2/3 + 0) / 3.
+  assert m["mean_class_accuracy"] == pytest.approx((0.75 + 2 / 3 + 0) / 3)
+  pc = m["per_class"]
+  assert pc["w"] == pytest.approx({"recall": 0.75, "precision": 0.6, "f1": 2 / 3, "support": 4})
+  # No support: recall 0; predicted once, never right: precision 0.
+  assert pc["x"] == {"recall": 0.0, "precision": 0.0, "f1": 0.0, "support": 0}
+  assert pc["y"] == pytest.approx({"recall": 2 / 3, "precision": 2 / 3, "f1": 2 / 3, "support": 3})
+  # Never predicted: precision 0 by definition, F1 0.
+  assert pc["z"] == {"recall": 0.0, "precision": 0.0, "f1": 0.0, "support": 2}
+  assert m["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)
+  assert m["confusion"] == CONFUSION.tolist() and m["num_examples"] == 9
+  # Thirds by training count: [w, x], [y], [z]; x has no support, so head is w's recall alone.
+  assert m["groups"]["head"] == {"mean_recall": 0.75, "classes": ["w", "x"]}
+  assert m["groups"]["medium"]["mean_recall"] == pytest.approx(2 / 3)
+  assert m["groups"]["tail"] == {"mean_recall": 0.0, "classes": ["z"]}
+
+
+def test_perfect_and_empty_matrices():
+  m = evaluate.metrics_from_confusion(np.diag([5, 3, 1]))
+  assert m["accuracy"] == m["mean_class_accuracy"] == m["macro_f1"] == 1.0
+  assert "groups" not in m
+  empty = evaluate.metrics_from_confusion(np.zeros((3, 3), int))
+  assert empty["accuracy"] == empty["mean_class_accuracy"] == 0.0
+
+
+def test_groups_are_thirds_by_training_count():
+  groups = evaluate.class_groups([50, 400, 10, 200, 5, 100, 30])
+  assert groups == {"head": [1, 3, 5], "medium": [0, 6], "tail": [2, 4]}
+
+
+# --- Batched prediction ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def untrained():
+  """(config, model, mesh, variables) of a freshly initialised tiny ResNet on 8 devices."""
+  config = tiny_config()
+  model = resnet.model_from_config(config.model, 7)
+  tx, _ = classifier.make_optimizer(config, 4)
+  mesh = parallel.make_mesh()
+  variables = classifier.eval_variables(classifier.init_state(config, model, tx, mesh))
+  return config, model, mesh, variables
+
+
+def test_padding_is_not_counted_and_matches_unbatched_prediction(untrained):
+  config, model, mesh, variables = untrained
+  data = stand_in_load("synthetic", "test")  # 91 examples: 2 full batches of 32 and one padded
+  logits, features = evaluate.predict_logits(model, variables, data.images, batch_size=32,
+                                             mesh=mesh, return_features=True)
+  assert logits.shape == (91, 7) and features.shape == (91, resnet.stage_widths(0.125)[-1])
+  direct, _ = jax.jit(lambda v, x: model.apply(v, pipeline.to_float(x), train=False))(
+      jax.device_get(variables), data.images[:40])
+  np.testing.assert_allclose(logits[:40], direct, rtol=1e-4, atol=1e-4)
+  result = evaluate.evaluate_params(config, variables, data, mesh=mesh, model=model)
+  assert result["num_examples"] == 91 and np.sum(result["confusion"]) == 91
+
+
+def test_flip_tta_is_invariant_to_mirroring_the_input(untrained):
+  _, model, mesh, variables = untrained
+  images = stand_in_load("synthetic", "validation").images[:16]
+  a = evaluate.predict_logits(model, variables, images, batch_size=16, mesh=mesh, tta="flip")
+  b = evaluate.predict_logits(model, variables, images[:, :, ::-1], batch_size=16, mesh=mesh,
+                              tta="flip")
+  np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_posthoc_adjustment_is_applied_to_precomputed_logits():
+  config = tiny_config()
+  data = stand_in_load("synthetic", "validation")
+  counts = np.array([120, 80, 50, 30, 20, 12, 8])
+  logits = np.zeros((len(data), 7), np.float32)  # no evidence: the prior decides
+  plain = evaluate.evaluate_params(config, None, data, logits=logits, train_counts=counts)
+  adjusted = evaluate.evaluate_params(config, None, data, logits=logits, train_counts=counts,
+                                      logit_adjust=1.0)
+  assert plain["per_class"]["a"]["recall"] == 1.0  # argmax of ties: class 0
+  assert adjusted["per_class"]["g"]["recall"] == 1.0  # rarest class after subtracting log prior
+  assert adjusted["logit_adjust"] == 1.0
+
+
+# --- ferjax evaluate ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  patch = pytest.MonkeyPatch()
+  patch.setattr(ferjax.data, "load", stand_in_load)
+  path = tmp_path_factory.mktemp("eval_run")
+  try:
+    classifier.train_and_evaluate(tiny_config(), path)
+    yield path
+  finally:
+    patch.undo()
+
+
+def _args(workdir, **kwargs):
+  defaults = dict(workdir=str(workdir), split="test", checkpoint="best", tta=None,
+                  logit_adjust=0.0, features=False)
+  defaults.update(kwargs)
+  return argparse.Namespace(**defaults)
+
+
+def test_evaluate_writes_every_field(workdir):
+  assert evaluate.cli_main(_args(workdir)) == 0
+  result = json.loads((workdir / "eval_test.json").read_text())
+  for field in ("accuracy", "mean_class_accuracy", "macro_f1", "per_class", "confusion", "groups",
+                "step", "checkpoint", "tta", "logit_adjust", "split"):
+    assert field in result, field
+  assert np.sum(result["confusion"]) == 91  # 91 test images; the 5 padded rows are not counted
+  assert set(result["per_class"]) == set(NAMES)
+  assert set(result["per_class"]["a"]) == {"recall", "precision", "f1", "support"}
+  assert result["groups"]["head"]["classes"] == ["a", "b", "c"]
+  assert result["checkpoint"] == "best" and result["tta"] == "none"
+  assert (workdir / "confusion_test.png").is_file()
+
+
+def test_evaluate_options_need_no_retraining(workdir):
+  evaluate.cli_main(_args(workdir, checkpoint="last", tta="flip", logit_adjust=1.0, features=True))
+  result = json.loads((workdir / "eval_test.json").read_text())
+  assert result["step"] == 4 and result["tta"] == "flip" and result["logit_adjust"] == 1.0
+  with np.load(workdir / "features_test.npz", allow_pickle=False) as npz:
+    assert npz["features"].shape == (91, resnet.stage_widths(0.125)[-1])
+    assert npz["labels"].shape == (91,)
+  evaluate.cli_main(_args(workdir, split="val", checkpoint="2"))
+  assert json.loads((workdir / "eval_val.json").read_text())["step"] == 2
+
+
+def test_evaluate_user_errors(workdir, tmp_path):
+  with pytest.raises(UserError, match="--tta"):
+    evaluate.cli_main(_args(workdir, tta="ten_crop"))
+  with pytest.raises(UserError, match="no checkpoint at step 3"):
+    evaluate.cli_main(_args(workdir, checkpoint="3"))
+  with pytest.raises(UserError, match="config.json"):
+    evaluate.cli_main(_args(tmp_path))
+
+
+def test_bench_records_train_and_eval_throughput():
+  config = tiny_config()
+  config.train.num_devices = 1
+  records = evaluate.bench(config, batch_size=8, steps=1)
+  assert [r["what"] for r in records] == ["classifier", "evaluate"]
+  for r in records:
+    assert r["batch"] == 8 and r["images_per_s"] > 0 and r["model"] == "resnet10"

@@ -1,0 +1,117 @@
+"""ResNet: output shapes and dtypes for both stems, CBAM, width, and the 3x3 map floor."""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ferjax import configs
+from ferjax.models import resnet
+from ferjax.train import classifier
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _init(model, shape):
+  """Jitted init with the rbg generator: compiles in a fraction of eager or threefry time."""
+  x = jnp.zeros(shape, jnp.float32)
+  return jax.jit(lambda: model.init(jax.random.key(0, impl="rbg"), x, train=False))()
+
+
+def _apply(model, variables, x, **kwargs):
+  return jax.jit(lambda v, x: model.apply(v, x, **kwargs))(variables, x)
+
+
+@pytest.mark.parametrize("stem,size,channels", [("small", 32, 1), ("standard", 96, 3)])
+def test_logits_and_features_shapes(stem, size, channels):
+  model = resnet.create_model("resnet10", num_classes=7, stem=stem, width=0.125)
+  variables = _init(model, (2, size, size, channels))
+  x = jax.random.uniform(jax.random.key(1), (2, size, size, channels), minval=-1, maxval=1)
+  logits, features = _apply(model, variables, x, train=False)
+  assert logits.shape == (2, 7) and logits.dtype == jnp.float32
+  assert features.shape == (2, resnet.stage_widths(0.125)[-1])
+  (logits_t, _), updates = _apply(model, variables, x, train=True, mutable=["batch_stats"])
+  assert logits_t.shape == (2, 7) and "batch_stats" in updates
+  assert np.all(np.isfinite(logits)) and np.all(np.isfinite(logits_t))
+
+
+def test_stems_differ_in_first_layer_and_pooling():
+  shapes = lambda model, size: jax.eval_shape(lambda: _init(model, (1, size, size, 1)))
+  small = shapes(resnet.create_model("resnet10", num_classes=7, stem="small", width=0.125), 32)
+  standard = shapes(resnet.create_model("resnet10", num_classes=7, stem="standard", width=0.125),
+                    96)
+  assert small["params"]["stem_conv"]["kernel"].shape == (3, 3, 1, 8)
+  assert standard["params"]["stem_conv"]["kernel"].shape == (7, 7, 1, 8)
+
+
+@pytest.mark.parametrize("name,stem,size", [
+    ("resnet18", "small", 48), ("resnet18", "small", 32), ("resnet34", "standard", 112),
+    ("resnet50", "standard", 96)])
+def test_smallest_feature_map_matches_the_model(name, stem, size):
+  """The helper configs rely on predicts the last stage's map of the real network."""
+  model = resnet.create_model(name, num_classes=7, stem=stem, width=0.25)
+  x = jnp.zeros((1, size, size, 1))
+  _, state = jax.eval_shape(lambda: model.init_with_output(
+      jax.random.key(0), x, train=False, capture_intermediates=True))
+  last_block = sorted(k for k in state["intermediates"] if k.startswith("stage4"))[-1]
+  out_shape = state["intermediates"][last_block]["__call__"][0].shape
+  assert out_shape[1] == out_shape[2] == resnet.smallest_feature_map(size, stem)
+  expansion = 4 if name == "resnet50" else 1
+  assert out_shape[3] == resnet.stage_widths(0.25)[-1] * expansion
+
+
+def test_known_map_sizes():
+  assert resnet.smallest_feature_map(48, "small") == 6
+  assert resnet.smallest_feature_map(32, "small") == 4
+  assert resnet.smallest_feature_map(96, "standard") == 3
+  assert resnet.smallest_feature_map(64, "standard") == 2  # Too small: the small stem is for this.
+
+
+def test_cbam_adds_attention_to_every_block():
+  model = resnet.create_model("resnet18", num_classes=7, width=0.125, cbam=True)
+  params = jax.eval_shape(lambda: _init(model, (1, 32, 32, 1)))["params"]
+  blocks = [k for k in params if k.startswith("stage")]
+  assert len(blocks) == 8
+  for block in blocks:
+    cbam = params[block]["CBAM_0"]
+    assert set(cbam) == {"channel_fc1", "channel_fc2", "spatial_conv"}
+    assert cbam["spatial_conv"]["kernel"].shape[:3] == (7, 7, 2)
+
+
+def test_cbam_model_runs():
+  kwargs = dict(num_classes=5, width=0.125)
+  x = jax.random.uniform(jax.random.key(2), (2, 32, 32, 3), minval=-1, maxval=1)
+  model = resnet.create_model("resnet10", cbam=True, **kwargs)
+  variables = _init(model, (1, 32, 32, 3))
+  logits, features = _apply(model, variables, x, train=False)
+  assert logits.shape == (2, 5) and np.all(np.isfinite(features))
+
+
+def test_bfloat16_compute_with_float32_params():
+  model = resnet.create_model("resnet10", num_classes=7, width=0.125, dtype="bfloat16")
+  variables = _init(model, (1, 32, 32, 1))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
+  x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 1), minval=-1, maxval=1)
+  (logits, features), state = _apply(model, variables, x, train=False, capture_intermediates=True)
+  assert logits.dtype == jnp.float32 and features.dtype == jnp.float32
+  assert state["intermediates"]["stem_conv"]["__call__"][0].dtype == jnp.bfloat16
+  reference = resnet.create_model("resnet10", num_classes=7, width=0.125, dtype="float32")
+  ref_logits, _ = _apply(reference, variables, x, train=False)
+  np.testing.assert_allclose(logits, ref_logits, atol=0.1)
+
+
+def test_width_multiplier():
+  assert resnet.stage_widths(1.0) == (64, 128, 256, 512)
+  assert resnet.stage_widths(0.25) == (16, 32, 64, 128)
+
+
+@pytest.mark.parametrize("config_file", [None, "classifier_synthetic_tiny.py",
+                                         "classifier_synthetic.py", "classifier_fer2013.py"])
+def test_no_default_runs_a_conv_below_3x3(config_file):
+  if config_file is None:
+    config = classifier.default_config()
+  else:
+    config = configs.load_config(REPO / "experiments" / "configs" / config_file)
+  assert resnet.smallest_feature_map(config.data.image_size, config.model.stem) >= 3
