@@ -99,6 +99,33 @@ def save_config(config, path) -> None:
   pathlib.Path(path).write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
 
 
+def read_saved(default: ml_collections.ConfigDict, path, what: str) -> ml_collections.ConfigDict:
+  """A run's saved config.json laid over `default` (the trainer's default_config()), so every
+  field gets back its Python type (tuples, ints) and fields added since default sanely."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise UserError(f"{path} not found: is {path.parent} a {what} workdir?")
+  try:
+    stored = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise UserError(f"{path} is not valid JSON: {e}") from None
+  try:
+    default.update_from_flattened_dict(_flatten(stored))
+  except (KeyError, TypeError, AttributeError) as e:
+    raise UserError(f"{path}: does not fit the {what} config ({e})") from None
+  return default
+
+
+def _flatten(tree, prefix=""):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+  return out
+
+
 def check(condition: bool, field: str, expected: str, value) -> None:
   """One-line validation helper: `check(lr > 0, 'optim.lr', 'a positive number', lr)`."""
   if not condition:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ferjax import losses, plots
+from ferjax import configs, losses, plots
 from ferjax.data import pipeline
 from ferjax.errors import UserError
 from ferjax.models import resnet
@@ -142,23 +142,26 @@ def eval_batch_size(config, mesh) -> int:
 
 
 def evaluate_params(config, variables, dataset, *, train_counts=None, tta: str | None = None,
-                    logit_adjust: float = 0.0, mesh=None, model=None, logits=None) -> dict:
+                    logit_adjust: float = 0.0, mesh=None, model=None, logits=None,
+                    prior_counts=None) -> dict:
   """Metrics of `variables` ({'params', 'batch_stats'}) on a Dataset, as a JSON-ready dict.
 
-  `train_counts` gives the prior for `logit_adjust` (tau of post-hoc adjustment) and the
-  head / medium / tail groups. `tta` defaults to config.eval.tta. Pass precomputed raw `logits`
+  `train_counts` gives the head / medium / tail groups and, unless `prior_counts` (the class
+  distribution the model was trained under, e.g. after rebalancing) is given, the prior for
+  `logit_adjust` (tau of post-hoc adjustment). `tta` defaults to config.eval.tta. Pass precomputed raw `logits`
   to re-score them (e.g. with several tau) without predicting again.
   """
   tta = config.eval.tta if tta is None else tta
-  if logit_adjust and train_counts is None:
-    raise ValueError("logit_adjust needs train_counts (the prior)")
+  prior_counts = train_counts if prior_counts is None else prior_counts
+  if logit_adjust and prior_counts is None:
+    raise ValueError("logit_adjust needs train_counts or prior_counts (the prior)")
   if logits is None:
     model = model or resnet.model_from_config(config.model, len(dataset.class_names))
     mesh = mesh or parallel.make_mesh(config.train.num_devices)
     logits = predict_logits(model, variables, dataset.images, tta=tta, mesh=mesh,
                             batch_size=eval_batch_size(config, mesh))
   if logit_adjust:
-    logits = np.asarray(losses.posthoc_adjust(logits, losses.log_prior(train_counts), logit_adjust))
+    logits = np.asarray(losses.posthoc_adjust(logits, losses.log_prior(prior_counts), logit_adjust))
   preds = np.argmax(logits, axis=-1)
   confusion = confusion_matrix(dataset.labels, preds, len(dataset.class_names))
   result = metrics_from_confusion(confusion, train_counts, dataset.class_names)
@@ -168,13 +171,9 @@ def evaluate_params(config, variables, dataset, *, train_counts=None, tta: str |
 
 # --- ferjax evaluate ---------------------------------------------------------------------------
 def config_from_workdir(workdir) -> ml_collections.ConfigDict:
-  path = pathlib.Path(workdir) / "config.json"
-  if not path.is_file():
-    raise UserError(f"{path} not found: is {workdir} a ferjax train workdir?")
-  try:
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
-  except json.JSONDecodeError as e:
-    raise UserError(f"{path} is not valid JSON: {e}") from None
+  from ferjax.train import classifier
+  return configs.read_saved(classifier.default_config(), pathlib.Path(workdir) / "config.json",
+                            "ferjax train")
 
 
 def restore_variables(config, workdir, checkpoint="best", mesh=None):
@@ -220,7 +219,8 @@ def cli_main(args) -> int:
   logits, features = predict_logits(model, variables, dataset.images, tta=tta, mesh=mesh,
                                     batch_size=eval_batch_size(config, mesh), return_features=True)
   result = evaluate_params(config, variables, dataset, train_counts=train_counts, tta=tta,
-                           logit_adjust=logit_adjust, logits=logits)
+                           logit_adjust=logit_adjust, logits=logits,
+                           prior_counts=meta.get("prior_counts"))
   result.update(split=split, step=int(meta["step"]), checkpoint=which)
   (workdir / f"eval_{split}.json").write_text(json.dumps(result, indent=2) + "\n")
   title = f"{split} (step {meta['step']}, tta {tta}, tau {logit_adjust:g})"
@@ -239,12 +239,22 @@ def cli_main(args) -> int:
 
 
 # --- Benchmark ---------------------------------------------------------------------------------
-def bench(config, batch_size=None, steps: int = 20, what=("classifier", "evaluate")) -> list[dict]:
-  """Throughput of the full train step (what='classifier': on-device sampling, augmentation,
-  forward, backward, update) and of evaluation (what='evaluate': one jitted batch of
-  predictions, config.eval.tta), on random data of the configured shape (data.image_size,
-  data.channels; 7 classes), batch `batch_size` (default train.batch_size)."""
+def bench(config, batch_size=None, steps: int = 20, what=("classifier", "evaluate"),
+          stage=None) -> list[dict]:
+  """Throughput records (see ferjax.bench.time_step) on random data of the configured shape
+  (data.image_size, data.channels; 7 classes in RAF-DB's long-tailed proportions), batch
+  `batch_size` (default train.batch_size), for each of `what`:
+
+  - "classifier": the full train step (on-device sampling, gather, [synthesis], augmentation,
+    forward, backward, update);
+  - "sampler": the batch pipeline alone (sampling, gather, [synthesis], augmentation);
+  - "evaluate": one jitted batch of predictions (config.eval.tta).
+
+  `stage(config, images, labels, num_classes) -> (synthesize, synthesis_data, extra)` plugs a
+  synthesis stage into the batch (ferjax.augment.synthesis.bench does).
+  """
   from ferjax import bench as bench_lib
+  from ferjax.data import synthetic
   from ferjax.train import classifier
   batch = int(batch_size or config.train.batch_size)
   config = ml_collections.ConfigDict(config.to_dict())  # Do not touch the caller's config.
@@ -255,8 +265,8 @@ def bench(config, batch_size=None, steps: int = 20, what=("classifier", "evaluat
   rng = np.random.default_rng(0)
   num_examples = max(4 * batch, 512)
   images = rng.integers(0, 256, (num_examples, size, size, channels), dtype=np.uint8)
-  labels = rng.integers(0, num_classes, num_examples).astype(np.int32)
-  counts = np.bincount(labels, minlength=num_classes)
+  counts = synthetic.class_counts("train", num_examples)
+  labels = rng.permutation(np.repeat(np.arange(num_classes), counts)).astype(np.int32)
   num_steps = config.train.num_steps
   model = resnet.model_from_config(config.model, num_classes)
   setup = dict(model=config.model.name, stem=config.model.stem, width=config.model.width,
@@ -266,28 +276,48 @@ def bench(config, batch_size=None, steps: int = 20, what=("classifier", "evaluat
   state = classifier.init_state(config, model, tx, mesh)
   variables = jax.tree.map(jnp.copy, classifier.eval_variables(state))  # The state is donated.
   data = classifier.device_data(config, images, labels, num_classes, mesh)
-  train_step = classifier.make_train_step(config, model, tx, counts, num_steps, mesh, jit=False)
-
-  def train_carry(carry):
-    state, data = carry
-    state, _ = train_step(state, data)
-    return state, data
-
+  synthesize = None
+  if stage is not None:
+    synthesize, synthesis_data, stage_extra = stage(config, images, labels, num_classes)
+    data["synthesis"] = parallel.put_replicated(synthesis_data, mesh)
+    setup.update(stage_extra)
+  time = lambda fn, carry, name, extra=setup: bench_lib.time_step(
+      fn, carry, what=name, batch=batch, dtype=config.model.dtype, steps=steps, extra=extra)
   records = []
+
+  if "sampler" in what:
+    _, train_key, _ = classifier._keys(config.seed)
+
+    def pipeline_carry(carry):
+      data, step, checksum = carry
+      make_batch = classifier.batch_maker(config, data, num_steps=num_steps,
+                                          synthesize=synthesize, mesh=mesh)
+      images, labels, weights = make_batch(jax.random.fold_in(train_key, step), step)
+      return data, step + 1, checksum + jnp.sum(images) + jnp.sum(weights) + jnp.sum(labels)
+
+    pipeline_data = jax.tree.map(jnp.copy, data)  # The carry is donated; keep `data`.
+    records.append(time(pipeline_carry, (pipeline_data, jnp.zeros((), jnp.int32),
+                                         jnp.zeros((), jnp.float32)), "sampler"))
+
   if "classifier" in what:
-    records.append(bench_lib.time_step(train_carry, (state, data), what="classifier", batch=batch,
-                                       dtype=config.model.dtype, steps=steps, extra=setup))
-  if "evaluate" not in what:
-    return records
+    train_step = classifier.make_train_step(config, model, tx, counts, num_steps, mesh,
+                                            synthesize=synthesize, jit=False)
 
-  eval_images = jax.device_put(images[:batch], parallel.batch_sharding(mesh))
+    def train_carry(carry):
+      state, data = carry
+      state, _ = train_step(state, data)
+      return state, data
 
-  def eval_carry(carry):
-    variables, images, checksum = carry
-    logits, _ = _predict_batch(model, variables, images, config.eval.tta)
-    return variables, images, checksum + jnp.sum(logits)
+    records.append(time(train_carry, (state, data), "classifier"))
 
-  records.append(bench_lib.time_step(
-      eval_carry, (variables, eval_images, jnp.zeros((), jnp.float32)), what="evaluate",
-      batch=batch, dtype=config.model.dtype, steps=steps, extra={**setup, "tta": config.eval.tta}))
+  if "evaluate" in what:
+    eval_images = jax.device_put(images[:batch], parallel.batch_sharding(mesh))
+
+    def eval_carry(carry):
+      variables, images, checksum = carry
+      logits, _ = _predict_batch(model, variables, images, config.eval.tta)
+      return variables, images, checksum + jnp.sum(logits)
+
+    records.append(time(eval_carry, (variables, eval_images, jnp.zeros((), jnp.float32)),
+                        "evaluate", {**setup, "tta": config.eval.tta}))
   return records

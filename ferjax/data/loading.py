@@ -6,7 +6,8 @@ from PIL import Image
 from ferjax.data.dataset import Dataset
 from ferjax.errors import UserError
 
-DATASET_NAMES = ("synthetic", "fer2013", "ferplus", "rafdb", "affectnet", "affectnet8", "ckplus")
+DATASET_NAMES = ("synthetic", "fer2013", "ferplus", "rafdb", "affectnet", "affectnet8", "ckplus",
+                 "folder")
 # Too big for host memory at full size: read with ferjax.data.builders.stream.
 STREAMED = ("affectnet", "affectnet8")
 
@@ -16,9 +17,10 @@ def load(name: str, split: str, *, data_dir=None, manual_dir=None, image_size=No
   """Loads split `split` of dataset `name` into host memory.
 
   `synthetic` is generated from a seed (options: num_examples, seed, imbalance_ratio,
-  label_noise). Real datasets are read from their prepared TFDS form in `data_dir`; when not
-  prepared yet and `manual_dir` is given, they are prepared first. `image_size` (pixels, square)
-  and `channels` (1 or 3) convert the images; None keeps the dataset's native form.
+  label_noise). `folder` reads `<manual_dir>/<split>/<class>/*.png`. Real datasets are read
+  from their prepared TFDS form in `data_dir`; when not prepared yet and `manual_dir` is given,
+  they are prepared first. `image_size` (pixels, square) and `channels` (1 or 3) convert the
+  images; None keeps the dataset's native form.
   """
   if name not in DATASET_NAMES:
     raise UserError(f"unknown dataset {name!r}: expected one of {', '.join(DATASET_NAMES)}")
@@ -31,6 +33,9 @@ def load(name: str, split: str, *, data_dir=None, manual_dir=None, image_size=No
     return synthetic.load(split, image_size=image_size or 48, channels=channels or 1, **options)
   if options:
     raise UserError(f"dataset {name!r} takes no options {sorted(options)}")
+  if name == "folder":  # <manual_dir>/<split>/<class>/*.png, e.g. `ferjax synthesize` output.
+    from ferjax.data import folder
+    return convert(folder.load(manual_dir, split), image_size=image_size, channels=channels)
   from ferjax.data import builders
   ds = builders.load_prepared(name, split, data_dir=data_dir, manual_dir=manual_dir)
   return convert(ds, image_size=image_size, channels=channels)

@@ -119,6 +119,8 @@ def default_config() -> ml_collections.ConfigDict:
       fill=1.0,                 # share of each class's gap filled with synthesized faces
       target_counts=None,       # per-class counts when target == explicit
       synthetic_weight=1.0,     # loss weight of a synthesized example
+      decode="full",            # full: G(z') (the paper) | residual: seed + G(z') - G(mu) (ours)
+      start_step=0,             # synthesis from this train step on (0: always; ours, as DRW)
       filter_workdir="",        # a classifier workdir whose confidence filters samples ("": off)
       filter_threshold=0.5,
       filtered_weight=0.0,      # loss weight of a filtered-out sample
@@ -467,13 +469,15 @@ def make_train_step(config, model, tx, class_counts, num_steps: int, mesh, *,
 # The loop
 # =================================================================================================
 def train_and_evaluate(config, workdir, *, stop_after: int | None = None,
-                       synthesize: Synthesize | None = None, synthesis_data=None) -> dict:
+                       synthesize: Synthesize | None = None, synthesis_data=None,
+                       datasets=None) -> dict:
   """Trains (or resumes) a classifier in `workdir`; returns the validation summary.
 
   `stop_after` ends this call after that step (checkpointed), as a preemption would; calling
   again resumes. `synthesize` and `synthesis_data` plug a synthesis stage into the batch (see
   `batch_maker`); when not given and config.augment.vaegan_workdir is set, the semantic
-  augmentation stage of ferjax.augment.synthesis is built from the config.
+  augmentation stage of ferjax.augment.synthesis is built from the config. `datasets`, a
+  (train, validation) pair of Datasets, replaces config.data's (e.g. synthetic faces only).
   """
   from ferjax.augment import synthesis as synthesis_lib  # Lazy: it imports the VAE-GAN trainer.
   validate_config(config)
@@ -485,7 +489,7 @@ def train_and_evaluate(config, workdir, *, stop_after: int | None = None,
   mesh = parallel.make_mesh(t.num_devices)
 
   # --- Data ---------------------------------------------------------------------------------
-  train_ds, val_ds = load_splits(config)
+  train_ds, val_ds = datasets or load_splits(config)
   num_classes = len(train_ds.class_names)
   if tuple(val_ds.class_names) != tuple(train_ds.class_names):
     raise UserError(f"data.val_split {config.data.val_split!r}: its classes {val_ds.class_names} "
@@ -495,13 +499,18 @@ def train_and_evaluate(config, workdir, *, stop_after: int | None = None,
     raise UserError(f"config field 'train.batch_size': expected at most the over-sampled train "
                     f"size ({num_classes * train_counts.max()}), got {t.batch_size}")
   data = device_data(config, train_ds.images, train_ds.labels, num_classes, mesh)
+  # The class prior the model is trained under: prior-based losses (logit adjustment, balanced
+  # softmax, LDAM, class weights) and post-hoc adjustment use it. With semantic augmentation
+  # the batches follow the rebalanced distribution, not the real counts.
+  prior_counts = train_counts.astype(np.float64)
   if synthesize is None and synthesis_lib.enabled(config):
     stage = synthesis_lib.build(config, train_ds.images, train_ds.labels, num_classes)
     synthesize, synthesis_data = stage.synthesize, stage.data
+    prior_counts = stage.plan.real_counts + stage.plan.synthetic_counts
   if synthesis_data is not None:
     data["synthesis"] = parallel.put_replicated(synthesis_data, mesh)
-  meta = {"train_counts": train_counts.tolist(), "class_names": list(train_ds.class_names),
-          "val_split": val_ds.split}
+  meta = {"train_counts": train_counts.tolist(), "prior_counts": prior_counts.tolist(),
+          "class_names": list(train_ds.class_names), "val_split": val_ds.split}
 
   # --- Model, optimizer, state (restored when the workdir has a checkpoint) ------------------
   model = resnet.model_from_config(config.model, num_classes)
@@ -512,7 +521,7 @@ def train_and_evaluate(config, workdir, *, stop_after: int | None = None,
   if ckpt.latest_step() is not None:
     state, _ = ckpt.restore(state, "latest")
     _drop_metrics_after(workdir, int(state.step))  # Steps past the checkpoint are replayed.
-  train_step = make_train_step(config, model, tx, train_counts, num_steps, mesh,
+  train_step = make_train_step(config, model, tx, prior_counts, num_steps, mesh,
                                synthesize=synthesize)
 
   def validate(state):

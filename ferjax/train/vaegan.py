@@ -201,18 +201,27 @@ def build_model(config) -> vaegan_models.VAEGAN:
 # ================================================================================================
 # Data
 # ================================================================================================
-def load_images(config, split: str, limit=None) -> np.ndarray:
-  """uint8 [N, S, S, C] of one split at the model's resolution (host memory)."""
+def load_dataset(config, split: str, limit=None) -> ferjax.data.Dataset:
+  """One split (images and labels) at the model's resolution, in host memory.
+
+  The synthetic set is always the default one (its own fixed seed), whatever config.seed: the
+  training seed must not change the data, so that the classifiers see the same faces.
+  """
   d = config.data
-  options = {}
-  if d.name == "synthetic":
-    options = {"num_examples": limit, "seed": config.seed}
+  options = {"num_examples": limit} if d.name == "synthetic" else {}
   ds = ferjax.data.load(d.name, split, data_dir=d.data_dir, manual_dir=d.manual_dir,
                         image_size=d.image_size, channels=d.channels, **options)
-  images = ds.images if limit is None else ds.images[:limit]
-  if len(images) == 0:
+  if limit is not None and len(ds) > limit:
+    ds = ferjax.data.Dataset(ds.images[:limit], ds.labels[:limit], ds.class_names, ds.name,
+                             ds.split)
+  if len(ds) == 0:
     raise UserError(f"dataset {d.name!r} split {split!r} holds no images")
-  return images
+  return ds
+
+
+def load_images(config, split: str, limit=None) -> np.ndarray:
+  """uint8 [N, S, S, C] of one split at the model's resolution (host memory)."""
+  return load_dataset(config, split, limit).images
 
 
 # ================================================================================================
@@ -664,23 +673,8 @@ def _decode(model, variables, z):
 
 
 def read_config(workdir) -> ml_collections.ConfigDict:
-  path = pathlib.Path(workdir) / "config.json"
-  if not path.is_file():
-    raise UserError(f"{path} not found: is {workdir} a train-vaegan workdir?")
-  config = default_config()
-  stored = json.loads(path.read_text())
-  config.update_from_flattened_dict(_flatten(stored))
-  return config
-
-
-def _flatten(tree, prefix=""):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
-  return out
+  return configs.read_saved(default_config(), pathlib.Path(workdir) / "config.json",
+                            "train-vaegan")
 
 
 def restore_state(workdir, which="latest", config=None):
@@ -706,3 +700,13 @@ def load_for_sampling(workdir, which="latest") -> TrainedVAEGAN:
   config, model, state, meta = restore_state(workdir, which)
   return TrainedVAEGAN(config=config, model=model, step=int(meta["step"]),
                        encoder=state["ema"]["encoder"], generator=state["ema"]["generator"])
+
+
+def untrained_for_sampling(channels: int = 1, seed: int = 0) -> TrainedVAEGAN:
+  """A freshly initialised VAE-GAN of the default config (for benchmarks: same cost)."""
+  config = default_config()
+  config.data.channels = channels
+  model = build_model(config)
+  state = create_state(model, make_optimizers(config), seed, parallel.make_mesh(1))
+  return TrainedVAEGAN(config=config, model=model, step=0, encoder=state["ema"]["encoder"],
+                       generator=state["ema"]["generator"])

@@ -1,0 +1,86 @@
+"""`ferjax synthesize`: a balanced synthetic set exported to disk, for inspection and reuse.
+
+    ferjax synthesize --vaegan runs/demo/vaegan --per-class 200 --out runs/synthetic_faces
+
+writes `<out>/train/<class>/<class>_00000.png ...` (loadable with
+`ferjax.data.load("folder", "train", manual_dir=<out>)`), `<out>/classes.txt`, `<out>/grid.png`
+(real seeds beside their synthesized faces, one row per class) and `<out>/synthesis.json` (what
+made it: VAE-GAN run and step, perturbation, seed). The seeds are the train split of the
+VAE-GAN's dataset at its resolution, or, with `--config`, of a classifier config's dataset in
+that config's format and with its `augment.mode` / `augment.alpha`.
+"""
+
+import json
+import pathlib
+import shutil
+
+import numpy as np
+
+from ferjax import configs, plots
+from ferjax.errors import UserError
+
+
+def seed_dataset(vae, config=None):
+  """(Dataset of real seeds, synthesize_per_class options) for the export."""
+  from ferjax.augment import synthesis
+  from ferjax.train import classifier, vaegan
+  if config is None:  # The VAE-GAN's own data and format, the trainer's default perturbation.
+    ds = vaegan.load_dataset(vae.config, vae.config.data.split)
+    return ds, synthesis.options(classifier.default_config(), vae.model.image_size,
+                                 vae.model.channels)
+  return classifier.load_dataset(config, "train"), synthesis.options(config)
+
+
+def save_seed_grid(path, seeds, fake, labels, class_names, per_row: int = 5):
+  """Each row: `per_row` real seeds of a class, then the faces synthesized from them."""
+  if seeds.shape[1:] != fake.shape[1:]:
+    from ferjax.data.loading import convert_images
+    seeds = convert_images(seeds, image_size=fake.shape[1], channels=fake.shape[3])
+  grid_images, grid_labels = [], []
+  for k in np.unique(labels):
+    first = np.flatnonzero(labels == k)[:per_row]
+    grid_images += [seeds[first], fake[first]]
+    grid_labels += [labels[first]] * 2
+  # save_class_grid keeps the given order within a row: seeds first, then their faces.
+  return plots.save_class_grid(np.concatenate(grid_images), np.concatenate(grid_labels),
+                               class_names, path, per_class=2 * per_row, scale=2)
+
+
+def export(vaegan_workdir, out, per_class: int, *, config=None, seed: int = 0) -> dict:
+  """Writes the folder dataset into `out` (which must not exist yet); returns its provenance."""
+  from ferjax.augment import synthesis
+  from ferjax.data import folder
+  from ferjax.train import vaegan
+  out = pathlib.Path(out)
+  if per_class < 1:
+    raise UserError(f"--per-class: expected at least 1, got {per_class}")
+  if out.exists():
+    raise UserError(f"{out} already exists: choose a new --out folder (nothing is overwritten)")
+  vae = vaegan.load_for_sampling(vaegan_workdir)
+  ds, how = seed_dataset(vae, config)
+  fake, labels, seed_idx = synthesis.synthesize_per_class(
+      vae, ds.images, ds.labels, ds.num_classes, per_class, seed=seed, **how)
+  # Written next to `out` and renamed into place: an interrupted export leaves no partial set.
+  staging = out.with_name(f".{out.name}.partial")
+  shutil.rmtree(staging, ignore_errors=True)
+  staging.mkdir(parents=True)
+  folder.write(staging, "train", fake, labels, ds.class_names)
+  save_seed_grid(staging / "grid.png", ds.images[seed_idx], fake, labels, ds.class_names)
+  provenance = {
+      "vaegan_workdir": str(vaegan_workdir), "vaegan_step": vae.step, **how, "seed": seed,
+      "per_class": per_class, "seed_dataset": ds.name, "class_names": list(ds.class_names),
+      "counts": np.bincount(labels, minlength=ds.num_classes).tolist(),
+  }
+  (staging / "synthesis.json").write_text(json.dumps(provenance, indent=2) + "\n")
+  staging.rename(out)
+  return provenance
+
+
+def cli_main(args) -> int:
+  config = (configs.load_config(args.config, getattr(args, "overrides", None) or ())
+            if args.config else None)
+  info = export(args.vaegan, args.out, args.per_class, config=config, seed=args.seed)
+  print(f"wrote {sum(info['counts'])} synthetic faces ({args.per_class} per class, "
+        f"{info['image_size']} px, {info['mode']} alpha {info['alpha']:g}, VAE-GAN step "
+        f"{info['vaegan_step']}) to {args.out}/train/<class>/; grid {args.out}/grid.png")
+  return 0
