@@ -1,0 +1,85 @@
+"""Shared by the experiment scripts: train a config into a folder (resuming), evaluate, tabulate.
+
+Every run gets its own workdir under the experiment's output folder; a finished run (one with
+eval_test.json) is not trained again, so an interrupted protocol resumes where it stopped.
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+
+from ferjax import configs, report
+from ferjax.errors import UserError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "experiments" / "configs"
+
+# dataset -> (classifier config, VAE-GAN config) used by the protocol and the ablation.
+DATASETS = {
+    "synthetic": ("classifier_synthetic.py", "vaegan_synthetic.py"),
+    "synthetic_tiny": ("classifier_synthetic_tiny.py", "vaegan_synthetic_tiny.py"),
+    "fer2013": ("classifier_fer2013.py", "vaegan_fer2013.py"),
+}
+
+
+def load(name_or_path, overrides=()):
+  path = pathlib.Path(name_or_path)
+  if not path.is_file():
+    path = CONFIGS / name_or_path
+  return configs.load_config(path, overrides)
+
+
+def train_vaegan(config_name, workdir, overrides=()) -> pathlib.Path:
+  from ferjax.train import vaegan
+  workdir = pathlib.Path(workdir)
+  config = load(config_name, overrides)
+  if not (workdir / "checkpoints").is_dir() or _unfinished(workdir, config.train.num_steps):
+    vaegan.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def _unfinished(workdir, num_steps) -> bool:
+  from ferjax.train import monitor
+  records = monitor.read_metrics(workdir)
+  return not records or max(r["step"] for r in records) < num_steps
+
+
+def train_and_test(config_name, workdir, overrides=(), *, logit_adjust: float = 0.0) -> dict:
+  """Trains (or resumes) a classifier and evaluates its validation-chosen checkpoint on the
+  validation and test splits; returns the test evaluation with the validation one under "val"
+  (choices between runs are made on "val", never on test)."""
+  from ferjax import evaluate
+  from ferjax.train import classifier
+  workdir = pathlib.Path(workdir)
+  outs = {split: workdir / f"eval_{split}.json" for split in ("val", "test")}
+  if not all(out.exists() for out in outs.values()):
+    classifier.train_and_evaluate(load(config_name, overrides), workdir)  # Resumes if begun.
+    for split, out in outs.items():
+      evaluate.cli_main(argparse.Namespace(workdir=str(workdir), split=split, checkpoint="best",
+                                           tta="none", logit_adjust=logit_adjust, features=False))
+  return {**report.read_eval(outs["test"]), "val": report.read_eval(outs["val"])}
+
+
+def write_results(out_dir: pathlib.Path, evals_by_method: dict, title: str, notes: str) -> str:
+  summary = report.summarize(evals_by_method)
+  plot = report.recall_plot(summary, out_dir / "per_class_recall.png", title=title)
+  val_summary = report.summarize({m: [e["val"] for e in evals]
+                                  for m, evals in evals_by_method.items()})
+  text = "\n".join([f"# {title}", "", notes, "", "## Test split (%; mean ± std over seeds)", "",
+                    report.markdown_table(summary), "", "## Per-class recall on test (%)", "",
+                    report.recall_table(summary), "", f"![per-class recall]({plot.name})", "",
+                    "## Validation split (%; what any choice between runs is made on)", "",
+                    report.markdown_table(val_summary), ""])
+  (out_dir / "results.md").write_text(text)
+  (out_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+  return text
+
+
+def main_guard(fn):
+  """Runs an experiment's main; user errors end in one line and exit code 2."""
+  try:
+    sys.exit(fn())
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
