@@ -103,12 +103,16 @@ def save_confusion(confusion, class_names, path, *, title="") -> pathlib.Path:
   return _save(fig, path)
 
 
-def save_curves(records: list[dict], keys, path, *, title="") -> pathlib.Path:
-  """Plots metrics.jsonl records: one panel per key, x = step; missing values are skipped."""
+def save_curves(records: list[dict], keys, path, *, title="", ncols: int = 5) -> pathlib.Path:
+  """Plots metrics.jsonl records: one panel per key (rows of `ncols`), x = step; missing values
+  are skipped."""
   keys = [k for k in keys if any(k in r for r in records)]
-  fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(3.2 * max(len(keys), 1), 2.8),
-                           squeeze=False)
-  for ax, key in zip(axes[0], keys):
+  cols = max(min(len(keys), ncols), 1)
+  rows = max(-(-len(keys) // cols), 1)
+  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows + 0.3), squeeze=False)
+  for ax in axes.flat[len(keys):]:
+    ax.axis("off")
+  for ax, key in zip(axes.flat, keys):
     pts = [(r["step"], r[key]) for r in records if key in r and isinstance(r[key], (int, float))]
     if pts:
       ax.plot(*zip(*pts))

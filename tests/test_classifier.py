@@ -355,3 +355,23 @@ def test_resume_equals_uninterrupted(trained_run, stand_in, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, states[0], states[1])
   assert whole["best_step"] == resumed["best_step"] and whole["best"] == resumed["best"]
   assert whole["last"] == resumed["last"]
+
+
+def test_long_tail_subset_is_geometric_fixed_and_for_real_train_splits_only(monkeypatch):
+  from ferjax.data.dataset import long_tail_subset
+  labels = np.repeat(np.arange(4), [50, 400, 100, 200]).astype(np.int32)
+  keep = long_tail_subset(labels, 4, 10.0)
+  counts = np.bincount(labels[keep], minlength=4)
+  # Natural order 1 > 3 > 2 > 0: 400, 400 * 10^(-1/3), 400 * 10^(-2/3) capped at 100, 40.
+  np.testing.assert_array_equal(counts, [40, 400, 86, 186])
+  np.testing.assert_array_equal(keep, long_tail_subset(labels, 4, 10.0))  # same subset each time
+  monkeypatch.setattr(ferjax.data, "load", stand_in_load)
+  config = tiny_config()
+  config.data.name = "fer2013"
+  config.data.imbalance_ratio = 100.0
+  train = classifier.load_dataset(config, "train")
+  np.testing.assert_array_equal(train.class_counts(), [120, 56, 26, 12, 6, 3, 1])
+  assert len(classifier.load_dataset(config, "test")) == 7 * 13  # test split untouched
+  config.data.imbalance_ratio = 0.5
+  with pytest.raises(UserError, match="data.imbalance_ratio"):
+    classifier.validate_config(config)

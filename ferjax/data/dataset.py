@@ -32,3 +32,24 @@ class Dataset:
 
   def class_counts(self) -> np.ndarray:
     return np.bincount(self.labels, minlength=self.num_classes).astype(np.int64)
+
+
+def long_tail_subset(labels: np.ndarray, num_classes: int, imbalance_ratio: float,
+                     seed: int = 0) -> np.ndarray:
+  """Sorted indices of a long-tailed subset (e.g. FER-2013-LT, as CIFAR-10-LT is built).
+
+  Classes keep their natural frequency order; the class of rank r (0 = most frequent) keeps
+  n_max * imbalance_ratio^(-r / (K - 1)) images (at most what it has), drawn at random with a
+  fixed seed, so every method sees the same subset.
+  """
+  labels = np.asarray(labels)
+  counts = np.bincount(labels, minlength=num_classes)
+  order = np.argsort(-counts, kind="stable")
+  rank = np.empty(num_classes, np.float64)
+  rank[order] = np.arange(num_classes)
+  keep = np.minimum(counts, np.round(counts.max() * imbalance_ratio ** (
+      -rank / max(num_classes - 1, 1)))).astype(np.int64)
+  rng = np.random.default_rng([seed, 11])
+  chosen = [rng.choice(np.flatnonzero(labels == k), keep[k], replace=False)
+            for k in range(num_classes)]
+  return np.sort(np.concatenate(chosen))

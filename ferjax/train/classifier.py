@@ -65,7 +65,9 @@ def default_config() -> ml_collections.ConfigDict:
       data_dir=None,            # prepared datasets (default $FERJAX_DATA_DIR or ~/.ferjax/datasets)
       manual_dir=None,          # raw files, to prepare a real dataset on first use
       num_examples=None,        # synthetic only: train size (None: the dataset's default)
-      imbalance_ratio=None,     # synthetic only: geometric train profile (None: RAF-DB's)
+      imbalance_ratio=None,     # geometric train profile, max/min count (None: as it comes):
+                                # synthetic draws it; real sets keep a fixed random subset
+                                # (FER-2013-LT etc., see ferjax.data.dataset.long_tail_subset)
       label_noise=None,         # synthetic only: fraction of flipped train labels
   ))
   config.model = ml_collections.ConfigDict(dict(
@@ -157,6 +159,9 @@ def validate_config(config) -> None:
   check(d.val_split is None or isinstance(d.val_split, str), "data.val_split",
         "a split name or None", d.val_split)
   check(0 < d.val_fraction < 1, "data.val_fraction", "a fraction in (0, 1)", d.val_fraction)
+  check(d.imbalance_ratio is None or (isinstance(d.imbalance_ratio, (int, float))
+                                      and d.imbalance_ratio >= 1), "data.imbalance_ratio",
+        "None or a number >= 1 (largest / smallest class)", d.imbalance_ratio)
 
   check(m.name in resnet.MODEL_NAMES, "model.name", f"one of {resnet.MODEL_NAMES}", m.name)
   check(m.stem in resnet.STEMS, "model.stem", f"one of {resnet.STEMS}", m.stem)
@@ -228,12 +233,16 @@ def load_dataset(config, split: str) -> fer_data.Dataset:
   """One split of config.data, converted to data.image_size x data.channels."""
   d = config.data
   options = {}
-  if d.name == "synthetic":
-    if split == "train":
-      options = {k: d[k] for k in ("num_examples", "imbalance_ratio", "label_noise")
-                 if d[k] is not None}
-  return fer_data.load(d.name, split, data_dir=d.data_dir, manual_dir=d.manual_dir,
-                       image_size=d.image_size, channels=d.channels, **options)
+  if d.name == "synthetic" and split == "train":
+    options = {k: d[k] for k in ("num_examples", "imbalance_ratio", "label_noise")
+               if d[k] is not None}
+  ds = fer_data.load(d.name, split, data_dir=d.data_dir, manual_dir=d.manual_dir,
+                     image_size=d.image_size, channels=d.channels, **options)
+  if d.name != "synthetic" and split == "train" and d.imbalance_ratio is not None:
+    keep = fer_data.dataset.long_tail_subset(ds.labels, ds.num_classes, d.imbalance_ratio)
+    ds = fer_data.Dataset(ds.images[keep], ds.labels[keep], ds.class_names, ds.name,
+                          f"train-lt{d.imbalance_ratio:g}")
+  return ds
 
 
 def stratified_holdout(labels, fraction: float, seed: int):

@@ -69,6 +69,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.data.manual_dir = None  # Raw files, prepared on first use.
   config.data.num_examples = None  # Train examples: synthetic's size, else the first N (None: all).
   config.data.val_examples = None  # Validation examples, as above.
+  # Long-tailed train profile (max/min count), as the classifier's data.imbalance_ratio, so the
+  # VAE-GAN of a *-LT protocol sees only the images its classifiers see (None: as it comes).
+  config.data.imbalance_ratio = None
 
   config.model = ml_collections.ConfigDict()
   config.model.arch = "dcgan"  # "dcgan" (DCGAN-64 layout) or "resnet" (residual, spectral-norm D).
@@ -123,6 +126,9 @@ def validate_config(config) -> None:
           "a split name other than 'test' (the test split is never used for training or "
           "checkpoint selection)", split)
   check(d.split is not None, "data.split", "a split name", d.split)
+  check(d.imbalance_ratio is None or (isinstance(d.imbalance_ratio, (int, float))
+                                      and d.imbalance_ratio >= 1), "data.imbalance_ratio",
+        "None or a number >= 1 (largest / smallest class)", d.imbalance_ratio)
   sizes = [s for s in range(32, 129) if vaegan_models.smallest_map(s) <= vaegan_models.MAX_MAP]
   check(_is_int(d.image_size) and d.image_size in sizes, "data.image_size",
         f"one of {sizes} (32..128 px, halving down to a 3x3..8x8 map)", d.image_size)
@@ -208,9 +214,15 @@ def load_dataset(config, split: str, limit=None) -> ferjax.data.Dataset:
   training seed must not change the data, so that the classifiers see the same faces.
   """
   d = config.data
-  options = {"num_examples": limit} if d.name == "synthetic" else {}
+  lt = d.imbalance_ratio if split == d.split else None
+  options = {}
+  if d.name == "synthetic":
+    options = {"num_examples": limit, **({"imbalance_ratio": lt} if lt else {})}
   ds = ferjax.data.load(d.name, split, data_dir=d.data_dir, manual_dir=d.manual_dir,
                         image_size=d.image_size, channels=d.channels, **options)
+  if lt and d.name != "synthetic":
+    keep = ferjax.data.dataset.long_tail_subset(ds.labels, ds.num_classes, lt)
+    ds = ferjax.data.Dataset(ds.images[keep], ds.labels[keep], ds.class_names, ds.name, ds.split)
   if limit is not None and len(ds) > limit:
     ds = ferjax.data.Dataset(ds.images[:limit], ds.labels[:limit], ds.class_names, ds.name,
                              ds.split)
