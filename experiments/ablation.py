@@ -3,7 +3,8 @@
   python experiments/ablation.py --dataset synthetic --out runs/ablation_synthetic
   python experiments/ablation.py --dataset fer2013 --vaegan-workdir runs/vaegan_fer2013   # GPU
 
-Grids (one axis at a time around the default point alpha = 1, fill = 1, mode = posterior):
+Grids (one axis at a time around the paper's point: decode = full, alpha = 1, fill = 1,
+mode = posterior):
   alpha in {0, 0.5, 1, 2, 3}   (z = mu + alpha * sigma * eps; 0 = plain reconstruction)
   fill  in {0, 0.5, 1}         (share of each class's gap filled with synthetic faces)
   mode  in {posterior, interpolate, class_gaussian}
@@ -26,20 +27,21 @@ MODES = ("posterior", "interpolate", "class_gaussian")
 
 def points(num_steps: int) -> dict:
   grid = {}
+  full = "config.augment.decode=full"  # The paper's decoding, whatever the config file chose.
   for alpha in ALPHAS:
-    grid[f"alpha={alpha:g}"] = [f"config.augment.alpha={alpha}"]
+    grid[f"alpha={alpha:g}"] = [full, f"config.augment.alpha={alpha}"]
   for fill in FILLS:
-    grid.setdefault(f"fill={fill:g}", [f"config.augment.fill={fill}"])
+    grid.setdefault(f"fill={fill:g}", [full, f"config.augment.fill={fill}"])
   for mode in MODES:
-    grid.setdefault(f"mode={mode}", [f"config.augment.mode={mode}"])
+    grid.setdefault(f"mode={mode}", [full, f"config.augment.mode={mode}"])
   # fill=1 and mode=posterior are the default point, the same run as alpha=1.
   grid.pop("fill=1", None)
   grid.pop("mode=posterior", None)
   # Our additions (ferjax.augment.synthesis): the change added to the sharp seed instead of
   # the decoding; synthesis deferred to the second half; half loss weight on synthetic faces.
   grid["decode=residual"] = ["config.augment.decode=residual"]
-  grid["start=half"] = [f"config.augment.start_step={num_steps // 2}"]
-  grid["weight=0.5"] = ["config.augment.synthetic_weight=0.5"]
+  grid["start=half"] = [full, f"config.augment.start_step={num_steps // 2}"]
+  grid["weight=0.5"] = [full, "config.augment.synthetic_weight=0.5"]
   return grid
 
 
@@ -49,6 +51,8 @@ def main() -> int:
   parser.add_argument("--out", default=None, help="output folder (default runs/ablation_DATASET)")
   parser.add_argument("--seeds", type=int, nargs="+", default=[0])
   parser.add_argument("--vaegan-workdir", default=None, help="reuse a trained VAE-GAN")
+  parser.add_argument("--points", nargs="+", default=None,
+                      help="run these grid points only, in this order (e.g. alpha=1 fill=0.5)")
   parser.add_argument("overrides", nargs="*", help="config.field=value for every classifier run")
   args = parser.parse_args()
   out = pathlib.Path(args.out or f"runs/ablation_{args.dataset}")
@@ -57,9 +61,15 @@ def main() -> int:
   vaegan_dir = pathlib.Path(args.vaegan_workdir) if args.vaegan_workdir else runner.train_vaegan(
       vaegan_config, out / "vaegan")
   num_steps = runner.load(classifier_config, args.overrides).train.num_steps
+  grid = points(num_steps)
+  chosen = args.points or list(grid)
+  unknown = sorted(set(chosen) - set(grid))
+  if unknown:
+    raise runner.UserError(f"--points: unknown {unknown}; expected some of {list(grid)}")
   evals = {}
   for seed in args.seeds:
-    for name, overrides in points(num_steps).items():
+    for name in chosen:
+      overrides = grid[name]
       print(f"\n=== {name}, seed {seed} ===", flush=True)
       evals.setdefault(name, []).append(runner.train_and_test(
           classifier_config, out / f"{name.replace('=', '_')}_seed{seed}",

@@ -2,6 +2,11 @@
 
   python experiments/protocol.py --dataset synthetic --out runs/protocol_synthetic
   python experiments/protocol.py --dataset fer2013 --out runs/protocol_fer2013      # GPU
+  python experiments/protocol.py --dataset fer2013 --lt 100 --out runs/protocol_fer2013_lt100
+
+--lt R builds the *-LT variant (methods.md section 7): the train split subsampled per class to a
+geometric profile with max/min ratio R (fixed subset, classes in natural frequency order) for
+the VAE-GAN and every classifier; validation and test untouched.
 
 Methods (each a set of config overrides on the same recipe):
   none          instance sampling, cross-entropy
@@ -10,9 +15,10 @@ Methods (each a set of config overrides on the same recipe):
   ldam_drw      LDAM loss with deferred re-weighting from 3/4 of training
   logit_adj     logit-adjusted loss (Menon et al. 2021, tau = 1)
   semantic      semantic augmentation: every class topped up to the largest with VAE-GAN
-                faces (alpha = 1 posterior perturbation of real seeds)
+                faces (alpha = 1 posterior perturbation of real seeds; the config file's
+                augment.decode: residual for the synthetic set, chosen on validation)
   semantic_la   semantic augmentation filling half of each gap, plus the logit-adjusted loss
-                on the resulting (still mildly imbalanced) batch prior
+                on the resulting (still imbalanced) batch prior
 
 One VAE-GAN is trained (seed 0) and shared by the semantic runs. Checkpoints are chosen on the
 validation split; every number is on the test split. Writes results.md (mean ± std over seeds,
@@ -48,11 +54,15 @@ def main() -> int:
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   parser.add_argument("--methods", nargs="+", default=None, help="subset of the methods")
   parser.add_argument("--vaegan-workdir", default=None, help="reuse a trained VAE-GAN")
+  parser.add_argument("--lt", type=float, default=None, metavar="R",
+                      help="long-tailed variant: train split subsampled to imbalance ratio R")
   parser.add_argument("overrides", nargs="*", help="config.field=value for every classifier run")
   args = parser.parse_args()
   out = pathlib.Path(args.out or f"runs/protocol_{args.dataset}")
   out.mkdir(parents=True, exist_ok=True)
   classifier_config, vaegan_config = runner.DATASETS[args.dataset]
+  lt = [f"config.data.imbalance_ratio={args.lt}"] if args.lt else []
+  args.overrides = [*lt, *args.overrides]
   num_steps = runner.load(classifier_config, args.overrides).train.num_steps
   all_methods = methods(num_steps, pathlib.Path(args.vaegan_workdir or out / "vaegan"))
   chosen = args.methods or list(all_methods)
@@ -60,7 +70,7 @@ def main() -> int:
   if unknown:
     raise runner.UserError(f"--methods: unknown {unknown}; expected some of {list(all_methods)}")
   if any(m.startswith("semantic") for m in chosen) and args.vaegan_workdir is None:
-    runner.train_vaegan(vaegan_config, out / "vaegan")
+    runner.train_vaegan(vaegan_config, out / "vaegan", lt)
 
   evals = {m: [] for m in chosen}
   for seed in args.seeds:

@@ -8,39 +8,20 @@ Expected: under 1 minute on a 2-core CPU (300 steps of 64 images; data generatio
 (chance: 1/7), with the rare classes (angry, fear) near zero recall: the plain baseline that
 the long-tail methods are measured against.
 
-CPU choices (ours, measured on the synthetic set): 32 px (the VAE-GAN's size), per-image
-standardisation of the input (the synthetic faces vary widely in lighting), AdamW (SGD learns
-far slower in a few hundred steps), flip but no random crop (crops slow learning in short runs).
+The recipe of classifier_synthetic.py (see its docstring for the choices), on fewer steps.
 """
 
-from ferjax.train import classifier
+import pathlib
+
+from ferjax import configs
 
 
 def get_config():
-  config = classifier.default_config()
-  config.data.name = "synthetic"
-  config.data.image_size = 32  # small stem: 32-16-8-4 maps, none below 3x3.
-  config.data.channels = 1
-  config.data.val_split = "validation"
-
-  config.model.name = "resnet10"
-  config.model.stem = "small"
-  config.model.width = 0.25
-  config.model.input_norm = "per_image"
-
-  config.augment.crop = "none"
-  config.augment.flip = True
-
-  config.optim.name = "adamw"
-  config.optim.lr = 3e-3
-  config.optim.weight_decay = 1e-4
+  # The demo recipe (classifier_synthetic.py), shortened.
+  config = configs.load_config(pathlib.Path(__file__).with_name("classifier_synthetic.py"))
   config.optim.warmup_steps = 20
-
   config.train.num_steps = 300
-  config.train.batch_size = 64
-  config.train.num_devices = 1  # Fake multi-device CPUs only add overhead.
   config.train.log_every = 25
   config.train.eval_every = 100
   config.train.checkpoint_every = 100
-  config.eval.batch_size = 256
   return config

@@ -9,29 +9,19 @@ mouth, frown; eyes faint) at a validation PSNR of about 24 dB; prior samples are
 Settings as in vaegan_synthetic.py (see its docstring for why), on fewer faces and steps.
 """
 
-from ferjax.train import vaegan
+import pathlib
+
+from ferjax import configs
 
 
 def get_config():
-  config = vaegan.default_config()
-  config.data.name = "synthetic"
-  config.data.image_size = 32  # 3 stride-2 stages: 32 -> 16 -> 8 -> 4.
-  config.data.channels = 1
+  # vaegan_synthetic.py on fewer faces and steps.
+  config = configs.load_config(pathlib.Path(__file__).with_name("vaegan_synthetic.py"))
   config.data.num_examples = 2000
   config.data.val_examples = 256
-
-  config.model.latent_dim = 32
-  config.model.widths = (16, 32, 64)
-
-  config.loss.beta = 1e-3
   config.loss.kl_warmup_steps = 300
-
-  config.optim.lr = 2e-3  # Short CPU run: 10x the usual GAN rate was stable here.
   config.optim.ema_decay = 0.99
-
   config.train.num_steps = 800
-  config.train.batch_size = 32
-  config.train.log_every = 50
   config.train.eval_every = 200
   config.train.sample_every = 200
   config.train.checkpoint_every = 400
