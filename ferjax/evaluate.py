@@ -127,8 +127,10 @@ def predict_logits(model, variables, images_uint8, *, batch_size: int = 256, mes
     if valid < batch_size:
       batch = np.concatenate([batch, np.zeros((batch_size - valid, *batch.shape[1:]), batch.dtype)])
     outputs.append((valid, _predict_batch(model, variables, jax.device_put(batch, sharding), tta)))
-  logits = [np.asarray(out[0])[:valid] for valid, out in outputs]
-  features = [np.asarray(out[1])[:valid] for valid, out in outputs] if return_features else []
+  # to_host: in a multi-process run each batch spans the devices of every process.
+  logits = [parallel.to_host(out[0])[:valid] for valid, out in outputs]
+  features = ([parallel.to_host(out[1])[:valid] for valid, out in outputs] if return_features
+              else [])
   logits = np.concatenate(logits) if logits else np.zeros((0, model.num_classes), np.float32)
   if return_features:
     return logits, (np.concatenate(features) if features else np.zeros((0, 0), np.float32))
@@ -222,6 +224,8 @@ def cli_main(args) -> int:
                            logit_adjust=logit_adjust, logits=logits,
                            prior_counts=meta.get("prior_counts"))
   result.update(split=split, step=int(meta["step"]), checkpoint=which)
+  if not parallel.is_main_process():  # Several processes: process 0 writes the files.
+    return 0
   (workdir / f"eval_{split}.json").write_text(json.dumps(result, indent=2) + "\n")
   title = f"{split} (step {meta['step']}, tta {tta}, tau {logit_adjust:g})"
   plots.save_confusion(result["confusion"], dataset.class_names, workdir / f"confusion_{split}.png",

@@ -2,8 +2,12 @@
 
 A workdir's `checkpoints/` holds `last/` (the newest k steps, for resuming) and `best/` (the step
 with the best validation metric, for evaluation). Orbax writes each step into a temporary
-folder and renames it when complete, so a kill during a save leaves the previous step intact.
-Everything is stored as arrays plus JSON: restoring never executes code from a checkpoint.
+folder (`<step>.orbax-checkpoint-tmp`) and renames it when complete; step listings skip such
+folders and the next save of that step replaces one, so a kill during a save leaves the
+previous step intact. A step that is a best candidate goes to `best/` before `last/`: a kill
+between the two leaves `last/` at the previous step, and the resumed run evaluates (and offers
+as best) that step again. Everything is stored as arrays plus JSON: restoring never executes
+code from a checkpoint.
 """
 
 import pathlib
@@ -42,12 +46,14 @@ class Checkpoints:
   def save(self, step: int, state, *, metrics: dict | None = None, extra: dict | None = None):
     """Saves `state` at `step`; also as best when metrics[best_metric] improves on the best."""
     meta = {"step": int(step), "metrics": _jsonable(metrics or {}), **(extra or {})}
-    self._save(self._last, step, state, meta)
+    # Best first: `last/` reaching this step means it was fully offered as a best candidate (a
+    # resumed run starts after the latest `last/` step and never evaluates that step again).
     if self._best is not None and metrics and self.best_metric in metrics:
       value = float(metrics[self.best_metric])
       if self._is_better(value):
-        self._best_value = value
         self._save(self._best, step, state, meta)
+        self._best_value = value
+    self._save(self._last, step, state, meta)
 
   def _is_better(self, value: float) -> bool:
     if not np.isfinite(value):

@@ -492,7 +492,9 @@ def train_and_evaluate(config, workdir, *, stop_after: int | None = None,
   validate_config(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  configs.save_config(config, workdir / "config.json")
+  is_main = parallel.is_main_process()  # With several processes, only process 0 writes files.
+  if is_main:
+    configs.save_config(config, workdir / "config.json")
   t = config.train
   num_steps = t.num_steps
   mesh = parallel.make_mesh(t.num_devices)
@@ -529,7 +531,8 @@ def train_and_evaluate(config, workdir, *, stop_after: int | None = None,
                                     best_metric=t.best_metric)
   if ckpt.latest_step() is not None:
     state, _ = ckpt.restore(state, "latest")
-    _drop_metrics_after(workdir, int(state.step))  # Steps past the checkpoint are replayed.
+    if is_main:
+      _drop_metrics_after(workdir, int(state.step))  # Steps past the checkpoint are replayed.
   train_step = make_train_step(config, model, tx, prior_counts, num_steps, mesh,
                                synthesize=synthesize)
 
@@ -555,11 +558,13 @@ def train_and_evaluate(config, workdir, *, stop_after: int | None = None,
       if step % t.log_every == 0 or is_save:
         metrics = jax.device_get(metrics)
         monitor.check_finite(step, metrics)  # Before any save: a NaN state is never kept.
-        writer.write(step, {**metrics, **throughput.tick(steps_since_tick, t.batch_size)})
+        if is_main:
+          writer.write(step, {**metrics, **throughput.tick(steps_since_tick, t.batch_size)})
         steps_since_tick = 0
       if is_eval:
         val_metrics, summary = validate(state)
-        writer.write(step, {f"val_{k}": v for k, v in val_metrics.items()})
+        if is_main:
+          writer.write(step, {f"val_{k}": v for k, v in val_metrics.items()})
         bar.write(f"step {step}: " + "  ".join(f"val {k} {v:.4f}" for k, v in val_metrics.items()))
         ckpt.save(step, state, metrics=val_metrics, extra=meta)
         throughput = monitor.Throughput()  # Do not count validation time as training time.
@@ -570,10 +575,11 @@ def train_and_evaluate(config, workdir, *, stop_after: int | None = None,
   best_step = ckpt.best_step()
   best = ckpt.read_meta("best")["metrics"] if best_step is not None else {}
   ckpt.close()
-  records = monitor.read_metrics(workdir)
-  plots.save_curves(records, ["loss", "train_accuracy", "lr", "val_accuracy",
-                              "val_mean_class_accuracy", "val_macro_f1"],
-                    workdir / "curves.png", title=str(workdir.name))
+  if is_main:
+    records = monitor.read_metrics(workdir)
+    plots.save_curves(records, ["loss", "train_accuracy", "lr", "val_accuracy",
+                                "val_mean_class_accuracy", "val_macro_f1"],
+                      workdir / "curves.png", title=str(workdir.name))
   return {
       "workdir": str(workdir), "step": step, "num_steps": num_steps,
       "best_step": best_step, "best_metric": t.best_metric,

@@ -4,6 +4,11 @@ Data parallelism only: parameters are replicated, batches are split along the me
 `data`. Inside a jitted step, `jax.lax.with_sharding_constraint(x, batch_sharding(mesh))` on
 the sampled batch is all it takes; XLA inserts the gradient all-reduce, and BatchNorm
 statistics computed with plain `jnp.mean` over the batch axis are global-batch statistics.
+
+Several processes (hosts): every process runs the same program on the same host data (each
+loads the whole dataset and `put_replicated` places it on its own devices); arrays span the
+devices of all processes. Results come back to the host with `to_host`, and only process 0
+(`is_main_process`) writes files; orbax coordinates checkpoint writes itself.
 """
 
 import os
@@ -31,6 +36,10 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
   on_cluster = any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES"))
   if coordinator_address is None and not on_cluster:
     return False
+  # CPU processes reduce across each other over TCP (gloo); without it a multi-process CPU run
+  # has no cross-process collectives. Only the CPU client reads this; GPUs and TPUs ignore it.
+  if jax.config.jax_cpu_collectives_implementation is None:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id)
   return True
@@ -62,5 +71,38 @@ def check_batch_size(batch_size: int, mesh: Mesh, field: str = "batch_size") -> 
 
 
 def put_replicated(tree, mesh: Mesh):
-  """Places a host pytree on every device of the mesh (parameters, resident datasets)."""
+  """Places a host pytree on every device of the mesh (parameters, resident datasets).
+
+  With several processes each passes the same host values (jax checks they agree) and fills
+  its own devices; arrays already on one local device go through the host first, since jax
+  does not move a committed single-device array onto other processes' devices.
+  """
+  if jax.process_count() > 1:
+    tree = jax.tree.map(_host_if_local, tree)
   return jax.device_put(tree, replicated(mesh))
+
+
+def _host_if_local(x):
+  if (isinstance(x, jax.Array) and x.is_fully_addressable
+      and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)):
+    return np.asarray(x)
+  return x
+
+
+def is_main_process() -> bool:
+  """True in process 0, the one process that writes files (metrics, config, plots)."""
+  return jax.process_index() == 0
+
+
+def to_host(x) -> np.ndarray:
+  """The whole value of a device array as host numpy, also when it spans several processes.
+
+  Replicated or process-local arrays are read locally; a batch-sharded array of a multi-process
+  run is gathered from every process (all processes must call this together).
+  """
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
