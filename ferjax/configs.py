@@ -87,7 +87,7 @@ def parse_value(key: str, raw: str, old):
       except (ValueError, SyntaxError):
         return raw
   except (ValueError, SyntaxError):
-    pass
+    pass  # Not parseable as the field's type: the error below says what was expected.
   raise UserError(f"config field {key!r}: expected {type(old).__name__}, got {raw!r}")
 
 

@@ -300,19 +300,19 @@ class FerBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   # TFDS prints where it prepares (our staging dir, renamed afterwards): the caller reports the
   # final location instead. Progress bars stay.
   def _log_download_bytes(self) -> None:
-    pass
+    """Silenced (see above)."""
 
   def _log_download_done(self) -> None:
-    pass
+    """Silenced (see above)."""
 
   # -- what a subclass provides ----------------------------------------------------------------
 
   @classmethod
   def scan(cls, manual_dir: Path) -> Plan:
-    raise NotImplementedError
+    raise TypeError(f"{cls.__name__} must define scan(manual_dir): each dataset's builder does")
 
   def _generate_examples(self, items):
-    raise NotImplementedError
+    raise TypeError(f"{type(self).__name__} must define _generate_examples(items)")
 
   def _extra_features(self) -> dict[str, tfds.features.FeatureConnector]:
     return {}
