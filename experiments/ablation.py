@@ -62,22 +62,14 @@ def main() -> int:
       vaegan_config, out / "vaegan")
   num_steps = runner.load(classifier_config, args.overrides).train.num_steps
   grid = points(num_steps)
-  chosen = args.points or list(grid)
-  unknown = sorted(set(chosen) - set(grid))
-  if unknown:
-    raise runner.UserError(f"--points: unknown {unknown}; expected some of {list(grid)}")
-  evals = {}
-  for seed in args.seeds:
-    for name in chosen:
-      overrides = grid[name]
-      print(f"\n=== {name}, seed {seed} ===", flush=True)
-      evals.setdefault(name, []).append(runner.train_and_test(
-          classifier_config, out / f"{name.replace('=', '_')}_seed{seed}",
-          [*args.overrides, f"config.augment.vaegan_workdir={vaegan_dir}", *overrides,
-           f"config.seed={seed}"]))
-  notes = (f"Dataset `{args.dataset}`, one VAE-GAN ({vaegan_dir}) for every point; default "
-           "point alpha = 1, fill = 1, mode = posterior (row alpha=1). Seeds "
-           f"{args.seeds}. Command: `python experiments/ablation.py --dataset {args.dataset}`.")
+  chosen = runner.select(grid, args.points, "--points")
+  evals = runner.run_grid(classifier_config, out, grid, chosen, args.seeds,
+                          [*args.overrides, f"config.augment.vaegan_workdir={vaegan_dir}"])
+  notes = (f"Dataset `{args.dataset}`, one VAE-GAN ({vaegan_dir}) for every point. Points "
+           "alpha/fill/mode vary one axis around the paper's point (decode = full, alpha = 1, "
+           "fill = 1, mode = posterior); decode=residual, start=half and weight=0.5 are ours. "
+           f"Seeds {args.seeds}. Command: `python experiments/ablation.py --dataset "
+           f"{args.dataset}`.")
   print(runner.write_results(out, evals, f"Semantic augmentation ablation on {args.dataset}", notes))
   return 0
 

@@ -65,20 +65,10 @@ def main() -> int:
   args.overrides = [*lt, *args.overrides]
   num_steps = runner.load(classifier_config, args.overrides).train.num_steps
   all_methods = methods(num_steps, pathlib.Path(args.vaegan_workdir or out / "vaegan"))
-  chosen = args.methods or list(all_methods)
-  unknown = sorted(set(chosen) - set(all_methods))
-  if unknown:
-    raise runner.UserError(f"--methods: unknown {unknown}; expected some of {list(all_methods)}")
+  chosen = runner.select(all_methods, args.methods, "--methods")
   if any(m.startswith("semantic") for m in chosen) and args.vaegan_workdir is None:
     runner.train_vaegan(vaegan_config, out / "vaegan", lt)
-
-  evals = {m: [] for m in chosen}
-  for seed in args.seeds:
-    for method in chosen:
-      print(f"\n=== {method}, seed {seed} ===", flush=True)
-      evals[method].append(runner.train_and_test(
-          classifier_config, out / f"{method}_seed{seed}",
-          [*args.overrides, *all_methods[method], f"config.seed={seed}"]))
+  evals = runner.run_grid(classifier_config, out, all_methods, chosen, args.seeds, args.overrides)
   notes = (f"Dataset `{args.dataset}`, classifier config `{classifier_config}`, seeds "
            f"{args.seeds}. Checkpoints chosen on validation mean class accuracy; all numbers on "
            "the test split. Command: `python experiments/protocol.py --dataset "

@@ -61,6 +61,28 @@ def train_and_test(config_name, workdir, overrides=(), *, logit_adjust: float = 
   return {**report.read_eval(outs["test"]), "val": report.read_eval(outs["val"])}
 
 
+def select(grid: dict, chosen, flag: str) -> list:
+  """The grid entries named in `chosen` (all when None), checked: unknown names are an error."""
+  chosen = list(chosen or grid)
+  unknown = sorted(set(chosen) - set(grid))
+  if unknown:
+    raise UserError(f"{flag}: unknown {unknown}; expected some of {list(grid)}")
+  return chosen
+
+
+def run_grid(config_name, out_dir: pathlib.Path, grid: dict, chosen, seeds, overrides=()) -> dict:
+  """Trains and tests every chosen grid entry (name -> its overrides) for every seed, seed by
+  seed, each in `<out_dir>/<name>_seed<seed>`; returns {name: [evaluations]}."""
+  evals = {name: [] for name in chosen}
+  for seed in seeds:
+    for name in chosen:
+      print(f"\n=== {name}, seed {seed} ===", flush=True)
+      evals[name].append(train_and_test(
+          config_name, out_dir / f"{name.replace('=', '_')}_seed{seed}",
+          [*overrides, *grid[name], f"config.seed={seed}"]))
+  return evals
+
+
 def write_results(out_dir: pathlib.Path, evals_by_method: dict, title: str, notes: str) -> str:
   summary = report.summarize(evals_by_method)
   plot = report.recall_plot(summary, out_dir / "per_class_recall.png", title=title)

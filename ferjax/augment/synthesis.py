@@ -237,14 +237,15 @@ def synthesize_per_class(vae, images: np.ndarray, labels: np.ndarray, num_classe
   image_size = image_size or vae.model.image_size
   channels = channels or vae.model.channels
   rng = np.random.default_rng(seed)
-  seed_idx, classes = [], []
+  seed_idx, partner_idx, classes = [], [], []
   for k in range(num_classes):
     members = np.flatnonzero(labels == k)
-    if len(members):
+    if len(members):  # A seed and an interpolation partner of the same class per face.
       seed_idx.append(rng.choice(members, per_class, replace=True))
+      partner_idx.append(rng.choice(members, per_class, replace=True))
       classes.append(np.full(per_class, k, np.int32))
-  seed_idx, classes = np.concatenate(seed_idx), np.concatenate(classes)
-  partner_idx = np.array([rng.choice(np.flatnonzero(labels == k)) for k in classes])
+  seed_idx, partner_idx = np.concatenate(seed_idx), np.concatenate(partner_idx)
+  classes = np.concatenate(classes)
   aux = {"encoder": vae.encoder, "generator": vae.generator,
          "class_stats": class_latent_stats(vae, images, labels, num_classes)
          if mode == "class_gaussian" else None}
