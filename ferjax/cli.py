@@ -143,12 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = _verb(verbs, "demo", "ferjax.demo:cli_main",
             "The main job, no download: synthetic long-tailed faces, a small VAE-GAN, a baseline "
-            "and a semantically augmented classifier, both tested; writes report.md (about 8 "
-            "minutes on a 2-core CPU; finished stages are reused when run again).",
+            "and a semantically augmented classifier, both tested; writes report.md (about 5 "
+            "minutes on an idle 2-core CPU; finished stages are reused when run again).",
             "ferjax demo --workdir runs/demo")
   p.add_argument("--workdir", default="runs/demo", help="output folder (default runs/demo)")
   p.add_argument("--quick", action="store_true",
-                 help="a few steps per stage, to check the pipeline (about 2 minutes; the numbers "
+                 help="a few steps per stage, to check the pipeline (about 1 minute; the numbers "
                       "mean nothing)")
   p.add_argument("--seed", type=int, default=0)
 
