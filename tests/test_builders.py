@@ -41,9 +41,8 @@ def make_fer_folders(root: Path, per_class=2, test_prefixes=("PublicTest", "Priv
       value += 3
     for prefix in test_prefixes:
       write_image(root / "test" / name / f"{prefix}_{value}.jpg", value)
-      expected.setdefault(("test", label), []).append(value)
-      if prefix == "PublicTest":
-        expected.setdefault(("validation", label), []).append(value)
+      split = "validation" if prefix == "PublicTest" else "test"
+      expected.setdefault((split, label), []).append(value)
       value += 3
   return expected
 
@@ -146,7 +145,7 @@ def test_fer2013_folders_prepare_and_load(tmp_path):
   manual, data = tmp_path / "raw", tmp_path / "data"
   expected = make_fer_folders(manual)
   sizes = builders.prepare("fer2013", manual, data)
-  assert sizes == {"train": 14, "validation": 7, "test": 14}
+  assert sizes == {"train": 14, "validation": 7, "test": 7}  # Disjoint: Public vs Private.
   assert builders.available_splits("fer2013", data) == ("train", "validation", "test")
   for split in ("train", "validation", "test"):
     ds = builders.load_prepared("fer2013", split, data)
@@ -181,10 +180,20 @@ def test_load_prepared_prepares_when_given_manual_dir(tmp_path):
   assert not builders.is_prepared("fer2013", data)
   with pytest.raises(UserError, match=r"ferjax data prepare fer2013 --manual-dir DIR"):
     builders.load_prepared("fer2013", "train", data)
-  ds = builders.load_prepared("fer2013", "test", data, manual_dir=manual)
+  ds = builders.load_prepared("fer2013", "validation", data, manual_dir=manual)
   assert len(ds) == 7 and builders.is_prepared("fer2013", data)
   # Prepared data is reused; the manual dir is no longer needed.
   assert builders.prepare("fer2013", tmp_path / "gone", data)["train"] == 7
+
+
+def test_fer2013_public_test_only_has_no_test_split(tmp_path):
+  """The shared development copy: test/ holds only PublicTest files, which are validation."""
+  manual, data = tmp_path / "raw", tmp_path / "data"
+  make_fer_folders(manual, per_class=1, test_prefixes=("PublicTest",))
+  assert builders.prepare("fer2013", manual, data) == {"train": 7, "validation": 7}
+  with pytest.raises(UserError, match="prepared without a 'test' split .*available: train, "
+                                      "validation"):
+    builders.load_prepared("fer2013", "test", data)
 
 
 def test_fer2013_without_public_test_has_no_validation(tmp_path):
@@ -451,7 +460,7 @@ def test_undecodable_image_leaves_nothing_and_can_be_retried(tmp_path):
     with pytest.raises(UserError, match="is not prepared .* run `ferjax data prepare fer2013 "):
       not_prepared()
   bad.unlink()
-  assert builders.prepare("fer2013", manual, data)["test"] == 14
+  assert builders.prepare("fer2013", manual, data)["test"] == 7
 
 
 def test_undecodable_image_rafdb(tmp_path):
@@ -531,11 +540,9 @@ REAL_TEST = {"angry": 467, "disgust": 56, "fear": 496, "happy": 895, "neutral": 
 def test_real_fer2013_counts(shared_fer2013, tmp_path):
   data = tmp_path / "data"
   assert builders.prepare("fer2013", shared_fer2013, data) == \
-      {"train": 28709, "validation": 3589, "test": 3589}
+      {"train": 28709, "validation": 3589}  # Only PublicTest is shared: no test split.
   train = builders.load_prepared("fer2013", "train", data)
   assert train.images.shape == (28709, 48, 48, 1) and counts(train) == REAL_TRAIN
-  test = builders.load_prepared("fer2013", "test", data)
-  assert counts(test) == REAL_TEST
   assert counts(builders.load_prepared("fer2013", "validation", data)) == REAL_TEST
   # Pixels are the decoded JPEGs: the first stored example matches one file exactly.
   sample = shared_fer2013 / "train" / "happy" / sorted(

@@ -9,9 +9,12 @@ Two raw forms, detected from the manual dir:
   present it is used, even if image folders exist too: it holds the exact pixels and all three
   splits.
 * the Kaggle image folders (`msambare/fer2013`): `train/<class>/*.jpg|png` and
-  `test/<class>/*.jpg|png`. Splits `train` and `test` as given, plus `validation` = the files of
-  `test/` whose names start with `PublicTest_` (only when any do). Images that are not 48x48 gray
-  are converted (luma) and resized (bilinear).
+  `test/<class>/*.jpg|png`. `train` as given; the files of `test/` whose names start with
+  `PublicTest_` are the `validation` split and the others (`PrivateTest_*`, or all when none is
+  named so) the `test` split, so the two never share an image. A `test/` holding only
+  PublicTest files gives no test split: choose checkpoints on a hold-out of train
+  (`data.val_split=None`) and report on `validation`. Images that are not 48x48 gray are
+  converted (luma) and resized (bilinear).
 
 Both forms use one canonical class order, the folder order: angry, disgust, fear, happy,
 neutral, sad, surprise (CSV emotions are remapped). Stored as raw uint8 48x48x1.
@@ -20,6 +23,8 @@ neutral, sad, surprise (CSV emotions are remapped). Stored as raw uint8 48x48x1.
 from __future__ import annotations
 
 from pathlib import Path
+
+import tensorflow_datasets as tfds
 
 from ferjax.data.builders import common
 from ferjax.errors import UserError
@@ -41,8 +46,8 @@ SPEC = common.DatasetSpec(
     layout=("train/<class>/*.jpg and test/<class>/*.jpg (classes angry disgust fear happy "
             "neutral sad surprise), or fer2013.csv (emotion,pixels,Usage)"),
     description="FER-2013: 48x48 grayscale faces in 7 expression classes.",
-    notes=("Folder form: validation = the PublicTest_* files of test/. CSV form: "
-           "Training/PublicTest/PrivateTest = train/validation/test."),
+    notes=("Folder form: validation = the PublicTest_* files of test/, test = the other files "
+           "of test/. CSV form: Training/PublicTest/PrivateTest = train/validation/test."),
 )
 
 
@@ -100,6 +105,9 @@ class Fer2013(common.FerBuilder, skip_registration=True):
   """FER-2013 from the Kaggle folders or fer2013.csv (see the module docstring)."""
 
   name = "fer2013"
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First ferjax release.",
+                   "1.1.0": "Folder form: test no longer holds the PublicTest (validation) files."}
   SPEC = SPEC
   STORAGE = "raw"
   MANUAL_DOWNLOAD_INSTRUCTIONS = SPEC.instructions
@@ -130,10 +138,11 @@ class Fer2013(common.FerBuilder, skip_registration=True):
         raise UserError(f"{spec.name}: {split}/ holds no images: expected {split}/<class>/*.jpg "
                         f"with classes {', '.join(CLASS_NAMES)}")
       plan[split] = [("file", path, manual_dir, label) for path, label in items]
-    validation = [item for item in plan["test"] if item[1].name.startswith("PublicTest_")]
-    if validation:
-      plan["validation"] = validation
-    return plan
+    # Disjoint by construction: a checkpoint chosen on validation is never scored on itself.
+    public = [item for item in plan["test"] if item[1].name.startswith("PublicTest_")]
+    rest = [item for item in plan["test"] if not item[1].name.startswith("PublicTest_")]
+    plan = {"train": plan["train"], "validation": public, "test": rest}
+    return {split: items for split, items in plan.items() if items}
 
   def _generate_examples(self, items):
     return generate(items, self.SPEC)
