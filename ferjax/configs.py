@@ -63,7 +63,10 @@ def _lookup_parent(config, key):
 
 
 def parse_value(key: str, raw: str, old):
-  """Parses `raw` as the type of `old` (None-valued fields take any Python literal)."""
+  """Parses `raw` as the type of `old` (None-valued fields take any Python literal). `None`
+  unsets an optional text field (e.g. data.val_split=None: hold validation out of train)."""
+  if raw == "None" and isinstance(old, str):
+    return None
   try:
     if isinstance(old, bool):
       if raw.lower() in ("true", "1", "yes"):

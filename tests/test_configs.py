@@ -36,6 +36,10 @@ def test_overrides_are_typed_by_the_field(config_file):
   assert c.data.widths == (4, 8, 16)
   assert c.optim.name == "adamw" and c.data.val_split == "validation"
   assert configs.load_config(config_file, ["config.optim.lr=1"]).optim.lr == 1.0
+  # None unsets an optional text field that the file set (validation held out of train).
+  c = configs.load_config(config_file, ["config.data.val_split=validation",
+                                        "config.data.val_split=None"])
+  assert c.data.val_split is None
 
 
 @pytest.mark.parametrize("override, needle", [
