@@ -5,8 +5,9 @@ with the best validation metric, for evaluation). Orbax writes each step into a 
 folder (`<step>.orbax-checkpoint-tmp`) and renames it when complete; step listings skip such
 folders and the next save of that step replaces one, so a kill during a save leaves the
 previous step intact. A step that is a best candidate goes to `best/` before `last/`: a kill
-between the two leaves `last/` at the previous step, and the resumed run evaluates (and offers
-as best) that step again. Everything is stored as arrays plus JSON: restoring never executes
+between the two leaves `last/` at an earlier step, and the resumed run replays (bit-identically)
+and evaluates (and offers as best) that step again; an equal value is not a new best, so a
+replayed step is never saved twice. Everything is stored as arrays plus JSON: restoring never executes
 code from a checkpoint.
 """
 
@@ -43,8 +44,11 @@ class Checkpoints:
       self._best_value = meta.get("metrics", {}).get(best_metric)
 
   # --- saving ---------------------------------------------------------------------------------
-  def save(self, step: int, state, *, metrics: dict | None = None, extra: dict | None = None):
-    """Saves `state` at `step`; also as best when metrics[best_metric] improves on the best."""
+  def save(self, step: int, state, *, metrics: dict | None = None, extra: dict | None = None,
+           last: bool = True):
+    """Saves `state` at `step` as best when metrics[best_metric] improves on the best, then as
+    `last` (a resume point) unless `last=False`: a validation step that is not a resume point
+    costs a save only when it is a new best."""
     meta = {"step": int(step), "metrics": _jsonable(metrics or {}), **(extra or {})}
     # Best first: `last/` reaching this step means it was fully offered as a best candidate (a
     # resumed run starts after the latest `last/` step and never evaluates that step again).
@@ -53,7 +57,8 @@ class Checkpoints:
       if self._is_better(value):
         self._save(self._best, step, state, meta)
         self._best_value = value
-    self._save(self._last, step, state, meta)
+    if last:
+      self._save(self._last, step, state, meta)
 
   def _is_better(self, value: float) -> bool:
     if not np.isfinite(value):
