@@ -19,10 +19,10 @@ def read_eval(path) -> dict:
   return json.loads(pathlib.Path(path).read_text())
 
 
-def _stat(values) -> tuple[float, float]:
-  """Mean and sample standard deviation (0 for a single run), in percent."""
+def _stat(values) -> tuple[float, float | None]:
+  """Mean and sample standard deviation in percent; no spread (None) for a single run."""
   values = 100.0 * np.asarray(values, np.float64)
-  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None
 
 
 def summarize(evals_by_method: dict[str, list[dict]]) -> dict:
@@ -45,7 +45,7 @@ def summarize(evals_by_method: dict[str, list[dict]]) -> dict:
 
 def _fmt(stat) -> str:
   mean, std = stat
-  return f"{mean:.2f} ± {std:.2f}"
+  return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
 
 def markdown_table(summary: dict) -> str:
@@ -72,6 +72,6 @@ def recall_table(summary: dict) -> str:
 def recall_plot(summary: dict, path, *, title="per-class recall") -> pathlib.Path:
   names = list(next(iter(summary.values()))["recall"])
   values = {m: [r["recall"][n][0] for n in names] for m, r in summary.items()}
-  errors = {m: [r["recall"][n][1] for n in names] for m, r in summary.items()}
+  errors = {m: [r["recall"][n][1] or 0.0 for n in names] for m, r in summary.items()}
   return plots.save_grouped_bars(values, names, path, ylabel="recall (%)", title=title,
                                  errors_by_series=errors)

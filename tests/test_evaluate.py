@@ -194,3 +194,24 @@ def test_bench_records_train_and_eval_throughput():
   assert [r["what"] for r in records] == ["classifier", "evaluate"]
   for r in records:
     assert r["batch"] == 8 and r["images_per_s"] > 0 and r["model"] == "resnet10"
+  # FLOPs from the lowered program (the compiled GPU module hides cuDNN convolutions): a train
+  # step (forward + backward) costs at least twice an evaluation's forward pass.
+  train, evaluation = records
+  assert evaluation["flops_per_image"] > 0
+  forward = evaluation["flops_per_image"] / (2 if config.eval.tta == "flip" else 1)
+  assert train["flops_per_image"] > 2 * forward
+
+
+def test_report_tables_recompute_mean_and_sample_spread_and_omit_spread_of_one_run():
+  from ferjax import report
+  names = ["a", "b"]
+  run1 = evaluate.metrics_from_confusion([[8, 2], [1, 9]], [10, 2], names)  # 85% / 85%
+  run2 = evaluate.metrics_from_confusion([[6, 4], [5, 5]], [10, 2], names)  # 55% / 55%
+  summary = report.summarize({"two": [run1, run2], "one": [run1]})
+  mean, std = summary["two"]["accuracy"]
+  assert mean == pytest.approx(70.0) and std == pytest.approx(np.std([85, 55], ddof=1))
+  assert summary["one"]["accuracy"] == (pytest.approx(85.0), None)
+  table = report.markdown_table(summary)
+  assert "| two | 2 | 70.00 ± 21.21 |" in table
+  assert "| one | 1 | 85.00 |" in table  # One seed has no spread: none is printed.
+  assert "| one | 80.00 | 90.00 |" in report.recall_table(summary)  # Recall 8/10 and 9/10.
