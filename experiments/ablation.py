@@ -53,6 +53,7 @@ def main() -> int:
   parser.add_argument("--vaegan-workdir", default=None, help="reuse a trained VAE-GAN")
   parser.add_argument("--points", nargs="+", default=None,
                       help="run these grid points only, in this order (e.g. alpha=1 fill=0.5)")
+  runner.add_report_split_flag(parser)
   parser.add_argument("overrides", nargs="*", help="config.field=value for every classifier run")
   args = parser.parse_args()
   out = pathlib.Path(args.out or f"runs/ablation_{args.dataset}")
@@ -64,13 +65,15 @@ def main() -> int:
   grid = points(num_steps)
   chosen = runner.select(grid, args.points, "--points")
   evals = runner.run_grid(classifier_config, out, grid, chosen, args.seeds,
-                          [*args.overrides, f"config.augment.vaegan_workdir={vaegan_dir}"])
+                          [*args.overrides, f"config.augment.vaegan_workdir={vaegan_dir}"],
+                          args.report_split)
   notes = (f"Dataset `{args.dataset}`, one VAE-GAN ({vaegan_dir}) for every point. Points "
            "alpha/fill/mode vary one axis around the paper's point (decode = full, alpha = 1, "
            "fill = 1, mode = posterior); decode=residual, start=half and weight=0.5 are ours. "
            f"Seeds {args.seeds}. Command: `python experiments/ablation.py --dataset "
            f"{args.dataset}`.")
-  print(runner.write_results(out, evals, f"Semantic augmentation ablation on {args.dataset}", notes))
+  print(runner.write_results(out, evals, f"Semantic augmentation ablation on {args.dataset}", notes,
+                             args.report_split))
   return 0
 
 

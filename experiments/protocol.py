@@ -24,7 +24,15 @@ One VAE-GAN is trained (seed 0) and shared by the semantic runs. Checkpoints are
 validation split; every number is on the test split. Writes results.md (mean ± std over seeds,
 per-class recall, head / medium / tail), results.json and per_class_recall.png.
 Expected time: synthetic on a 2-core CPU about 4 minutes per run (21 runs: ~1.5 h; use
---seeds 0 or --methods to shorten); FER-2013 on one H200 about 1-2 minutes per run.
+--seeds 0 or --methods to shorten); FER-2013 on one H200 about 95 s per run alone, or 4
+runs in parallel in about 5 minutes (XLA_PYTHON_CLIENT_MEM_FRACTION=0.2, one process per
+--methods entry, same --out). Runs made on several machines: copy their folders into one --out
+and add --collect to tabulate without training.
+
+The shared FER-2013 folders hold only PublicTest (the validation split, no test split); there:
+  python experiments/protocol.py --dataset fer2013 --report-split validation \
+      config.data.val_split=None config.train.best_metric=mean_class_accuracy
+chooses checkpoints on a 10% hold-out of train and reports PublicTest, which selects nothing.
 """
 
 import argparse
@@ -56,6 +64,9 @@ def main() -> int:
   parser.add_argument("--vaegan-workdir", default=None, help="reuse a trained VAE-GAN")
   parser.add_argument("--lt", type=float, default=None, metavar="R",
                       help="long-tailed variant: train split subsampled to imbalance ratio R")
+  parser.add_argument("--collect", action="store_true",
+                      help="train nothing: tabulate the finished runs found in --out")
+  runner.add_report_split_flag(parser)
   parser.add_argument("overrides", nargs="*", help="config.field=value for every classifier run")
   args = parser.parse_args()
   out = pathlib.Path(args.out or f"runs/protocol_{args.dataset}")
@@ -63,17 +74,32 @@ def main() -> int:
   classifier_config, vaegan_config = runner.DATASETS[args.dataset]
   lt = [f"config.data.imbalance_ratio={args.lt}"] if args.lt else []
   args.overrides = [*lt, *args.overrides]
-  num_steps = runner.load(classifier_config, args.overrides).train.num_steps
+  config = runner.load(classifier_config, args.overrides)
+  num_steps = config.train.num_steps
+  vaegan_overrides = lt
+  if config.data.val_split is None:
+    # The reported split must select nothing, the VAE-GAN's checkpoint included: it then keeps
+    # no validation split and the semantic runs sample from its last checkpoint.
+    vaegan_overrides = [*lt, "config.data.val_split=None"]
+    args.overrides = [*args.overrides, "config.augment.vaegan_checkpoint=last"]
   all_methods = methods(num_steps, pathlib.Path(args.vaegan_workdir or out / "vaegan"))
   chosen = runner.select(all_methods, args.methods, "--methods")
-  if any(m.startswith("semantic") for m in chosen) and args.vaegan_workdir is None:
-    runner.train_vaegan(vaegan_config, out / "vaegan", lt)
-  evals = runner.run_grid(classifier_config, out, all_methods, chosen, args.seeds, args.overrides)
-  notes = (f"Dataset `{args.dataset}`, classifier config `{classifier_config}`, seeds "
-           f"{args.seeds}. Checkpoints chosen on validation mean class accuracy; all numbers on "
-           "the test split. Command: `python experiments/protocol.py --dataset "
-           f"{args.dataset}`.")
-  print(runner.write_results(out, evals, f"Protocol on {args.dataset}", notes))
+  if args.collect:
+    evals = runner.collect(out, chosen, args.seeds, args.report_split)
+  else:
+    if any(m.startswith("semantic") for m in chosen) and args.vaegan_workdir is None:
+      runner.train_vaegan(vaegan_config, out / "vaegan", vaegan_overrides)
+    evals = runner.run_grid(classifier_config, out, all_methods, chosen, args.seeds,
+                            args.overrides, args.report_split)
+  val = config.data.val_split or f"a {config.data.val_fraction:.0%} stratified hold-out of train"
+  runs = ", ".join(f"{m} x{len(e)}" for m, e in evals.items())
+  notes = (f"Dataset `{args.dataset}`, classifier config `{classifier_config}`, runs (method x "
+           f"seeds): {runs}. Checkpoints chosen on validation ({val}) "
+           f"{config.train.best_metric.replace('_', ' ')}; all numbers on the "
+           f"{args.report_split} split. Command: `python experiments/protocol.py --dataset "
+           f"{args.dataset}{'' if args.report_split == 'test' else ' --report-split ' + args.report_split}"
+           f"{''.join(' ' + o for o in args.overrides)}`.")
+  print(runner.write_results(out, evals, f"Protocol on {args.dataset}", notes, args.report_split))
   return 0
 
 

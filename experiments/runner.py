@@ -45,20 +45,34 @@ def _unfinished(workdir, num_steps) -> bool:
   return not records or max(r["step"] for r in records) < num_steps
 
 
-def train_and_test(config_name, workdir, overrides=(), *, logit_adjust: float = 0.0) -> dict:
+def add_report_split_flag(parser) -> None:
+  parser.add_argument(
+      "--report-split", default="test",
+      help="split the results are reported on (default test). FER-2013 folders holding only "
+           "PublicTest have no test split: pass --report-split validation "
+           "config.data.val_split=None (checkpoints then chosen on a hold-out of train)")
+
+
+def train_and_test(config_name, workdir, overrides=(), *, logit_adjust: float = 0.0,
+                   report_split: str = "test") -> dict:
   """Trains (or resumes) a classifier and evaluates its validation-chosen checkpoint on the
-  validation and test splits; returns the test evaluation with the validation one under "val"
-  (choices between runs are made on "val", never on test)."""
+  validation split and on `report_split`; returns the latter's evaluation with the validation
+  one under "val" (choices between runs are made on "val", never on the reported split)."""
   from ferjax import evaluate
   from ferjax.train import classifier
   workdir = pathlib.Path(workdir)
-  outs = {split: workdir / f"eval_{split}.json" for split in ("val", "test")}
+  config = load(config_name, overrides)
+  if config.data.val_split == report_split:
+    raise UserError(f"--report-split {report_split}: checkpoints are chosen on that split "
+                    "(data.val_split); add config.data.val_split=None to choose them on a "
+                    "hold-out of train instead")
+  outs = {split: workdir / f"eval_{split}.json" for split in ("val", report_split)}
   if not all(out.exists() for out in outs.values()):
-    classifier.train_and_evaluate(load(config_name, overrides), workdir)  # Resumes if begun.
+    classifier.train_and_evaluate(config, workdir)  # Resumes if begun.
     for split, out in outs.items():
       evaluate.cli_main(argparse.Namespace(workdir=str(workdir), split=split, checkpoint="best",
                                            tta="none", logit_adjust=logit_adjust, features=False))
-  return {**report.read_eval(outs["test"]), "val": report.read_eval(outs["val"])}
+  return {**report.read_eval(outs[report_split]), "val": report.read_eval(outs["val"])}
 
 
 def select(grid: dict, chosen, flag: str) -> list:
@@ -70,7 +84,8 @@ def select(grid: dict, chosen, flag: str) -> list:
   return chosen
 
 
-def run_grid(config_name, out_dir: pathlib.Path, grid: dict, chosen, seeds, overrides=()) -> dict:
+def run_grid(config_name, out_dir: pathlib.Path, grid: dict, chosen, seeds, overrides=(),
+             report_split: str = "test") -> dict:
   """Trains and tests every chosen grid entry (name -> its overrides) for every seed, seed by
   seed, each in `<out_dir>/<name>_seed<seed>`; returns {name: [evaluations]}."""
   evals = {name: [] for name in chosen}
@@ -79,19 +94,40 @@ def run_grid(config_name, out_dir: pathlib.Path, grid: dict, chosen, seeds, over
       print(f"\n=== {name}, seed {seed} ===", flush=True)
       evals[name].append(train_and_test(
           config_name, out_dir / f"{name.replace('=', '_')}_seed{seed}",
-          [*overrides, *grid[name], f"config.seed={seed}"]))
+          [*overrides, *grid[name], f"config.seed={seed}"], report_split=report_split))
   return evals
 
 
-def write_results(out_dir: pathlib.Path, evals_by_method: dict, title: str, notes: str) -> str:
+def collect(out_dir: pathlib.Path, chosen, seeds, report_split: str = "test") -> dict:
+  """{name: [evaluations]} of the finished runs in `out_dir` (runs done elsewhere, e.g. seeds
+  spread over machines, copied in with their eval_*.json); trains nothing."""
+  evals = {}
+  for name in chosen:
+    for seed in seeds:
+      workdir = out_dir / f"{name.replace('=', '_')}_seed{seed}"
+      outs = [workdir / "eval_val.json", workdir / f"eval_{report_split}.json"]
+      if all(out.exists() for out in outs):
+        evals.setdefault(name, []).append(
+            {**report.read_eval(outs[1]), "val": report.read_eval(outs[0])})
+  if not evals:
+    raise UserError(f"--collect: no finished runs (eval_val.json and eval_{report_split}.json) "
+                    f"in {out_dir}")
+  return evals
+
+
+def write_results(out_dir: pathlib.Path, evals_by_method: dict, title: str, notes: str,
+                  report_split: str = "test") -> str:
   summary = report.summarize(evals_by_method)
   plot = report.recall_plot(summary, out_dir / "per_class_recall.png", title=title)
   val_summary = report.summarize({m: [e["val"] for e in evals]
                                   for m, evals in evals_by_method.items()})
-  text = "\n".join([f"# {title}", "", notes, "", "## Test split (%; mean ± std over seeds)", "",
-                    report.markdown_table(summary), "", "## Per-class recall on test (%)", "",
+  text = "\n".join([f"# {title}", "", notes, "",
+                    f"## {report_split.capitalize()} split (%; mean ± std over seeds)", "",
+                    report.markdown_table(summary), "",
+                    f"## Per-class recall on {report_split} (%)", "",
                     report.recall_table(summary), "", f"![per-class recall]({plot.name})", "",
-                    "## Validation split (%; what any choice between runs is made on)", "",
+                    "## Selection split (%; the validation data checkpoints and any choice "
+                    "between runs are made on)", "",
                     report.markdown_table(val_summary), ""])
   (out_dir / "results.md").write_text(text)
   (out_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")

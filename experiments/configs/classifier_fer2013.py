@@ -38,6 +38,9 @@ def get_config():
   config.augment.crop_padding = 4
   config.augment.flip = True
   config.augment.erasing_prob = 0.5  # torchvision's RandomErasing default probability.
+  # Semantic augmentation (on with --config.augment.vaegan_workdir=DIR): residual decoding, the
+  # choice made on the synthetic set's validation split (experiments/ablation.py); not tuned here.
+  config.augment.decode = "residual"
 
   config.loss.name = "ce"
   config.loss.label_smoothing = 0.1

@@ -1,0 +1,101 @@
+"""Every speed target of the project in one go: `ferjax bench` per target, one Markdown table.
+
+  python experiments/bench_targets.py --out runs/bench_h200          # one H200: a few minutes
+  python experiments/bench_targets.py --out runs/bench_cpu --cpu     # 2-core CPU: ~15 minutes
+
+Each row runs `ferjax bench` in its own process (so one failure or out-of-memory does not end
+the rest) and compares images/s with the plain-Flax and PyTorch-eager references measured on
+one H200 (docs/design.md). The augmentation row is the share of the FER-2013 recipe's train
+step taken by its batch pipeline (sampling, gather, synthesis of a quarter of the batch with an
+untrained DCGAN-64 VAE-GAN of the same cost, crop/flip/erasing); the target is at most 15%.
+--cpu measures the CPU reference instead (small-stem ResNet-18, 48 px gray, batch 64, f32:
+PyTorch 30 images/s, plain Flax 16 on a 2-core machine). Writes bench.jsonl and bench.md.
+"""
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+
+SMALL = ["--config.model.name=resnet18", "--config.model.stem=small",
+         "--config.data.image_size=48", "--config.data.channels=1"]
+STANDARD = ["--config.model.name=resnet18", "--config.model.stem=standard",
+            "--config.data.image_size=112", "--config.data.channels=3"]
+BF16 = ["--config.model.dtype=bfloat16"]
+
+# (row name, `ferjax bench` arguments, record "what", plain-Flax reference, PyTorch reference)
+GPU_ROWS = [
+    ("ResNet-18 small stem, 48 px gray, batch 512, bf16",
+     ["classifier", *SMALL, *BF16, "--batch", "512"], "classifier", 41611, 30054),
+    ("ResNet-18 standard stem, 112 px RGB, batch 256, bf16",
+     ["classifier", *STANDARD, *BF16, "--batch", "256"], "classifier", 48113, 40223),
+    ("VAE-GAN DCGAN-64, 64 px RGB, batch 256, bf16",
+     ["vaegan", "--config.data.channels=3", *BF16, "--batch", "256"], "vaegan", 30548, 14843),
+    ("Augmentation pipeline, FER-2013 recipe, batch 256, bf16",
+     ["sampler", "--config", "experiments/configs/classifier_fer2013.py"], "sampler", None, None),
+    ("Evaluation (flip TTA), FER-2013 recipe, batch 512, bf16",
+     ["evaluate", "--config", "experiments/configs/classifier_fer2013.py", "--batch", "512"],
+     "evaluate", None, None),
+]
+CPU_ROWS = [
+    ("ResNet-18 small stem, 48 px gray, batch 64, f32",
+     ["classifier", *SMALL, "--batch", "64", "--steps", "3"], "classifier", 16, 30),
+]
+
+
+def run_row(args: list, log) -> list:
+  command = [sys.executable, "-m", "ferjax.cli", "bench", *args]
+  print("$", " ".join(command[1:]), flush=True)
+  result = subprocess.run(command, capture_output=True, text=True)
+  log.write(result.stdout + result.stderr)
+  if result.returncode != 0:
+    print(f"  failed (exit {result.returncode}): {result.stderr.strip().splitlines()[-1:]}")
+    return []
+  return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default="runs/bench", help="output folder")
+  parser.add_argument("--cpu", action="store_true", help="the CPU reference row only")
+  args = parser.parse_args()
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  lines = ["| work | images/s | target (plain Flax) | PyTorch eager | ratio to target | "
+           "compile s | GFLOP/image | MFU | notes |", "|---|---|---|---|---|---|---|---|---|"]
+  devices = set()
+  with open(out / "bench.jsonl", "w") as jsonl, open(out / "bench.log", "w") as log:
+    for name, bench_args, what, target, torch in CPU_ROWS if args.cpu else GPU_ROWS:
+      records = run_row(bench_args, log)
+      for record in records:
+        jsonl.write(json.dumps({"row": name, **record}) + "\n")
+      devices.update(r["device"] for r in records)
+      record = next((r for r in records if r["what"] == what), None)
+      if record is None:
+        lines.append(f"| {name} | failed | {target or ''} | {torch or ''} | | | | | see bench.log |")
+        continue
+      speed = record["images_per_s"]
+      notes = []
+      if "share_of_step" in record:
+        notes.append(f"share of step {100 * record['share_of_step']:.1f}% (target <= 15%)")
+      overhead = next((r.get("synthesis_overhead") for r in records
+                       if r["what"] == "classifier+synthesis"), None)
+      if overhead is not None:
+        notes.append(f"synthesis adds {100 * overhead:.1f}% to the step")
+      flops = record.get("flops_per_image")
+      mfu = record.get("mfu")
+      lines.append(
+          f"| {name} | {speed:,.0f} | {f'{target:,}' if target else ''} | "
+          f"{f'{torch:,}' if torch else ''} | {f'{speed / target:.2f}' if target else ''} | "
+          f"{record['compile_s']} | {'' if flops is None else f'{flops / 1e9:.2f}'} | "
+          f"{'' if mfu is None else f'{100 * mfu:.1f}%'} | {'; '.join(notes)} |")
+      print(lines[-1], flush=True)
+  table = f"Device: {', '.join(sorted(devices)) or 'none measured'}\n\n" + "\n".join(lines) + "\n"
+  (out / "bench.md").write_text(table)
+  print("\n" + table)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
