@@ -184,8 +184,8 @@ def run_steps(config, num_devices, num_steps, images, snapshot_at=()):
   mesh = parallel.make_mesh(num_devices)
   model = vaegan.build_model(config)
   state = vaegan.create_state(model, vaegan.make_optimizers(config), config.seed, mesh)
-  step = vaegan.make_train_step(model, config, mesh)
-  images = parallel.put_replicated(images, mesh)
+  step = vaegan.make_train_step(model, config, mesh, len(images))
+  images = parallel.put_rows(images, mesh)
   history, snapshots = [], {}
   for i in range(num_steps):
     state, metrics = step(state, images)

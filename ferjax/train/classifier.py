@@ -5,12 +5,13 @@
 One readable file, top to bottom: config defaults and validation, data, model and optimizer,
 the batch (sampling -> gather -> [synthesis] -> augmentation), the pure train step, the loop.
 
-The train set lives on the device as uint8 (replicated); each step samples its batch there by
-the configured balancing policy, augments it per example, and updates the parameters: one
-jitted function `train_step(state, data) -> (state, metrics)`, compiled once, its state donated.
-Its randomness is `fold_in(key(seed), step)`, so a run resumed from a checkpoint replays the
-uninterrupted run exactly. Data parallelism: the batch is split over the mesh axis `data`;
-parameters are replicated and XLA inserts the gradient all-reduce.
+The train set lives on the devices as uint8 (split by rows over them, see ferjax.train.parallel);
+each step samples its batch there by the configured balancing policy, augments it per example,
+and updates the parameters: one jitted function `train_step(state, data) -> (state, metrics)`,
+compiled once, its state donated. Its randomness is `fold_in(key(seed), step)`, so a run
+resumed from a checkpoint replays the uninterrupted run exactly. Data parallelism: the batch
+is split over the mesh axis `data`; parameters are replicated and XLA inserts the gradient
+all-reduce.
 
 Checkpoints: the last `train.keep_checkpoints` steps (for resuming) and the best step by the
 validation metric `train.best_metric` (for `ferjax evaluate`). Validation is `data.val_split`, or,
@@ -274,14 +275,16 @@ def load_splits(config):
 
 
 def device_data(config, images, labels, num_classes: int, mesh) -> dict:
-  """The train set as replicated device arrays, with the class index the samplers need."""
+  """The train set on the device: images split by rows over the mesh (`parallel.put_rows`),
+  labels and the class index the samplers draw from replicated (indices stay below N)."""
   labels = np.asarray(labels, np.int32)
   order, offsets, counts = pipeline.class_index(jnp.asarray(labels), num_classes)
-  data = {"images": np.asarray(images, np.uint8), "labels": labels,
-          "class_index": (order, offsets, counts)}
+  data = {"labels": labels, "class_index": (order, offsets, counts)}
   if config.sampler.name == "oversample":
     data["oversampled"] = pipeline.oversampled_order(labels, num_classes, config.seed)
-  return parallel.put_replicated(data, mesh)
+  data = parallel.put_replicated(data, mesh)
+  data["images"] = parallel.put_rows(np.asarray(images, np.uint8), mesh)
+  return data
 
 
 # =================================================================================================

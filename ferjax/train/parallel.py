@@ -5,10 +5,16 @@ Data parallelism only: parameters are replicated, batches are split along the me
 the sampled batch is all it takes; XLA inserts the gradient all-reduce, and BatchNorm
 statistics computed with plain `jnp.mean` over the batch axis are global-batch statistics.
 
-Several processes (hosts): every process runs the same program on the same host data (each
-loads the whole dataset and `put_replicated` places it on its own devices); arrays span the
-devices of all processes. Results come back to the host with `to_host`, and only process 0
-(`is_main_process`) writes files; orbax coordinates checkpoint writes itself.
+The resident train images are split by rows over the same axis (`put_rows`): each device holds
+1/D of them and each process places only the rows of its own devices. A batch gathered from
+them by global indices is the same batch as from a replicated copy: XLA gathers each index on
+the device that holds the row and sums the (otherwise zero) results over the axis, a uint8
+all-reduce of one batch. So results do not depend on the device or process count.
+
+Several processes (hosts): every process runs the same program; small arrays (labels, class
+index, parameters) are replicated with `put_replicated`, the images with `put_rows`; arrays
+span the devices of all processes. Results come back to the host with `to_host`, and only
+process 0 (`is_main_process`) writes files; orbax coordinates checkpoint writes itself.
 """
 
 import os
@@ -80,6 +86,28 @@ def put_replicated(tree, mesh: Mesh):
   if jax.process_count() > 1:
     tree = jax.tree.map(_host_if_local, tree)
   return jax.device_put(tree, replicated(mesh))
+
+
+def put_rows(rows: np.ndarray, mesh: Mesh) -> jax.Array:
+  """Places a host array [N, ...] split by rows over the mesh's devices (see module docstring).
+
+  Zero rows pad N up to a multiple of the device count; index only rows < N. Each process
+  reads only the rows of its own devices (`rows` may be any array-like that slices, e.g. a
+  memory-mapped file).
+  """
+  num_devices = mesh.devices.size
+  padded = -(-rows.shape[0] // num_devices) * num_devices
+  shape = (padded, *rows.shape[1:])
+
+  def device_rows(index):
+    start, stop, _ = index[0].indices(padded)
+    block = np.zeros((stop - start, *rows.shape[1:]), rows.dtype)
+    real_stop = min(stop, rows.shape[0])
+    if real_stop > start:
+      block[:real_stop - start] = rows[start:real_stop]
+    return block
+
+  return jax.make_array_from_callback(shape, batch_sharding(mesh), device_rows)
 
 
 def _host_if_local(x):

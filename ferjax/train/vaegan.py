@@ -2,11 +2,12 @@
 
   ferjax train-vaegan --config experiments/configs/vaegan_synthetic_tiny.py --workdir runs/tiny
 
-The train split lives on the devices as uint8 (replicated); each step draws its batch there with
-a key folded from the step number, so a resumed run replays the uninterrupted one exactly. The
-step is `state, images -> state, metrics` with the state donated; the batch is split over the
-mesh axis `data`, parameters are replicated, and XLA inserts the gradient all-reduce (BatchNorm
-statistics are over the global batch). The test split is never loaded.
+The train split lives on the devices as uint8 (split by rows over them, `parallel.put_rows`);
+each step draws its batch there with a key folded from the step number, so a resumed run
+replays the uninterrupted one exactly. The step is `state, images -> state, metrics` with the
+state donated; the batch is split over the mesh axis `data`, parameters are replicated, and
+XLA inserts the gradient all-reduce (BatchNorm statistics are over the global batch). The test
+split is never loaded.
 
 Losses (weights in `config.loss`; see `default_config` for which choices are ours):
   D: hinge loss, real images against reconstructions and prior samples.
@@ -363,11 +364,12 @@ def compute_grads(model, params, batch_stats, images, key, loss_config, kl_weigh
 # ================================================================================================
 # Train step (jitted once, data-parallel)
 # ================================================================================================
-def make_train_step(model, config, mesh):
+def make_train_step(model, config, mesh, num_examples: int):
   """`train_step(state, images) -> (state, metrics)`: jitted, state donated.
 
-  `images` is the resident uint8 train set (replicated); the batch is drawn, flipped and
-  converted on the device, then split along the mesh's `data` axis.
+  `images` is the resident uint8 train set (`parallel.put_rows`: split by rows over the mesh,
+  padded; its first `num_examples` rows are real); the batch is drawn, flipped and converted
+  on the device, then split along the mesh's `data` axis.
   """
   optimizers = make_optimizers(config)
   loss_config = config.loss
@@ -380,7 +382,7 @@ def make_train_step(model, config, mesh):
     index_key, flip_key, loss_key = jax.random.split(jax.random.fold_in(state["rng"], step), 3)
 
     # --- input: sample, gather, flip, all on the device ---
-    index = pipeline.sample_uniform(index_key, images.shape[0], batch_size)
+    index = pipeline.sample_uniform(index_key, num_examples, batch_size)
     index = jax.lax.with_sharding_constraint(index, batch_sharding)
     batch = pipeline.random_flip(flip_key, images[index])
     batch = jax.lax.with_sharding_constraint(pipeline.to_float(batch), batch_sharding)
@@ -521,8 +523,8 @@ def train_and_evaluate(config, workdir) -> dict:
     print(f"vaegan: resuming from step {start_step} in {workdir}")
   state = jax.device_put(state, parallel.replicated(mesh))
 
-  images = parallel.put_replicated(train_images, mesh)
-  train_step = make_train_step(model, config, mesh)
+  images = parallel.put_rows(train_images, mesh)
+  train_step = make_train_step(model, config, mesh, len(train_images))
   eval_step = make_eval_step(model, mesh)
   sample_fn = make_sample_fn(model)
   fixed = _fixed_sample_inputs(config, val_images if val_images is not None else train_images)
@@ -632,14 +634,14 @@ def bench(config, batch_size=None, steps: int = 20) -> dict:
       0, 256, (num_examples, d.image_size, d.image_size, d.channels), dtype=np.uint8)
   model = build_model(config)
   state = create_state(model, make_optimizers(config), config.seed, mesh)
-  train_step = make_train_step(model, config, mesh)
+  train_step = make_train_step(model, config, mesh, num_examples)
 
   def step_fn(carry):
     state, images = carry
     state, _ = train_step(state, images)
     return state, images
 
-  carry = (state, parallel.put_replicated(images, mesh))
+  carry = (state, parallel.put_rows(images, mesh))
   return bench_lib.time_step(
       step_fn, carry, what="vaegan", batch=config.train.batch_size, dtype=config.model.dtype,
       steps=steps, extra={"arch": config.model.arch, "image_size": d.image_size,
