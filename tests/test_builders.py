@@ -94,7 +94,8 @@ AFFECTNET_HEADER = ["subDirectory_filePath", "face_x", "face_y", "face_width", "
 
 
 def make_affectnet(root: Path, per_class=(2, 1)):
-  """Images 80x60 with a red 40x40 'face' at (20, 10); expressions 0..10 (8..10 dropped)."""
+  """Images 80x60 with a red 40x40 'face' at (20, 10), each a slightly different red;
+  expressions 0..10 (8..10 dropped)."""
   for split, csv_name, count in (("train", "training.csv", per_class[0]),
                                  ("validation", "validation.csv", per_class[1])):
     rows = []
@@ -104,7 +105,7 @@ def make_affectnet(root: Path, per_class=(2, 1)):
         path = root / "Manually_Annotated_Images" / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         img = Image.new("RGB", (80, 60), (0, 0, 255))
-        img.paste((255, 0, 0), (20, 10, 60, 50))
+        img.paste((255 - 3 * (expression * count + i), 0, 0), (20, 10, 60, 50))
         img.save(path, quality=95)
         rows.append([rel, 20, 10, 40, 40, "1.0;2.0", expression, 0.1, -0.2])
     with open(root / csv_name, "w", newline="") as f:
@@ -334,6 +335,47 @@ def test_affectnet_7_and_8_classes_one_preparation(tmp_path):
   batches = list(builders.stream("affectnet", "train", data, batch_size=8, image_size=24))
   assert [b[0].shape for b in batches] == [(8, 24, 24, 3), (6, 24, 24, 3)]
   assert 7 not in np.concatenate([b[1] for b in batches])
+
+
+def test_affectnet_stays_on_disk_until_read_and_trains_row_sharded(tmp_path):
+  """AffectNet loads lazily: labels now, images when sliced (resized on the way), a subset reads
+  nothing; `put_rows` reads it in chunks onto 8 devices, equal to the eager read; and a
+  classifier trains and validates on it end to end."""
+  import jax
+  import ferjax.data
+  from ferjax.data import LazyImages, loading
+  from ferjax.train import classifier, parallel
+  manual, data = tmp_path / "raw", tmp_path / "data"
+  make_affectnet(manual, per_class=(6, 2))
+  builders.prepare("affectnet", manual, data, image_size=32)
+  lazy = ferjax.data.load("affectnet", "train", data_dir=data, image_size=24, channels=1)
+  assert isinstance(lazy.images, LazyImages) and lazy.images.shape == (42, 24, 24, 1)
+  eager = loading.convert(builders.load_prepared("affectnet", "train", data), image_size=24,
+                          channels=1)
+  assert len(np.unique(eager.images.reshape(42, -1).mean(1))) > 30  # Images differ.
+  np.testing.assert_array_equal(lazy.labels, eager.labels)
+  np.testing.assert_array_equal(np.asarray(lazy.images), eager.images)
+  subset = lazy.images[np.array([40, 3, 3, 17])]
+  assert isinstance(subset, LazyImages) and subset.shape == (4, 24, 24, 1)
+  np.testing.assert_array_equal(subset[1:3], eager.images[[3, 3]])
+  np.testing.assert_array_equal(subset[0], eager.images[40])
+  placed = parallel.put_rows(lazy.images, parallel.make_mesh(8), rows_per_read=4)
+  assert placed.shape == (48, 24, 24, 1) and len(placed.addressable_shards) == 8
+  np.testing.assert_array_equal(np.asarray(placed)[:42], eager.images)
+  assert not np.asarray(placed)[42:].any()
+
+  config = classifier.default_config()
+  config.model.update(name="resnet10", width=0.125)
+  config.data.update(name="affectnet", data_dir=str(data), image_size=24, channels=1,
+                     val_split="validation")
+  config.optim.warmup_steps = 1
+  config.train.update(num_steps=2, batch_size=8, log_every=1, eval_every=2, checkpoint_every=2,
+                      num_devices=2)
+  config.eval.batch_size = 8
+  result = classifier.train_and_evaluate(config, tmp_path / "run")
+  assert result["step"] == 2 and result["val_split"] == "validation"
+  assert sum(result["train_counts"]) == 42 and 0.0 <= result["last"]["accuracy"] <= 1.0
+  assert jax.device_count() == 8
 
 
 def test_ckplus_subject_disjoint_folds(tmp_path):

@@ -296,6 +296,23 @@ def test_train_images_are_split_by_rows_over_the_devices():
   np.testing.assert_array_equal(np.asarray(gathered), rows[np.asarray(indices)])
 
 
+def test_lazily_read_rows_go_to_the_devices_a_chunk_at_a_time():
+  """`put_rows` of a LazyImages never asks for more than rows_per_read rows at once, and each
+  process (here: the one) reads only rows its devices hold, each once."""
+  rows = np.random.default_rng(1).integers(0, 256, (50, 3, 3, 1), dtype=np.uint8)
+  reads = []
+
+  def read(indices):
+    reads.append(np.asarray(indices))
+    return rows[indices]
+
+  placed = parallel.put_rows(ferjax.data.LazyImages(read, np.arange(50), (3, 3, 1)),
+                             parallel.make_mesh(4), rows_per_read=5)
+  assert max(len(r) for r in reads) <= 5
+  np.testing.assert_array_equal(np.sort(np.concatenate(reads)), np.arange(50))
+  np.testing.assert_array_equal(np.asarray(placed)[:50], rows)
+
+
 def test_batch_maker_exposes_the_synthesis_seam():
   """A synthesis stage sees the gathered float batch and its edits reach the loss."""
   config = tiny_config()

@@ -1,17 +1,70 @@
-"""The in-memory form every dataset loader returns."""
+"""The form every dataset loader returns: labels in memory, images in memory or read lazily."""
 
 import dataclasses
+from typing import Callable
 
 import numpy as np
 
 
+class LazyImages:
+  """uint8 images [N, H, W, C] left on disk until rows are asked for (splits too big for host
+  memory, e.g. AffectNet).
+
+  `read(record_indices) -> uint8 [n, H, W, C]` reads records of the underlying source. A slice
+  `images[a:b]` reads those rows (bounded work: trainers read in chunks); an index array or a
+  boolean mask gives another LazyImages over that subset without reading anything; an integer
+  reads one image; `np.asarray(images)` reads all of them.
+  """
+  dtype = np.dtype(np.uint8)
+  ndim = 4
+
+  def __init__(self, read: Callable[[np.ndarray], np.ndarray], record_indices,
+               image_shape: tuple[int, int, int]):
+    self._read = read
+    self.record_indices = np.asarray(record_indices, np.int64)
+    self.image_shape = tuple(int(d) for d in image_shape)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return (len(self.record_indices), *self.image_shape)
+
+  def __len__(self) -> int:
+    return len(self.record_indices)
+
+  def __getitem__(self, key):
+    if isinstance(key, slice):
+      return self._checked(self._read(self.record_indices[key]), len(self.record_indices[key]))
+    if isinstance(key, (int, np.integer)):
+      return self._checked(self._read(self.record_indices[[key]]), 1)[0]
+    key = np.asarray(key)
+    if key.dtype == bool:
+      key = np.flatnonzero(key)
+    return LazyImages(self._read, self.record_indices[key], self.image_shape)
+
+  def __array__(self, dtype=None, copy=None):
+    images = self[:]
+    return images if dtype is None else images.astype(dtype)
+
+  def map(self, convert: Callable[[np.ndarray], np.ndarray], image_shape) -> "LazyImages":
+    """The same rows, each read batch passed through `convert` (e.g. resizing)."""
+    return LazyImages(lambda indices: convert(self._read(indices)), self.record_indices,
+                      image_shape)
+
+  def _checked(self, images: np.ndarray, n: int) -> np.ndarray:
+    if images.dtype != np.uint8 or images.shape != (n, *self.image_shape):
+      raise ValueError(f"lazy read returned {images.dtype} {images.shape}, expected uint8 "
+                       f"{(n, *self.image_shape)}")
+    return images
+
+
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-  """A labelled image set held in host memory.
+  """A labelled image set.
 
-  images: uint8 [N, H, W, C]; labels: int32 [N] indexing `class_names`.
+  images: uint8 [N, H, W, C], a numpy array or a `LazyImages` (read on slicing);
+  labels: int32 [N] indexing `class_names`, always in memory.
   """
-  images: np.ndarray
+  images: np.ndarray | LazyImages
   labels: np.ndarray
   class_names: tuple[str, ...]
   name: str = ""

@@ -3,12 +3,13 @@
 import numpy as np
 from PIL import Image
 
-from ferjax.data.dataset import Dataset
+from ferjax.data.dataset import Dataset, LazyImages
 from ferjax.errors import UserError
 
 DATASET_NAMES = ("synthetic", "fer2013", "ferplus", "rafdb", "affectnet", "affectnet8", "ckplus",
                  "folder")
-# Too big for host memory at full size: read with ferjax.data.builders.stream.
+# Too big for host memory at full size: `load` leaves their images on disk (LazyImages), the
+# trainers read them in chunks straight onto the devices; `ferjax data stats` streams them.
 STREAMED = ("affectnet", "affectnet8")
 
 
@@ -37,12 +38,22 @@ def load(name: str, split: str, *, data_dir=None, manual_dir=None, image_size=No
     from ferjax.data import folder
     return convert(folder.load(manual_dir, split), image_size=image_size, channels=channels)
   from ferjax.data import builders
-  ds = builders.load_prepared(name, split, data_dir=data_dir, manual_dir=manual_dir)
+  ds = builders.load_prepared(name, split, data_dir=data_dir, manual_dir=manual_dir,
+                              lazy=name in STREAMED)
   return convert(ds, image_size=image_size, channels=channels)
 
 
 def convert(ds: Dataset, *, image_size=None, channels=None) -> Dataset:
-  """Resizes (bilinear, square) and converts channels (gray <-> RGB) of a dataset's images."""
+  """Resizes (bilinear, square) and converts channels (gray <-> RGB) of a dataset's images
+  (lazily, as they are read, for `LazyImages`)."""
+  if isinstance(ds.images, LazyImages):
+    h, w, c = ds.images.image_shape
+    shape = (image_size or h, image_size or w, channels or c)
+    if shape == (h, w, c):
+      return ds
+    convert_rows = lambda rows: convert_images(rows, image_size=image_size, channels=channels)
+    return Dataset(ds.images.map(convert_rows, shape), ds.labels, ds.class_names, ds.name,
+                   ds.split)
   images = convert_images(ds.images, image_size=image_size, channels=channels)
   if images is ds.images:
     return ds

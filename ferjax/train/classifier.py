@@ -283,7 +283,9 @@ def device_data(config, images, labels, num_classes: int, mesh) -> dict:
   if config.sampler.name == "oversample":
     data["oversampled"] = pipeline.oversampled_order(labels, num_classes, config.seed)
   data = parallel.put_replicated(data, mesh)
-  data["images"] = parallel.put_rows(np.asarray(images, np.uint8), mesh)
+  if not isinstance(images, fer_data.dataset.LazyImages):  # Lazy ones are read in chunks.
+    images = np.asarray(images, np.uint8)
+  data["images"] = parallel.put_rows(images, mesh)
   return data
 
 

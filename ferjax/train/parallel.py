@@ -17,9 +17,11 @@ span the devices of all processes. Results come back to the host with `to_host`,
 process 0 (`is_main_process`) writes files; orbax coordinates checkpoint writes itself.
 """
 
+import functools
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -88,16 +90,23 @@ def put_replicated(tree, mesh: Mesh):
   return jax.device_put(tree, replicated(mesh))
 
 
-def put_rows(rows: np.ndarray, mesh: Mesh) -> jax.Array:
-  """Places a host array [N, ...] split by rows over the mesh's devices (see module docstring).
+ROWS_PER_READ = 4096  # Lazily read rows go to the device this many at a time.
+
+
+def put_rows(rows, mesh: Mesh, rows_per_read: int = ROWS_PER_READ) -> jax.Array:
+  """Places rows [N, ...] split by rows over the mesh's devices (see module docstring).
 
   Zero rows pad N up to a multiple of the device count; index only rows < N. Each process
-  reads only the rows of its own devices (`rows` may be any array-like that slices, e.g. a
-  memory-mapped file).
+  reads only the rows of its own devices. `rows` is a numpy array or anything with `shape`,
+  `dtype` and slicing that reads (`ferjax.data.dataset.LazyImages`); the latter is read
+  `rows_per_read` rows at a time into a buffer already on the device, so host memory holds one
+  chunk, never the split.
   """
   num_devices = mesh.devices.size
   padded = -(-rows.shape[0] // num_devices) * num_devices
   shape = (padded, *rows.shape[1:])
+  if not isinstance(rows, np.ndarray):
+    return _put_rows_in_chunks(rows, shape, mesh, rows_per_read)
 
   def device_rows(index):
     start, stop, _ = index[0].indices(padded)
@@ -108,6 +117,26 @@ def put_rows(rows: np.ndarray, mesh: Mesh) -> jax.Array:
     return block
 
   return jax.make_array_from_callback(shape, batch_sharding(mesh), device_rows)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_rows(block, chunk, at):
+  return jax.lax.dynamic_update_slice_in_dim(block, chunk, at, axis=0)
+
+
+def _put_rows_in_chunks(rows, shape, mesh: Mesh, rows_per_read: int) -> jax.Array:
+  sharding = batch_sharding(mesh)
+  num_real = rows.shape[0]
+  blocks = []
+  for device, index in sharding.addressable_devices_indices_map(shape).items():
+    start, stop, _ = index[0].indices(shape[0])
+    block = jax.device_put(jnp.zeros((stop - start, *shape[1:]), rows.dtype), device)
+    for first in range(start, min(stop, num_real), rows_per_read):
+      last = min(first + rows_per_read, stop, num_real)
+      chunk = jax.device_put(np.asarray(rows[first:last]), device)
+      block = _write_rows(block, chunk, np.int32(first - start))
+    blocks.append(block)
+  return jax.make_array_from_single_device_arrays(shape, sharding, blocks)
 
 
 def _host_if_local(x):

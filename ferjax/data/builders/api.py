@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ferjax.data.dataset import Dataset
+from ferjax.data.dataset import Dataset, LazyImages
 from ferjax.errors import UserError
 
 # Public dataset name -> module holding its builder.
@@ -329,16 +329,22 @@ def _open(name: str, split: str, data_dir, manual_dir=None, image_size=None) -> 
   return _Prepared(name, data_dir, image_size)
 
 
-def load_prepared(name: str, split: str, data_dir=None, manual_dir=None) -> Dataset:
+def load_prepared(name: str, split: str, data_dir=None, manual_dir=None, *,
+                  lazy: bool = False) -> Dataset:
   """Reads split `split` of prepared dataset `name` into host memory (no TensorFlow).
 
   When the dataset is not prepared: prepares it from `manual_dir` if given, else raises a
   `UserError` naming the `ferjax data prepare` command to run. Records are decoded
   `READ_CHUNK` at a time into one preallocated array, so peak memory is the result plus a chunk.
+  `lazy`: read only the labels now; the images are a `LazyImages` read when rows are sliced.
   """
   ds = _open(name, split, data_dir, manual_dir)
   stored, indices = ds.indices(split)
-  images, labels = ds.read(stored, indices)
+  if lazy:
+    labels = np.asarray(ds.scalars(stored)["label"], np.int32)[indices]
+    images = LazyImages(lambda records: ds.read(stored, records)[0], indices, ds.shape)
+  else:
+    images, labels = ds.read(stored, indices)
   return Dataset(images, labels, ds.spec.class_names, name, split)
 
 
