@@ -160,6 +160,29 @@ def test_fer2013_folders_prepare_and_load(tmp_path):
       assert all(im.min() == im.max() for im in ds.images)
 
 
+def test_with_several_processes_the_train_split_stays_on_disk(tmp_path, monkeypatch):
+  """A multi-process run reads only its own train rows (LazyImages, then put_rows); the
+  hold-out it validates on and the other splits are read into memory, equal to one process's."""
+  import jax
+  from ferjax.data import LazyImages
+  from ferjax.train import classifier
+  manual, data = tmp_path / "raw", tmp_path / "data"
+  make_fer_folders(manual, per_class=4)
+  builders.prepare("fer2013", manual, data)
+  config = classifier.default_config()
+  config.data.update(name="fer2013", data_dir=str(data), val_split=None, val_fraction=0.25)
+  one_train, one_held = classifier.load_splits(config)
+  assert isinstance(one_train.images, np.ndarray)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  train, held = classifier.load_splits(config)
+  assert isinstance(train.images, LazyImages) and isinstance(held.images, np.ndarray)
+  np.testing.assert_array_equal(np.asarray(train.images), one_train.images)
+  np.testing.assert_array_equal(train.labels, one_train.labels)
+  np.testing.assert_array_equal(held.images, one_held.images)
+  config.data.val_split = "validation"
+  assert isinstance(classifier.load_splits(config)[1].images, np.ndarray)
+
+
 def test_fer2013_csv_maps_labels_to_folder_order(tmp_path):
   manual, data = tmp_path / "raw", tmp_path / "data"
   write_fer_csv(manual / "fer2013.csv", fer_csv_rows())

@@ -14,14 +14,16 @@ STREAMED = ("affectnet", "affectnet8")
 
 
 def load(name: str, split: str, *, data_dir=None, manual_dir=None, image_size=None,
-         channels=None, **options) -> Dataset:
+         channels=None, lazy: bool | None = None, **options) -> Dataset:
   """Loads split `split` of dataset `name` into host memory.
 
   `synthetic` is generated from a seed (options: num_examples, seed, imbalance_ratio,
   label_noise). `folder` reads `<manual_dir>/<split>/<class>/*.png`. Real datasets are read
   from their prepared TFDS form in `data_dir`; when not prepared yet and `manual_dir` is given,
   they are prepared first. `image_size` (pixels, square) and `channels` (1 or 3) convert the
-  images; None keeps the dataset's native form.
+  images; None keeps the dataset's native form. `lazy`: leave a prepared dataset's images on
+  disk as `LazyImages` (None: only for the datasets in STREAMED; synthetic and folder data are
+  always in memory).
   """
   if name not in DATASET_NAMES:
     raise UserError(f"unknown dataset {name!r}: expected one of {', '.join(DATASET_NAMES)}")
@@ -39,7 +41,7 @@ def load(name: str, split: str, *, data_dir=None, manual_dir=None, image_size=No
     return convert(folder.load(manual_dir, split), image_size=image_size, channels=channels)
   from ferjax.data import builders
   ds = builders.load_prepared(name, split, data_dir=data_dir, manual_dir=manual_dir,
-                              lazy=name in STREAMED)
+                              lazy=name in STREAMED if lazy is None else lazy)
   return convert(ds, image_size=image_size, channels=channels)
 
 

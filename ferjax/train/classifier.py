@@ -238,7 +238,8 @@ def load_dataset(config, split: str) -> fer_data.Dataset:
     options = {k: d[k] for k in ("num_examples", "imbalance_ratio", "label_noise")
                if d[k] is not None}
   ds = fer_data.load(d.name, split, data_dir=d.data_dir, manual_dir=d.manual_dir,
-                     image_size=d.image_size, channels=d.channels, **options)
+                     image_size=d.image_size, channels=d.channels,
+                     lazy=parallel.lazy_train_reads(split == "train"), **options)
   if d.name != "synthetic" and split == "train" and d.imbalance_ratio is not None:
     keep = fer_data.dataset.long_tail_subset(ds.labels, ds.num_classes, d.imbalance_ratio)
     ds = fer_data.Dataset(ds.images[keep], ds.labels[keep], ds.class_names, ds.name,
@@ -269,9 +270,10 @@ def load_splits(config):
   if config.data.val_split is not None:
     return train, load_dataset(config, config.data.val_split)
   train_idx, held_idx = stratified_holdout(train.labels, config.data.val_fraction, config.seed)
-  subset = lambda idx, split: fer_data.Dataset(train.images[idx], train.labels[idx],
-                                               train.class_names, train.name, split)
-  return subset(train_idx, "train"), subset(held_idx, "train-holdout")
+  held = fer_data.Dataset(np.asarray(train.images[held_idx]), train.labels[held_idx],
+                          train.class_names, train.name, "train-holdout")  # Read once, in memory.
+  return (fer_data.Dataset(train.images[train_idx], train.labels[train_idx], train.class_names,
+                           train.name, "train"), held)
 
 
 def device_data(config, images, labels, num_classes: int, mesh) -> dict:

@@ -12,8 +12,9 @@ the device that holds the row and sums the (otherwise zero) results over the axi
 all-reduce of one batch. So results do not depend on the device or process count.
 
 Several processes (hosts): every process runs the same program; small arrays (labels, class
-index, parameters) are replicated with `put_replicated`, the images with `put_rows`; arrays
-span the devices of all processes. Results come back to the host with `to_host`, and only
+index, parameters) are replicated with `put_replicated`, the images with `put_rows`, which
+reads a prepared dataset's train split from disk (`lazy_train_reads`) only for the process's
+own rows; arrays span the devices of all processes. Results come back to the host with `to_host`, and only
 process 0 (`is_main_process`) writes files; orbax coordinates checkpoint writes itself.
 """
 
@@ -144,6 +145,13 @@ def _host_if_local(x):
       and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)):
     return np.asarray(x)
   return x
+
+
+def lazy_train_reads(is_train_split: bool) -> bool | None:
+  """`lazy` for `ferjax.data.load`: with several processes the train split stays on disk, so
+  that `put_rows` makes each process read only its own devices' rows; otherwise None (the
+  dataset's default: lazy for AffectNet only)."""
+  return True if is_train_split and jax.process_count() > 1 else None
 
 
 def is_main_process() -> bool:

@@ -220,7 +220,8 @@ def load_dataset(config, split: str, limit=None) -> ferjax.data.Dataset:
   if d.name == "synthetic":
     options = {"num_examples": limit, **({"imbalance_ratio": lt} if lt else {})}
   ds = ferjax.data.load(d.name, split, data_dir=d.data_dir, manual_dir=d.manual_dir,
-                        image_size=d.image_size, channels=d.channels, **options)
+                        image_size=d.image_size, channels=d.channels,
+                        lazy=parallel.lazy_train_reads(split == d.split), **options)
   if lt and d.name != "synthetic":
     keep = ferjax.data.dataset.long_tail_subset(ds.labels, ds.num_classes, lt)
     ds = ferjax.data.Dataset(ds.images[keep], ds.labels[keep], ds.class_names, ds.name, ds.split)
