@@ -137,7 +137,8 @@ def _put_rows_in_chunks(rows, shape, mesh: Mesh, rows_per_read: int) -> jax.Arra
       chunk = jax.device_put(np.asarray(rows[first:last]), device)
       block = _write_rows(block, chunk, np.int32(first - start))
     blocks.append(block)
-  return jax.make_array_from_single_device_arrays(shape, sharding, blocks)
+  # dtype: a process may hold none of the mesh's devices (train.num_devices below the total).
+  return jax.make_array_from_single_device_arrays(shape, sharding, blocks, dtype=rows.dtype)
 
 
 def _host_if_local(x):
