@@ -202,7 +202,7 @@ def tiny_images():
 
 @pytest.fixture(scope="module")
 def one_device_run(tiny_images):
-  return run_steps(tiny_config(), 1, 150, tiny_images, snapshot_at=(3, 8))
+  return run_steps(tiny_config(), 1, 150, tiny_images, snapshot_at=(8, 20))
 
 
 def test_reconstruction_loss_falls(one_device_run):
@@ -214,22 +214,19 @@ def test_reconstruction_loss_falls(one_device_run):
 
 
 def test_one_and_eight_devices_agree(one_device_run, tiny_images):
+  """Same batch, noise and global-batch BatchNorm on 1 and 8 devices: the same losses for 20
+  steps, to float rounding (measured: 3e-7 relative at most), and the same parameters."""
   assert jax.device_count() == 8
   snapshots_1, history_1 = one_device_run
-  snapshots_8, history_8 = run_steps(tiny_config(), 8, 3, tiny_images, snapshot_at=(3,))
+  snapshots_8, history_8 = run_steps(tiny_config(), 8, 20, tiny_images, snapshot_at=(20,))
   keys = ("d_loss", "g_loss", "e_loss", "kl", "feature_recon", "pixel_l1", "grad_norm_e",
           "grad_norm_g", "grad_norm_d")
-  for key in keys:  # Same batch, noise and global-batch BatchNorm: same first step.
-    np.testing.assert_allclose(history_1[0][key], history_8[0][key], rtol=1e-5, err_msg=key)
-  for i in (1, 2):  # Afterwards Adam amplifies reduction-order noise a little.
-    for key in keys[:6]:
-      np.testing.assert_allclose(history_1[i][key], history_8[i][key], rtol=5e-3, err_msg=key)
-  # Adam's first steps are ~lr * sign(g): an element whose gradient is pure float noise may
-  # step the other way. Allow that for a few elements, never a systematic difference.
-  flat_1 = np.concatenate([np.ravel(x) for x in jax.tree.leaves(snapshots_1[3]["params"])])
-  flat_8 = np.concatenate([np.ravel(x) for x in jax.tree.leaves(snapshots_8[3]["params"])])
-  assert np.mean(np.abs(flat_1 - flat_8) > 1e-4) < 0.02
-  np.testing.assert_allclose(flat_1, flat_8, atol=2 * 3 * 1e-3)  # 3 steps of at most lr.
+  for i in range(20):
+    for key in keys:
+      np.testing.assert_allclose(history_1[i][key], history_8[i][key], rtol=1e-5,
+                                 err_msg=f"step {i + 1}: {key}")
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               snapshots_1[20]["params"], snapshots_8[20]["params"])
 
 
 @pytest.fixture(scope="module")
