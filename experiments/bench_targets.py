@@ -1,15 +1,18 @@
 """Every speed target of the project in one go: `ferjax bench` per target, one Markdown table.
 
   python experiments/bench_targets.py --out runs/bench_h200          # one H200: a few minutes
-  python experiments/bench_targets.py --out runs/bench_cpu --cpu     # 2-core CPU: ~15 minutes
+  python experiments/bench_targets.py --out runs/bench_cpu --cpu     # 2-core CPU: ~3 minutes
 
 Each row runs `ferjax bench` in its own process (so one failure or out-of-memory does not end
 the rest) and compares images/s with the plain-Flax and PyTorch-eager references measured on
 one H200 (docs/design.md). The augmentation row is the share of the FER-2013 recipe's train
 step taken by its batch pipeline (sampling, gather, synthesis of a quarter of the batch with an
 untrained DCGAN-64 VAE-GAN of the same cost, crop/flip/erasing); the target is at most 15%.
---cpu measures the CPU reference instead (small-stem ResNet-18, 48 px gray, batch 64, f32:
-PyTorch 30 images/s, plain Flax 16 on a 2-core machine). Writes bench.jsonl and bench.md.
+--cpu measures the CPU row instead (small-stem ResNet-18, 48 px gray, batch 64, f32) and, CPU
+speed moving with the machine and its load, measures its references in the same run:
+experiments/reference_resnet18.py for plain Flax, and for PyTorch eager with the interpreter
+given by --torch-python (torch is not a ferjax dependency; without it that column stays empty).
+Writes bench.jsonl and bench.md.
 """
 
 import argparse
@@ -38,10 +41,28 @@ GPU_ROWS = [
      ["evaluate", "--config", "experiments/configs/classifier_fer2013.py", "--batch", "512"],
      "evaluate", None, None),
 ]
-CPU_ROWS = [
+CPU_ROWS = [  # References measured in the same run (measure_cpu_references).
     ("ResNet-18 small stem, 48 px gray, batch 64, f32",
-     ["classifier", *SMALL, "--batch", "64", "--steps", "3"], "classifier", 16, 30),
+     ["classifier", *SMALL, "--batch", "64", "--steps", "3"], "classifier", None, None),
 ]
+REFERENCE = pathlib.Path(__file__).with_name("reference_resnet18.py")
+
+
+def measure_cpu_references(torch_python, log) -> tuple:
+  """images/s of the plain-Flax and (given an interpreter with torch) PyTorch references."""
+  speeds = []
+  for python, framework in ((sys.executable, "flax"), (torch_python, "torch")):
+    if python is None:
+      speeds.append(None)
+      continue
+    print(f"$ {python} {REFERENCE.name} --framework {framework}", flush=True)
+    result = subprocess.run([python, str(REFERENCE), "--framework", framework],
+                            capture_output=True, text=True)
+    log.write(result.stdout + result.stderr)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    speeds.append(json.loads(lines[-1])["images_per_s"] if result.returncode == 0 and lines
+                  else None)
+  return tuple(speeds)
 
 
 def run_row(args: list, log) -> list:
@@ -58,7 +79,8 @@ def run_row(args: list, log) -> list:
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="runs/bench", help="output folder")
-  parser.add_argument("--cpu", action="store_true", help="the CPU reference row only")
+  parser.add_argument("--cpu", action="store_true", help="the CPU row, with its references")
+  parser.add_argument("--torch-python", help="--cpu: a Python with torch, for the PyTorch column")
   args = parser.parse_args()
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
@@ -66,7 +88,12 @@ def main() -> int:
            "compile s | GFLOP/image | MFU | notes |", "|---|---|---|---|---|---|---|---|---|"]
   devices = set()
   with open(out / "bench.jsonl", "w") as jsonl, open(out / "bench.log", "w") as log:
-    for name, bench_args, what, target, torch in CPU_ROWS if args.cpu else GPU_ROWS:
+    rows = GPU_ROWS
+    if args.cpu:
+      flax_speed, torch_speed = measure_cpu_references(args.torch_python, log)
+      rows = [(name, bench_args, what, flax_speed, torch_speed)
+              for name, bench_args, what, _, _ in CPU_ROWS]
+    for name, bench_args, what, target, torch in rows:
       records = run_row(bench_args, log)
       for record in records:
         jsonl.write(json.dumps({"row": name, **record}) + "\n")
@@ -86,7 +113,7 @@ def main() -> int:
       flops = record.get("flops_per_image")
       mfu = record.get("mfu")
       lines.append(
-          f"| {name} | {speed:,.0f} | {f'{target:,}' if target else ''} | "
+          f"| {name} | {speed:,.1f} | {f'{target:,}' if target else ''} | "
           f"{f'{torch:,}' if torch else ''} | {f'{speed / target:.2f}' if target else ''} | "
           f"{record['compile_s']} | {'' if flops is None else f'{flops / 1e9:.2f}'} | "
           f"{'' if mfu is None else f'{100 * mfu:.1f}%'} | {'; '.join(notes)} |")

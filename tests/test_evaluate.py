@@ -1,7 +1,11 @@
 """Evaluation: metrics against hand-computed confusion matrices, padding, and `ferjax evaluate`."""
 
 import argparse
+import importlib.util
 import json
+import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -200,6 +204,24 @@ def test_bench_records_train_and_eval_throughput():
   assert evaluation["flops_per_image"] > 0
   forward = evaluation["flops_per_image"] / (2 if config.eval.tta == "flip" else 1)
   assert train["flops_per_image"] > 2 * forward
+
+
+def test_the_plain_reference_that_the_cpu_bench_compares_with_runs_and_reports():
+  """experiments/reference_resnet18.py: a JSON line like `ferjax bench`; without torch, the
+  PyTorch mode ends in one line with exit code 2."""
+  script = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "reference_resnet18.py"
+  result = subprocess.run([sys.executable, str(script), "--size", "16", "--batch", "4",
+                           "--steps", "1", "--repeats", "1"], capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+  record = json.loads(result.stdout.splitlines()[-1])
+  assert record["what"] == "reference_flax" and record["images_per_s"] > 0
+  assert (record["batch"], record["image_size"], record["stem"]) == (4, 16, "small")
+  if importlib.util.find_spec("torch") is None:
+    result = subprocess.run([sys.executable, str(script), "--framework", "torch"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --framework torch needs torch (pip install torch); it is not a ferjax dependency"]
 
 
 def test_report_tables_recompute_mean_and_sample_spread_and_omit_spread_of_one_run():
