@@ -84,12 +84,13 @@ def flax_step(args):
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
 
-  holder = {"state": state, "loss": None}
+  loss = None
 
   def run():
-    holder["state"], holder["loss"] = train_step(holder["state"], images, labels)
+    nonlocal state, loss
+    state, loss = train_step(state, images, labels)
 
-  return run, lambda: holder["loss"].block_until_ready(), jax.devices()[0].device_kind
+  return run, lambda: loss.block_until_ready(), jax.devices()[0].device_kind
 
 
 def torch_step(args):

@@ -181,6 +181,14 @@ def test_with_several_processes_the_train_split_stays_on_disk(tmp_path, monkeypa
   np.testing.assert_array_equal(held.images, one_held.images)
   config.data.val_split = "validation"
   assert isinstance(classifier.load_splits(config)[1].images, np.ndarray)
+  # The VAE-GAN's train split too, also when cut to data.num_examples.
+  from ferjax.train import vaegan
+  vaegan_config = vaegan.default_config()
+  vaegan_config.data.update(name="fer2013", data_dir=str(data), image_size=48, channels=1)
+  first = vaegan.load_images(vaegan_config, "train", limit=10)
+  assert isinstance(first, LazyImages) and len(first) == 10
+  np.testing.assert_array_equal(np.asarray(first),
+                                builders.load_prepared("fer2013", "train", data).images[:10])
 
 
 def test_fer2013_csv_maps_labels_to_folder_order(tmp_path):

@@ -65,8 +65,8 @@ TRAINERS = {"classifier": (classifier, CLASSIFIER, "train"),
 # =================================================================================================
 # Helpers: configs, subprocess runs, reading a run back
 # =================================================================================================
-def make_config(trainer: str):
-  module, overrides, _ = TRAINERS[trainer]
+def config_with(module, overrides: dict):
+  """`module.default_config()` with {"group.field": value} overrides."""
   config = module.default_config()
   for key, value in overrides.items():
     group, leaf = key.split(".")
@@ -74,10 +74,13 @@ def make_config(trainer: str):
   return config
 
 
-def write_config_file(directory: pathlib.Path, trainer: str) -> pathlib.Path:
-  """The same config as make_config(trainer), as a file for the CLI."""
+def make_config(trainer: str):
   module, overrides, _ = TRAINERS[trainer]
-  path = directory / f"{trainer}_trust.py"
+  return config_with(module, overrides)
+
+
+def write_overrides_file(path: pathlib.Path, module, overrides: dict) -> pathlib.Path:
+  """config_with(module, overrides) as a config file for the CLI."""
   path.write_text(
       f"from {module.__name__} import default_config\n\n"
       f"OVERRIDES = {overrides!r}\n\n"
@@ -88,6 +91,12 @@ def write_config_file(directory: pathlib.Path, trainer: str) -> pathlib.Path:
       "    config[group][leaf] = value\n"
       "  return config\n")
   return path
+
+
+def write_config_file(directory: pathlib.Path, trainer: str) -> pathlib.Path:
+  """The same config as make_config(trainer), as a file for the CLI."""
+  module, overrides, _ = TRAINERS[trainer]
+  return write_overrides_file(directory / f"{trainer}_trust.py", module, overrides)
 
 
 def cli_args(trainer: str, config_file, workdir, *extra) -> list:
@@ -450,19 +459,15 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_agree_with_one(classifier_reference, tmp_path):
-  """Two `ferjax train` processes on localhost (gloo collectives over TCP, 2 CPU devices each,
-  one shared workdir) against the in-process reference on 4 devices: the same global batch,
-  the same losses, the same validation metrics and parameters; only process 0 writes logs."""
-  reference_dir, reference = classifier_reference
-  config_file = write_config_file(tmp_path, "classifier")
-  workdir = tmp_path / "two_processes"
+def run_two_processes(args: list, tmp_path, devices_per_process: int) -> str:
+  """Runs `args` (a ferjax CLI command) as processes 0 and 1 of a localhost cluster (gloo CPU
+  collectives, `devices_per_process` CPU devices each); asserts both exit 0; returns their logs."""
   address = f"localhost:{_free_port()}"
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  processes = [Launched(cli_args("classifier", config_file, workdir, "--coordinator-address",
-                                 address, "--num-processes", "2", "--process-id", str(i)),
-                        tmp_path / f"process{i}.log", env=env) for i in range(2)]
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+  processes = [Launched([*args, "--coordinator-address", address, "--num-processes", "2",
+                         "--process-id", str(i)], tmp_path / f"process{i}.log", env=env)
+               for i in range(2)]
   try:
     codes = [p.wait() for p in processes]
   finally:
@@ -470,15 +475,31 @@ def test_two_processes_agree_with_one(classifier_reference, tmp_path):
       p.kill()
   logs = "\n".join(p.tail() for p in processes)
   assert codes == [0, 0], logs
+  return logs
+
+
+def assert_same_metrics(workdir, reference_dir, logs: str, rtol_at=lambda step: 1e-5):
+  """Process 0 alone wrote metrics.jsonl: each step once, in the reference's order, with the
+  reference's values to `rtol_at(step)`."""
   records, expected = metric_records(workdir), metric_records(reference_dir)
-  # Process 0 alone wrote metrics.jsonl: each step once, in the reference's order.
   assert [r["step"] for r in records] == [r["step"] for r in expected], logs
   for got, want in zip(records, expected):
     assert got.keys() == want.keys()
     for key in got:
-      np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6,
+      np.testing.assert_allclose(got[key], want[key], rtol=rtol_at(got["step"]), atol=1e-6,
                                  err_msg=f"step {got['step']}: {key}")
-  final = [r for r in records if "val_mean_class_accuracy" in r][-1]
+
+
+def test_two_processes_agree_with_one(classifier_reference, tmp_path):
+  """Two `ferjax train` processes on localhost (gloo collectives over TCP, 2 CPU devices each,
+  one shared workdir) against the in-process reference on 4 devices: the same global batch,
+  the same losses, the same validation metrics and parameters; only process 0 writes logs."""
+  reference_dir, reference = classifier_reference
+  workdir = tmp_path / "two_processes"
+  logs = run_two_processes(cli_args("classifier", write_config_file(tmp_path, "classifier"),
+                                    workdir), tmp_path, devices_per_process=2)
+  assert_same_metrics(workdir, reference_dir, logs)
+  final = [r for r in metric_records(workdir) if "val_mean_class_accuracy" in r][-1]
   for key, value in reference["last"].items():
     assert final[f"val_{key}"] == pytest.approx(value, abs=1e-6), key
   state, meta = classifier_state(workdir)
@@ -509,48 +530,17 @@ def test_two_processes_reading_only_their_rows_of_a_prepared_dataset_agree_with_
                "optim.warmup_steps": 1, "train.num_steps": 4, "train.batch_size": 16,
                "train.log_every": 1, "train.eval_every": 2, "train.checkpoint_every": 2,
                "eval.batch_size": 8}
-  config_file = tmp_path / "prepared.py"
-  config_file.write_text(
-      "from ferjax.train.classifier import default_config\n\n"
-      f"OVERRIDES = {overrides!r}\n\n"
-      "def get_config():\n"
-      "  config = default_config()\n"
-      "  for key, value in OVERRIDES.items():\n"
-      "    group, leaf = key.split('.')\n"
-      "    config[group][leaf] = value\n"
-      "  return config\n")
-  config = classifier.default_config()
-  for key, value in {**overrides, "train.num_devices": 4}.items():
-    group, leaf = key.split(".")
-    config[group][leaf] = value
-  classifier.train_and_evaluate(config, tmp_path / "one_process")
+  config_file = write_overrides_file(tmp_path / "prepared.py", classifier, overrides)
+  classifier.train_and_evaluate(config_with(classifier, {**overrides, "train.num_devices": 4}),
+                                tmp_path / "one_process")
 
-  address = f"localhost:{_free_port()}"
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  processes = [Launched([sys.executable, "-m", "ferjax.cli", "train", "--config",
-                         str(config_file), "--workdir", str(tmp_path / "two_processes"),
-                         "--coordinator-address", address, "--num-processes", "2",
-                         "--process-id", str(i)], tmp_path / f"process{i}.log", env=env)
-               for i in range(2)]
-  try:
-    codes = [p.wait() for p in processes]
-  finally:
-    for p in processes:
-      p.kill()
-  logs = "\n".join(p.tail() for p in processes)
-  assert codes == [0, 0], logs
-  records = metric_records(tmp_path / "two_processes")
-  expected = metric_records(tmp_path / "one_process")
-  assert [r["step"] for r in records] == [r["step"] for r in expected], logs
-  for got, want in zip(records, expected):
-    assert got.keys() == want.keys()
-    # Step 1 (same initial parameters): the same batch gives the same loss and gradient; later,
-    # gloo's and the in-process all-reduce sum in different orders (1e-4 drift by step 3).
-    tolerance = 1e-5 if got["step"] == 1 else 1e-3
-    for key in got:
-      np.testing.assert_allclose(got[key], want[key], rtol=tolerance, atol=1e-6,
-                                 err_msg=f"step {got['step']}: {key}")
+  logs = run_two_processes([sys.executable, "-m", "ferjax.cli", "train", "--config",
+                            str(config_file), "--workdir", str(tmp_path / "two_processes")],
+                           tmp_path, devices_per_process=2)
+  # Step 1 (same initial parameters): the same batch gives the same loss and gradient; later,
+  # gloo's and the in-process all-reduce sum in different orders (1e-4 drift by step 3).
+  assert_same_metrics(tmp_path / "two_processes", tmp_path / "one_process", logs,
+                      rtol_at=lambda step: 1e-5 if step == 1 else 1e-3)
 
 
 def test_two_vaegan_processes_agree_with_one(vaegan_reference, tmp_path):
@@ -558,28 +548,10 @@ def test_two_vaegan_processes_agree_with_one(vaegan_reference, tmp_path):
   reference on 2 devices: the same global batch, so the same losses and validation metrics, and
   only process 0 writes logs."""
   reference_dir, _ = vaegan_reference
-  config_file = write_config_file(tmp_path, "vaegan")
   workdir = tmp_path / "two_processes"
-  address = f"localhost:{_free_port()}"
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  processes = [Launched(cli_args("vaegan", config_file, workdir, "--coordinator-address",
-                                 address, "--num-processes", "2", "--process-id", str(i)),
-                        tmp_path / f"process{i}.log", env=env) for i in range(2)]
-  try:
-    codes = [p.wait() for p in processes]
-  finally:
-    for p in processes:
-      p.kill()
-  logs = "\n".join(p.tail() for p in processes)
-  assert codes == [0, 0], logs
-  records, expected = metric_records(workdir), metric_records(reference_dir)
-  assert [r["step"] for r in records] == [r["step"] for r in expected], logs
-  for got, want in zip(records, expected):
-    assert got.keys() == want.keys()
-    for key in got:
-      np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6,
-                                 err_msg=f"step {got['step']}: {key}")
+  logs = run_two_processes(cli_args("vaegan", write_config_file(tmp_path, "vaegan"), workdir),
+                           tmp_path, devices_per_process=1)
+  assert_same_metrics(workdir, reference_dir, logs)
   state, meta = trainer_state("vaegan", workdir)
   assert meta["step"] == 8
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), state,

@@ -131,7 +131,7 @@ def _put_rows_in_chunks(rows, shape, mesh: Mesh, rows_per_read: int) -> jax.Arra
   blocks = []
   for device, index in sharding.addressable_devices_indices_map(shape).items():
     start, stop, _ = index[0].indices(shape[0])
-    block = jax.device_put(jnp.zeros((stop - start, *shape[1:]), rows.dtype), device)
+    block = jnp.zeros((stop - start, *shape[1:]), rows.dtype, device=device)
     for first in range(start, min(stop, num_real), rows_per_read):
       last = min(first + rows_per_read, stop, num_real)
       chunk = jax.device_put(np.asarray(rows[first:last]), device)

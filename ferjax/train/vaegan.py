@@ -209,7 +209,8 @@ def build_model(config) -> vaegan_models.VAEGAN:
 # Data
 # ================================================================================================
 def load_dataset(config, split: str, limit=None) -> ferjax.data.Dataset:
-  """One split (images and labels) at the model's resolution, in host memory.
+  """One split (images and labels) at the model's resolution: in host memory, or left on disk
+  (`LazyImages`) for AffectNet and for the train split when there are several processes.
 
   The synthetic set is always the default one (its own fixed seed), whatever config.seed: the
   training seed must not change the data, so that the classifiers see the same faces.
@@ -226,7 +227,8 @@ def load_dataset(config, split: str, limit=None) -> ferjax.data.Dataset:
     keep = ferjax.data.dataset.long_tail_subset(ds.labels, ds.num_classes, lt)
     ds = ferjax.data.Dataset(ds.images[keep], ds.labels[keep], ds.class_names, ds.name, ds.split)
   if limit is not None and len(ds) > limit:
-    ds = ferjax.data.Dataset(ds.images[:limit], ds.labels[:limit], ds.class_names, ds.name,
+    first = np.arange(limit)  # An index array, not a slice: lazily read images stay on disk.
+    ds = ferjax.data.Dataset(ds.images[first], ds.labels[first], ds.class_names, ds.name,
                              ds.split)
   if len(ds) == 0:
     raise UserError(f"dataset {d.name!r} split {split!r} holds no images")
@@ -234,7 +236,7 @@ def load_dataset(config, split: str, limit=None) -> ferjax.data.Dataset:
 
 
 def load_images(config, split: str, limit=None) -> np.ndarray:
-  """uint8 [N, S, S, C] of one split at the model's resolution (host memory)."""
+  """uint8 [N, S, S, C] of one split at the model's resolution (see `load_dataset`)."""
   return load_dataset(config, split, limit).images
 
 
