@@ -32,7 +32,7 @@ import resource, sys, time
 import jax
 import ferjax.data
 from ferjax.data import builders
-from ferjax.train import parallel
+from ferjax.core import parallel
 mode, data_dir = sys.argv[1], sys.argv[2]
 jax.devices()
 peak_mib = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

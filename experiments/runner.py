@@ -4,7 +4,6 @@ Every run gets its own workdir under the experiment's output folder; a finished 
 eval_test.json) is not trained again, so an interrupted protocol resumes where it stopped.
 """
 
-import argparse
 import json
 import pathlib
 import sys
@@ -40,7 +39,7 @@ def train_vaegan(config_name, workdir, overrides=()) -> pathlib.Path:
 
 
 def _unfinished(workdir, num_steps) -> bool:
-  from ferjax.train import monitor
+  from ferjax.core import monitor
   records = monitor.read_metrics(workdir)
   return not records or max(r["step"] for r in records) < num_steps
 
@@ -69,9 +68,9 @@ def train_and_test(config_name, workdir, overrides=(), *, logit_adjust: float = 
   outs = {split: workdir / f"eval_{split}.json" for split in ("val", report_split)}
   if not all(out.exists() for out in outs.values()):
     classifier.train_and_evaluate(config, workdir)  # Resumes if begun.
-    for split, out in outs.items():
-      evaluate.cli_main(argparse.Namespace(workdir=str(workdir), split=split, checkpoint="best",
-                                           tta="none", logit_adjust=logit_adjust, features=False))
+    for split in outs:
+      evaluate.evaluate_run(workdir, split, checkpoint="best", tta="none",
+                            logit_adjust=logit_adjust)
   return {**report.read_eval(outs[report_split]), "val": report.read_eval(outs["val"])}
 
 

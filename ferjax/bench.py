@@ -1,14 +1,34 @@
 """Throughput benchmarks: time a jitted function after warm-up, median of repeats.
 
-Speed targets are checked here, never in timed tests. Each measurement is one JSON line with
+    ferjax bench classifier --config.model.dtype=bfloat16 --batch 512
+
+Speed targets are checked here, never in timed tests. Every benchmark lives in this module: it
+builds the real train steps from the trainers and times them on random data. Each measurement is one JSON line with
 `what`, `batch`, `dtype`, `device`, `images_per_s`, `compile_s`, `flops_per_image` (XLA's cost
 analysis) and `mfu` (share of the device's peak bf16/fp32 throughput, where known).
 """
 
+import json
 import statistics
 import time
 
 import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ferjax import configs
+from ferjax import evaluate as evaluate_lib
+from ferjax.augment import synthesis
+from ferjax.core import parallel
+from ferjax.data import synthetic
+from ferjax.errors import UserError
+from ferjax.kinds import classifier as classifier_kind
+from ferjax.kinds import vaegan as vaegan_kind
+from ferjax.models import vaegan as vaegan_models
+from ferjax.runs import VAEGANRun, open_vaegan
+from ferjax.train import classifier as classifier_trainer
+from ferjax.train import vaegan as vaegan_trainer
 
 # Dense peak FLOP/s by device kind (bf16 / fp32). The H200 figure is the one measured on our card.
 PEAK_FLOPS = {
@@ -81,40 +101,190 @@ def time_step(step_fn, carry, *, what: str, batch: int, dtype: str, steps: int =
   return record
 
 
-# --- `ferjax bench` ----------------------------------------------------------------------------
+# --- Classifier: train step, batch pipeline, evaluation ------------------------------------------
+def bench_classifier(config, batch_size=None, steps: int = 20, what=("classifier", "evaluate"),
+                     stage=None) -> list[dict]:
+  """Throughput records (see `time_step`) on random data of the configured shape
+  (data.image_size, data.channels; 7 classes in RAF-DB's long-tailed proportions), batch
+  `batch_size` (default train.batch_size), for each of `what`:
 
+  - "classifier": the full train step (on-device sampling, gather, [synthesis], augmentation,
+    forward, backward, update);
+  - "sampler": the batch pipeline alone (sampling, gather, [synthesis], augmentation);
+  - "evaluate": one jitted batch of predictions (config.eval.tta).
+
+  `stage(config, images, labels, num_classes) -> (synthesize, synthesis_data, extra)` plugs a
+  synthesis stage into the batch (`bench_sampler` does).
+  """
+  batch = int(batch_size or config.train.batch_size)
+  config = ml_collections.ConfigDict(config.to_dict())  # Do not touch the caller's config.
+  config.train.batch_size = batch
+  classifier_kind.validate_config(config)
+  mesh = parallel.make_mesh(config.train.num_devices)
+  size, channels, num_classes = config.data.image_size, config.data.channels, 7
+  rng = np.random.default_rng(0)
+  num_examples = max(4 * batch, 512)
+  images = rng.integers(0, 256, (num_examples, size, size, channels), dtype=np.uint8)
+  counts = synthetic.class_counts("train", num_examples)
+  labels = rng.permutation(np.repeat(np.arange(num_classes), counts)).astype(np.int32)
+  num_steps = config.train.num_steps
+  model = classifier_kind.build_model(config, num_classes)
+  setup = dict(model=config.model.name, stem=config.model.stem, width=config.model.width,
+               cbam=config.model.cbam, image_size=size, channels=channels)
+
+  tx, _ = classifier_kind.make_optimizer(config, num_steps)
+  state = classifier_kind.init_state(config, model, tx, mesh)
+  variables = jax.tree.map(jnp.copy, classifier_kind.eval_variables(state))  # State is donated.
+  data = classifier_trainer.device_data(config, images, labels, num_classes, mesh)
+  synthesize = None
+  if stage is not None:
+    synthesize, synthesis_data, stage_extra = stage(config, images, labels, num_classes)
+    data["synthesis"] = parallel.put_replicated(synthesis_data, mesh)
+    setup.update(stage_extra)
+  timed = lambda fn, carry, name, extra=setup: time_step(
+      fn, carry, what=name, batch=batch, dtype=config.model.dtype, steps=steps, extra=extra)
+  records = []
+
+  if "sampler" in what:
+    train_key = classifier_kind.rng_streams(config.seed).train
+
+    def pipeline_carry(carry):
+      data, step, checksum = carry
+      make_batch = classifier_trainer.batch_maker(config, data, num_steps=num_steps,
+                                                  synthesize=synthesize, mesh=mesh)
+      images, labels, weights = make_batch(jax.random.fold_in(train_key, step), step)
+      return data, step + 1, checksum + jnp.sum(images) + jnp.sum(weights) + jnp.sum(labels)
+
+    pipeline_data = jax.tree.map(jnp.copy, data)  # The carry is donated; keep `data`.
+    records.append(timed(pipeline_carry, (pipeline_data, jnp.zeros((), jnp.int32),
+                                          jnp.zeros((), jnp.float32)), "sampler"))
+
+  if "classifier" in what:
+    train_step = classifier_trainer.make_train_step(config, model, tx, counts, num_steps, mesh,
+                                                    synthesize=synthesize, jit=False)
+
+    def train_carry(carry):
+      state, data = carry
+      state, _ = train_step(state, data)
+      return state, data
+
+    records.append(timed(train_carry, (state, data), "classifier"))
+
+  if "evaluate" in what:
+    eval_images = jax.device_put(images[:batch], parallel.batch_sharding(mesh))
+
+    def eval_carry(carry):
+      variables, images, checksum = carry
+      logits, _ = evaluate_lib._predict_batch(model, variables, images, config.eval.tta)
+      return variables, images, checksum + jnp.sum(logits)
+
+    records.append(timed(eval_carry, (variables, eval_images, jnp.zeros((), jnp.float32)),
+                         "evaluate", {**setup, "tta": config.eval.tta}))
+  return records
+
+
+# --- Semantic augmentation: the synthesis stage against the step it feeds -----------------------
+def untrained_vaegan(channels: int = 1, seed: int = 0) -> VAEGANRun:
+  """A freshly initialised VAE-GAN of the default config (for benchmarks: same cost)."""
+  config = vaegan_kind.default_config()
+  config.data.channels = channels
+  config.seed = seed
+  model = vaegan_kind.build_model(config)
+  state = vaegan_kind.init_state(config, model, parallel.make_mesh(1))
+  return VAEGANRun(config=config, model=model, step=0, encoder=state.ema["encoder"],
+                   generator=state.ema["generator"])
+
+
+def bench_sampler(config, batch_size=None, steps: int = 20) -> list[dict]:
+  """Cost of the augmentation pipeline against the classifier step it feeds.
+
+  Three records on random long-tailed data: "sampler" (the batch pipeline alone: sampling,
+  gather, synthesis of a quarter of the batch, augmentation), "classifier+synthesis" (the full
+  train step with that pipeline) and "classifier" (the same step without synthesis). The
+  sampler record's `share_of_step` is its time over the full step's; the full step's
+  `synthesis_overhead` is its time over the plain step's, minus 1. Uses the trained VAE-GAN of
+  config.augment.vaegan_workdir, else an untrained one of the default VAE-GAN architecture
+  (64 px, the classifier's channels): same cost, meaningless faces.
+  """
+  a = config.augment
+
+  def stage(config, images, labels, num_classes):
+    if a.vaegan_workdir:
+      vae = open_vaegan(a.vaegan_workdir, a.vaegan_checkpoint)
+    else:
+      vae = untrained_vaegan(channels=config.data.channels)
+    plan = synthesis.plan_for(config, labels, num_classes)
+    num_synthetic = config.train.batch_size // 4  # Fixed share, comparable across datasets.
+    synthesize = synthesis.make_synthesize(
+        vae.model, num_synthetic, config.data.image_size, config.data.channels, mode=a.mode,
+        alpha=float(a.alpha), residual=a.decode == "residual",
+        synthetic_weight=float(a.synthetic_weight))
+    data = synthesis.stage_data(vae, plan, a.mode, images, labels, num_classes)
+    return synthesize, data, {"synthetic_per_batch": num_synthetic, "mode": a.mode,
+                              "vaegan_image_size": vae.model.image_size,
+                              "vaegan_trained": bool(a.vaegan_workdir)}
+
+  plain = bench_classifier(config, batch_size, steps, what=("classifier",))[0]
+  pipeline, full = bench_classifier(config, batch_size, steps, what=("sampler", "classifier"),
+                                    stage=stage)
+  pipeline["share_of_step"] = round(pipeline["step_ms"] / full["step_ms"], 4)
+  full["what"] = "classifier+synthesis"
+  full["synthesis_overhead"] = round(full["step_ms"] / plain["step_ms"] - 1.0, 4)
+  return [pipeline, full, plain]
+
+
+# --- VAE-GAN ------------------------------------------------------------------------------------
+def bench_vaegan(config, batch_size=None, steps: int = 20) -> dict:
+  """Images/s of the real VAE-GAN train step (on-device sampling included) on random data."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  if batch_size is not None:
+    config.train.batch_size = int(batch_size)
+  vaegan_kind.validate_config(config)
+  mesh = parallel.make_mesh(config.train.num_devices)
+  d = config.data
+  num_examples = max(4 * config.train.batch_size, 256)
+  images = np.random.default_rng(0).integers(
+      0, 256, (num_examples, d.image_size, d.image_size, d.channels), dtype=np.uint8)
+  model = vaegan_kind.build_model(config)
+  state = vaegan_kind.init_state(config, model, mesh)
+  train_step = vaegan_trainer.make_train_step(model, config, mesh, num_examples, jit=False)
+
+  def step_fn(carry):
+    state, images = carry
+    state, _ = train_step(state, images)
+    return state, images
+
+  carry = (state, parallel.put_rows(images, mesh))
+  widths = config.model.widths or vaegan_models.default_widths(d.image_size)
+  return time_step(step_fn, carry, what="vaegan", batch=config.train.batch_size,
+                   dtype=config.model.dtype, steps=steps,
+                   extra={"arch": config.model.arch, "image_size": d.image_size,
+                          "channels": d.channels, "widths": list(widths)})
+
+
+# --- `ferjax bench` -------------------------------------------------------------------------------
 BENCH_TARGETS = ("classifier", "vaegan", "sampler", "evaluate")
 
 
 def _config_for(what: str, path, overrides):
-  """The config under measurement: a file (as for training) or the trainer's defaults."""
-  from ferjax import configs
-  if what == "vaegan":
-    from ferjax.train import vaegan as trainer
-  else:
-    from ferjax.train import classifier as trainer
+  """The config under measurement: a file (as for training) or the run kind's defaults."""
   if path is not None:
     return configs.load_config(path, overrides)
-  config = trainer.default_config()
+  config = (vaegan_kind if what == "vaegan" else classifier_kind).default_config()
   configs.apply_overrides(config, overrides)
   return config
 
 
 def cli_main(args) -> int:
-  import json
   if args.batch is not None and args.batch <= 0:
-    from ferjax.errors import UserError
     raise UserError(f"--batch: expected a positive number of images, got {args.batch}")
   config = _config_for(args.what, args.config, args.overrides)
   if args.what == "vaegan":
-    from ferjax.train import vaegan
-    records = [vaegan.bench(config, batch_size=args.batch, steps=args.steps)]
+    records = [bench_vaegan(config, batch_size=args.batch, steps=args.steps)]
   elif args.what == "sampler":
-    from ferjax.augment import synthesis
-    records = synthesis.bench(config, batch_size=args.batch, steps=args.steps)
+    records = bench_sampler(config, batch_size=args.batch, steps=args.steps)
   else:
-    from ferjax import evaluate
-    records = [r for r in evaluate.bench(config, batch_size=args.batch, steps=args.steps)
+    records = [r for r in bench_classifier(config, batch_size=args.batch, steps=args.steps)
                if r["what"] == args.what]
   for record in records:
     print(json.dumps(record))

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_config_args(p, required=False)
   p.add_argument("--seed", type=int, default=0, help="random seed of seeds and noise")
 
-  p = _verb(verbs, "evaluate-synthetic", "ferjax.augment.quality:cli_main",
+  p = _verb(verbs, "evaluate-synthetic", "ferjax.evaluate_synthetic:cli_main",
             "Measure synthetic faces against real ones with a classifier trained on real data: "
             "class consistency, per-class Frechet distance and diversity of its penultimate "
             "features, and the classification accuracy score (a classifier trained on synthetic "
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
       args.data_parser.print_help()
       return 2
     if hasattr(args, "coordinator_address"):
-      from ferjax.train import parallel
+      from ferjax.core import parallel
       parallel.initialize_distributed(args.coordinator_address, args.num_processes,
                                       args.process_id)
     return _run_handler(args.handler, args)

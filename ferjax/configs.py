@@ -6,9 +6,14 @@ typo or a wrong type is caught before anything compiles.
 """
 
 import ast
+import dataclasses
 import importlib.util
 import json
+import math
 import pathlib
+import re
+import traceback
+from typing import Any, Callable
 
 import ml_collections
 
@@ -28,7 +33,10 @@ def load_config(path, overrides=()) -> ml_collections.ConfigDict:
     raise UserError(f"config file {path} failed to load: {type(e).__name__}: {e}") from None
   if not hasattr(module, "get_config"):
     raise UserError(f"config file {path} defines no get_config()")
-  config = module.get_config()
+  try:
+    config = module.get_config()
+  except Exception as e:
+    raise UserError(_get_config_error(path, e)) from None
   if not isinstance(config, ml_collections.ConfigDict):
     raise UserError(f"config file {path}: get_config() must return an ml_collections.ConfigDict")
   apply_overrides(config, overrides)
@@ -127,6 +135,119 @@ def _flatten(tree, prefix=""):
     else:
       out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
   return out
+
+
+def _get_config_error(path, error: Exception) -> str:
+  """One line for an exception raised by a config file's get_config(), naming the file's line;
+  a field that a locked default config does not have is named as an unknown field."""
+  frames = [f for f in traceback.extract_tb(error.__traceback__)
+            if pathlib.Path(f.filename) == pathlib.Path(path)]
+  where = f"{path} line {frames[-1].lineno}" if frames else str(path)
+  unknown = re.search(r'Key "([^"]+)" does not exist and cannot be added since the config is '
+                      r'locked', str(error))
+  if unknown:
+    field = unknown.group(1)
+    if frames and frames[-1].line:  # e.g. `config.optim.lrr = 0.1`: name the whole path.
+      match = re.search(r"\b\w+((?:\.\w+)*\." + re.escape(field) + r")\b", frames[-1].line)
+      field = match.group(1)[1:] if match else field
+    return (f"config file {where}: unknown config field {field!r} (a misspelling? every field "
+            "a run reads is in its default config)")
+  return f"config file {where}: get_config() failed: {type(error).__name__}: {error}"
+
+
+# --- Config specs: each field's default and what a valid value is, written once ---------------
+@dataclasses.dataclass(frozen=True)
+class Field:
+  """A config field: its default and its rule (`valid(value)`, described by `expected`)."""
+  default: Any
+  expected: str
+  valid: Callable[[Any], bool]
+
+
+def is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _optional(field: Field, optional: bool, meaning: str = "") -> Field:
+  if not optional:
+    return field
+  return Field(field.default, f"None{meaning} or {field.expected}",
+               lambda v: v is None or field.valid(v))
+
+
+def one_of(default, choices, *, optional=False) -> Field:
+  choices = tuple(choices)
+  return _optional(Field(default, f"one of {', '.join(map(str, choices))}",
+                         lambda v: isinstance(v, str) and v in choices), optional)
+
+
+def integer(default, lo=None, hi=None, *, optional=False, meaning="") -> Field:
+  words = ("an integer" + (f" in {lo}..{hi}" if lo is not None and hi is not None else
+                           f" >= {lo}" if lo is not None else f" <= {hi}" if hi is not None else ""))
+  ok = lambda v: is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi)
+  return _optional(Field(default, words, ok), optional, meaning)
+
+
+def number(default, lo=None, hi=None, *, lo_open=False, hi_open=False, optional=False,
+           meaning="") -> Field:
+  """A finite number in [lo, hi] (open ends with lo_open / hi_open)."""
+  parts = []
+  if lo is not None:
+    parts.append(f"> {lo}" if lo_open else f">= {lo}")
+  if hi is not None:
+    parts.append(f"< {hi}" if hi_open else f"<= {hi}")
+  ok = lambda v: (is_number(v) and (lo is None or (v > lo if lo_open else v >= lo))
+                  and (hi is None or (v < hi if hi_open else v <= hi)))
+  return _optional(Field(default, "a number " + " and ".join(parts) if parts else "a number", ok),
+                   optional, meaning)
+
+
+def flag(default: bool) -> Field:
+  return Field(default, "True or False", lambda v: isinstance(v, bool))
+
+
+def text(default, *, optional=True, meaning="") -> Field:
+  return _optional(Field(default, "a text value", lambda v: isinstance(v, str)), optional,
+                   meaning)
+
+
+def custom(default, expected: str, valid: Callable[[Any], bool]) -> Field:
+  return Field(default, expected, valid)
+
+
+def from_spec(spec: dict) -> ml_collections.ConfigDict:
+  """The defaults of a spec as a locked ConfigDict: setting a field it does not have (a typo in
+  a config file or flag) raises instead of adding it."""
+  config = ml_collections.ConfigDict(_defaults(spec))
+  config.lock()
+  return config
+
+
+def _defaults(spec: dict) -> dict:
+  return {k: _defaults(v) if isinstance(v, dict) else v.default for k, v in spec.items()}
+
+
+def check_spec(config, spec: dict, prefix: str = "") -> None:
+  """Every field of the spec present and valid, nothing unknown; a UserError names the field."""
+  for key in config.keys():
+    if key not in spec:
+      raise UserError(f"unknown config field {prefix + key!r} (known: "
+                      f"{', '.join(sorted(spec))})")
+  for key, rule in spec.items():
+    if key not in config:
+      raise UserError(f"config field {prefix + key!r} is missing (start from the run's "
+                      "default_config())")
+    value = config[key]
+    if isinstance(rule, dict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise UserError(f"config field {prefix + key!r}: expected a group of fields")
+      check_spec(value, rule, prefix + key + ".")
+    else:
+      check(rule.valid(value), prefix + key, rule.expected, value)
 
 
 def check(condition: bool, field: str, expected: str, value) -> None:

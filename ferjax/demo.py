@@ -19,8 +19,11 @@ import time
 
 import numpy as np
 
-from ferjax import configs, plots, report
+from ferjax import configs, evaluate, plots, report, runs
+from ferjax.augment import export, quality, synthesis
+from ferjax.data import splits
 from ferjax.errors import UserError
+from ferjax.train import classifier, vaegan
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "experiments" / "configs"
@@ -40,10 +43,6 @@ def _banner(text: str) -> None:
 
 def run(workdir, *, quick: bool = False, seed: int = 0) -> dict:
   """Runs the demo into `workdir`; returns the two test evaluations. Steps already done resume."""
-  from ferjax import evaluate
-  from ferjax.augment import synthesis
-  from ferjax.train import classifier, vaegan
-
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   start = time.time()
@@ -67,11 +66,12 @@ def run(workdir, *, quick: bool = False, seed: int = 0) -> dict:
     _banner(f"{2 + i}/5 classifier: {method}")
     run_dir = workdir / method.replace(" ", "_")
     classifier.train_and_evaluate(config, run_dir)
-    evals[method] = _evaluate(run_dir)
+    evals[method] = evaluate.evaluate_run(run_dir, "test", checkpoint="best", tta="none")
 
   _banner("4/5 synthetic samples and class distributions")
   train_config = runs["semantic augmentation"]
-  train_ds = classifier.load_dataset(train_config, "train")
+  train_ds = splits.load_split(train_config.data, "train", train=True,
+                               limit=train_config.data.num_examples)
   grid, judged = _synthetic_samples(train_config, train_ds, workdir / "baseline", workdir)
   plan = synthesis.plan_for(train_config, train_ds.labels, train_ds.num_classes)
   hist = plots.save_class_histogram(
@@ -94,34 +94,19 @@ def run(workdir, *, quick: bool = False, seed: int = 0) -> dict:
   return evals
 
 
-def _evaluate(run_dir: pathlib.Path) -> dict:
-  """Evaluates the run's best (validation-chosen) checkpoint on the test split."""
-  from ferjax import evaluate
-  import argparse
-  evaluate.cli_main(argparse.Namespace(workdir=str(run_dir), split="test", checkpoint="best",
-                                       tta="none", logit_adjust=0.0, features=False))
-  return report.read_eval(run_dir / "eval_test.json")
-
-
 def _synthetic_samples(config, train_ds, baseline_dir, workdir, per_class: int = 100):
   """Synthesizes `per_class` faces per class outside training, saves the seed/face grid and
   judges them with the baseline (trained on real faces only): class consistency, Frechet
   distance and diversity of its features (see ferjax.augment.quality)."""
-  from ferjax import evaluate
-  from ferjax.augment import export, quality, synthesis
-  from ferjax.models import resnet
-  from ferjax.train import vaegan
   a = config.augment
-  vae = vaegan.load_for_sampling(a.vaegan_workdir, a.vaegan_checkpoint)
+  vae = runs.open_vaegan(a.vaegan_workdir, a.vaegan_checkpoint)
   fake, labels, seed_idx = synthesis.synthesize_per_class(
       vae, train_ds.images, train_ds.labels, train_ds.num_classes, per_class,
       **synthesis.options(config))
   grid = export.save_seed_grid(workdir / "synthetic_samples.png", train_ds.images[seed_idx], fake,
                                labels, train_ds.class_names)
-  judge_config = evaluate.config_from_workdir(baseline_dir)
-  variables, meta = evaluate.restore_variables(judge_config, baseline_dir, "best")
-  model = resnet.model_from_config(judge_config.model, train_ds.num_classes)
-  predict = lambda images: evaluate.predict_logits(model, variables, images,
+  judge = runs.open_classifier(baseline_dir, "best")
+  predict = lambda images: evaluate.predict_logits(judge.model, judge.variables, images,
                                                    return_features=True, batch_size=256)
   fake_logits, fake_features = predict(fake)
   _, real_features = predict(train_ds.images)

@@ -1,5 +1,6 @@
 """Jitted, batched, data-parallel evaluation of a trained classifier, and its metrics.
 
+    result = evaluate_run("runs/baseline", split="test", tta="flip")   # the library
     ferjax evaluate --workdir runs/baseline --split test [--checkpoint best|last|STEP]
                     [--tta flip|none] [--logit-adjust TAU] [--features]
 
@@ -27,17 +28,14 @@ import json
 import pathlib
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from ferjax import configs, losses, plots
-from ferjax.data import pipeline
+from ferjax import losses, plots, runs
+from ferjax.core import parallel
+from ferjax.data import pipeline, splits
 from ferjax.errors import UserError
-from ferjax.models import resnet
-from ferjax.train import parallel
-
-TTA_MODES = ("none", "flip")
+from ferjax.kinds import classifier as classifier_kind
+from ferjax.kinds.classifier import TTA_MODES
 
 
 # --- Metrics (pure numpy) ----------------------------------------------------------------------
@@ -158,7 +156,7 @@ def evaluate_params(config, variables, dataset, *, train_counts=None, tta: str |
   if logit_adjust and prior_counts is None:
     raise ValueError("logit_adjust needs train_counts or prior_counts (the prior)")
   if logits is None:
-    model = model or resnet.model_from_config(config.model, len(dataset.class_names))
+    model = model or classifier_kind.build_model(config, len(dataset.class_names))
     mesh = mesh or parallel.make_mesh(config.train.num_devices)
     logits = predict_logits(model, variables, dataset.images, tta=tta, mesh=mesh,
                             batch_size=eval_batch_size(config, mesh))
@@ -171,157 +169,66 @@ def evaluate_params(config, variables, dataset, *, train_counts=None, tta: str |
   return result
 
 
-# --- ferjax evaluate ---------------------------------------------------------------------------
-def config_from_workdir(workdir) -> ml_collections.ConfigDict:
-  from ferjax.train import classifier
-  return configs.read_saved(classifier.default_config(), pathlib.Path(workdir) / "config.json",
-                            "ferjax train")
+# --- A finished run -----------------------------------------------------------------------------
+def load_eval_split(config, split: str):
+  """The Dataset of `split` for a run's config: "val" is the split the run selected its
+  checkpoints on (a named split, or the stratified hold-out of train)."""
+  if split == "val":
+    return splits.load_splits(config.data, config.seed)[1]
+  return splits.load_split(config.data, split, train=False)
 
 
-def restore_variables(config, workdir, checkpoint="best", mesh=None):
-  """(variables, checkpoint meta) of a trained run; EMA weights when the run kept them."""
-  from ferjax.train import checkpoint as checkpoint_lib
-  from ferjax.train import classifier
-  mesh = mesh or parallel.make_mesh(config.train.num_devices)
-  ckpt = checkpoint_lib.Checkpoints(pathlib.Path(workdir) / "checkpoints",
-                                    best_metric=config.train.best_metric)
-  try:
-    meta = ckpt.read_meta(checkpoint)
-    model = resnet.model_from_config(config.model, len(meta["class_names"]))
-    target = classifier.abstract_state(config, model, mesh)
-    state, meta = ckpt.restore(target, checkpoint)
-  finally:
-    ckpt.close()
-  return classifier.eval_variables(state), meta
+def evaluate_run(workdir, split: str = "test", *, checkpoint="best", tta: str | None = None,
+                 logit_adjust: float = 0.0, features: bool = False, write: bool = True) -> dict:
+  """Metrics of a trained classifier run on one split of its dataset, as a JSON-ready dict.
+
+  Restores the run's `checkpoint` (best: chosen on validation), predicts `split` (flip TTA and
+  post-hoc logit adjustment as asked; defaults from the run's config) and, with `write`, writes
+  `eval_<split>.json`, `confusion_<split>.png` and (with `features`) `features_<split>.npz`
+  into the workdir (process 0 only). With `features` the result also holds the "logits" and
+  "features" arrays (not written to the JSON).
+  """
+  workdir = pathlib.Path(workdir)
+  run = runs.open_classifier(workdir, str(checkpoint))
+  config = run.config
+  tta = tta or config.eval.tta
+  if tta not in TTA_MODES:
+    raise UserError(f"--tta: expected one of {', '.join(TTA_MODES)}, got {tta!r}")
+  dataset = load_eval_split(config, split)
+  if tuple(dataset.class_names) != run.class_names:
+    raise UserError(f"split {split!r} has classes {dataset.class_names}, the checkpoint was "
+                    f"trained on {run.class_names}")
+  logits, feats = predict_logits(run.model, run.variables, dataset.images, tta=tta, mesh=run.mesh,
+                                 batch_size=eval_batch_size(config, run.mesh),
+                                 return_features=True)
+  result = evaluate_params(config, run.variables, dataset, train_counts=run.train_counts, tta=tta,
+                           logit_adjust=float(logit_adjust), logits=logits,
+                           prior_counts=run.prior_counts)
+  result.update(split=split, step=run.step, checkpoint=str(checkpoint))
+  if write and parallel.is_main_process():  # Several processes: process 0 writes the files.
+    (workdir / f"eval_{split}.json").write_text(json.dumps(result, indent=2) + "\n")
+    title = f"{split} (step {run.step}, tta {tta}, tau {float(logit_adjust):g})"
+    plots.save_confusion(result["confusion"], dataset.class_names,
+                         workdir / f"confusion_{split}.png", title=title)
+    if features:
+      np.savez(workdir / f"features_{split}.npz", features=feats.astype(np.float32),
+               labels=dataset.labels, logits=logits.astype(np.float32),
+               class_names=np.asarray(dataset.class_names, dtype=str))
+  if features:
+    return {**result, "logits": logits, "features": feats}
+  return result
 
 
 def cli_main(args) -> int:
   """`ferjax evaluate`: see the module docstring."""
-  from ferjax.train import classifier
-  workdir = pathlib.Path(args.workdir)
-  config = config_from_workdir(workdir)
   split = getattr(args, "split", None) or "test"
-  tta = getattr(args, "tta", None) or config.eval.tta
-  if tta not in TTA_MODES:
-    raise UserError(f"--tta: expected one of {', '.join(TTA_MODES)}, got {tta!r}")
-  logit_adjust = float(getattr(args, "logit_adjust", 0.0) or 0.0)
-  which = str(getattr(args, "checkpoint", None) or "best")
-  mesh = parallel.make_mesh(config.train.num_devices)
-  variables, meta = restore_variables(config, workdir, which, mesh)
-  train_counts = np.asarray(meta["train_counts"])
-
-  if split == "val":
-    _, dataset = classifier.load_splits(config)
-  else:
-    dataset = classifier.load_dataset(config, split)
-  if tuple(dataset.class_names) != tuple(meta["class_names"]):
-    raise UserError(f"split {split!r} has classes {dataset.class_names}, the checkpoint was "
-                    f"trained on {tuple(meta['class_names'])}")
-  model = resnet.model_from_config(config.model, len(dataset.class_names))
-  logits, features = predict_logits(model, variables, dataset.images, tta=tta, mesh=mesh,
-                                    batch_size=eval_batch_size(config, mesh), return_features=True)
-  result = evaluate_params(config, variables, dataset, train_counts=train_counts, tta=tta,
-                           logit_adjust=logit_adjust, logits=logits,
-                           prior_counts=meta.get("prior_counts"))
-  result.update(split=split, step=int(meta["step"]), checkpoint=which)
-  if not parallel.is_main_process():  # Several processes: process 0 writes the files.
-    return 0
-  (workdir / f"eval_{split}.json").write_text(json.dumps(result, indent=2) + "\n")
-  title = f"{split} (step {meta['step']}, tta {tta}, tau {logit_adjust:g})"
-  plots.save_confusion(result["confusion"], dataset.class_names, workdir / f"confusion_{split}.png",
-                       title=title)
-  if getattr(args, "features", False):
-    np.savez(workdir / f"features_{split}.npz", features=features.astype(np.float32),
-             labels=dataset.labels, logits=logits.astype(np.float32),
-             class_names=np.asarray(dataset.class_names, dtype=str))
+  result = evaluate_run(args.workdir, split, checkpoint=getattr(args, "checkpoint", None) or "best",
+                        tta=getattr(args, "tta", None),
+                        logit_adjust=float(getattr(args, "logit_adjust", 0.0) or 0.0),
+                        features=bool(getattr(args, "features", False)))
   groups = result.get("groups", {})
   group_text = " ".join(f"{g} {v['mean_recall']:.4f}" for g, v in groups.items())
-  print(f"{split} step {meta['step']}: accuracy {result['accuracy']:.4f}  mean class accuracy "
+  print(f"{split} step {result['step']}: accuracy {result['accuracy']:.4f}  mean class accuracy "
         f"{result['mean_class_accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}  ({group_text})  "
-        f"-> {workdir / f'eval_{split}.json'}")
+        f"-> {pathlib.Path(args.workdir) / f'eval_{split}.json'}")
   return 0
-
-
-# --- Benchmark ---------------------------------------------------------------------------------
-def bench(config, batch_size=None, steps: int = 20, what=("classifier", "evaluate"),
-          stage=None) -> list[dict]:
-  """Throughput records (see ferjax.bench.time_step) on random data of the configured shape
-  (data.image_size, data.channels; 7 classes in RAF-DB's long-tailed proportions), batch
-  `batch_size` (default train.batch_size), for each of `what`:
-
-  - "classifier": the full train step (on-device sampling, gather, [synthesis], augmentation,
-    forward, backward, update);
-  - "sampler": the batch pipeline alone (sampling, gather, [synthesis], augmentation);
-  - "evaluate": one jitted batch of predictions (config.eval.tta).
-
-  `stage(config, images, labels, num_classes) -> (synthesize, synthesis_data, extra)` plugs a
-  synthesis stage into the batch (ferjax.augment.synthesis.bench does).
-  """
-  from ferjax import bench as bench_lib
-  from ferjax.data import synthetic
-  from ferjax.train import classifier
-  batch = int(batch_size or config.train.batch_size)
-  config = ml_collections.ConfigDict(config.to_dict())  # Do not touch the caller's config.
-  config.train.batch_size = batch
-  classifier.validate_config(config)
-  mesh = parallel.make_mesh(config.train.num_devices)
-  size, channels, num_classes = config.data.image_size, config.data.channels, 7
-  rng = np.random.default_rng(0)
-  num_examples = max(4 * batch, 512)
-  images = rng.integers(0, 256, (num_examples, size, size, channels), dtype=np.uint8)
-  counts = synthetic.class_counts("train", num_examples)
-  labels = rng.permutation(np.repeat(np.arange(num_classes), counts)).astype(np.int32)
-  num_steps = config.train.num_steps
-  model = resnet.model_from_config(config.model, num_classes)
-  setup = dict(model=config.model.name, stem=config.model.stem, width=config.model.width,
-               cbam=config.model.cbam, image_size=size, channels=channels)
-
-  tx, _ = classifier.make_optimizer(config, num_steps)
-  state = classifier.init_state(config, model, tx, mesh)
-  variables = jax.tree.map(jnp.copy, classifier.eval_variables(state))  # The state is donated.
-  data = classifier.device_data(config, images, labels, num_classes, mesh)
-  synthesize = None
-  if stage is not None:
-    synthesize, synthesis_data, stage_extra = stage(config, images, labels, num_classes)
-    data["synthesis"] = parallel.put_replicated(synthesis_data, mesh)
-    setup.update(stage_extra)
-  time = lambda fn, carry, name, extra=setup: bench_lib.time_step(
-      fn, carry, what=name, batch=batch, dtype=config.model.dtype, steps=steps, extra=extra)
-  records = []
-
-  if "sampler" in what:
-    _, train_key, _ = classifier._keys(config.seed)
-
-    def pipeline_carry(carry):
-      data, step, checksum = carry
-      make_batch = classifier.batch_maker(config, data, num_steps=num_steps,
-                                          synthesize=synthesize, mesh=mesh)
-      images, labels, weights = make_batch(jax.random.fold_in(train_key, step), step)
-      return data, step + 1, checksum + jnp.sum(images) + jnp.sum(weights) + jnp.sum(labels)
-
-    pipeline_data = jax.tree.map(jnp.copy, data)  # The carry is donated; keep `data`.
-    records.append(time(pipeline_carry, (pipeline_data, jnp.zeros((), jnp.int32),
-                                         jnp.zeros((), jnp.float32)), "sampler"))
-
-  if "classifier" in what:
-    train_step = classifier.make_train_step(config, model, tx, counts, num_steps, mesh,
-                                            synthesize=synthesize, jit=False)
-
-    def train_carry(carry):
-      state, data = carry
-      state, _ = train_step(state, data)
-      return state, data
-
-    records.append(time(train_carry, (state, data), "classifier"))
-
-  if "evaluate" in what:
-    eval_images = jax.device_put(images[:batch], parallel.batch_sharding(mesh))
-
-    def eval_carry(carry):
-      variables, images, checksum = carry
-      logits, _ = _predict_batch(model, variables, images, config.eval.tta)
-      return variables, images, checksum + jnp.sum(logits)
-
-    records.append(time(eval_carry, (variables, eval_images, jnp.zeros((), jnp.float32)),
-                        "evaluate", {**setup, "tta": config.eval.tta}))
-  return records

@@ -2,13 +2,16 @@
 TensorFlow, every bad-input case, and (when present) the real FER-2013 folders."""
 
 import csv
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import ferjax
 from ferjax.data import builders
 from ferjax.data.builders import ckplus as ckplus_module
 from ferjax.data.builders import fer2013 as fer2013_module
@@ -169,23 +172,23 @@ def test_with_several_processes_the_train_split_stays_on_disk(tmp_path, monkeypa
   manual, data = tmp_path / "raw", tmp_path / "data"
   make_fer_folders(manual, per_class=4)
   builders.prepare("fer2013", manual, data)
-  config = classifier.default_config()
+  config = classifier_kind.default_config()
   config.data.update(name="fer2013", data_dir=str(data), val_split=None, val_fraction=0.25)
-  one_train, one_held = classifier.load_splits(config)
+  one_train, one_held = splits.load_splits(config.data, config.seed)
   assert isinstance(one_train.images, np.ndarray)
   monkeypatch.setattr(jax, "process_count", lambda: 2)
-  train, held = classifier.load_splits(config)
+  train, held = splits.load_splits(config.data, config.seed)
   assert isinstance(train.images, LazyImages) and isinstance(held.images, np.ndarray)
   np.testing.assert_array_equal(np.asarray(train.images), one_train.images)
   np.testing.assert_array_equal(train.labels, one_train.labels)
   np.testing.assert_array_equal(held.images, one_held.images)
   config.data.val_split = "validation"
-  assert isinstance(classifier.load_splits(config)[1].images, np.ndarray)
+  assert isinstance(splits.load_splits(config.data, config.seed)[1].images, np.ndarray)
   # The VAE-GAN's train split too, also when cut to data.num_examples.
   from ferjax.train import vaegan
-  vaegan_config = vaegan.default_config()
+  vaegan_config = vaegan_kind.default_config()
   vaegan_config.data.update(name="fer2013", data_dir=str(data), image_size=48, channels=1)
-  first = vaegan.load_images(vaegan_config, "train", limit=10)
+  first = splits.load_split(vaegan_config.data, "train", train=True, limit=10).images
   assert isinstance(first, LazyImages) and len(first) == 10
   np.testing.assert_array_equal(np.asarray(first),
                                 builders.load_prepared("fer2013", "train", data).images[:10])
@@ -374,14 +377,15 @@ def test_affectnet_stays_on_disk_until_read_and_trains_row_sharded(tmp_path):
   classifier trains and validates on it end to end."""
   import jax
   import ferjax.data
-  from ferjax.data import LazyImages, loading
-  from ferjax.train import classifier, parallel
+  from ferjax.data import LazyImages, images
+  from ferjax.core import parallel
+  from ferjax.train import classifier
   manual, data = tmp_path / "raw", tmp_path / "data"
   make_affectnet(manual, per_class=(6, 2))
   builders.prepare("affectnet", manual, data, image_size=32)
   lazy = ferjax.data.load("affectnet", "train", data_dir=data, image_size=24, channels=1)
   assert isinstance(lazy.images, LazyImages) and lazy.images.shape == (42, 24, 24, 1)
-  eager = loading.convert(builders.load_prepared("affectnet", "train", data), image_size=24,
+  eager = images.convert(builders.load_prepared("affectnet", "train", data), image_size=24,
                           channels=1)
   assert len(np.unique(eager.images.reshape(42, -1).mean(1))) > 30  # Images differ.
   np.testing.assert_array_equal(lazy.labels, eager.labels)
@@ -395,7 +399,7 @@ def test_affectnet_stays_on_disk_until_read_and_trains_row_sharded(tmp_path):
   np.testing.assert_array_equal(np.asarray(placed)[:42], eager.images)
   assert not np.asarray(placed)[42:].any()
 
-  config = classifier.default_config()
+  config = classifier_kind.default_config()
   config.model.update(name="resnet10", width=0.125)
   config.data.update(name="affectnet", data_dir=str(data), image_size=24, channels=1,
                      val_split="validation")
@@ -467,8 +471,32 @@ def test_default_data_dir(monkeypatch, tmp_path):
   assert builders.default_data_dir() == Path.home() / ".ferjax" / "datasets"
 
 
-def test_tensorflow_is_never_imported():
-  assert "tensorflow" not in sys.modules
+def test_tensorflow_is_never_imported(tmp_path):
+  """In a fresh interpreter (other tests may have imported TensorFlow): importing every builder,
+  preparing a tiny dataset and reading it back leaves TensorFlow unimported."""
+  make_fer_folders(tmp_path / "raw", per_class=1)
+  code = textwrap.dedent("""
+      import importlib
+      import pkgutil
+      import sys
+
+      import ferjax
+      import ferjax.data
+      from ferjax.data import builders
+      for m in pkgutil.iter_modules(builders.__path__):
+        importlib.import_module(f"ferjax.data.builders.{m.name}")
+      raw, data = sys.argv[1:]
+      builders.prepare("fer2013", raw, data)
+      ds = ferjax.data.load("fer2013", "validation", data_dir=data, image_size=32, channels=1)
+      assert ds.images.shape == (7, 32, 32, 1), ds.images.shape
+      assert "tensorflow" not in sys.modules, "tensorflow was imported"
+      print("NO-TENSORFLOW-OK")
+  """)
+  result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "raw"),
+                           str(tmp_path / "data")], capture_output=True, text=True,
+                          cwd=Path(ferjax.__file__).parents[1], timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "NO-TENSORFLOW-OK" in result.stdout
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """The orbax wrapper: last-k, best-by-metric, shape mismatches named, atomic saves."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import optax
 import pytest
 
 from ferjax.errors import UserError
-from ferjax.train.checkpoint import Checkpoints
+from ferjax.core.checkpoint import Checkpoints
 
 
 def _state(width=4):
@@ -41,7 +43,8 @@ def test_round_trip_last_k_and_best(tmp_path):
 def test_shape_mismatch_names_the_parameter(tmp_path):
   ckpt = Checkpoints(tmp_path)
   ckpt.save(1, _state(width=4))
-  with pytest.raises(UserError, match="parameter 'params/dense/bias' has shape \\(4,\\).*expects \\(5,\\)"):
+  with pytest.raises(UserError,
+                     match=r"parameter 'params/dense/bias' has shape \(4,\).*expects \(5,\)"):
     ckpt.restore(_state(width=5))
 
 
@@ -62,3 +65,17 @@ def test_incomplete_save_is_ignored(tmp_path):
   assert reopened.latest_step() == 1
   restored, meta = reopened.restore(_state())
   assert meta["step"] == 1
+
+
+def test_context_manager_and_no_deprecation_warnings(tmp_path):
+  """Saving, reopening and restoring through the current orbax API warns about nothing."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    with Checkpoints(tmp_path, max_to_keep=1, best_metric="acc") as ckpt:
+      ckpt.save(1, _state(), metrics={"acc": 0.5})
+      ckpt.save(2, _state(), metrics={"acc": 0.4})
+    with Checkpoints(tmp_path, max_to_keep=1, best_metric="acc") as reopened:
+      assert reopened.steps() == [2] and reopened.best_step() == 1
+      _, meta = reopened.restore(_state(), "best")
+      assert meta["metrics"]["acc"] == pytest.approx(0.5)
+  assert [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)] == []

@@ -13,10 +13,13 @@ import pytest
 
 import ferjax.data
 from ferjax import evaluate
-from ferjax.data import Dataset, pipeline
+from ferjax.data import Dataset, pipeline, splits
 from ferjax.errors import UserError
 from ferjax.models import resnet
-from ferjax.train import classifier, parallel
+from ferjax import bench
+from ferjax.core import parallel
+from ferjax.kinds import classifier as classifier_kind
+from ferjax.train import classifier
 
 NAMES = ("a", "b", "c", "d", "e", "f", "g")
 
@@ -33,7 +36,7 @@ def stand_in_load(name, split, *, image_size=32, channels=1, **unused):
 
 
 def tiny_config():
-  config = classifier.default_config()
+  config = classifier_kind.default_config()
   config.model.update(name="resnet10", width=0.125)
   config.data.image_size = 32
   config.optim.warmup_steps = 1
@@ -96,9 +99,9 @@ def untrained():
   """(config, model, mesh, variables) of a freshly initialised tiny ResNet on 8 devices."""
   config = tiny_config()
   model = resnet.model_from_config(config.model, 7)
-  tx, _ = classifier.make_optimizer(config, 4)
+  tx, _ = classifier_kind.make_optimizer(config, 4)
   mesh = parallel.make_mesh()
-  variables = classifier.eval_variables(classifier.init_state(config, model, tx, mesh))
+  variables = classifier_kind.eval_variables(classifier_kind.init_state(config, model, tx, mesh))
   return config, model, mesh, variables
 
 
@@ -141,7 +144,7 @@ def test_posthoc_adjustment_is_applied_to_precomputed_logits():
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   patch = pytest.MonkeyPatch()
-  patch.setattr(ferjax.data, "load", stand_in_load)
+  patch.setattr(splits, "load", stand_in_load)
   path = tmp_path_factory.mktemp("eval_run")
   try:
     classifier.train_and_evaluate(tiny_config(), path)
@@ -194,7 +197,7 @@ def test_evaluate_user_errors(workdir, tmp_path):
 def test_bench_records_train_and_eval_throughput():
   config = tiny_config()
   config.train.num_devices = 1
-  records = evaluate.bench(config, batch_size=8, steps=1)
+  records = bench.bench_classifier(config, batch_size=8, steps=1)
   assert [r["what"] for r in records] == ["classifier", "evaluate"]
   for r in records:
     assert r["batch"] == 8 and r["images_per_s"] > 0 and r["model"] == "resnet10"

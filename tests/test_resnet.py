@@ -9,7 +9,7 @@ import pytest
 
 from ferjax import configs
 from ferjax.models import resnet
-from ferjax.train import classifier
+from ferjax.kinds import classifier as classifier_kind
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -111,7 +111,7 @@ def test_width_multiplier():
                                          "classifier_synthetic.py", "classifier_fer2013.py"])
 def test_no_default_runs_a_conv_below_3x3(config_file):
   if config_file is None:
-    config = classifier.default_config()
+    config = classifier_kind.default_config()
   else:
     config = configs.load_config(REPO / "experiments" / "configs" / config_file)
   assert resnet.smallest_feature_map(config.data.image_size, config.model.stem) >= 3

@@ -12,13 +12,18 @@ from ferjax import cli, evaluate
 from ferjax.augment import export, quality, semantic, synthesis
 from ferjax.data import folder, pipeline
 from ferjax.errors import UserError
+from ferjax import runs as runs_lib
+from ferjax.core import parallel
+from ferjax.data import splits
+from ferjax.kinds import classifier as classifier_kind
+from ferjax.kinds import vaegan as vaegan_kind
 from ferjax.train import classifier, vaegan
 
 NUM_CLASSES = 7
 
 
 def vaegan_config():
-  config = vaegan.default_config()
+  config = vaegan_kind.default_config()
   config.data.update(image_size=32, channels=1, num_examples=96, val_examples=16)
   config.model.update(latent_dim=8, widths=(4, 8, 16))
   config.train.update(num_steps=4, batch_size=16, num_devices=1, log_every=2, eval_every=4,
@@ -27,7 +32,7 @@ def vaegan_config():
 
 
 def classifier_config(**augment):
-  config = classifier.default_config()
+  config = classifier_kind.default_config()
   config.model.update(name="resnet10", width=0.125)
   config.data.update(image_size=32, channels=1, num_examples=280)
   config.optim.warmup_steps = 2
@@ -52,12 +57,12 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vae(runs):
-  return vaegan.load_for_sampling(runs[0] / "vaegan")
+  return runs_lib.open_vaegan(runs[0] / "vaegan", "latest")
 
 
 @pytest.fixture(scope="module")
 def train_ds():
-  return classifier.load_dataset(classifier_config(), "train")
+  return splits.load_split(classifier_config().data, "train", train=True)
 
 
 # --- The sampler -------------------------------------------------------------------------------
@@ -88,8 +93,8 @@ def test_alpha_zero_is_reconstruction_and_residual_keeps_the_seed(vae, train_ds)
 def test_stage_fills_the_gaps_and_waits_for_start_step(vae, train_ds):
   plan = semantic.plan_batches(train_ds.class_counts(), batch_size=32, target="largest")
   data = classifier.device_data(classifier_config(), train_ds.images, train_ds.labels,
-                                NUM_CLASSES, classifier.parallel.make_mesh(1))
-  data["synthesis"] = synthesis._stage_data(vae, plan, "posterior", train_ds.images,
+                                NUM_CLASSES, parallel.make_mesh(1))
+  data["synthesis"] = synthesis.stage_data(vae, plan, "posterior", train_ds.images,
                                             train_ds.labels, NUM_CLASSES)
   stage = synthesis.make_synthesize(vae.model, plan.num_synthetic, 32, 1, mode="posterior",
                                     alpha=1.0, start_step=5, synthetic_weight=0.5)
@@ -122,8 +127,7 @@ def test_semantic_run_trains_under_the_rebalanced_prior(runs, train_ds):
   assert result["step"] == 12 and result["best_step"] is not None
   meta = json.loads((root / "semantic" / "config.json").read_text())
   assert meta["augment"]["decode"] == "residual"
-  _, ckpt_meta = evaluate.restore_variables(evaluate.config_from_workdir(root / "semantic"),
-                                            root / "semantic")
+  ckpt_meta = runs_lib.open_classifier(root / "semantic", "latest").meta
   plan = semantic.plan_batches(train_ds.class_counts(), batch_size=32, target="largest", fill=0.5)
   np.testing.assert_allclose(ckpt_meta["prior_counts"], plan.real_counts + plan.synthetic_counts)
   assert ckpt_meta["train_counts"] == train_ds.class_counts().tolist()

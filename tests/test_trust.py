@@ -26,8 +26,13 @@ import pytest
 from ferjax import evaluate
 from ferjax.errors import UserError
 from ferjax.models import resnet
-from ferjax.train import classifier, parallel, vaegan
-from ferjax.train.checkpoint import Checkpoints
+from ferjax import runs
+from ferjax.core import parallel
+from ferjax.data import splits
+from ferjax.kinds import classifier as classifier_kind
+from ferjax.kinds import vaegan as vaegan_kind
+from ferjax.train import classifier, vaegan
+from ferjax.core.checkpoint import Checkpoints
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"steps_per_s", "images_per_s"}  # Wall-clock: the only fields allowed to differ.
@@ -197,12 +202,12 @@ def metric_records(workdir) -> list[dict]:
 
 def classifier_state(workdir, which="latest"):
   """The full train state (parameters, BatchNorm statistics, optimizer, EMA) on the host."""
-  config = evaluate.config_from_workdir(workdir)
+  config = classifier_kind.read_config(workdir)
   ckpt = Checkpoints(pathlib.Path(workdir) / "checkpoints")
   try:
     num_classes = len(ckpt.read_meta(which)["class_names"])
     model = resnet.model_from_config(config.model, num_classes)
-    target = classifier.abstract_state(config, model, parallel.make_mesh(1))
+    target = classifier_kind.abstract_state(config, model, parallel.make_mesh(1))
     state, meta = ckpt.restore(target, which)
   finally:
     ckpt.close()
@@ -212,7 +217,7 @@ def classifier_state(workdir, which="latest"):
 def trainer_state(trainer: str, workdir, which="latest"):
   if trainer == "classifier":
     return classifier_state(workdir, which)
-  _, _, state, meta = vaegan.restore_state(workdir, which)
+  _, _, state, meta = runs.restore_vaegan_state(workdir, which)
   return jax.device_get(state), meta
 
 
@@ -268,10 +273,9 @@ def test_same_config_and_seed_give_bit_identical_runs(trainer, request, tmp_path
   assert metric_records(tmp_path) == metric_records(reference_dir)
   if trainer == "classifier":
     assert again["best"] == reference["best"] and again["last"] == reference["last"]
-    variables, meta = evaluate.restore_variables(evaluate.config_from_workdir(tmp_path), tmp_path,
-                                                 "latest")
-    reference_variables, _ = evaluate.restore_variables(
-        evaluate.config_from_workdir(reference_dir), reference_dir, "latest")
+    run = runs.open_classifier(tmp_path, "latest")
+    variables, meta = run.variables, run.meta
+    reference_variables = runs.open_classifier(reference_dir, "latest").variables
     assert meta["step"] == 8
     assert_bit_identical(variables, reference_variables, "classifier EMA variables")
   else:
@@ -423,10 +427,10 @@ def test_a_kill_between_the_best_and_the_last_save_loses_no_best_candidate(tmp_p
 def test_restoring_into_a_config_of_other_shapes_names_the_parameter(classifier_reference):
   """The trainer-level check (tests/test_checkpoint.py has the wrapper-level one)."""
   reference_dir, _ = classifier_reference
-  config = evaluate.config_from_workdir(reference_dir)
+  config = classifier_kind.read_config(reference_dir)
   config.model.width = 0.25
   with pytest.raises(UserError, match=r"parameter '[^']*' has shape .* the config expects"):
-    evaluate.restore_variables(config, reference_dir, "latest")
+    runs.open_classifier(reference_dir, "latest", config=config)
 
 
 PICKLE_MODULES = ("pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal")
@@ -509,9 +513,9 @@ def test_two_processes_agree_with_one(classifier_reference, tmp_path):
   # Eight steps leave the metrics near chance, so compare what they are computed from as well:
   # the validation logits of the evaluated (EMA) weights.
   config = make_config("classifier")
-  _, val = classifier.load_splits(config)
+  _, val = splits.load_splits(config.data, config.seed)
   model = resnet.model_from_config(config.model, len(val.class_names))
-  logits = [evaluate.predict_logits(model, evaluate.restore_variables(config, w, "latest")[0],
+  logits = [evaluate.predict_logits(model, runs.open_classifier(w, "latest", config=config).variables,
                                     val.images, batch_size=32, mesh=parallel.make_mesh(1))
             for w in (workdir, reference_dir)]
   np.testing.assert_allclose(logits[0], logits[1], rtol=1e-4, atol=1e-5)

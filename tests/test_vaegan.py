@@ -5,19 +5,24 @@ import types
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from ferjax import configs
 from ferjax.errors import UserError
 from ferjax.models import vaegan as models
-from ferjax.train import checkpoint, monitor, parallel
+from ferjax import bench
+from ferjax import runs as runs_lib
+from ferjax.core import checkpoint, monitor, parallel
+from ferjax.data import splits
+from ferjax.kinds import vaegan as vaegan_kind
 from ferjax.train import vaegan
 
 
 def tiny_config(**changes):
   """32 px gray, widths 4-8-16, latent 8, batch 16: compiles and runs in seconds on a CPU."""
-  config = vaegan.default_config()
+  config = vaegan_kind.default_config()
   config.data.image_size = 32
   config.data.channels = 1
   config.data.num_examples = 64
@@ -45,9 +50,9 @@ def tiny_config(**changes):
 
 
 def init_variables(model, seed=0):
-  """model.init, compiled the quick way the trainer does it (see vaegan.create_state)."""
+  """model.init, compiled the quick way the trainer does it (see ferjax.kinds.vaegan.init_state)."""
   key = jax.random.PRNGKey(seed)
-  return jax.jit(model.init).lower(key).compile(compiler_options=vaegan.FAST_COMPILE)(key)
+  return jax.jit(model.init).lower(key).compile(compiler_options=parallel.FAST_COMPILE)(key)
 
 
 def leaves_equal(a, b):
@@ -76,7 +81,7 @@ def test_shapes_and_dtypes(arch, dtype):
     assert leaf.dtype == jnp.float32  # Parameters stay float32 whatever the compute dtype.
 
   def forward(variables, images):
-    e, g, d = (variables[n] for n in vaegan.NETS)
+    e, g, d = (variables[n] for n in vaegan_kind.NETS)
     mu, logvar = model.encode(e["params"], e["batch_stats"], images)
     decoded = model.decode(g["params"], g["batch_stats"], mu)
     return mu, logvar, decoded, *model.discriminate(d["params"], d["batch_stats"], decoded)
@@ -127,10 +132,10 @@ def test_encode_decode_values_and_jit_vmap():
 @pytest.fixture(scope="module")
 def grad_setup():
   """grads(**loss weights) -> per-network gradients on one fixed batch (weights are traced)."""
-  model = vaegan.build_model(tiny_config())
+  model = vaegan_kind.build_model(tiny_config())
   variables = init_variables(model)
-  params = {n: variables[n]["params"] for n in vaegan.NETS}
-  stats = {n: variables[n]["batch_stats"] for n in vaegan.NETS}
+  params = {n: variables[n]["params"] for n in vaegan_kind.NETS}
+  stats = {n: variables[n]["batch_stats"] for n in vaegan_kind.NETS}
   images = jax.random.uniform(jax.random.PRNGKey(1), (8, 32, 32, 1), minval=-1, maxval=1)
 
   @jax.jit(static_argnums=2)
@@ -149,7 +154,7 @@ def grad_setup():
 
 def test_every_parameter_gets_a_gradient(grad_setup):
   grads = grad_setup()
-  for net in vaegan.NETS:
+  for net in vaegan_kind.NETS:
     for path, g in jax.tree_util.tree_flatten_with_path(grads[net])[0]:
       assert float(jnp.max(jnp.abs(g))) > 0, f"{net}{jax.tree_util.keystr(path)} gets no gradient"
 
@@ -182,8 +187,8 @@ def test_gradients_follow_each_networks_own_loss(grad_setup):
 def run_steps(config, num_devices, num_steps, images, snapshot_at=()):
   """Runs the real train step; returns ({step: state} at `snapshot_at`, all metrics)."""
   mesh = parallel.make_mesh(num_devices)
-  model = vaegan.build_model(config)
-  state = vaegan.create_state(model, vaegan.make_optimizers(config), config.seed, mesh)
+  model = vaegan_kind.build_model(config)
+  state = vaegan_kind.init_state(config, model, mesh)
   step = vaegan.make_train_step(model, config, mesh, len(images))
   images = parallel.put_rows(images, mesh)
   history, snapshots = [], {}
@@ -197,7 +202,7 @@ def run_steps(config, num_devices, num_steps, images, snapshot_at=()):
 
 @pytest.fixture(scope="module")
 def tiny_images():
-  return vaegan.load_images(tiny_config(), "train", 64)
+  return splits.load_split(tiny_config().data, "train", train=True, limit=64).images
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +231,7 @@ def test_one_and_eight_devices_agree(one_device_run, tiny_images):
       np.testing.assert_allclose(history_1[i][key], history_8[i][key], rtol=1e-5,
                                  err_msg=f"step {i + 1}: {key}")
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-               snapshots_1[20]["params"], snapshots_8[20]["params"])
+               snapshots_1[20].params, snapshots_8[20].params)
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +246,7 @@ def runs(tmp_path_factory):
 
 def test_resume_equals_uninterrupted(runs, one_device_run):
   assert runs.half["step"] == 4 and runs.resumed["step"] == 8
-  _, _, resumed, meta = vaegan.restore_state(runs.workdir)
+  _, _, resumed, meta = runs_lib.restore_vaegan_state(runs.workdir)
   assert meta["step"] == 8
   uninterrupted = one_device_run[0][8]  # The same config run for 8 steps without a stop.
   assert leaves_equal(resumed, uninterrupted)
@@ -253,9 +258,17 @@ def test_resume_equals_uninterrupted(runs, one_device_run):
                              rtol=1e-6)
 
 
-def test_train_step_compiles_once(runs):
-  for result in (runs.half, runs.resumed):
-    assert result["train_step_traces"] == 1
+def test_train_step_compiles_once(tiny_images):
+  """The step is wrapped in chex.assert_max_traces: a retrace (here forced by a new batch
+  shape) is an error, so every run above compiled it once."""
+  config = tiny_config()
+  mesh = parallel.make_mesh(1)
+  model = vaegan_kind.build_model(config)
+  step = vaegan.make_train_step(model, config, mesh, 16)
+  state, _ = step(vaegan_kind.init_state(config, model, mesh), parallel.put_rows(tiny_images[:16], mesh))
+  state, _ = step(state, parallel.put_rows(tiny_images[16:32], mesh))  # Same shapes: no trace.
+  with pytest.raises(AssertionError, match="traced"):
+    step(state, parallel.put_rows(tiny_images[:24], mesh))
 
 
 def test_workdir_contents(runs):
@@ -270,7 +283,7 @@ def test_workdir_contents(runs):
   val = [r for r in records if "val_psnr" in r]
   assert [r["step"] for r in val] == [4, 8] and all(np.isfinite(r["val_mse"]) for r in val)
   assert runs.resumed["val"]["val_psnr"] > 0
-  assert vaegan.read_config(workdir).model.widths == (4, 8, 16)  # config.json round-trips.
+  assert vaegan_kind.read_config(workdir).model.widths == (4, 8, 16)  # config.json round-trips.
 
 
 def test_checkpoint_round_trip_and_step_restore(runs, tmp_path):
@@ -278,26 +291,24 @@ def test_checkpoint_round_trip_and_step_restore(runs, tmp_path):
   ckpts = checkpoint.Checkpoints(workdir / "checkpoints")
   assert ckpts.steps() == [2, 4, 6, 8]
   ckpts.close()
-  config, model, state, _ = vaegan.restore_state(workdir)
+  config, model, state, _ = runs_lib.restore_vaegan_state(workdir)
   # Save the restored state elsewhere and read it back: bit-identical, raw uint32 key kept.
   again = checkpoint.Checkpoints(tmp_path / "ckpt")
   again.save(8, state)
-  fresh = vaegan.create_state(model, vaegan.make_optimizers(config), config.seed,
-                              parallel.make_mesh(1))
+  fresh = vaegan_kind.init_state(config, model, parallel.make_mesh(1))
   restored, meta = again.restore(fresh)
   again.close()
   assert meta["step"] == 8 and leaves_equal(state, restored)
-  assert restored["rng"].dtype == jnp.uint32 and restored["rng"].shape == (2,)
   # An earlier step for ablations, and the best-on-validation one.
-  _, _, state_4, meta_4 = vaegan.restore_state(workdir, which=4)
-  assert meta_4["step"] == 4 and int(state_4["step"]) == 4
-  assert not leaves_equal(state_4["params"], state["params"])
+  _, _, state_4, meta_4 = runs_lib.restore_vaegan_state(workdir, which=4)
+  assert meta_4["step"] == 4 and int(state_4.step) == 4
+  assert not leaves_equal(state_4.params, state.params)
   with pytest.raises(UserError, match="no checkpoint at step 5"):
-    vaegan.restore_state(workdir, which=5)
+    runs_lib.restore_vaegan_state(workdir, which=5)
 
 
 def test_load_for_sampling(runs, tiny_images):
-  trained = vaegan.load_for_sampling(runs.workdir, which="best")
+  trained = runs_lib.open_vaegan(runs.workdir, which="best")
   assert trained.step in (4, 8) and trained.config.model.latent_dim == 8
   mu, logvar = trained.encode(tiny_images[:4])
   assert mu.shape == logvar.shape == (4, 8)
@@ -320,8 +331,8 @@ def test_divergence_stops_clearly_and_keeps_last_good_checkpoint(runs, tmp_path)
   ckpts = checkpoint.Checkpoints(workdir / "checkpoints")
   assert ckpts.latest_step() == 8
   ckpts.close()
-  _, _, state, _ = vaegan.restore_state(workdir)
-  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
+  _, _, state, _ = runs_lib.restore_vaegan_state(workdir)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
 
 
 # ================================================================================================
@@ -336,31 +347,33 @@ def test_divergence_stops_clearly_and_keeps_last_good_checkpoint(runs, tmp_path)
 def test_bad_config_value_names_the_field(field, value):
   config = tiny_config(**{field: value})
   with pytest.raises(UserError, match=field.replace(".", r"\.")):
-    vaegan.validate_config(config)
+    vaegan_kind.validate_config(config)
 
 
 def test_batch_must_split_over_devices():
   config = tiny_config(**{"train.num_devices": 8, "train.batch_size": 12})
   with pytest.raises(UserError, match=r"train\.batch_size.*multiple of the device count \(8\)"):
-    vaegan.validate_config(config)
+    vaegan_kind.validate_config(config)
 
 
 def test_unknown_or_missing_field_is_a_user_error():
-  config = tiny_config()
+  with pytest.raises(AttributeError, match="num_stpes"):  # The defaults are locked.
+    tiny_config().train.num_stpes = 3
+  config = ml_collections.ConfigDict(tiny_config().to_dict())  # Built without the defaults.
   config.train.num_stpes = 3
   with pytest.raises(UserError, match="num_stpes"):
-    vaegan.validate_config(config)
-  config = tiny_config()
+    vaegan_kind.validate_config(config)
+  config = ml_collections.ConfigDict(tiny_config().to_dict())
   del config.loss["beta"]
   with pytest.raises(UserError, match=r"loss\.beta.*missing"):
-    vaegan.validate_config(config)
+    vaegan_kind.validate_config(config)
 
 
 def test_experiment_configs_are_valid():
   for name in ("vaegan_synthetic_tiny", "vaegan_synthetic", "vaegan_fer2013"):
     config = configs.load_config(configs_dir() / f"{name}.py")
     config.train.num_devices = 1
-    vaegan.validate_config(config)
+    vaegan_kind.validate_config(config)
 
 
 def configs_dir():
@@ -376,5 +389,5 @@ def test_cli_main_reports_bad_override_as_user_error(tmp_path):
 
 
 def test_bench_times_the_real_step():
-  record = vaegan.bench(tiny_config(), batch_size=8, steps=2)
+  record = bench.bench_vaegan(tiny_config(), batch_size=8, steps=2)
   assert record["what"] == "vaegan" and record["batch"] == 8 and record["images_per_s"] > 0

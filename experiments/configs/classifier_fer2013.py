@@ -17,7 +17,7 @@ Other seeds: --config.seed=1. Long-tail variants: e.g. --config.loss.name=balanc
 On a 2-core CPU this recipe takes days: use classifier_synthetic.py there.
 """
 
-from ferjax.train import classifier
+from ferjax.kinds import classifier
 
 TRAIN_EXAMPLES = 28709  # FER-2013 Training rows (the prepared `train` split).
 BATCH = 256

@@ -23,7 +23,7 @@ faces vary widely in lighting), AdamW (SGD learns far slower in a few hundred st
 random crop (crops slow learning in short runs).
 """
 
-from ferjax.train import classifier
+from ferjax.kinds import classifier
 
 
 def get_config():

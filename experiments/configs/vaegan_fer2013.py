@@ -12,7 +12,7 @@ Expected run time: about 7 minutes on one H200 (30k steps of 256 images, ~270 ep
 steps measured 109 s). On a 2-core CPU one step takes seconds: not meant to run there.
 """
 
-from ferjax.train import vaegan
+from ferjax.kinds import vaegan
 
 
 def get_config():

@@ -13,7 +13,7 @@ these short runs, 2x faster progress than 1e-3), beta 1e-3 (0.01 blurred the rec
 badly), widths 16-32-64 (32-64-128 is 2.3x slower per step for +0.3 dB).
 """
 
-from ferjax.train import vaegan
+from ferjax.kinds import vaegan
 
 
 def get_config():

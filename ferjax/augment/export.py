@@ -16,25 +16,27 @@ import shutil
 
 import numpy as np
 
-from ferjax import configs, plots
+from ferjax import configs, plots, runs
+from ferjax.augment import synthesis
+from ferjax.data import folder, splits
+from ferjax.data.images import convert_images
 from ferjax.errors import UserError
+from ferjax.kinds import classifier as classifier_kind
 
 
 def seed_dataset(vae, config=None):
   """(Dataset of real seeds, synthesize_per_class options) for the export."""
-  from ferjax.augment import synthesis
-  from ferjax.train import classifier, vaegan
-  if config is None:  # The VAE-GAN's own data and format, the trainer's default perturbation.
-    ds = vaegan.load_dataset(vae.config, vae.config.data.split)
-    return ds, synthesis.options(classifier.default_config(), vae.model.image_size,
+  if config is None:  # The VAE-GAN's own data and format, the classifier's default perturbation.
+    ds = splits.load_split(vae.config.data, vae.config.data.split, train=True)
+    return ds, synthesis.options(classifier_kind.default_config(), vae.model.image_size,
                                  vae.model.channels)
-  return classifier.load_dataset(config, "train"), synthesis.options(config)
+  return (splits.load_split(config.data, "train", train=True, limit=config.data.num_examples),
+          synthesis.options(config))
 
 
 def save_seed_grid(path, seeds, fake, labels, class_names, per_row: int = 5):
   """Each row: `per_row` real seeds of a class, then the faces synthesized from them."""
   if seeds.shape[1:] != fake.shape[1:]:
-    from ferjax.data.loading import convert_images
     seeds = convert_images(seeds, image_size=fake.shape[1], channels=fake.shape[3])
   grid_images, grid_labels = [], []
   for k in np.unique(labels):
@@ -48,15 +50,12 @@ def save_seed_grid(path, seeds, fake, labels, class_names, per_row: int = 5):
 
 def export(vaegan_workdir, out, per_class: int, *, config=None, seed: int = 0) -> dict:
   """Writes the folder dataset into `out` (which must not exist yet); returns its provenance."""
-  from ferjax.augment import synthesis
-  from ferjax.data import folder
-  from ferjax.train import vaegan
   out = pathlib.Path(out)
   if per_class < 1:
     raise UserError(f"--per-class: expected at least 1, got {per_class}")
   if out.exists():
     raise UserError(f"{out} already exists: choose a new --out folder (nothing is overwritten)")
-  vae = vaegan.load_for_sampling(vaegan_workdir)
+  vae = runs.open_vaegan(vaegan_workdir, "latest")
   ds, how = seed_dataset(vae, config)
   fake, labels, seed_idx = synthesis.synthesize_per_class(
       vae, ds.images, ds.labels, ds.num_classes, per_class, seed=seed, **how)

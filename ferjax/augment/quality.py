@@ -1,7 +1,5 @@
-"""`ferjax evaluate-synthetic`: how good are the synthesized faces, measured by a real-data model.
-
-    ferjax evaluate-synthetic --vaegan runs/demo/vaegan --classifier runs/demo/baseline \
-        --per-class 200 --out runs/quality
+"""How good are the synthesized faces, measured by a real-data model: the metrics behind
+`ferjax evaluate-synthetic` (ferjax.evaluate_synthetic runs it) and the demo's report.
 
 With a classifier trained on real images only (its validation-chosen checkpoint) as the judge,
 per class and overall:
@@ -14,15 +12,9 @@ per class and overall:
 - classification accuracy score (CAS): the same classifier recipe trained on synthetic faces
   only (checkpoint chosen on the real validation split), tested on the real test split, next to
   the real-data classifier's test figures.
-Writes `<out>/synthetic_quality.json` and `<out>/synthetic_quality.md`.
 """
 
-import json
-import pathlib
-
 import numpy as np
-
-from ferjax.errors import UserError
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -82,67 +74,6 @@ def measure(judge_logits_fake, fake_features, fake_labels, real_features, real_l
   }
 
 
-def evaluate_synthetic(vaegan_workdir, classifier_workdir, out, *, per_class: int = 200,
-                       cas_steps=None, seed: int = 0) -> dict:
-  from ferjax import evaluate
-  from ferjax.augment import synthesis
-  from ferjax.data import Dataset
-  from ferjax.models import resnet
-  from ferjax.train import classifier, parallel, vaegan
-  out = pathlib.Path(out)
-  out.mkdir(parents=True, exist_ok=True)
-  config = evaluate.config_from_workdir(classifier_workdir)
-  if config.augment.get("vaegan_workdir"):
-    raise UserError(f"--classifier {classifier_workdir}: trained with semantic augmentation; the "
-                    "judge must be trained on real images only")
-  variables, meta = evaluate.restore_variables(config, classifier_workdir, "best")
-  mesh = parallel.make_mesh(config.train.num_devices)
-  model = resnet.model_from_config(config.model, len(meta["class_names"]))
-  predict = lambda images: evaluate.predict_logits(
-      model, variables, images, tta="none", mesh=mesh,
-      batch_size=evaluate.eval_batch_size(config, mesh), return_features=True)
-
-  train_ds, val_ds = classifier.load_splits(config)
-  test_ds = classifier.load_dataset(config, "test")
-  vae = vaegan.load_for_sampling(vaegan_workdir)
-  how = synthesis.options(config)  # The judge's augment fields: the trainer's defaults.
-  fake, fake_labels, _ = synthesis.synthesize_per_class(
-      vae, train_ds.images, train_ds.labels, train_ds.num_classes, per_class, seed=seed, **how)
-  fake_logits, fake_features = predict(fake)
-  _, real_features = predict(train_ds.images)
-  test_logits, _ = predict(test_ds.images)
-  judge_test = evaluate.evaluate_params(config, None, test_ds, train_counts=meta["train_counts"],
-                                        logits=test_logits)
-  recall = {n: v["recall"] for n, v in judge_test["per_class"].items()}
-  result = measure(fake_logits, fake_features, fake_labels, real_features, train_ds.labels,
-                   train_ds.class_names, recall, seed)
-  result.update(vaegan_workdir=str(vaegan_workdir), vaegan_step=vae.step,
-                classifier_workdir=str(classifier_workdir), mode=how["mode"], alpha=how["alpha"],
-                residual=how["residual"],
-                per_class_requested=per_class, seed=seed,
-                real_classifier_test={k: judge_test[k] for k in
-                                      ("accuracy", "mean_class_accuracy", "macro_f1")})
-
-  steps = config.train.num_steps if cas_steps is None else int(cas_steps)
-  if steps > 0:
-    cas_config = evaluate.config_from_workdir(classifier_workdir)  # The same recipe.
-    cas_config.train.num_steps = steps
-    cas_config.train.eval_every = max(1, min(cas_config.train.eval_every, steps))
-    cas_config.sampler.name = "instance"
-    synthetic_ds = Dataset(fake, fake_labels, train_ds.class_names, "synthetic-faces", "train")
-    summary = classifier.train_and_evaluate(cas_config, out / "cas_classifier",
-                                            datasets=(synthetic_ds, val_ds))
-    cas_variables, _ = evaluate.restore_variables(cas_config, out / "cas_classifier", "best")
-    cas_test = evaluate.evaluate_params(cas_config, cas_variables, test_ds,
-                                        train_counts=meta["train_counts"], mesh=mesh)
-    result["cas"] = {k: cas_test[k] for k in ("accuracy", "mean_class_accuracy", "macro_f1")}
-    result["cas"].update(steps=steps, best_step=summary["best_step"],
-                         per_class_recall={n: v["recall"] for n, v in cas_test["per_class"].items()})
-  (out / "synthetic_quality.json").write_text(json.dumps(result, indent=2) + "\n")
-  (out / "synthetic_quality.md").write_text(markdown(result))
-  return result
-
-
 def markdown(result: dict) -> str:
   lines = [
       f"Synthetic faces: VAE-GAN `{result['vaegan_workdir']}` (step {result['vaegan_step']}), "
@@ -169,16 +100,3 @@ def markdown(result: dict) -> str:
               f"accuracy {100 * real['mean_class_accuracy']:.2f}, macro-F1 "
               f"{100 * real['macro_f1']:.2f}."]
   return "\n".join(lines) + "\n"
-
-
-def cli_main(args) -> int:
-  if args.per_class < 4:
-    raise UserError(f"--per-class: expected at least 4 (distances need several images), got "
-                    f"{args.per_class}")
-  if args.cas_steps is not None and args.cas_steps < 0:
-    raise UserError(f"--cas-steps: expected >= 0, got {args.cas_steps}")
-  result = evaluate_synthetic(args.vaegan, args.classifier, args.out, per_class=args.per_class,
-                              cas_steps=args.cas_steps, seed=args.seed)
-  print(markdown(result), end="")
-  print(f"-> {pathlib.Path(args.out) / 'synthetic_quality.json'}")
-  return 0

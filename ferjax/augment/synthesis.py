@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ferjax import runs
 from ferjax.augment import semantic
 from ferjax.data import pipeline
 from ferjax.errors import UserError
@@ -41,7 +42,7 @@ def to_format(images, image_size: int, channels: int):
   if (h, w) != (image_size, image_size):
     images = jax.image.resize(images, (b, image_size, image_size, c), "linear")
   if c != channels:
-    if channels == 1:  # luma, as ferjax.data.loading.convert_images does for uint8
+    if channels == 1:  # luma, as ferjax.data.images.convert_images does for uint8
       images = images @ jnp.array([0.299, 0.587, 0.114], images.dtype)[:, None]
     else:
       images = jnp.repeat(images, 3, axis=-1)
@@ -59,7 +60,6 @@ class Stage:
 
 def build(config, train_images: np.ndarray, train_labels: np.ndarray, num_classes: int) -> Stage:
   """Restores the frozen VAE-GAN (and filter classifier) and returns the synthesis stage."""
-  from ferjax.train import vaegan as vaegan_trainer
   a = config.augment
   if config.sampler.name != "instance":
     raise UserError("config field 'sampler.name': semantic augmentation composes each batch "
@@ -75,9 +75,9 @@ def build(config, train_images: np.ndarray, train_labels: np.ndarray, num_classe
   if not 0 <= a.start_step < config.train.num_steps:
     raise UserError(f"config field 'augment.start_step': expected 0..train.num_steps - 1, got "
                     f"{a.start_step!r}")
-  vae = vaegan_trainer.load_for_sampling(a.vaegan_workdir, a.vaegan_checkpoint)
+  vae = runs.open_vaegan(a.vaegan_workdir, a.vaegan_checkpoint)
   plan = plan_for(config, train_labels, num_classes)
-  data = _stage_data(vae, plan, a.mode, train_images, train_labels, num_classes)
+  data = stage_data(vae, plan, a.mode, train_images, train_labels, num_classes)
   filter_model = None
   if a.filter_workdir:
     filter_model, data["filter"] = _restore_filter(a.filter_workdir)
@@ -97,7 +97,7 @@ def plan_for(config, train_labels, num_classes: int) -> semantic.BatchPlan:
                                fill=a.fill, explicit=a.target_counts)
 
 
-def _stage_data(vae, plan, mode, train_images, train_labels, num_classes: int) -> dict:
+def stage_data(vae, plan, mode, train_images, train_labels, num_classes: int) -> dict:
   """The stage's device arrays: frozen EMA encoder/generator, class distributions, statistics."""
   no_stats = (jnp.zeros((num_classes, 1)), jnp.zeros((num_classes, 1)))
   return {
@@ -202,11 +202,8 @@ def class_latent_stats(vae, images: np.ndarray, labels: np.ndarray, num_classes:
 
 def _restore_filter(workdir):
   """(model, variables) of a classifier run trained on real data, for the confidence filter."""
-  from ferjax import evaluate
-  from ferjax.models import resnet
-  config = evaluate.config_from_workdir(workdir)
-  variables, meta = evaluate.restore_variables(config, workdir, "best")
-  return resnet.model_from_config(config.model, len(meta["class_names"])), variables
+  judge = runs.open_classifier(workdir, "best")
+  return judge.model, judge.variables
 
 
 def options(config, image_size=None, channels=None) -> dict:
@@ -227,7 +224,7 @@ def synthesize_per_class(vae, images: np.ndarray, labels: np.ndarray, num_classe
 
   Each face comes from a real seed image of its class (drawn with replacement), encoded,
   perturbed (`mode`, `alpha`) and decoded by the trained VAE-GAN `vae` (a
-  `ferjax.train.vaegan.TrainedVAEGAN`). Returns (uint8 images [M, S, S, C] in the given format,
+  `ferjax.runs.VAEGANRun`). Returns (uint8 images [M, S, S, C] in the given format,
   default the VAE-GAN's; int32 labels [M]; seed indices into `images` [M]).
   """
   if mode not in semantic.MODES:
@@ -267,44 +264,3 @@ def synthesize_per_class(vae, images: np.ndarray, labels: np.ndarray, num_classe
                  pad(images[partner_idx[part]]), pad(classes[part]))
     out.append(np.asarray(batch)[:n])  # Fixed batch shape: one compilation; padding cut off.
   return np.concatenate(out), classes, seed_idx
-
-
-# --- `ferjax bench sampler` -----------------------------------------------------------------------
-def bench(config, batch_size=None, steps: int = 20) -> list[dict]:
-  """Cost of the augmentation pipeline against the classifier step it feeds.
-
-  Three records on random long-tailed data: "sampler" (the batch pipeline alone: sampling,
-  gather, synthesis of a quarter of the batch, augmentation), "classifier+synthesis" (the full
-  train step with that pipeline) and "classifier" (the same step without synthesis). The
-  sampler record's `share_of_step` is its time over the full step's; the full step's
-  `synthesis_overhead` is its time over the plain step's, minus 1. Uses the trained VAE-GAN of
-  config.augment.vaegan_workdir, else an untrained one of the default VAE-GAN architecture
-  (64 px, the classifier's channels): same cost, meaningless faces.
-  """
-  from ferjax import evaluate
-  from ferjax.train import vaegan as vaegan_trainer
-  a = config.augment
-
-  def stage(config, images, labels, num_classes):
-    if a.vaegan_workdir:
-      vae = vaegan_trainer.load_for_sampling(a.vaegan_workdir, a.vaegan_checkpoint)
-    else:
-      vae = vaegan_trainer.untrained_for_sampling(channels=config.data.channels)
-    plan = plan_for(config, labels, num_classes)
-    num_synthetic = config.train.batch_size // 4  # Fixed share, comparable across datasets.
-    synthesize = make_synthesize(vae.model, num_synthetic, config.data.image_size,
-                                 config.data.channels, mode=a.mode, alpha=float(a.alpha),
-                                 residual=a.decode == "residual",
-                                 synthetic_weight=float(a.synthetic_weight))
-    data = _stage_data(vae, plan, a.mode, images, labels, num_classes)
-    return synthesize, data, {"synthetic_per_batch": num_synthetic, "mode": a.mode,
-                              "vaegan_image_size": vae.model.image_size,
-                              "vaegan_trained": bool(a.vaegan_workdir)}
-
-  plain = evaluate.bench(config, batch_size, steps, what=("classifier",))[0]
-  pipeline, full = evaluate.bench(config, batch_size, steps, what=("sampler", "classifier"),
-                                  stage=stage)
-  pipeline["share_of_step"] = round(pipeline["step_ms"] / full["step_ms"], 4)
-  full["what"] = "classifier+synthesis"
-  full["synthesis_overhead"] = round(full["step_ms"] / plain["step_ms"] - 1.0, 4)
-  return [pipeline, full, plain]

@@ -1,9 +1,7 @@
 """`ferjax.data.load`: one entry point for every dataset ferjax knows."""
 
-import numpy as np
-from PIL import Image
-
-from ferjax.data.dataset import Dataset, LazyImages
+from ferjax.data.dataset import Dataset
+from ferjax.data.images import convert
 from ferjax.errors import UserError
 
 DATASET_NAMES = ("synthetic", "fer2013", "ferplus", "rafdb", "affectnet", "affectnet8", "ckplus",
@@ -43,41 +41,3 @@ def load(name: str, split: str, *, data_dir=None, manual_dir=None, image_size=No
   ds = builders.load_prepared(name, split, data_dir=data_dir, manual_dir=manual_dir,
                               lazy=name in STREAMED if lazy is None else lazy)
   return convert(ds, image_size=image_size, channels=channels)
-
-
-def convert(ds: Dataset, *, image_size=None, channels=None) -> Dataset:
-  """Resizes (bilinear, square) and converts channels (gray <-> RGB) of a dataset's images
-  (lazily, as they are read, for `LazyImages`)."""
-  if isinstance(ds.images, LazyImages):
-    h, w, c = ds.images.image_shape
-    shape = (image_size or h, image_size or w, channels or c)
-    if shape == (h, w, c):
-      return ds
-    convert_rows = lambda rows: convert_images(rows, image_size=image_size, channels=channels)
-    return Dataset(ds.images.map(convert_rows, shape), ds.labels, ds.class_names, ds.name,
-                   ds.split)
-  images = convert_images(ds.images, image_size=image_size, channels=channels)
-  if images is ds.images:
-    return ds
-  return Dataset(images, ds.labels, ds.class_names, ds.name, ds.split)
-
-
-def convert_images(images: np.ndarray, *, image_size=None, channels=None) -> np.ndarray:
-  """uint8 [N,H,W,C] -> uint8 [N,S,S,channels]; returns the input itself when nothing changes."""
-  n, h, w, c = images.shape
-  out = images
-  if image_size is not None and (h, w) != (image_size, image_size):
-    mode = "L" if c == 1 else "RGB"
-    resized = np.empty((n, image_size, image_size, c), np.uint8)
-    for i in range(n):
-      pil = Image.fromarray(images[i, ..., 0] if c == 1 else images[i], mode)
-      arr = np.asarray(pil.resize((image_size, image_size), Image.BILINEAR))
-      resized[i] = arr.reshape(image_size, image_size, c)
-    out = resized
-  if channels is not None and channels != out.shape[-1]:
-    if channels == 1:  # ITU-R 601 luma, as PIL's "L" conversion.
-      gray = out.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-      out = np.clip(np.round(gray), 0, 255).astype(np.uint8)[..., None]
-    else:
-      out = np.repeat(out, 3, axis=-1)
-  return out

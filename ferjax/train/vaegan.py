@@ -9,7 +9,11 @@ state donated; the batch is split over the mesh axis `data`, parameters are repl
 XLA inserts the gradient all-reduce (BatchNorm statistics are over the global batch). The test
 split is never loaded.
 
-Losses (weights in `config.loss`; see `default_config` for which choices are ours):
+What a VAE-GAN run is (config, model, optimizers, state, random streams) lives in
+ferjax.kinds.vaegan; reopening a finished run for sampling in ferjax.runs; benchmarks in
+ferjax.bench.
+
+Losses (weights in `config.loss`; see ferjax.kinds.vaegan for which choices are ours):
   D: hinge loss, real images against reconstructions and prior samples.
   G: hinge generator loss + reconstruction (D-feature MSE, Larsen et al. 2016, + pixel L1).
   E: beta * KL(q(z|x) || N(0, I)) with a linear warm-up + the same reconstruction terms
@@ -17,8 +21,6 @@ Losses (weights in `config.loss`; see `default_config` for which choices are our
 One forward pass feeds all three; each network then takes the gradient of its own loss only.
 """
 
-import collections
-import dataclasses
 import json
 import math
 import pathlib
@@ -27,256 +29,18 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
-import ferjax.data
-from ferjax import bench as bench_lib
 from ferjax import configs, plots
-from ferjax.data import pipeline
-from ferjax.errors import UserError
+from ferjax.core import checkpoint, monitor, parallel
+from ferjax.data import pipeline, splits
+from ferjax.kinds import vaegan as kind
+from ferjax.kinds.vaegan import EMA_NETS, NETS, TrainState
 from ferjax.models import vaegan as vaegan_models
-from ferjax.train import checkpoint, monitor, parallel
 
-NETS = ("encoder", "generator", "discriminator")
-EMA_NETS = ("encoder", "generator")  # The networks sampling uses.
 PERTURB_ALPHAS = (0.0, 0.5, 1.0, 2.0, 3.0)
-BEST_METRIC = "val_psnr"
-# Traces of the train step in the current run (a Python side effect runs only while tracing):
-# it must stay at one, i.e. the step compiles once.
-TRACE_COUNTS = collections.Counter()
 
-
-# ================================================================================================
-# Config
-# ================================================================================================
-def default_config() -> ml_collections.ConfigDict:
-  """Every field the trainer reads. Experiment configs start here and change what they need.
-
-  The seed paper (Li et al. 2024, arXiv 2411.17254) publishes no architecture, resolution,
-  loss weights or optimiser: every value below is our choice unless a comment names a source.
-  """
-  config = ml_collections.ConfigDict()
-  config.seed = 0  # Parameters, batch sampling and noise all derive from it.
-
-  config.data = ml_collections.ConfigDict()
-  config.data.name = "synthetic"  # One of ferjax.data.DATASET_NAMES.
-  config.data.split = "train"  # Trained on; the test split is never loaded.
-  config.data.val_split = "validation"  # Held out for recon MSE / PSNR / KL; None: no validation.
-  config.data.image_size = 64  # Model resolution (32..128); images are resized to it.
-  config.data.channels = 1  # 1 (gray) or 3 (RGB).
-  config.data.data_dir = None  # Prepared datasets (None: $FERJAX_DATA_DIR or ~/.ferjax/datasets).
-  config.data.manual_dir = None  # Raw files, prepared on first use.
-  config.data.num_examples = None  # Train examples: synthetic's size, else the first N (None: all).
-  config.data.val_examples = None  # Validation examples, as above.
-  # Long-tailed train profile (max/min count), as the classifier's data.imbalance_ratio, so the
-  # VAE-GAN of a *-LT protocol sees only the images its classifiers see (None: as it comes).
-  config.data.imbalance_ratio = None
-
-  config.model = ml_collections.ConfigDict()
-  config.model.arch = "dcgan"  # "dcgan" (DCGAN-64 layout) or "resnet" (residual, spectral-norm D).
-  config.model.latent_dim = 128  # Ours.
-  config.model.widths = None  # One per stride-2 stage; None: 64, 128, 256, 512, ... (DCGAN).
-  config.model.dtype = "float32"  # Compute dtype ("bfloat16" on accelerators); params stay f32.
-
-  config.loss = ml_collections.ConfigDict()
-  # KL per example (summed over latent dims) against reconstruction terms that are means over
-  # pixels / features: beta therefore sets how much of the latent code the prior may erase. Ours.
-  config.loss.beta = 1e-3
-  config.loss.kl_warmup_steps = 2000  # beta rises linearly from 0 over these steps. Ours.
-  config.loss.feature_recon_weight = 1.0  # MSE in D's feature space (Larsen et al. 2016).
-  config.loss.pixel_l1_weight = 1.0  # Pixel L1 (ours: keeps early reconstructions anchored).
-  config.loss.adv_weight = 0.1  # G's hinge loss (weight ours).
-  # Whether G's adversarial loss also trains E. Off as in Larsen et al.: E learns from KL and
-  # reconstruction only.
-  config.loss.adversarial_to_encoder = False
-
-  config.optim = ml_collections.ConfigDict()
-  config.optim.lr = 2e-4  # Adam for each of E, G, D (DCGAN's settings).
-  config.optim.b1 = 0.5
-  config.optim.b2 = 0.999
-  # EMA of E's and G's params and batch stats, used for validation and sampling. The decay
-  # warms up as min(ema_decay, (1 + step) / (10 + step)) so short runs are not dominated by
-  # the initial weights. Ours.
-  config.optim.ema_decay = 0.999
-
-  config.train = ml_collections.ConfigDict()
-  config.train.num_steps = 20000
-  config.train.batch_size = 64  # Global batch, split over devices (a multiple of their count).
-  config.train.num_devices = None  # None: all devices of all processes.
-  config.train.log_every = 100  # metrics.jsonl (means over the interval) and the progress bar.
-  config.train.eval_every = 1000  # Validation.
-  config.train.sample_every = 1000  # Reconstruction, prior-sample and perturbation grids.
-  config.train.checkpoint_every = 1000
-  config.train.keep_checkpoints = 3
-  return config
-
-
-def validate_config(config) -> None:
-  """Range checks that run before anything loads or compiles; each names the field it rejects."""
-  _check_fields(config, default_config())
-  d, m, l, o, t = config.data, config.model, config.loss, config.optim, config.train
-  check = configs.check
-  check(_is_int(config.seed) and config.seed >= 0, "seed", "an integer >= 0", config.seed)
-
-  check(d.name in ferjax.data.DATASET_NAMES, "data.name",
-        f"one of {', '.join(ferjax.data.DATASET_NAMES)}", d.name)
-  for field, split in (("data.split", d.split), ("data.val_split", d.val_split)):
-    check(split is None or (isinstance(split, str) and split != "test"), field,
-          "a split name other than 'test' (the test split is never used for training or "
-          "checkpoint selection)", split)
-  check(d.split is not None, "data.split", "a split name", d.split)
-  check(d.imbalance_ratio is None or (isinstance(d.imbalance_ratio, (int, float))
-                                      and d.imbalance_ratio >= 1), "data.imbalance_ratio",
-        "None or a number >= 1 (largest / smallest class)", d.imbalance_ratio)
-  sizes = [s for s in range(32, 129) if vaegan_models.smallest_map(s) <= vaegan_models.MAX_MAP]
-  check(_is_int(d.image_size) and d.image_size in sizes, "data.image_size",
-        f"one of {sizes} (32..128 px, halving down to a 3x3..8x8 map)", d.image_size)
-  check(d.channels in (1, 3) and _is_int(d.channels), "data.channels", "1 or 3", d.channels)
-  for field in ("num_examples", "val_examples"):
-    value = d[field]
-    check(value is None or (_is_int(value) and value >= 1), f"data.{field}",
-          "None or an integer >= 1", value)
-
-  check(m.arch in vaegan_models.ARCHS, "model.arch", " or ".join(vaegan_models.ARCHS), m.arch)
-  check(_is_int(m.latent_dim) and m.latent_dim >= 1, "model.latent_dim", "an integer >= 1",
-        m.latent_dim)
-  stages = vaegan_models.num_stages(d.image_size)
-  widths = m.widths
-  check(widths is None or (isinstance(widths, (tuple, list)) and len(widths) == stages
-                           and all(_is_int(w) and w >= 1 for w in widths)),
-        "model.widths", f"None or {stages} positive integers ({d.image_size} px has {stages} "
-        f"stride-2 stages, e.g. {vaegan_models.default_widths(d.image_size)})", widths)
-  check(m.dtype in ("float32", "bfloat16"), "model.dtype", "'float32' or 'bfloat16'", m.dtype)
-
-  for field in ("beta", "feature_recon_weight", "pixel_l1_weight", "adv_weight"):
-    check(_is_number(l[field]) and 0 <= l[field] < math.inf, f"loss.{field}",
-          "a finite number >= 0", l[field])
-  check(_is_int(l.kl_warmup_steps) and l.kl_warmup_steps >= 0, "loss.kl_warmup_steps",
-        "an integer >= 0", l.kl_warmup_steps)
-  check(isinstance(l.adversarial_to_encoder, bool), "loss.adversarial_to_encoder", "True or False",
-        l.adversarial_to_encoder)
-
-  check(_is_number(o.lr) and 0 < o.lr < math.inf, "optim.lr", "a finite number > 0", o.lr)
-  for field in ("b1", "b2", "ema_decay"):
-    check(_is_number(o[field]) and 0 <= o[field] < 1, f"optim.{field}", "a number in [0, 1)",
-          o[field])
-
-  for field in ("num_steps", "batch_size", "log_every", "eval_every", "sample_every",
-                "checkpoint_every", "keep_checkpoints"):
-    check(_is_int(t[field]) and t[field] >= 1, f"train.{field}", "an integer >= 1", t[field])
-  available = jax.device_count()
-  check(t.num_devices is None or (_is_int(t.num_devices) and 1 <= t.num_devices <= available),
-        "train.num_devices", f"None or 1..{available} (devices available)", t.num_devices)
-  num_devices = t.num_devices or available
-  check(t.batch_size % num_devices == 0, "train.batch_size",
-        f"a multiple of the device count ({num_devices})", t.batch_size)
-
-
-def _check_fields(config, template, prefix=""):
-  """Every field of the template present, nothing unknown (a typo in a config file)."""
-  for key in template.keys():
-    if key not in config:
-      raise UserError(f"config field {prefix + key!r} is missing (start from "
-                      "ferjax.train.vaegan.default_config())")
-  for key in config.keys():
-    if key not in template:
-      raise UserError(f"unknown config field {prefix + key!r} (known: "
-                      f"{', '.join(sorted(template.keys()))})")
-    if isinstance(template[key], ml_collections.ConfigDict):
-      if not isinstance(config[key], ml_collections.ConfigDict):
-        raise UserError(f"config field {prefix + key!r}: expected a group of fields")
-      _check_fields(config[key], template[key], prefix + key + ".")
-
-
-def _is_int(x) -> bool:
-  return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x) -> bool:
-  return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def build_model(config) -> vaegan_models.VAEGAN:
-  m = config.model
-  return vaegan_models.build(arch=m.arch, image_size=config.data.image_size,
-                             channels=config.data.channels, latent_dim=m.latent_dim,
-                             widths=m.widths, dtype=m.dtype)
-
-
-# ================================================================================================
-# Data
-# ================================================================================================
-def load_dataset(config, split: str, limit=None) -> ferjax.data.Dataset:
-  """One split (images and labels) at the model's resolution: in host memory, or left on disk
-  (`LazyImages`) for AffectNet and for the train split when there are several processes.
-
-  The synthetic set is always the default one (its own fixed seed), whatever config.seed: the
-  training seed must not change the data, so that the classifiers see the same faces.
-  """
-  d = config.data
-  lt = d.imbalance_ratio if split == d.split else None
-  options = {}
-  if d.name == "synthetic":
-    options = {"num_examples": limit, **({"imbalance_ratio": lt} if lt else {})}
-  ds = ferjax.data.load(d.name, split, data_dir=d.data_dir, manual_dir=d.manual_dir,
-                        image_size=d.image_size, channels=d.channels,
-                        lazy=parallel.lazy_train_reads(split == d.split), **options)
-  if lt and d.name != "synthetic":
-    keep = ferjax.data.dataset.long_tail_subset(ds.labels, ds.num_classes, lt)
-    ds = ferjax.data.Dataset(ds.images[keep], ds.labels[keep], ds.class_names, ds.name, ds.split)
-  if limit is not None and len(ds) > limit:
-    first = np.arange(limit)  # An index array, not a slice: lazily read images stay on disk.
-    ds = ferjax.data.Dataset(ds.images[first], ds.labels[first], ds.class_names, ds.name,
-                             ds.split)
-  if len(ds) == 0:
-    raise UserError(f"dataset {d.name!r} split {split!r} holds no images")
-  return ds
-
-
-def load_images(config, split: str, limit=None) -> np.ndarray:
-  """uint8 [N, S, S, C] of one split at the model's resolution (see `load_dataset`)."""
-  return load_dataset(config, split, limit).images
-
-
-# ================================================================================================
-# Train state
-# ================================================================================================
-def make_optimizers(config) -> dict:
-  o = config.optim
-  return {net: optax.adam(o.lr, b1=o.b1, b2=o.b2) for net in NETS}
-
-
-def init_state(model, optimizers, seed: int) -> dict:
-  """The whole train state as one pytree of arrays (raw uint32 PRNG key, no typed keys)."""
-  init_key, rng = jax.random.split(jax.random.PRNGKey(seed))
-  variables = model.init(init_key)
-  params = {net: variables[net]["params"] for net in NETS}
-  batch_stats = {net: variables[net]["batch_stats"] for net in NETS}
-  return {
-      "step": jnp.zeros((), jnp.int32),
-      "rng": rng,  # Base key; step keys are fold_in(rng, step).
-      "params": params,
-      "batch_stats": batch_stats,
-      "opt_state": {net: optimizers[net].init(params[net]) for net in NETS},
-      "ema": {net: {"params": params[net], "batch_stats": batch_stats[net]} for net in EMA_NETS},
-  }
-
-
-def create_state(model, optimizers, seed: int, mesh):
-  """`init_state` compiled straight into replicated arrays on the mesh.
-
-  Compiled without LLVM optimisation: it runs once, and on CPU the optimised build of the
-  initialisers' random-number code takes ~20 s (3 s unoptimised). Always the same options, so
-  the same seed gives the same parameters.
-  """
-  init = jax.jit(lambda: init_state(model, optimizers, seed),
-                 out_shardings=parallel.replicated(mesh))
-  return init.lower().compile(compiler_options=FAST_COMPILE)()
-
-
-FAST_COMPILE = {"xla_backend_optimization_level": 0}  # For functions that run once.
 
 
 # ================================================================================================
@@ -367,22 +131,22 @@ def compute_grads(model, params, batch_stats, images, key, loss_config, kl_weigh
 # ================================================================================================
 # Train step (jitted once, data-parallel)
 # ================================================================================================
-def make_train_step(model, config, mesh, num_examples: int):
-  """`train_step(state, images) -> (state, metrics)`: jitted, state donated.
+def make_train_step(model, config, mesh, num_examples: int, *, jit: bool = True):
+  """`train_step(state, images) -> (state, metrics)`: pure; jitted with the state donated.
 
   `images` is the resident uint8 train set (`parallel.put_rows`: split by rows over the mesh,
   padded; its first `num_examples` rows are real); the batch is drawn, flipped and converted
   on the device, then split along the mesh's `data` axis.
   """
-  optimizers = make_optimizers(config)
+  optimizers = kind.make_optimizers(config)
   loss_config = config.loss
   batch_size, ema_decay = config.train.batch_size, config.optim.ema_decay
   batch_sharding = parallel.batch_sharding(mesh)
+  train_key = kind.rng_streams(config.seed).train
 
-  def train_step(state, images):
-    TRACE_COUNTS["train_step"] += 1
-    step = state["step"]
-    index_key, flip_key, loss_key = jax.random.split(jax.random.fold_in(state["rng"], step), 3)
+  def train_step(state: TrainState, images):
+    step = state.step
+    index_key, flip_key, loss_key = jax.random.split(jax.random.fold_in(train_key, step), 3)
 
     # --- input: sample, gather, flip, all on the device ---
     index = pipeline.sample_uniform(index_key, num_examples, batch_size)
@@ -393,12 +157,12 @@ def make_train_step(model, config, mesh, num_examples: int):
     # --- gradients and updates ---
     kl_weight = kl_weight_at(step, loss_config)
     grads, batch_stats, metrics = compute_grads(
-        model, state["params"], state["batch_stats"], batch, loss_key, loss_config, kl_weight)
+        model, state.params, state.batch_stats, batch, loss_key, loss_config, kl_weight)
     params, opt_state = {}, {}
     for net in NETS:
-      updates, opt_state[net] = optimizers[net].update(grads[net], state["opt_state"][net],
-                                                       state["params"][net])
-      params[net] = optax.apply_updates(state["params"][net], updates)
+      updates, opt_state[net] = optimizers[net].update(grads[net], state.opt_state[net],
+                                                       state.params[net])
+      params[net] = optax.apply_updates(state.params[net], updates)
       metrics[f"grad_norm_{net[0]}"] = optax.tree.norm(grads[net])
       # A non-finite parameter shows up here at once (the NaN guard reads it).
       metrics[f"param_norm_{net[0]}"] = optax.tree.norm(params[net])
@@ -406,14 +170,16 @@ def make_train_step(model, config, mesh, num_examples: int):
     # --- EMA of E and G (params and batch stats) for validation and sampling ---
     decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
     new = {net: {"params": params[net], "batch_stats": batch_stats[net]} for net in EMA_NETS}
-    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], new)
-
-    new_state = {"step": step + 1, "rng": state["rng"], "params": params,
-                 "batch_stats": batch_stats, "opt_state": opt_state, "ema": ema}
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, new)
+    new_state = state.replace(step=step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state, ema=ema)
     return new_state, metrics
 
+  if not jit:  # The caller jits it (e.g. ferjax.bench, inside its own timed loop).
+    return train_step
+  # Compiled once: a second trace (a shape, dtype or static value that changed) is an error.
   replicated = parallel.replicated(mesh)
-  return jax.jit(train_step, donate_argnums=0, out_shardings=(replicated, replicated))
+  return parallel.jit_once(train_step, donate_argnums=0, out_shardings=(replicated, replicated))
 
 
 # ================================================================================================
@@ -490,17 +256,17 @@ def save_sample_grids(sample_fn, ema, fixed, out_dir: pathlib.Path, step: int) -
   return paths
 
 
+
 # ================================================================================================
 # Main loop
 # ================================================================================================
 def train_and_evaluate(config, workdir) -> dict:
   """Trains (or resumes from the latest checkpoint in `workdir`) and returns a summary dict."""
-  validate_config(config)
+  kind.validate_config(config)
   t_start = time.perf_counter()
-  TRACE_COUNTS.clear()
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  is_main = jax.process_index() == 0
+  is_main = parallel.is_main_process()  # With several processes, only process 0 writes files.
   if is_main:
     configs.save_config(config, workdir / "config.json")
   t = config.train
@@ -508,80 +274,68 @@ def train_and_evaluate(config, workdir) -> dict:
   # --- mesh, data, model, state ---
   mesh = parallel.make_mesh(t.num_devices)
   parallel.check_batch_size(t.batch_size, mesh, "train.batch_size")
-  train_images = load_images(config, config.data.split, config.data.num_examples)
-  val_images = None
-  if config.data.val_split is not None:
-    val_images = load_images(config, config.data.val_split, config.data.val_examples)
-  model = build_model(config)
-  state = create_state(model, make_optimizers(config), config.seed, mesh)
-
-  ckpts = checkpoint.Checkpoints(workdir / "checkpoints", max_to_keep=t.keep_checkpoints,
-                                 best_metric=BEST_METRIC if val_images is not None else None)
+  train_ds, val_ds = splits.load_splits(config.data, config.seed)
+  train_images = train_ds.images
+  val_images = val_ds.images if val_ds is not None else None
+  model = kind.build_model(config)
+  state = kind.init_state(config, model, mesh)
+  ckpts = checkpoint.Checkpoints(
+      workdir / "checkpoints", max_to_keep=t.keep_checkpoints,
+      best_metric=kind.BEST_METRIC if val_images is not None else None)
   start_step = 0
   if ckpts.latest_step() is not None:
     state, _ = ckpts.restore(state, "latest")
-    start_step = int(state["step"])
+    start_step = int(state.step)
     if is_main:
-      _drop_metrics_after(workdir, start_step)  # Steps after the checkpoint are replayed.
+      monitor.drop_metrics_after(workdir, start_step)  # Steps after it are replayed.
     print(f"vaegan: resuming from step {start_step} in {workdir}")
-  state = jax.device_put(state, parallel.replicated(mesh))
 
   images = parallel.put_rows(train_images, mesh)
   train_step = make_train_step(model, config, mesh, len(train_images))
   eval_step = make_eval_step(model, mesh)
   sample_fn = make_sample_fn(model)
   fixed = _fixed_sample_inputs(config, val_images if val_images is not None else train_images)
-  writer = monitor.MetricWriter(workdir)
+  # A resumed run hides the events an earlier run logged after its checkpoint.
+  writer = (monitor.MetricWriter(workdir, purge_step=start_step + 1 if start_step else None)
+            if is_main else None)
   samples_dir = workdir / "samples"
 
   # --- loop ---
-  step, pending, val_metrics, train_metrics = start_step, [], {}, {}
-  throughput, steps_since_log = monitor.Throughput(), 0
-  grids = {}
-  try:
-    with monitor.progress(t.num_steps, initial=start_step, desc="vaegan") as bar:
-      while step < t.num_steps:
-        state, metrics = train_step(state, images)
-        pending.append(metrics)  # Device arrays; fetched only at logging points.
-        step += 1
-        steps_since_log += 1
-        bar.update(1)
-        last = step == t.num_steps
-        if step % t.log_every == 0 or step % t.checkpoint_every == 0 or last:
-          # Fetching blocks on the step; the NaN guard runs before any checkpoint is written.
-          history = jax.device_get(pending)
-          pending = []
-          for i, m in enumerate(history):
-            monitor.check_finite(step - len(history) + 1 + i, m)
-          train_metrics = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
-          train_metrics.update(throughput.tick(steps_since_log, t.batch_size))
-          steps_since_log = 0
-          if is_main:
-            writer.write(step, train_metrics)
-          bar.set_postfix(d=f"{train_metrics['d_loss']:.2f}",
-                          l1=f"{train_metrics['pixel_l1']:.3f}",
-                          kl=f"{train_metrics['kl']:.1f}", refresh=False)
-        if val_images is not None and (step % t.eval_every == 0 or last):
-          val_metrics = evaluate(eval_step, state["ema"], val_images, t.batch_size, mesh)
-          if is_main:
-            writer.write(step, val_metrics)
-        if is_main and (step % t.sample_every == 0 or last):
-          grids = save_sample_grids(sample_fn, state["ema"], fixed, samples_dir, step)
-        if step % t.checkpoint_every == 0 or last:
-          fresh_val = val_metrics if (step % t.eval_every == 0 or last) else None
-          ckpts.save(step, state, metrics=fresh_val)
-  finally:
-    ckpts.close()
+  step, val_metrics, train_metrics, grids = start_step, {}, {}, {}
+  logged = monitor.IntervalMetrics(t.batch_size)
+  with ckpts, monitor.progress(t.num_steps, initial=start_step, desc="vaegan") as bar:
+    while step < t.num_steps:
+      state, metrics = train_step(state, images)
+      logged.add(metrics)  # Device arrays: fetched only at logging points.
+      step += 1
+      bar.update(1)
+      last = step == t.num_steps
+      if step % t.log_every == 0 or step % t.checkpoint_every == 0 or last:
+        train_metrics = logged.flush(step)  # NaN guard first: a NaN state is never saved.
+        if writer:
+          writer.write(step, train_metrics)
+        bar.set_postfix(d=f"{train_metrics['d_loss']:.2f}", l1=f"{train_metrics['pixel_l1']:.3f}",
+                        kl=f"{train_metrics['kl']:.1f}", refresh=False)
+      if val_images is not None and (step % t.eval_every == 0 or last):
+        val_metrics = evaluate(eval_step, state.ema, val_images, t.batch_size, mesh)
+        if writer:
+          writer.write(step, val_metrics)
+      if is_main and (step % t.sample_every == 0 or last):
+        grids = save_sample_grids(sample_fn, state.ema, fixed, samples_dir, step)
+        writer.write_images(step, grids)
+      if step % t.checkpoint_every == 0 or last:
+        fresh_val = val_metrics if (step % t.eval_every == 0 or last) else None
+        ckpts.save(step, state, metrics=fresh_val)
 
   # --- summary files ---
-  if is_main:
-    for kind, path in grids.items():  # The final grids, where a person looks first.
-      shutil.copyfile(path, workdir / f"{kind}.png")
+  if writer:
+    for name, path in grids.items():  # The final grids, where a person looks first.
+      shutil.copyfile(path, workdir / f"{name}.png")
     plots.save_curves(monitor.read_metrics(workdir), CURVE_KEYS, workdir / "curves.png",
                       title="VAE-GAN")
+    writer.close()
   result = {"step": step, "wall_s": round(time.perf_counter() - t_start, 1),
-            "workdir": str(workdir), "train": train_metrics, "val": val_metrics,
-            "train_step_traces": TRACE_COUNTS["train_step"]}
+            "workdir": str(workdir), "train": train_metrics, "val": val_metrics}
   if is_main:
     (workdir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
   return result
@@ -599,13 +353,6 @@ def _fixed_sample_inputs(config, images: np.ndarray) -> dict:
           "eps": jax.random.normal(eps_key, (4, d))}
 
 
-def _drop_metrics_after(workdir: pathlib.Path, step: int) -> None:
-  records = monitor.read_metrics(workdir)
-  kept = [r for r in records if r["step"] <= step]
-  if len(kept) != len(records):
-    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-
 def cli_main(args) -> int:
   """`ferjax train-vaegan --config FILE --workdir DIR [--config.x=y ...]`."""
   config = configs.load_config(args.config, getattr(args, "overrides", None) or ())
@@ -617,113 +364,5 @@ def cli_main(args) -> int:
              f"KL {val['val_kl']:.1f}")
   print(line)
   print(f"vaegan: wrote {result['workdir']}/ (reconstructions.png, prior_samples.png, "
-        "perturbation.png, curves.png, metrics.jsonl, checkpoints/)")
+        "perturbation.png, curves.png, metrics.jsonl, tensorboard/, checkpoints/)")
   return 0
-
-
-# ================================================================================================
-# Benchmark
-# ================================================================================================
-def bench(config, batch_size=None, steps: int = 20) -> dict:
-  """Images/s of the real train step (on-device sampling included) on random data."""
-  config = ml_collections.ConfigDict(config.to_dict())
-  if batch_size is not None:
-    config.train.batch_size = int(batch_size)
-  validate_config(config)
-  mesh = parallel.make_mesh(config.train.num_devices)
-  d = config.data
-  num_examples = max(4 * config.train.batch_size, 256)
-  images = np.random.default_rng(0).integers(
-      0, 256, (num_examples, d.image_size, d.image_size, d.channels), dtype=np.uint8)
-  model = build_model(config)
-  state = create_state(model, make_optimizers(config), config.seed, mesh)
-  train_step = make_train_step(model, config, mesh, num_examples)
-
-  def step_fn(carry):
-    state, images = carry
-    state, _ = train_step(state, images)
-    return state, images
-
-  carry = (state, parallel.put_rows(images, mesh))
-  return bench_lib.time_step(
-      step_fn, carry, what="vaegan", batch=config.train.batch_size, dtype=config.model.dtype,
-      steps=steps, extra={"arch": config.model.arch, "image_size": d.image_size,
-                          "channels": d.channels,
-                          "widths": list(config.model.widths or
-                                         vaegan_models.default_widths(d.image_size))})
-
-
-# ================================================================================================
-# Loading a trained model for sampling
-# ================================================================================================
-@dataclasses.dataclass(frozen=True)
-class TrainedVAEGAN:
-  """EMA encoder and generator of a run, with eval-mode encode/decode.
-
-  `encode(images)` / `decode(z)` use the stored variables; inside your own jitted code use
-  `model.encode(encoder['params'], encoder['batch_stats'], images)` and `model.decode(...)`,
-  which are pure functions of explicit variables (jit and vmap friendly).
-  """
-  config: ml_collections.ConfigDict
-  model: vaegan_models.VAEGAN
-  step: int
-  encoder: dict  # {"params", "batch_stats"}
-  generator: dict
-
-  def encode(self, images):
-    """images uint8 (0..255) or float in [-1, 1], [B, S, S, C] -> (mu, logvar) [B, latent_dim]."""
-    return _encode(self.model, self.encoder, jnp.asarray(images))
-
-  def decode(self, z):
-    """latents [B, latent_dim] -> float32 images in [-1, 1]."""
-    return _decode(self.model, self.generator, jnp.asarray(z))
-
-
-@jax.jit(static_argnums=0)
-def _encode(model, variables, images):
-  return model.encode(variables["params"], variables["batch_stats"], images)
-
-
-@jax.jit(static_argnums=0)
-def _decode(model, variables, z):
-  return model.decode(variables["params"], variables["batch_stats"], z)
-
-
-def read_config(workdir) -> ml_collections.ConfigDict:
-  return configs.read_saved(default_config(), pathlib.Path(workdir) / "config.json",
-                            "train-vaegan")
-
-
-def restore_state(workdir, which="latest", config=None):
-  """(config, model, state, meta) of the checkpoint `which` ("latest", "best" or a step)."""
-  config = config or read_config(workdir)
-  model = build_model(config)
-  # Shapes only (nothing is initialised or compiled), placed on one device.
-  abstract = jax.eval_shape(lambda: init_state(model, make_optimizers(config), config.seed))
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                        abstract)
-  ckpts = checkpoint.Checkpoints(pathlib.Path(workdir) / "checkpoints",
-                                 best_metric=BEST_METRIC if config.data.val_split else None)
-  try:
-    state, meta = ckpts.restore(target, which)
-  finally:
-    ckpts.close()
-  return config, model, state, meta
-
-
-def load_for_sampling(workdir, which="latest") -> TrainedVAEGAN:
-  """The EMA encoder/generator of a run's checkpoint `which` ("latest", "best" or a step)."""
-  config, model, state, meta = restore_state(workdir, which)
-  return TrainedVAEGAN(config=config, model=model, step=int(meta["step"]),
-                       encoder=state["ema"]["encoder"], generator=state["ema"]["generator"])
-
-
-def untrained_for_sampling(channels: int = 1, seed: int = 0) -> TrainedVAEGAN:
-  """A freshly initialised VAE-GAN of the default config (for benchmarks: same cost)."""
-  config = default_config()
-  config.data.channels = channels
-  model = build_model(config)
-  state = create_state(model, make_optimizers(config), seed, parallel.make_mesh(1))
-  return TrainedVAEGAN(config=config, model=model, step=0, encoder=state["ema"]["encoder"],
-                       generator=state["ema"]["generator"])

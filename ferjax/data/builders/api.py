@@ -367,7 +367,7 @@ def stream(name: str, split: str, data_dir=None, batch_size: int = 256,
     indices = np.random.default_rng(shuffle_seed).permutation(indices)
   convert: Callable[[np.ndarray], np.ndarray] = lambda x: x
   if image_size is not None and tuple(ds.shape[:2]) != (image_size, image_size):
-    from ferjax.data.loading import convert_images
+    from ferjax.data.images import convert_images
     convert = lambda x: convert_images(x, image_size=int(image_size))
 
   def batches():

@@ -13,7 +13,7 @@ all-reduce of one batch. So results do not depend on the device or process count
 
 Several processes (hosts): every process runs the same program; small arrays (labels, class
 index, parameters) are replicated with `put_replicated`, the images with `put_rows`, which
-reads a prepared dataset's train split from disk (`lazy_train_reads`) only for the process's
+reads a prepared dataset's train split from disk (`ferjax.data.splits.load_split`) only for the process's
 own rows; arrays span the devices of all processes. Results come back to the host with `to_host`, and only
 process 0 (`is_main_process`) writes files; orbax coordinates checkpoint writes itself.
 """
@@ -66,6 +66,50 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+# For functions that run once (parameter initialisation): on CPU the optimised build of the
+# initialisers' random-number code takes ~20 s for the VAE-GAN (3 s unoptimised). Always the
+# same options, so the same seed gives the same parameters.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def init_replicated(init_fn, mesh: Mesh, *, fast_compile: bool = True):
+  """`init_fn()` (a train state's initialisation) compiled straight into arrays replicated over
+  the mesh; with `fast_compile`, without LLVM optimisation (FAST_COMPILE). The two builds can
+  differ in the last bits of the parameters, so a kind of run keeps one choice forever: the
+  classifier keeps the optimised build its published results were made with (and draws its
+  parameters with the fast-compiling `rbg` generator instead), the VAE-GAN the fast one."""
+  init = jax.jit(init_fn, out_shardings=replicated(mesh))
+  return init.lower().compile(compiler_options=FAST_COMPILE if fast_compile else None)()
+
+
+def abstract_replicated(init_fn, mesh: Mesh):
+  """Shapes, dtypes and (replicated) shardings of `init_fn()`'s result, computing nothing: the
+  target a checkpoint is restored into."""
+  sharding = replicated(mesh)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                      jax.eval_shape(init_fn))
+
+
+def jit_once(fn, **jit_kwargs):
+  """`jax.jit(fn, **jit_kwargs)` that must trace (and so compile) only once: a second trace,
+  from a changed shape, dtype or static value, raises at once instead of silently recompiling
+  every step. The count belongs to this function object, so each run's new step starts at zero
+  (chex.assert_max_traces counts by definition site, so two runs in one process would trip it).
+  """
+  traces = 0
+
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    nonlocal traces
+    traces += 1
+    if traces > 1:
+      raise AssertionError(f"{fn.__name__} was traced {traces} times: a shape, dtype or static "
+                           "argument changed between calls, which recompiles the step")
+    return fn(*args, **kwargs)
+
+  return jax.jit(traced, **jit_kwargs)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -146,13 +190,6 @@ def _host_if_local(x):
       and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)):
     return np.asarray(x)
   return x
-
-
-def lazy_train_reads(is_train_split: bool) -> bool | None:
-  """`lazy` for `ferjax.data.load`: with several processes the train split stays on disk, so
-  that `put_rows` makes each process read only its own devices' rows; otherwise None (the
-  dataset's default: lazy for AffectNet only)."""
-  return True if is_train_split and jax.process_count() > 1 else None
 
 
 def is_main_process() -> bool:

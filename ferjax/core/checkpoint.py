@@ -7,8 +7,8 @@ folders and the next save of that step replaces one, so a kill during a save lea
 previous step intact. A step that is a best candidate goes to `best/` before `last/`: a kill
 between the two leaves `last/` at an earlier step, and the resumed run replays (bit-identically)
 and evaluates (and offers as best) that step again; an equal value is not a new best, so a
-replayed step is never saved twice. Everything is stored as arrays plus JSON: restoring never executes
-code from a checkpoint.
+replayed step is never saved twice. Everything is stored as arrays plus JSON: restoring never
+executes code from a checkpoint.
 """
 
 import pathlib
@@ -22,14 +22,23 @@ from ferjax.errors import UserError
 
 def _manager(directory: pathlib.Path, max_to_keep: int) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False)
-  # Naming the handlers lets a freshly opened manager read metadata before any save.
-  handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-  return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+      preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep), create=True,
+      enable_async_checkpointing=False)
+  # Registering both items lets a freshly opened manager read metadata before any save.
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  state, meta = ocp.StandardCheckpointHandler(), ocp.JsonCheckpointHandler()
+  registry.add("state", ocp.args.StandardSave, state)
+  registry.add("state", ocp.args.StandardRestore, state)
+  registry.add("meta", ocp.args.JsonSave, meta)
+  registry.add("meta", ocp.args.JsonRestore, meta)
+  return ocp.CheckpointManager(directory, options=options, handler_registry=registry)
 
 
 class Checkpoints:
-  """Last-k and best-by-metric checkpoints of a train state pytree, plus JSON metadata."""
+  """Last-k and best-by-metric checkpoints of a train state pytree, plus JSON metadata.
+
+  Usable as a context manager: leaving the `with` block closes both managers.
+  """
 
   def __init__(self, directory, *, max_to_keep: int = 3, best_metric: str | None = None,
                best_mode: str = "max"):
@@ -139,6 +148,12 @@ class Checkpoints:
     if self._best is not None:
       self._best.close()
 
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
 
 def _check_shapes(target, stored, where):
   """Fails with the name of the first parameter whose stored shape differs from the target's."""
@@ -149,12 +164,13 @@ def _check_shapes(target, stored, where):
   for name in names:
     leaf = target_leaves[name]
     if name not in stored_leaves:
-      raise UserError(f"checkpoint {where} has no parameter {name!r}: was it written by another config?")
+      raise UserError(f"checkpoint {where} has no parameter {name!r}: was it written by another "
+                      "config?")
     want = tuple(np.shape(leaf))
     have = tuple(getattr(stored_leaves[name], "shape", ()) or ())
     if want != have:
-      raise UserError(f"checkpoint {where}: parameter {name!r} has shape {have}, the config expects "
-                      f"{want} (restore with the config the run was trained with)")
+      raise UserError(f"checkpoint {where}: parameter {name!r} has shape {have}, the config "
+                      f"expects {want} (restore with the config the run was trained with)")
 
 
 def _flatten_with_names(tree):

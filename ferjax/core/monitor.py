@@ -1,0 +1,161 @@
+"""What a trainer reports while it runs: metrics.jsonl, TensorBoard events, a progress bar, and
+the NaN guard."""
+
+import json
+import math
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+import tensorboardX
+from PIL import Image
+from tqdm import tqdm
+
+from ferjax.errors import UserError
+
+
+class MetricWriter:
+  """Appends one JSON object per logged step to `workdir/metrics.jsonl` and logs scalars (and
+  images) as TensorBoard events under `workdir/tensorboard/`.
+
+  Nothing is written until the first write. `purge_step` (a resumed run's first step) makes
+  TensorBoard hide the events an earlier run logged at or after that step.
+  """
+
+  def __init__(self, workdir, *, purge_step: int | None = None):
+    self.path = pathlib.Path(workdir) / "metrics.jsonl"
+    self.tensorboard_dir = pathlib.Path(workdir) / "tensorboard"
+    self.purge_step = purge_step
+    self._tb = None
+
+  def _summary_writer(self) -> tensorboardX.SummaryWriter:
+    if self._tb is None:  # Created here: it opens an event file as soon as it exists.
+      self._tb = tensorboardX.SummaryWriter(str(self.tensorboard_dir), purge_step=self.purge_step)
+    return self._tb
+
+  def write(self, step: int, metrics: dict, **extra) -> None:
+    """Logs `metrics` (and `extra`, JSON only) at `step`; non-scalar metrics go only to JSON."""
+    record = {"step": int(step), **extra}
+    tb = self._summary_writer()
+    for k, v in metrics.items():
+      v = np.asarray(v)
+      if v.ndim == 0:
+        record[k] = float(v)
+        tb.add_scalar(k, record[k], int(step))
+      else:
+        record[k] = v.tolist()
+    with self.path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+    tb.flush()
+
+  def write_images(self, step: int, images: dict) -> None:
+    """Logs images at `step`: each value is an image file (read as RGB) or a uint8 array, HW or
+    HWC with 1, 3 or 4 channels."""
+    tb = self._summary_writer()
+    for name, image in images.items():
+      if isinstance(image, (str, pathlib.Path)):
+        with Image.open(image) as f:
+          image = np.asarray(f.convert("RGB"))
+      image = np.asarray(image)
+      if image.dtype != np.uint8 or image.ndim not in (2, 3):
+        raise ValueError(f"image {name!r}: expected a uint8 HW or HWC array, got "
+                         f"{image.dtype} {image.shape}")
+      tb.add_image(name, image, int(step), dataformats="HW" if image.ndim == 2 else "HWC")
+    tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def read_metrics(workdir) -> list[dict]:
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def drop_metrics_after(workdir, step: int) -> None:
+  """Keeps metrics.jsonl to the records up to `step`, so a resumed run does not log twice.
+
+  TensorBoard event files are append-only, so events past `step` cannot be dropped: TensorBoard
+  shows both runs' values at those steps unless the resumed run's MetricWriter is opened with
+  `purge_step=step + 1`, which hides the earlier run's.
+  """
+  records = read_metrics(workdir)
+  kept = [r for r in records if r["step"] <= step]
+  if len(kept) < len(records):
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+class NonFiniteLoss(UserError):
+  """Training diverged: the message names the step and the metric."""
+
+
+def check_finite(step: int, metrics: dict) -> None:
+  for k, v in metrics.items():
+    v = np.asarray(v)
+    if v.dtype.kind == "f" and not np.all(np.isfinite(v)):
+      bad = float(v[~np.isfinite(v)][0])
+      raise NonFiniteLoss(f"step {step}: {k} is {bad}; training stopped, the last good "
+                          "checkpoint is kept (lower the learning rate or check the data)")
+
+
+def progress(total: int, initial: int = 0, desc: str = "train"):
+  """A tqdm bar with ETA on stderr; when stderr is not a terminal, only periodic lines."""
+  return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+              file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+
+
+class Throughput:
+  """Steps/s and images/s between logging points (host time, after blocking on results)."""
+
+  def __init__(self):
+    self.t, self.steps = time.perf_counter(), 0
+
+  def tick(self, steps: int, batch_size: int) -> dict:
+    now = time.perf_counter()
+    dt, self.t = now - self.t, now
+    rate = steps / dt if dt > 0 else math.nan
+    return {"steps_per_s": rate, "images_per_s": rate * batch_size}
+
+
+class IntervalMetrics:
+  """The train metrics of every step since the last logging point, as both trainers log them.
+
+  `add(metrics)` keeps the step's device arrays (nothing is fetched, so the host does not wait
+  on the device); `flush(step)` fetches them, runs the NaN guard on each step (before any
+  checkpoint of that state is written), and returns their means over the interval with the
+  throughput (steps/s, images/s) since the last flush or `restart_clock()`.
+  """
+
+  def __init__(self, batch_size: int):
+    self.batch_size = batch_size
+    self.pending = []
+    self.throughput = Throughput()
+
+  def add(self, metrics: dict) -> None:
+    self.pending.append(metrics)
+
+  def flush(self, step: int) -> dict:
+    history = jax.device_get(self.pending)
+    for i, m in enumerate(history):
+      check_finite(step - len(history) + 1 + i, m)
+    means = {k: float(np.mean([m[k] for m in history])) for k in history[0]} if history else {}
+    means.update(self.throughput.tick(len(history), self.batch_size))
+    self.pending = []
+    return means
+
+  def restart_clock(self) -> None:
+    """Time from now on (e.g. after validation, which is not training time)."""
+    self.throughput = Throughput()

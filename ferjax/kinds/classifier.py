@@ -1,0 +1,287 @@
+"""What a classifier run is: its config (defaults and rules together), model, optimizer, train
+state and random streams. The trainer (ferjax.train.classifier), evaluation, benchmarks and
+everything that reopens a finished run (ferjax.runs) build on this module, never on the trainer.
+"""
+
+import sys
+from typing import Any, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ferjax import configs, losses
+from ferjax import data as fer_data
+from ferjax.configs import check, custom, flag, integer, number, one_of, text
+from ferjax.core import parallel
+from ferjax.data import pipeline
+from ferjax.models import resnet
+
+KIND = "classifier"
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "constant")
+BEST_METRICS = ("mean_class_accuracy", "accuracy", "macro_f1")
+TTA_MODES = ("none", "flip")
+# Losses that correct for the train class prior (margins or logit offsets from the counts).
+PRIOR_LOSSES = ("logit_adjusted", "balanced_softmax", "ldam")
+
+
+# =================================================================================================
+# Config: every field the trainer reads, its default and what a valid value is
+# =================================================================================================
+def _crop_scale(v) -> bool:
+  return (isinstance(v, (tuple, list)) and len(v) == 2
+          and all(configs.is_number(x) for x in v) and 0 < v[0] <= v[1] <= 1)
+
+
+SPEC = {
+    "seed": integer(0, 0),  # Parameters, sampling, augmentation and the validation hold-out.
+    "data": {
+        "name": one_of("synthetic", fer_data.DATASET_NAMES),
+        "image_size": integer(48, 16, 1024),  # pixels (square); images are resized on load
+        "channels": integer(1, 1, 3),  # 1 (gray) or 3 (RGB); 2 is refused below
+        # Named split for checkpoint selection; None: hold out of train. Never "test".
+        "val_split": custom("validation", "a split name other than 'test' (checkpoints are never "
+                            "chosen on test), or None (hold out of train)",
+                            lambda v: v is None or (isinstance(v, str) and v != "test")),
+        "val_fraction": number(0.1, 0, 1, lo_open=True, hi_open=True),  # held out when None
+        "data_dir": text(None),  # prepared datasets (default $FERJAX_DATA_DIR, ~/.ferjax/datasets)
+        "manual_dir": text(None),  # raw files, to prepare a real dataset on first use
+        # Train size: the synthetic set's size, else the first N rows (None: all).
+        "num_examples": integer(None, 1, optional=True),
+        # Geometric train profile, max/min count (None: as it comes): synthetic draws it; real
+        # sets keep a fixed random subset (FER-2013-LT etc., ferjax.data.dataset.long_tail_subset).
+        "imbalance_ratio": number(None, 1, optional=True),
+        "label_noise": number(None, 0, 1, hi_open=True, optional=True),  # synthetic: flipped share
+    },
+    "model": {
+        "name": one_of("resnet18", resnet.MODEL_NAMES),
+        "stem": one_of("small", resnet.STEMS),  # small (3x3/1, no pool) | standard (7x7/2 + pool)
+        "width": number(1.0, 0, 8, lo_open=True),  # channel multiplier (0.25: 16-32-64-128)
+        "cbam": flag(False),  # CBAM attention in every block
+        "input_norm": one_of("none", resnet.INPUT_NORMS),  # per_image: standardise each image
+        "dtype": one_of("float32", tuple(resnet.DTYPES)),  # compute dtype; params stay float32
+    },
+    "optim": {
+        "name": one_of("sgd", OPTIMIZERS),
+        "lr": number(0.1, 0, lo_open=True),  # peak learning rate
+        "momentum": number(0.9, 0, 1, hi_open=True),  # sgd
+        "nesterov": flag(True),  # sgd
+        "b1": number(0.9, 0, 1, hi_open=True),  # adamw
+        "b2": number(0.999, 0, 1, hi_open=True),
+        "weight_decay": number(5e-4, 0),  # on conv and dense kernels only (not BatchNorm, biases)
+        "schedule": one_of("cosine", SCHEDULES),  # cosine (to 0 at num_steps) | constant
+        "warmup_steps": integer(0, 0),  # linear warm-up; < train.num_steps
+        "ema_decay": number(0.0, 0, 1, hi_open=True),  # > 0: EMA weights for validation, eval
+    },
+    "loss": {
+        "name": one_of("ce", losses.LOSS_NAMES),
+        "label_smoothing": number(0.0, 0, 1, hi_open=True),
+        "class_weights": one_of("none", losses.CLASS_WEIGHTS),  # inverse | effective (Cui 2019)
+        "beta": number(0.9999, 0, 1, lo_open=True, hi_open=True),  # effective-number beta
+        # Class weights only from this step on (DRW); None: from step 0.
+        "drw_start_step": integer(None, 0, optional=True),
+        "focal_gamma": number(2.0, 0),
+        "ldam_max_margin": number(0.5, 0),  # margin of the rarest class, in logit units
+        "ldam_scale": number(1.0, 0, lo_open=True),  # s in CE(s * (z - m))
+        "tau": number(1.0, 0),  # logit_adjusted
+    },
+    "sampler": {
+        "name": one_of("instance", pipeline.SAMPLERS),
+    },
+    "augment": {
+        "crop": one_of("pad", pipeline.CROPS),  # none | pad (reflect-padded random crop) | resized
+        "crop_padding": integer(4, 0),  # <= data.image_size
+        "resized_crop_scale": custom((0.6, 1.0), "(low, high) with 0 < low <= high <= 1",
+                                     _crop_scale),  # area fraction of random-resized crops (ours)
+        "flip": flag(True),
+        "rotation_deg": number(0.0, 0, 180),  # max rotation, degrees (0: off)
+        "erasing_prob": number(0.0, 0, 1),  # random erasing probability (0: off)
+        "mixup_alpha": number(0.0, 0),  # Beta(alpha, alpha) mixup (0: off)
+        # Semantic augmentation (ferjax.augment.synthesis), on when vaegan_workdir is set: each
+        # batch gets synthesized minority-class faces from a trained, frozen VAE-GAN. These
+        # fields are checked by ferjax.augment.synthesis, which knows the modes.
+        "vaegan_workdir": text(""),  # a `ferjax train-vaegan` workdir ("": off)
+        "vaegan_checkpoint": custom("best", "best, last or a step number",
+                                    lambda v: v in ("best", "last", "latest")
+                                    or configs.is_int(v)),
+        "mode": text("posterior", optional=False),  # posterior | interpolate | class_gaussian
+        "alpha": number(1.0, 0),  # perturbation scale
+        "target": text("largest", optional=False),  # uniform | sqrt | largest | explicit
+        "fill": number(1.0, 0, 1),  # share of each class's gap filled with synthesized faces
+        "target_counts": custom(None, "None or per-class counts",
+                                lambda v: v is None or isinstance(v, (tuple, list))),
+        "synthetic_weight": number(1.0, 0),  # loss weight of a synthesized example
+        "decode": text("full", optional=False),  # full: G(z') (paper) | residual (ours)
+        "start_step": integer(0, 0),  # synthesis from this train step on (ours, as DRW)
+        "filter_workdir": text(""),  # a classifier workdir whose confidence filters samples
+        "filter_threshold": number(0.5, 0, 1),
+        "filtered_weight": number(0.0, 0),  # loss weight of a filtered-out sample
+    },
+    "train": {
+        "num_steps": integer(1000, 1),
+        "batch_size": integer(64, 1),  # global batch; a multiple of the device count
+        "num_devices": integer(None, 1, optional=True, meaning=" (all devices)"),
+        "log_every": integer(50, 1),  # metrics.jsonl (means over the interval), TensorBoard
+        "eval_every": integer(200, 1),  # validation; a new best is saved
+        "checkpoint_every": integer(200, 1),  # resume points (validation saves only a new best)
+        "keep_checkpoints": integer(2, 1),
+        "best_metric": one_of("mean_class_accuracy", BEST_METRICS),  # on validation
+    },
+    "eval": {
+        "batch_size": integer(256, 1),
+        "tta": one_of("none", TTA_MODES),  # flip: average the logits of image and mirror
+    },
+}
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field the trainer reads, with defaults, locked: experiment configs start from this,
+  and setting a field it does not have is an error."""
+  return configs.from_spec(SPEC)
+
+
+def validate_config(config) -> None:
+  """Field rules (SPEC), then the rules that tie fields together; a UserError names the field."""
+  configs.check_spec(config, SPEC)
+  d, m, o, l, a, t = (config.data, config.model, config.optim, config.loss, config.augment,
+                      config.train)
+  check(d.channels in (1, 3), "data.channels", "1 or 3", d.channels)
+  smallest = resnet.smallest_feature_map(d.image_size, m.stem)
+  check(smallest >= 1, "data.image_size", f"large enough for the {m.stem} stem", d.image_size)
+  if smallest < 3:  # Legal, but XLA on CPU is ~100x slower on such maps: say so once.
+    print(f"ferjax: warning: model.stem={m.stem} at {d.image_size} px ends on a "
+          f"{smallest}x{smallest} map (very slow on CPU); consider model.stem=small", file=sys.stderr)
+  check(o.warmup_steps < t.num_steps, "optim.warmup_steps",
+        f"0 <= warmup_steps < train.num_steps ({t.num_steps})", o.warmup_steps)
+  check(l.drw_start_step is None or l.class_weights != "none", "loss.class_weights",
+        "inverse or effective when loss.drw_start_step is set (DRW defers class weights)",
+        l.class_weights)
+  # The progressive sampler's class distribution moves during training: no single prior fits
+  # it, so a loss or class weights built from the prior would be wrong for most steps.
+  check(config.sampler.name != "progressive" or (l.name not in PRIOR_LOSSES
+                                                   and l.class_weights == "none"),
+        "sampler.name", f"a fixed-distribution sampler with loss.name={l.name!r} and "
+        f"loss.class_weights={l.class_weights!r} (progressive sampling changes the class prior "
+        "over training; use loss.name=ce, focal or class_weights=none with it)",
+        config.sampler.name)
+  check(a.crop_padding <= d.image_size, "augment.crop_padding", "0..image_size pixels",
+        a.crop_padding)
+  available = jax.device_count()
+  check(t.num_devices is None or t.num_devices <= available, "train.num_devices",
+        f"None or 1..{available} (devices available)", t.num_devices)
+  num_devices = t.num_devices or available
+  check(t.batch_size % num_devices == 0, "train.batch_size",
+        f"a positive multiple of the device count ({num_devices})", t.batch_size)
+
+
+def sampled_counts(config, train_counts) -> np.ndarray:
+  """The class counts of the batches the sampler draws (float [K]): the prior that
+  prior-based losses (logit adjustment, balanced softmax, LDAM margins), class weights and
+  post-hoc adjustment must use. Giving them the raw train counts when a rebalancing sampler has
+  already balanced the batches would correct twice (e.g. balanced softmax on class-balanced
+  batches). instance: the train counts; class_balanced and sqrt: the same total spread by the
+  policy's class probabilities; oversample: every present class at the largest count."""
+  counts = np.asarray(train_counts, np.float64)
+  name = config.sampler.name
+  if name == "oversample":
+    return np.where(counts > 0, counts.max(), 0.0)
+  if name in ("class_balanced", "sqrt"):
+    return counts.sum() * np.asarray(pipeline.sampler_class_probs(name, counts), np.float64)
+  return counts  # instance (progressive is refused with prior-based losses above).
+
+
+def read_config(workdir) -> ml_collections.ConfigDict:
+  """A finished (or started) run's config.json laid over the defaults."""
+  import pathlib
+  return configs.read_saved(default_config(), pathlib.Path(workdir) / "config.json",
+                            "ferjax train")
+
+
+# =================================================================================================
+# Model, optimizer, random streams, train state
+# =================================================================================================
+def build_model(config, num_classes: int) -> resnet.ResNet:
+  return resnet.model_from_config(config.model, num_classes)
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  ema_params: Any = None       # None unless optim.ema_decay > 0
+  ema_batch_stats: Any = None
+
+
+def make_optimizer(config, num_steps: int | None = None):
+  """(optax transform, learning-rate schedule): SGD (Nesterov) or AdamW, warm-up + cosine."""
+  o = config.optim
+  num_steps = num_steps or config.train.num_steps
+  if o.schedule == "cosine":
+    schedule = optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, num_steps, 0.0)
+  else:
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, o.lr, o.warmup_steps), optax.constant_schedule(o.lr)],
+        [o.warmup_steps])
+  # Decay conv and dense kernels only; BatchNorm scales and biases are left alone (our choice).
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  if o.name == "sgd":
+    tx = optax.chain(optax.add_decayed_weights(o.weight_decay, decay_mask),
+                     optax.sgd(schedule, momentum=o.momentum or None, nesterov=o.nesterov))
+  else:
+    tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask)
+  return tx, schedule
+
+
+class RngStreams(NamedTuple):
+  init: jax.Array   # parameters
+  train: jax.Array  # per-step randomness: fold_in(train, step)
+  epoch: jax.Array  # the over-sampling policy's epoch order
+
+
+def rng_streams(seed: int) -> RngStreams:
+  """The run's random streams, all derived from `seed`.
+
+  Parameters are drawn with the `rbg` generator: its XLA program compiles ~4x faster on CPU
+  than threefry's (10 s -> 2.5 s for a ResNet). Everything per step keeps threefry, whose values
+  do not depend on how the batch is sharded (1 and 8 devices agree).
+  """
+  base = jax.random.key(seed)
+  return RngStreams(init=jax.random.key(seed, impl="rbg"), train=jax.random.fold_in(base, 1),
+                    epoch=jax.random.fold_in(base, 2))
+
+
+def _init_fn(config, model, tx):
+  def init():
+    shape = (1, config.data.image_size, config.data.image_size, config.data.channels)
+    variables = model.init(rng_streams(config.seed).init, jnp.zeros(shape, jnp.float32),
+                           train=False)
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    ema = config.optim.ema_decay > 0
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params), ema_params=params if ema else None,
+                      ema_batch_stats=batch_stats if ema else None)
+  return init
+
+
+def init_state(config, model, tx, mesh) -> TrainState:
+  """Parameters created inside jit, directly replicated over the mesh."""
+  return parallel.init_replicated(_init_fn(config, model, tx), mesh, fast_compile=False)
+
+
+def abstract_state(config, model, mesh, tx=None) -> TrainState:
+  """Shapes, dtypes and shardings of the train state, without computing it (for restoring)."""
+  tx = tx or make_optimizer(config)[0]
+  return parallel.abstract_replicated(_init_fn(config, model, tx), mesh)
+
+
+def eval_variables(state: TrainState) -> dict:
+  """The weights to evaluate: the EMA copy when the run keeps one."""
+  if state.ema_params is not None:
+    return {"params": state.ema_params, "batch_stats": state.ema_batch_stats}
+  return {"params": state.params, "batch_stats": state.batch_stats}

@@ -1,0 +1,136 @@
+"""Reopen a finished (or started) run from its workdir: config, model and restored variables.
+
+    run = open_classifier("runs/baseline")          # the validation-chosen checkpoint
+    logits = run.model.apply(run.variables, images, train=False)[0]
+    vae = open_vaegan("runs/vaegan", which="last")
+    images = vae.decode(vae.encode(images)[0])
+
+`which` is "best" (chosen on the validation split), "last" / "latest", or a step number. Both
+kinds are restored the same way: the run's config.json laid over its kind's defaults, the model
+built from it, and the checkpoint restored into the train state's abstract shapes, replicated
+over the mesh (all devices, or `mesh`). Nothing here imports a trainer.
+"""
+
+import dataclasses
+import pathlib
+
+import jax
+import ml_collections
+import numpy as np
+
+from ferjax.core import checkpoint as checkpoint_lib
+from ferjax.core import parallel
+from ferjax.kinds import classifier as classifier_kind
+from ferjax.kinds import vaegan as vaegan_kind
+from ferjax.models import resnet
+from ferjax.models import vaegan as vaegan_models
+
+
+# --- Classifier ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ClassifierRun:
+  """A trained classifier: `model.apply(variables, images, train=False) -> (logits, features)`.
+
+  `variables` are the evaluation weights (the EMA copy when the run kept one); `meta` is the
+  checkpoint's metadata (step, validation metrics, class_names, train_counts, prior_counts).
+  """
+  workdir: pathlib.Path
+  config: ml_collections.ConfigDict
+  model: resnet.ResNet
+  variables: dict
+  meta: dict
+  mesh: jax.sharding.Mesh
+
+  @property
+  def step(self) -> int:
+    return int(self.meta["step"])
+
+  @property
+  def class_names(self) -> tuple:
+    return tuple(self.meta["class_names"])
+
+  @property
+  def train_counts(self) -> np.ndarray:
+    return np.asarray(self.meta["train_counts"])
+
+  @property
+  def prior_counts(self) -> np.ndarray:
+    """The class distribution the model was trained under (after any rebalancing)."""
+    return np.asarray(self.meta.get("prior_counts", self.meta["train_counts"]))
+
+
+def classifier_checkpoints(workdir, config) -> checkpoint_lib.Checkpoints:
+  return checkpoint_lib.Checkpoints(pathlib.Path(workdir) / "checkpoints",
+                                    best_metric=config.train.best_metric)
+
+
+def open_classifier(workdir, which="best", *, config=None, mesh=None) -> ClassifierRun:
+  """The classifier run in `workdir` at checkpoint `which`, its variables on the mesh.
+
+  `config` replaces the run's saved config (restoring into another config's shapes fails with
+  one line naming the first parameter that differs)."""
+  workdir = pathlib.Path(workdir)
+  config = config or classifier_kind.read_config(workdir)
+  mesh = mesh or parallel.make_mesh(config.train.num_devices)
+  with classifier_checkpoints(workdir, config) as ckpt:
+    meta = ckpt.read_meta(which)
+    model = classifier_kind.build_model(config, len(meta["class_names"]))
+    state, meta = ckpt.restore(classifier_kind.abstract_state(config, model, mesh), which)
+  return ClassifierRun(workdir, config, model, classifier_kind.eval_variables(state), meta, mesh)
+
+
+# --- VAE-GAN ------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class VAEGANRun:
+  """The EMA encoder and generator of a VAE-GAN run, with eval-mode encode/decode.
+
+  `encode(images)` / `decode(z)` use the stored variables; inside your own jitted code use
+  `model.encode(encoder['params'], encoder['batch_stats'], images)` and `model.decode(...)`,
+  which are pure functions of explicit variables (jit and vmap friendly).
+  """
+  config: ml_collections.ConfigDict
+  model: vaegan_models.VAEGAN
+  step: int
+  encoder: dict  # {"params", "batch_stats"}
+  generator: dict
+
+  def encode(self, images):
+    """images uint8 (0..255) or float in [-1, 1], [B, S, S, C] -> (mu, logvar) [B, latent_dim]."""
+    return _encode(self.model, self.encoder, jax.numpy.asarray(images))
+
+  def decode(self, z):
+    """latents [B, latent_dim] -> float32 images in [-1, 1]."""
+    return _decode(self.model, self.generator, jax.numpy.asarray(z))
+
+
+@jax.jit(static_argnums=0)
+def _encode(model, variables, images):
+  return model.encode(variables["params"], variables["batch_stats"], images)
+
+
+@jax.jit(static_argnums=0)
+def _decode(model, variables, z):
+  return model.decode(variables["params"], variables["batch_stats"], z)
+
+
+def vaegan_checkpoints(workdir, config) -> checkpoint_lib.Checkpoints:
+  return checkpoint_lib.Checkpoints(
+      pathlib.Path(workdir) / "checkpoints",
+      best_metric=vaegan_kind.BEST_METRIC if config.data.val_split else None)
+
+
+def restore_vaegan_state(workdir, which="latest", *, mesh=None):
+  """(config, model, train state, checkpoint meta) of the VAE-GAN run in `workdir`."""
+  config = vaegan_kind.read_config(workdir)
+  mesh = mesh or parallel.make_mesh(config.train.num_devices)
+  model = vaegan_kind.build_model(config)
+  with vaegan_checkpoints(workdir, config) as ckpt:
+    state, meta = ckpt.restore(vaegan_kind.abstract_state(config, model, mesh), which)
+  return config, model, state, meta
+
+
+def open_vaegan(workdir, which="best", *, mesh=None) -> VAEGANRun:
+  """The VAE-GAN run in `workdir` at checkpoint `which`: its EMA encoder and generator."""
+  config, model, state, meta = restore_vaegan_state(workdir, which, mesh=mesh)
+  return VAEGANRun(config=config, model=model, step=int(meta["step"]),
+                   encoder=state.ema["encoder"], generator=state.ema["generator"])
