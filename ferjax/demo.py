@@ -70,8 +70,7 @@ def run(workdir, *, quick: bool = False, seed: int = 0) -> dict:
 
   _banner("4/5 synthetic samples and class distributions")
   train_config = runs["semantic augmentation"]
-  train_ds = splits.load_split(train_config.data, "train", train=True,
-                               limit=train_config.data.num_examples)
+  train_ds = splits.load_split(train_config.data, "train", train=True)
   grid, judged = _synthetic_samples(train_config, train_ds, workdir / "baseline", workdir)
   plan = synthesis.plan_for(train_config, train_ds.labels, train_ds.num_classes)
   hist = plots.save_class_histogram(

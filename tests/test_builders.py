@@ -16,7 +16,10 @@ from ferjax.data import builders
 from ferjax.data.builders import ckplus as ckplus_module
 from ferjax.data.builders import fer2013 as fer2013_module
 from ferjax.data.builders import ferplus as ferplus_module
+from ferjax.data import splits
 from ferjax.errors import UserError
+from ferjax.kinds import classifier as classifier_kind
+from ferjax.kinds import vaegan as vaegan_kind
 
 FER_CLASSES = fer2013_module.CLASS_NAMES
 
@@ -168,7 +171,6 @@ def test_with_several_processes_the_train_split_stays_on_disk(tmp_path, monkeypa
   hold-out it validates on and the other splits are read into memory, equal to one process's."""
   import jax
   from ferjax.data import LazyImages
-  from ferjax.train import classifier
   manual, data = tmp_path / "raw", tmp_path / "data"
   make_fer_folders(manual, per_class=4)
   builders.prepare("fer2013", manual, data)
@@ -185,7 +187,6 @@ def test_with_several_processes_the_train_split_stays_on_disk(tmp_path, monkeypa
   config.data.val_split = "validation"
   assert isinstance(splits.load_splits(config.data, config.seed)[1].images, np.ndarray)
   # The VAE-GAN's train split too, also when cut to data.num_examples.
-  from ferjax.train import vaegan
   vaegan_config = vaegan_kind.default_config()
   vaegan_config.data.update(name="fer2013", data_dir=str(data), image_size=48, channels=1)
   first = splits.load_split(vaegan_config.data, "train", train=True, limit=10).images

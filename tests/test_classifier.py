@@ -266,9 +266,56 @@ def test_long_tail_subset_is_geometric_fixed_and_for_real_train_splits_only(monk
   config = tiny_config()
   config.data.name = "fer2013"
   config.data.imbalance_ratio = 100.0
-  train = splits.load_split(config.data, "train", train=True, limit=config.data.num_examples)
+  train = splits.load_split(config.data, "train", train=True)
   np.testing.assert_array_equal(train.class_counts(), [120, 56, 26, 12, 6, 3, 1])
   assert len(splits.load_split(config.data, "test", train=False)) == 7 * 13  # test split untouched
   config.data.imbalance_ratio = 0.5
   with pytest.raises(UserError, match="data.imbalance_ratio"):
     classifier_kind.validate_config(config)
+
+
+# --- The prior under a rebalancing sampler --------------------------------------------------------
+@pytest.mark.parametrize("sampler,expected", [
+    ("instance", [120, 80, 50, 30, 20, 12, 8]),
+    ("class_balanced", [320 / 7] * 7),
+    ("oversample", [120] * 7),
+])
+def test_prior_based_losses_get_the_sampled_distribution(sampler, expected):
+  """Balanced softmax on class-balanced batches must not subtract the raw prior again: the
+  prior a loss (and post-hoc adjustment) sees is that of the batches the sampler draws."""
+  config = tiny_config()
+  config.sampler.name = sampler
+  config.loss.name = "balanced_softmax"
+  classifier_kind.validate_config(config)
+  np.testing.assert_allclose(classifier_kind.sampled_counts(config, TRAIN_COUNTS), expected,
+                             rtol=1e-6)
+  sqrt = classifier_kind.sampled_counts(_with(config, "sampler.name", "sqrt"), TRAIN_COUNTS)
+  np.testing.assert_allclose(sqrt / sqrt.sum(), np.sqrt(TRAIN_COUNTS) / np.sqrt(TRAIN_COUNTS).sum(),
+                             rtol=1e-6)
+
+
+def _with(config, field, value):
+  group, leaf = field.split(".")
+  config[group][leaf] = value
+  return config
+
+
+@pytest.mark.parametrize("loss,weights", [("logit_adjusted", "none"), ("ldam", "none"),
+                                          ("ce", "inverse")])
+def test_progressive_sampling_with_a_prior_based_loss_is_refused(loss, weights):
+  config = tiny_config()
+  config.sampler.name = "progressive"
+  config.loss.update(name=loss, class_weights=weights)
+  with pytest.raises(UserError, match=r"'sampler\.name'.*progressive sampling changes the class "
+                                      r"prior"):
+    classifier_kind.validate_config(config)
+
+
+def test_a_trained_run_records_the_sampled_prior(stand_in, tmp_path):
+  config = tiny_config(num_steps=3, eval_every=3, checkpoint_every=3)
+  config.sampler.name = "class_balanced"
+  config.loss.name = "logit_adjusted"
+  classifier.train_and_evaluate(config, tmp_path)
+  meta = runs.open_classifier(tmp_path, "latest").meta
+  assert meta["train_counts"] == TRAIN_COUNTS
+  np.testing.assert_allclose(meta["prior_counts"], [sum(TRAIN_COUNTS) / 7] * 7)

@@ -86,3 +86,68 @@ def test_every_experiment_config_loads():
     doc = path.read_text().split('"""')[1]
     assert "ferjax " in doc, f"{path.name}: docstring must give the exact command"
     configs.to_dict(c)  # JSON-serialisable (written to each workdir)
+
+
+# --- Unknown fields: refused from files and flags, for every kind of run ------------------------
+KIND_CONFIG = textwrap.dedent('''
+    """Test config. Run: ferjax train --config this.py --workdir /tmp/x"""
+    from ferjax.kinds import {kind}
+
+    def get_config():
+      config = {kind}.default_config()
+      config.train.num_steps = 3
+      config.{field} = 0.1
+      return config
+    ''')
+
+
+@pytest.mark.parametrize("kind", ["classifier", "vaegan"])
+def test_a_misspelled_field_in_a_config_file_is_refused_naming_it(tmp_path, kind):
+  path = tmp_path / "typo.py"
+  path.write_text(KIND_CONFIG.format(kind=kind, field="optim.lrr"))
+  with pytest.raises(UserError, match=r"typo\.py line 8: unknown config field 'optim\.lrr'"):
+    configs.load_config(path)
+  path.write_text(KIND_CONFIG.format(kind=kind, field="train.num_stepz"))
+  with pytest.raises(UserError, match=r"unknown config field 'train\.num_stepz'"):
+    configs.load_config(path)
+
+
+@pytest.mark.parametrize("kind", ["classifier", "vaegan"])
+def test_a_misspelled_field_in_a_flag_is_refused_naming_it(tmp_path, kind):
+  path = tmp_path / "ok.py"
+  path.write_text(KIND_CONFIG.format(kind=kind, field="optim.lr"))
+  assert configs.load_config(path).optim.lr == 0.1
+  with pytest.raises(UserError, match="optim has no field 'lrr'"):
+    configs.load_config(path, ["config.optim.lrr=0.2"])
+
+
+def test_a_config_built_from_scratch_is_checked_field_by_field():
+  """A file may build its ConfigDict without the locked defaults: validation still refuses an
+  unknown field and names a missing one."""
+  import ml_collections
+  from ferjax.kinds import classifier
+  config = ml_collections.ConfigDict(classifier.default_config().to_dict())
+  config.optim.lrr = 0.1
+  with pytest.raises(UserError, match=r"unknown config field 'optim\.lrr'"):
+    classifier.validate_config(config)
+  config = ml_collections.ConfigDict(classifier.default_config().to_dict())
+  del config.train["num_steps"]
+  with pytest.raises(UserError, match=r"'train\.num_steps' is missing"):
+    classifier.validate_config(config)
+
+
+def test_get_config_raising_is_one_line_naming_the_file_line(tmp_path):
+  path = tmp_path / "raises.py"
+  path.write_text("def get_config():\n  return 1 / 0\n")
+  with pytest.raises(UserError, match=r"raises\.py line 2: get_config\(\) failed: "
+                                      r"ZeroDivisionError"):
+    configs.load_config(path)
+
+
+def test_field_rules_describe_what_they_accept():
+  assert configs.integer(3, 1).valid(2) and not configs.integer(3, 1).valid(True)
+  assert not configs.integer(3, 1).valid(0) and "an integer >= 1" == configs.integer(3, 1).expected
+  rule = configs.number(0.5, 0, 1, hi_open=True, optional=True)
+  assert rule.valid(None) and rule.valid(0.0) and not rule.valid(1.0)
+  assert not rule.valid(float("nan")) and not rule.valid("0.5")
+  assert configs.one_of("a", ("a", "b")).valid("b") and not configs.one_of("a", ("a",)).valid(1)

@@ -63,8 +63,9 @@ VAEGAN = {
     "train.eval_every": 4, "train.sample_every": 8, "train.checkpoint_every": 2,
     "train.keep_checkpoints": 100,
 }
-TRAINERS = {"classifier": (classifier, CLASSIFIER, "train"),
-            "vaegan": (vaegan, VAEGAN, "train-vaegan")}
+# trainer module, the run kind's module (its default_config), overrides, CLI verb
+TRAINERS = {"classifier": (classifier, classifier_kind, CLASSIFIER, "train"),
+            "vaegan": (vaegan, vaegan_kind, VAEGAN, "train-vaegan")}
 
 
 # =================================================================================================
@@ -80,8 +81,8 @@ def config_with(module, overrides: dict):
 
 
 def make_config(trainer: str):
-  module, overrides, _ = TRAINERS[trainer]
-  return config_with(module, overrides)
+  _, kind, overrides, _ = TRAINERS[trainer]
+  return config_with(kind, overrides)
 
 
 def write_overrides_file(path: pathlib.Path, module, overrides: dict) -> pathlib.Path:
@@ -100,12 +101,12 @@ def write_overrides_file(path: pathlib.Path, module, overrides: dict) -> pathlib
 
 def write_config_file(directory: pathlib.Path, trainer: str) -> pathlib.Path:
   """The same config as make_config(trainer), as a file for the CLI."""
-  module, overrides, _ = TRAINERS[trainer]
-  return write_overrides_file(directory / f"{trainer}_trust.py", module, overrides)
+  _, kind, overrides, _ = TRAINERS[trainer]
+  return write_overrides_file(directory / f"{trainer}_trust.py", kind, overrides)
 
 
 def cli_args(trainer: str, config_file, workdir, *extra) -> list:
-  return [sys.executable, "-m", "ferjax.cli", TRAINERS[trainer][2], "--config", str(config_file),
+  return [sys.executable, "-m", "ferjax.cli", TRAINERS[trainer][3], "--config", str(config_file),
           "--workdir", str(workdir), *extra]
 
 
@@ -292,8 +293,8 @@ def kill_and_resume(trainer, reference_dir, tmp_path, env, *, during_save: bool)
   workdir = tmp_path / "run"
   last_dir = workdir / "checkpoints" / "last"
   args = cli_args(trainer, config_file, workdir)
-  num_steps = TRAINERS[trainer][1]["train.num_steps"]
-  every = TRAINERS[trainer][1]["train.checkpoint_every"]
+  num_steps = TRAINERS[trainer][2]["train.num_steps"]
+  every = TRAINERS[trainer][2]["train.checkpoint_every"]
   rng = random.Random()  # Each run kills at a different point; the failure message names it.
   launched = Launched(args, tmp_path / "killed.log", env)
   try:
@@ -534,8 +535,8 @@ def test_two_processes_reading_only_their_rows_of_a_prepared_dataset_agree_with_
                "optim.warmup_steps": 1, "train.num_steps": 4, "train.batch_size": 16,
                "train.log_every": 1, "train.eval_every": 2, "train.checkpoint_every": 2,
                "eval.batch_size": 8}
-  config_file = write_overrides_file(tmp_path / "prepared.py", classifier, overrides)
-  classifier.train_and_evaluate(config_with(classifier, {**overrides, "train.num_devices": 4}),
+  config_file = write_overrides_file(tmp_path / "prepared.py", classifier_kind, overrides)
+  classifier.train_and_evaluate(config_with(classifier_kind, {**overrides, "train.num_devices": 4}),
                                 tmp_path / "one_process")
 
   logs = run_two_processes([sys.executable, "-m", "ferjax.cli", "train", "--config",

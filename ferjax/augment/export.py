@@ -30,7 +30,7 @@ def seed_dataset(vae, config=None):
     ds = splits.load_split(vae.config.data, vae.config.data.split, train=True)
     return ds, synthesis.options(classifier_kind.default_config(), vae.model.image_size,
                                  vae.model.channels)
-  return (splits.load_split(config.data, "train", train=True, limit=config.data.num_examples),
+  return (splits.load_split(config.data, "train", train=True),
           synthesis.options(config))
 
 

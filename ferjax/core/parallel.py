@@ -116,6 +116,19 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def check_train_devices(train) -> None:
+  """A config's `train.num_devices` (None: all) against the devices there are, and
+  `train.batch_size` against their count: one line naming the field when either does not fit."""
+  available = jax.device_count()
+  if train.num_devices is not None and train.num_devices > available:
+    raise UserError(f"config field 'train.num_devices': expected None or 1..{available} (devices "
+                    f"available), got {train.num_devices!r}")
+  n = train.num_devices or available
+  if train.batch_size % n:
+    raise UserError(f"config field 'train.batch_size': expected a positive multiple of the "
+                    f"device count ({n}), got {train.batch_size!r}")
+
+
 def check_batch_size(batch_size: int, mesh: Mesh, field: str = "batch_size") -> None:
   n = mesh.devices.size
   if batch_size <= 0 or batch_size % n:

@@ -28,11 +28,14 @@ def load_split(data, split: str, *, train: bool, limit: int | None = None) -> Da
   `train`: this is the split the run trains on, so the long-tailed profile
   (data.imbalance_ratio) and the synthetic set's train options (data.label_noise) apply: the
   synthetic set draws the profile, a real set keeps a fixed long-tailed subset
-  (`dataset.long_tail_subset`). `limit`: the synthetic set's size, else the first `limit` rows.
+  (`dataset.long_tail_subset`). `limit`: the synthetic set's size, else the first `limit` rows
+  (default for the train split: data.num_examples).
   The synthetic set is always generated with its own fixed seed, whatever the run's seed: the
   training seed never changes the data.
   """
   lt = data.get("imbalance_ratio") if train else None
+  if train and limit is None:
+    limit = data.get("num_examples")
   options = {}
   if data.name == "synthetic":
     if limit is not None:
@@ -76,7 +79,7 @@ def load_splits(data, seed: int) -> tuple[Dataset, Dataset | None]:
   the group has `val_fraction`) a stratified `val_fraction` of train held out with `seed`, read
   into memory once. Validation is None when the group has neither. The train split is
   data.split (default "train"), cut to data.num_examples; validation to data.val_examples."""
-  train = load_split(data, data.get("split", "train"), train=True, limit=data.get("num_examples"))
+  train = load_split(data, data.get("split", "train"), train=True)
   if data.val_split is not None:
     return train, load_split(data, data.val_split, train=False, limit=data.get("val_examples"))
   if data.get("val_fraction") is None:

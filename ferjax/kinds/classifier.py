@@ -3,6 +3,7 @@ state and random streams. The trainer (ferjax.train.classifier), evaluation, ben
 everything that reopens a finished run (ferjax.runs) build on this module, never on the trainer.
 """
 
+import pathlib
 import sys
 from typing import Any, NamedTuple
 
@@ -170,12 +171,7 @@ def validate_config(config) -> None:
         config.sampler.name)
   check(a.crop_padding <= d.image_size, "augment.crop_padding", "0..image_size pixels",
         a.crop_padding)
-  available = jax.device_count()
-  check(t.num_devices is None or t.num_devices <= available, "train.num_devices",
-        f"None or 1..{available} (devices available)", t.num_devices)
-  num_devices = t.num_devices or available
-  check(t.batch_size % num_devices == 0, "train.batch_size",
-        f"a positive multiple of the device count ({num_devices})", t.batch_size)
+  parallel.check_train_devices(t)
 
 
 def sampled_counts(config, train_counts) -> np.ndarray:
@@ -196,7 +192,6 @@ def sampled_counts(config, train_counts) -> np.ndarray:
 
 def read_config(workdir) -> ml_collections.ConfigDict:
   """A finished (or started) run's config.json laid over the defaults."""
-  import pathlib
   return configs.read_saved(default_config(), pathlib.Path(workdir) / "config.json",
                             "ferjax train")
 

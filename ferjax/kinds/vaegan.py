@@ -111,12 +111,7 @@ def validate_config(config) -> None:
                              and all(configs.is_int(w) and w >= 1 for w in m.widths)),
         "model.widths", f"None or {stages} positive integers ({d.image_size} px has {stages} "
         f"stride-2 stages, e.g. {vaegan_models.default_widths(d.image_size)})", m.widths)
-  available = jax.device_count()
-  check(t.num_devices is None or t.num_devices <= available, "train.num_devices",
-        f"None or 1..{available} (devices available)", t.num_devices)
-  num_devices = t.num_devices or available
-  check(t.batch_size % num_devices == 0, "train.batch_size",
-        f"a multiple of the device count ({num_devices})", t.batch_size)
+  parallel.check_train_devices(t)
 
 
 def read_config(workdir) -> ml_collections.ConfigDict:

@@ -1,1 +1,1 @@
-"""Trainers (one readable trainer per stage) and the shared pieces they stand on."""
+"""Trainers, the leaves: one readable trainer per kind of training (pure jitted step + loop)."""

@@ -20,8 +20,8 @@ validation metric `train.best_metric` (for `ferjax evaluate`). Validation is `da
 when that is None, a stratified `data.val_fraction` of train held out with `seed`. The test
 split never selects anything: `data.val_split='test'` is refused.
 
-Workdir: config.json, metrics.jsonl, checkpoints/, curves.png. Training again in a workdir that
-has checkpoints resumes from the latest one.
+Workdir: config.json, metrics.jsonl, tensorboard/, checkpoints/, curves.png. Training again in a
+workdir that has checkpoints resumes from the latest one.
 """
 
 import pathlib
