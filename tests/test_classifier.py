@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import ferjax.data
-from ferjax.data import Dataset, pipeline
+from ferjax.data import Dataset
 from ferjax.errors import UserError
 from ferjax.models import resnet
 from ferjax import runs

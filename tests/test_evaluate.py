@@ -11,7 +11,6 @@ import jax
 import numpy as np
 import pytest
 
-import ferjax.data
 from ferjax import evaluate
 from ferjax.data import Dataset, pipeline, splits
 from ferjax.errors import UserError

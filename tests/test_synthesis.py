@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ferjax import cli, evaluate
-from ferjax.augment import export, quality, semantic, synthesis
+from ferjax import cli
+from ferjax.augment import quality, semantic, synthesis
 from ferjax.data import folder, pipeline
 from ferjax.errors import UserError
 from ferjax import runs as runs_lib

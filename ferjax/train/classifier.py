@@ -24,7 +24,6 @@ Workdir: config.json, metrics.jsonl, tensorboard/, checkpoints/, curves.png. Tra
 workdir that has checkpoints resumes from the latest one.
 """
 
-import pathlib
 from typing import Callable
 
 import jax
@@ -37,6 +36,7 @@ from ferjax import evaluate as evaluate_lib
 from ferjax.augment import synthesis as synthesis_lib
 from ferjax.core import checkpoint as checkpoint_lib
 from ferjax.core import monitor, parallel
+from ferjax.core import workdir as workdir_lib
 from ferjax.data import dataset as dataset_lib
 from ferjax.data import pipeline, splits
 from ferjax.errors import UserError
@@ -193,11 +193,7 @@ def train_and_evaluate(config, workdir, *, stop_after: int | None = None,
   (train, validation) pair of Datasets, replaces config.data's (e.g. synthetic faces only).
   """
   kind.validate_config(config)
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  is_main = parallel.is_main_process()  # With several processes, only process 0 writes files.
-  if is_main:
-    configs.save_config(config, workdir / "config.json")
+  workdir, is_main = workdir_lib.open_for_training(workdir, config)  # is_main: writes files.
   t = config.train
   num_steps = t.num_steps
   mesh = parallel.make_mesh(t.num_devices)

@@ -34,6 +34,7 @@ import optax
 
 from ferjax import configs, plots
 from ferjax.core import checkpoint, monitor, parallel
+from ferjax.core import workdir as workdir_lib
 from ferjax.data import pipeline, splits
 from ferjax.kinds import vaegan as kind
 from ferjax.kinds.vaegan import EMA_NETS, NETS, TrainState
@@ -264,11 +265,7 @@ def train_and_evaluate(config, workdir) -> dict:
   """Trains (or resumes from the latest checkpoint in `workdir`) and returns a summary dict."""
   kind.validate_config(config)
   t_start = time.perf_counter()
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  is_main = parallel.is_main_process()  # With several processes, only process 0 writes files.
-  if is_main:
-    configs.save_config(config, workdir / "config.json")
+  workdir, is_main = workdir_lib.open_for_training(workdir, config)  # is_main: writes files.
   t = config.train
 
   # --- mesh, data, model, state ---
