@@ -278,6 +278,8 @@ def _config_for(what: str, path, overrides):
 def cli_main(args) -> int:
   if args.batch is not None and args.batch <= 0:
     raise UserError(f"--batch: expected a positive number of images, got {args.batch}")
+  if args.steps < 1:
+    raise UserError(f"--steps: expected at least 1 timed step, got {args.steps}")
   config = _config_for(args.what, args.config, args.overrides)
   if args.what == "vaegan":
     records = [bench_vaegan(config, batch_size=args.batch, steps=args.steps)]

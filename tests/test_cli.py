@@ -48,6 +48,9 @@ def test_data_stats_synthetic_json(tmp_path, capsys):
     (["data", "prepare", "fer2013"], "--manual-dir"),
     (["data", "prepare", "synthetic", "--manual-dir", "x"], "synthetic needs no preparation"),
     (["nosuchverb"], "invalid choice: 'nosuchverb'"),
+    (["bench", "classifier", "--steps", "0"], "--steps: expected at least 1 timed step, got 0"),
+    (["bench", "vaegan", "--steps", "-3"], "--steps: expected at least 1 timed step, got -3"),
+    (["bench", "classifier", "--batch", "0"], "--batch: expected a positive number"),
 ])
 def test_user_errors_are_one_line_with_exit_2(argv, needle, capsys):
   assert cli.main(argv) == 2

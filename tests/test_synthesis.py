@@ -198,3 +198,19 @@ def test_bench_sampler_reports_its_share_of_the_step(runs, capsys):
   assert records[0]["synthetic_per_batch"] == 8 and records[0]["share_of_step"] > 0
   assert all(r["images_per_s"] > 0 for r in records)
   assert "synthesis_overhead" in records[1]
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "..", ".hidden", "bad\nname"])
+def test_class_names_never_become_paths_outside_the_output(tmp_path, name):
+  """A folder dataset's classes.txt names folders: a separator, '..' or a control character is
+  refused by name, on reading and on writing, and nothing lands outside the output folder."""
+  from ferjax.data import folder as folder_lib
+  images = np.zeros((2, 8, 8, 1), np.uint8)
+  with pytest.raises(UserError, match="cannot be a folder name"):
+    folder_lib.write(tmp_path / "out", "train", images, np.array([0, 1]), ("ok", name))
+  assert not (tmp_path / "escape").exists() and not (tmp_path / "out" / "train").exists()
+  root = tmp_path / "in"
+  (root / "train" / "ok").mkdir(parents=True)
+  (root / "classes.txt").write_text(f"ok\n{name}\n" if "\n" not in name else "ok\n..\n")
+  with pytest.raises(UserError, match=r"classes\.txt: class name .* cannot be a folder name"):
+    folder_lib.load(root, "train")

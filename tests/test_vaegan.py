@@ -333,8 +333,10 @@ def test_load_for_sampling(runs, tiny_images):
 def test_divergence_stops_clearly_and_keeps_last_good_checkpoint(runs, tmp_path):
   workdir = tmp_path / "diverge"
   shutil.copytree(runs.workdir, workdir)
-  # An absurd learning rate sends the parameters to inf on the first resumed step.
+  # An absurd learning rate sends the parameters to inf on the first resumed step. The workdir
+  # only resumes its own run, so the copy's recorded config is made this one first.
   config = tiny_config(**{"optim.lr": 1e30, "train.num_steps": 12})
+  configs.save_config(config, workdir / "config.json")
   with pytest.raises(monitor.NonFiniteLoss, match=r"step 9: .* is (inf|nan)") as error:
     vaegan.train_and_evaluate(config, workdir)
   assert isinstance(error.value, UserError)  # The CLI prints it as one line.

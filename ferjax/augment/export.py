@@ -59,6 +59,8 @@ def export(vaegan_workdir, out, per_class: int, *, config=None, seed: int = 0) -
   ds, how = seed_dataset(vae, config)
   fake, labels, seed_idx = synthesis.synthesize_per_class(
       vae, ds.images, ds.labels, ds.num_classes, per_class, seed=seed, **how)
+  for name in ds.class_names:  # They become folder names under `out`: checked before writing.
+    folder.check_class_name(name, f"dataset {ds.name!r}")
   # Written next to `out` and renamed into place: an interrupted export leaves no partial set.
   staging = out.with_name(f".{out.name}.partial")
   shutil.rmtree(staging, ignore_errors=True)

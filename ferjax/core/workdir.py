@@ -1,17 +1,160 @@
-"""A run's workdir: created (or reopened to resume) by the trainer that writes into it."""
+"""A run's workdir guards itself: one kind of run, one config, one trainer at a time.
 
+A workdir records its kind (`run.json`) and config (`config.json`) the first time a trainer
+writes into it. A later command into it may only resume that same run, or extend it to more
+steps (`train.num_steps` raised: recorded in run.json and config.json, and said in one line; a
+cosine learning-rate schedule then stretches from the resume point on). A different kind, fewer
+steps, or a config that differs in anything but where the data lives and how many devices run
+it, is refused with one line naming the differing fields, before anything is written. While a trainer
+runs, it holds `train.lock` (an OS file lock, released when the process ends however it ends;
+the file names the holder's pid and host for the refusal message). A workdir whose metrics say
+the run progressed but that holds no checkpoint to resume from is refused too, rather than
+silently restarted from step 0.
+"""
+
+import contextlib
+import fcntl
+import json
+import os
 import pathlib
+import socket
+import time
 
 from ferjax import configs
 from ferjax.core import parallel
+from ferjax.errors import UserError
+
+# Fields a resumed run may change: where the data is read from, and how many devices run it
+# (a preempted job resumed on another slice). Everything else defines the run.
+MAY_CHANGE_ON_RESUME = ("data.data_dir", "data.manual_dir", "train.num_devices")
+KIND_NAMES = {"classifier": "a classifier run (ferjax train)",
+              "vaegan": "a VAE-GAN run (ferjax train-vaegan)"}
 
 
-def open_for_training(workdir, config) -> tuple[pathlib.Path, bool]:
-  """(workdir as a Path, whether this process writes files): the folder is created and, in
-  process 0 only (the one that writes config.json, metrics and PNGs), the config is saved."""
+def _flat(tree, prefix=""):
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _read_json(path: pathlib.Path, what: str) -> dict:
+  try:
+    return json.loads(path.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise UserError(f"{path}: cannot read the {what} ({type(e).__name__}: {e}); this workdir is "
+                    "damaged: choose another --workdir") from None
+
+
+def check_same_run(workdir: pathlib.Path, config, kind: str) -> int | None:
+  """The train.num_steps `workdir` was recorded with when it holds this run (None: a new
+  workdir). Raises a one-line UserError when it holds another kind of run or a config that
+  differs (more steps are allowed: an extension)."""
+  run_file, config_file = workdir / "run.json", workdir / "config.json"
+  if run_file.exists():
+    stored_kind = _read_json(run_file, "run record").get("kind")
+    if stored_kind != kind:
+      raise UserError(f"{workdir} holds {KIND_NAMES.get(stored_kind, repr(stored_kind))}, not "
+                      f"{KIND_NAMES[kind]}: choose another --workdir")
+  if not config_file.exists():
+    return None
+  stored = _flat(_read_json(config_file, "saved config"))
+  new = _flat(configs.to_dict(config))
+  differing = sorted(k for k in set(stored) | set(new)
+                     if stored.get(k) != new.get(k) and k not in MAY_CHANGE_ON_RESUME)
+  old_steps, new_steps = stored.get("train.num_steps"), new.get("train.num_steps")
+  if differing == ["train.num_steps"] and isinstance(old_steps, int) and new_steps > old_steps:
+    return old_steps  # An extension.
+  if differing:
+    shown = ", ".join(f"{k} ({stored.get(k)!r} -> {new.get(k)!r})" for k in differing[:4])
+    more = f" and {len(differing) - 4} more" if len(differing) > 4 else ""
+    raise UserError(f"{workdir} holds a run with another config: {shown}{more}; a workdir only "
+                    "resumes its own run (or extends it to more train.num_steps): choose another "
+                    "--workdir (nothing was written)")
+  return old_steps
+
+
+def open_for_training(workdir, config, kind: str) -> tuple[pathlib.Path, bool]:
+  """(workdir as a Path, whether this process writes files) after checking that `workdir` is
+  new or holds this same run (see the module docstring). Process 0 records the kind and config
+  of a new run; the other processes of a multi-process run only read."""
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  if workdir.exists() and not workdir.is_dir():
+    raise UserError(f"--workdir {workdir}: expected a folder, found a file")
+  recorded_steps = check_same_run(workdir, config, kind)
+  check_resumable(workdir)
   is_main = parallel.is_main_process()
+  extended = recorded_steps is not None and config.train.num_steps != recorded_steps
+  if extended:
+    print(f"{workdir}: extending the run from train.num_steps={recorded_steps} to "
+          f"{config.train.num_steps} (recorded in run.json)")
   if is_main:
-    configs.save_config(config, workdir / "config.json")
+    workdir.mkdir(parents=True, exist_ok=True)
+    run_file = workdir / "run.json"
+    record = _read_json(run_file, "run record") if run_file.exists() else {"kind": kind}
+    if extended:
+      record.setdefault("extensions", []).append(
+          {"from_num_steps": recorded_steps, "to_num_steps": config.train.num_steps})
+    if extended or not run_file.exists():
+      _write_atomic(run_file, json.dumps(record, indent=2) + "\n")
+    if extended or recorded_steps is None:
+      _write_atomic(workdir / "config.json",
+                    json.dumps(configs.to_dict(config), indent=2, sort_keys=True) + "\n")
   return workdir, is_main
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+  partial = path.with_name(f".{path.name}.partial")
+  partial.write_text(text)
+  os.replace(partial, path)
+
+
+@contextlib.contextmanager
+def training_lock(workdir: pathlib.Path, is_main: bool = True):
+  """Holds `workdir/train.lock` while a trainer runs; a second trainer into the same workdir is
+  refused with one line naming the holder. The OS releases the lock when the holder ends, so a
+  lock left by a killed process never blocks."""
+  if not is_main:  # One run, several processes: process 0 holds the lock for all.
+    yield
+    return
+  path = workdir / "train.lock"
+  handle = open(path, "a+")
+  try:
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      handle.seek(0)
+      holder = handle.read().strip() or "another process"
+      raise UserError(f"{workdir} is being trained by {holder}: one trainer per workdir (wait "
+                      "for it to finish, or choose another --workdir)") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    yield
+  finally:
+    handle.close()  # Releases the lock.
+
+
+def check_resumable(workdir: pathlib.Path) -> None:
+  """Call before opening the checkpoints. Refuses a workdir whose metrics record training steps
+  but whose checkpoints/last folder is gone (deleted by hand): restarting from step 0 there
+  would append a second history to the first. (A run killed before its first checkpoint has an
+  empty checkpoints/last folder: it restarts from step 0, its partial metrics dropped.)"""
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  if not path.exists() or (pathlib.Path(workdir) / "checkpoints" / "last").is_dir():
+    return
+  steps = []
+  for line in path.read_text(errors="replace").splitlines():
+    try:
+      steps.append(int(json.loads(line)["step"]))
+    except (ValueError, KeyError, TypeError):
+      continue
+  if steps:
+    raise UserError(f"{path} records steps up to {max(steps)} but {workdir}/checkpoints/last is "
+                    "missing, so there is nothing to resume from: restore the checkpoints, or "
+                    "choose another --workdir")

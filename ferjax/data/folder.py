@@ -18,13 +18,23 @@ from ferjax.errors import UserError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
+def check_class_name(name, where) -> str:
+  """A class name becomes a folder and file name: refuse separators, '.', '..', a leading dot
+  and control characters, naming where the name came from."""
+  if (not isinstance(name, str) or not name or name in (".", "..") or name.startswith(".")
+      or any(c in name for c in "/\\") or any(ord(c) < 32 or ord(c) == 127 for c in name)):
+    raise UserError(f"{where}: class name {name!r} cannot be a folder name (expected no '/', "
+                    "'\\', control characters or leading '.')")
+  return name
+
+
 def class_names(root: pathlib.Path, split_dir: pathlib.Path) -> tuple[str, ...]:
   listed = root / "classes.txt"
   if listed.is_file():
     names = tuple(line.strip() for line in listed.read_text().splitlines() if line.strip())
     if not names:
       raise UserError(f"{listed}: expected one class name per line, found none")
-    return names
+    return tuple(check_class_name(n, listed) for n in names)
   return tuple(sorted(p.name for p in split_dir.iterdir()
                       if p.is_dir() and not p.name.startswith(".")))
 
@@ -67,10 +77,14 @@ def load(root, split: str) -> Dataset:
 def write(root, split: str, images: np.ndarray, labels: np.ndarray, names) -> None:
   """Writes uint8 [N, H, W, C] images as `<root>/<split>/<class>/<class>_<i>.png`."""
   root = pathlib.Path(root)
+  for name in (split, *names):
+    check_class_name(name, "folder dataset")
   (root / "classes.txt").write_text("".join(f"{n}\n" for n in names))
   counters = [0] * len(names)
   for image, label in zip(images, labels):
     folder = root / split / names[label]
+    if not folder.resolve().is_relative_to(root.resolve()):  # Never write outside `root`.
+      raise UserError(f"{folder}: outside the output folder {root}")
     folder.mkdir(parents=True, exist_ok=True)
     pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
     pil.save(folder / f"{names[label]}_{counters[label]:05d}.png")

@@ -193,7 +193,12 @@ def train_and_evaluate(config, workdir, *, stop_after: int | None = None,
   (train, validation) pair of Datasets, replaces config.data's (e.g. synthetic faces only).
   """
   kind.validate_config(config)
-  workdir, is_main = workdir_lib.open_for_training(workdir, config)  # is_main: writes files.
+  workdir, is_main = workdir_lib.open_for_training(workdir, config, kind.KIND)
+  with workdir_lib.training_lock(workdir, is_main):  # is_main: this process writes the files.
+    return _train(config, workdir, is_main, stop_after, synthesize, synthesis_data, datasets)
+
+
+def _train(config, workdir, is_main, stop_after, synthesize, synthesis_data, datasets) -> dict:
   t = config.train
   num_steps = t.num_steps
   mesh = parallel.make_mesh(t.num_devices)
@@ -231,8 +236,8 @@ def train_and_evaluate(config, workdir, *, stop_after: int | None = None,
                                     best_metric=t.best_metric)
   if ckpt.latest_step() is not None:
     state, _ = ckpt.restore(state, "latest")
-    if is_main:
-      monitor.drop_metrics_after(workdir, int(state.step))  # Steps past it are replayed.
+  if is_main:  # Steps past the checkpoint (all, before the first one) are replayed.
+    monitor.drop_metrics_after(workdir, int(state.step))
   train_step = make_train_step(config, model, tx, prior_counts, num_steps, mesh,
                                synthesize=synthesize)
 

@@ -264,8 +264,13 @@ def save_sample_grids(sample_fn, ema, fixed, out_dir: pathlib.Path, step: int) -
 def train_and_evaluate(config, workdir) -> dict:
   """Trains (or resumes from the latest checkpoint in `workdir`) and returns a summary dict."""
   kind.validate_config(config)
+  workdir, is_main = workdir_lib.open_for_training(workdir, config, kind.KIND)
+  with workdir_lib.training_lock(workdir, is_main):  # is_main: this process writes the files.
+    return _train(config, workdir, is_main)
+
+
+def _train(config, workdir, is_main) -> dict:
   t_start = time.perf_counter()
-  workdir, is_main = workdir_lib.open_for_training(workdir, config)  # is_main: writes files.
   t = config.train
 
   # --- mesh, data, model, state ---
@@ -279,13 +284,12 @@ def train_and_evaluate(config, workdir) -> dict:
   ckpts = checkpoint.Checkpoints(
       workdir / "checkpoints", max_to_keep=t.keep_checkpoints,
       best_metric=kind.BEST_METRIC if val_images is not None else None)
-  start_step = 0
   if ckpts.latest_step() is not None:
     state, _ = ckpts.restore(state, "latest")
-    start_step = int(state.step)
-    if is_main:
-      monitor.drop_metrics_after(workdir, start_step)  # Steps after it are replayed.
-    print(f"vaegan: resuming from step {start_step} in {workdir}")
+    print(f"vaegan: resuming from step {int(state.step)} in {workdir}")
+  start_step = int(state.step)
+  if is_main:  # Steps past the checkpoint (all, before the first one) are replayed.
+    monitor.drop_metrics_after(workdir, start_step)
 
   images = parallel.put_rows(train_images, mesh)
   train_step = make_train_step(model, config, mesh, len(train_images))
