@@ -651,3 +651,23 @@ def test_real_fer2013_counts(shared_fer2013, tmp_path):
       p.name for p in (shared_fer2013 / "train" / "happy").iterdir())[0]
   pixels = np.asarray(Image.open(sample).convert("L"))
   assert any(np.array_equal(im[..., 0], pixels) for im in train.images[train.labels == 3])
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+  """A 16-bit gray PNG (0..65535) reads as the same picture in 8 bits (it used to come out almost
+  white: mean 254.7 instead of 129.6), through the folder loader and the builders' decoder."""
+  from ferjax.data import folder
+  from ferjax.data.builders import common
+  rng = np.random.default_rng(0)
+  eight = rng.integers(0, 256, (12, 12), dtype=np.uint16)
+  sixteen = eight * 257  # The same values on the 16-bit scale.
+  root = tmp_path / "faces"
+  (root / "train" / "a").mkdir(parents=True)
+  Image.fromarray(sixteen.astype(np.uint16)).save(root / "train" / "a" / "x.png")
+  Image.fromarray(eight.astype(np.uint8)).save(root / "train" / "a" / "y.png")
+  ds = folder.load(root, "train")
+  np.testing.assert_array_equal(ds.images[0, ..., 0], eight)
+  np.testing.assert_array_equal(ds.images[1, ..., 0], eight)
+  with Image.open(root / "train" / "a" / "x.png") as img:
+    assert img.mode.startswith("I")
+    np.testing.assert_array_equal(common.to_array(img, 12, 1)[..., 0], eight)

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from ferjax.data.dataset import Dataset
+from ferjax.data.images import to_8bit
 from ferjax.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -58,7 +59,8 @@ def load(root, split: str) -> Dataset:
     for path in files:
       try:
         with Image.open(path) as img:
-          array = np.asarray(img.convert("L" if img.mode in ("L", "1", "P", "I") else "RGB"))
+          img = to_8bit(img)
+          array = np.asarray(img.convert("L" if img.mode in ("L", "1", "P") else "RGB"))
       except (OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable image ({e})") from None
       array = array[..., None] if array.ndim == 2 else array

@@ -43,3 +43,17 @@ def convert_images(images: np.ndarray, *, image_size=None, channels=None) -> np.
     else:
       out = np.repeat(out, 3, axis=-1)
   return out
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+  """A PIL image of any bit depth as an 8-bit one ("L" or a colour mode), ready for
+  `convert("L" / "RGB")`. Pillow's own conversion of 16-bit and 32-bit integer images clips
+  instead of scaling (a 16-bit face turns almost white); here 0..65535 maps to 0..255."""
+  if img.mode in ("I;16", "I;16L", "I;16B", "I;16N") or (img.mode == "I" and
+                                                        np.asarray(img).max(initial=0) > 255):
+    array = np.asarray(img).astype(np.float64) / 257.0
+    return Image.fromarray(np.clip(np.round(array), 0, 255).astype(np.uint8), "L")
+  if img.mode in ("I", "F"):  # 8-bit values in a wider type.
+    return Image.fromarray(np.clip(np.round(np.asarray(img, np.float64)), 0, 255)
+                           .astype(np.uint8), "L")
+  return img

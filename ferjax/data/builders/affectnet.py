@@ -30,6 +30,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from ferjax.data.builders import common
+from ferjax.data.images import to_8bit
 from ferjax.errors import UserError
 
 CLASS_NAMES_8 = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt")
@@ -110,7 +111,7 @@ def encode_face(task) -> tuple[str, bytes, int]:
     except (OSError, ValueError, SyntaxError) as e:
       raise common.decode_error("affectnet", name, e) from None
     sx, sy = img.size[0] / full_w, img.size[1] / full_h
-    face = img.convert("RGB").crop((int(left * sx), int(top * sy),
+    face = to_8bit(img).convert("RGB").crop((int(left * sx), int(top * sy),
                                     max(int(left * sx) + 1, int(right * sx)),
                                     max(int(top * sy) + 1, int(bottom * sy))))
   face = face.resize((size, size), Image.BILINEAR)

@@ -34,6 +34,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image, UnidentifiedImageError
 
+from ferjax.data.images import to_8bit
 from ferjax.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -202,8 +203,9 @@ def decode_error(spec_name: str, name: str, error: Exception) -> UserError:
 
 
 def to_array(img: Image.Image, size: int, channels: int) -> np.ndarray:
-  """PIL image -> uint8 [size, size, channels] (converted, resized bilinear when needed)."""
-  img = img.convert("L" if channels == 1 else "RGB")
+  """PIL image of any bit depth -> uint8 [size, size, channels] (converted, resized bilinear
+  when needed)."""
+  img = to_8bit(img).convert("L" if channels == 1 else "RGB")
   if img.size != (size, size):
     img = img.resize((size, size), Image.BILINEAR)
   return np.asarray(img, dtype=np.uint8).reshape(size, size, channels)
@@ -221,7 +223,7 @@ def jpeg_for_storage(path: Path, *, size: int, name: str, spec_name: str) -> byt
   img = open_image(data, name=name, spec_name=spec_name)
   if img.format == "JPEG" and img.mode == "RGB" and img.size == (size, size):
     return data
-  img = img.convert("RGB")
+  img = to_8bit(img).convert("RGB")
   if img.size != (size, size):
     img = img.resize((size, size), Image.BILINEAR)
   return encode_jpeg(img)
