@@ -88,3 +88,33 @@ def test_check_finite_names_the_step_and_metric():
     monitor.check_finite(7, {"loss": 1.0, "grad_norm": np.array([1.0, np.inf])})
   with pytest.raises(monitor.NonFiniteLoss, match=r"step 8: loss is nan"):
     monitor.check_finite(8, {"loss": np.float32("nan")})
+
+
+def test_interval_metrics_are_means_and_an_explosion_stops_naming_the_kept_checkpoint():
+  logged = monitor.IntervalMetrics(8, watch=("loss",), last_checkpoint=lambda: 10)
+  for value in (1.0, 2.0, 3.0):
+    logged.add({"loss": np.float32(value)})
+  means = logged.flush(3)
+  assert means["loss"] == 2.0 and means["images_per_s"] > 0
+  for value in (1.0, 1.5, 0.8):
+    logged.add({"loss": np.float32(value)})
+  logged.flush(6)
+  # 4.9e14 is finite, but the state that produced it is garbage: stop before it is saved.
+  logged.add({"loss": np.float32(0.9)})
+  logged.add({"loss": np.float32(4.9e14)})
+  with pytest.raises(monitor.NonFiniteLoss, match=r"step 8: loss is 4\.9e\+14, .* times its "
+                                                  r"running mean .*exploded.*checkpoint, step 10, "
+                                                  r"is kept"):
+    logged.flush(8)
+  nan = monitor.IntervalMetrics(8, last_checkpoint=lambda: None)
+  nan.add({"loss": np.float32("nan")})
+  with pytest.raises(monitor.NonFiniteLoss, match=r"step 1: loss is nan.*no checkpoint had been "
+                                                  r"saved yet"):
+    nan.flush(1)
+
+
+def test_a_loss_that_varies_normally_is_not_an_explosion():
+  logged = monitor.IntervalMetrics(8, watch=("loss",))
+  for step, value in enumerate([2.0, 1.9, 5.0, 40.0, 3.0, 0.01, 100.0, 1.0], start=1):
+    logged.add({"loss": np.float32(value)})
+  logged.flush(8)

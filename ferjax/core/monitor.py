@@ -107,8 +107,7 @@ def check_finite(step: int, metrics: dict) -> None:
     v = np.asarray(v)
     if v.dtype.kind == "f" and not np.all(np.isfinite(v)):
       bad = float(v[~np.isfinite(v)][0])
-      raise NonFiniteLoss(f"step {step}: {k} is {bad}; training stopped, the last good "
-                          "checkpoint is kept (lower the learning rate or check the data)")
+      raise NonFiniteLoss(f"step {step}: {k} is {bad}")
 
 
 def progress(total: int, initial: int = 0, desc: str = "train"):
@@ -134,27 +133,56 @@ class IntervalMetrics:
   """The train metrics of every step since the last logging point, as both trainers log them.
 
   `add(metrics)` keeps the step's device arrays (nothing is fetched, so the host does not wait
-  on the device); `flush(step)` fetches them, runs the NaN guard on each step (before any
+  on the device); `flush(step)` fetches them, runs the guards on each step (before any
   checkpoint of that state is written), and returns their means over the interval with the
   throughput (steps/s, images/s) since the last flush or `restart_clock()`.
+
+  Guards: any non-finite value stops training (`check_finite`), and so does an explosion: a
+  watched loss (`watch`) above EXPLOSION times its running mean after WARMUP steps (a loss of
+  4.9e14 is finite, but the state that made it is garbage). `last_checkpoint()` gives the step
+  of the checkpoint that is kept, for the message.
   """
 
-  def __init__(self, batch_size: int):
+  EXPLOSION = 1e4
+  WARMUP = 5
+
+  def __init__(self, batch_size: int, *, watch=(), last_checkpoint=lambda: None):
     self.batch_size = batch_size
+    self.watch = tuple(watch)
+    self.last_checkpoint = last_checkpoint
     self.pending = []
     self.throughput = Throughput()
+    self.running = {k: (0.0, 0) for k in self.watch}  # (mean of |value|, count)
 
   def add(self, metrics: dict) -> None:
     self.pending.append(metrics)
 
   def flush(self, step: int) -> dict:
     history = jax.device_get(self.pending)
+    self.pending = []
     for i, m in enumerate(history):
-      check_finite(step - len(history) + 1 + i, m)
+      at = step - len(history) + 1 + i
+      try:
+        check_finite(at, m)
+        self._check_explosion(at, m)
+      except NonFiniteLoss as e:
+        kept = self.last_checkpoint()
+        where = (f"the last good checkpoint, step {kept}, is kept" if kept is not None else
+                 "no checkpoint had been saved yet")
+        raise NonFiniteLoss(f"{e}; training stopped, {where} (lower the learning rate or check "
+                            "the data)") from None
     means = {k: float(np.mean([m[k] for m in history])) for k in history[0]} if history else {}
     means.update(self.throughput.tick(len(history), self.batch_size))
-    self.pending = []
     return means
+
+  def _check_explosion(self, step: int, metrics: dict) -> None:
+    for k in self.watch:
+      value = abs(float(np.asarray(metrics[k])))
+      mean, count = self.running[k]
+      if count >= self.WARMUP and value > self.EXPLOSION * max(mean, 1e-8):
+        raise NonFiniteLoss(f"step {step}: {k} is {value:.3g}, {value / max(mean, 1e-8):.0e} "
+                            f"times its running mean {mean:.3g} (exploded)")
+      self.running[k] = ((mean * count + value) / (count + 1), count + 1)
 
   def restart_clock(self) -> None:
     """Time from now on (e.g. after validation, which is not training time)."""

@@ -252,7 +252,9 @@ def _train(config, workdir, is_main, stop_after, synthesize, synthesis_data, dat
   writer = (monitor.MetricWriter(workdir, purge_step=step + 1 if step else None)
             if is_main else None)
   last_step = num_steps if stop_after is None else min(num_steps, stop_after)
-  summary, logged = {}, monitor.IntervalMetrics(t.batch_size)
+  summary = {}
+  logged = monitor.IntervalMetrics(t.batch_size, watch=("loss",),
+                                   last_checkpoint=ckpt.latest_step)
   with ckpt, monitor.progress(total=num_steps, initial=step) as bar:
     while step < last_step:
       state, metrics = train_step(state, data)

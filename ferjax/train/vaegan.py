@@ -303,7 +303,8 @@ def _train(config, workdir, is_main) -> dict:
 
   # --- loop ---
   step, val_metrics, train_metrics, grids = start_step, {}, {}, {}
-  logged = monitor.IntervalMetrics(t.batch_size)
+  logged = monitor.IntervalMetrics(t.batch_size, watch=("d_loss", "g_loss", "e_loss"),
+                                   last_checkpoint=ckpts.latest_step)
   with ckpts, monitor.progress(t.num_steps, initial=start_step, desc="vaegan") as bar:
     while step < t.num_steps:
       state, metrics = train_step(state, images)
