@@ -72,8 +72,9 @@ def _lookup_parent(config, key):
 
 def parse_value(key: str, raw: str, old):
   """Parses `raw` as the type of `old` (None-valued fields take any Python literal). `None`
-  unsets an optional text field (e.g. data.val_split=None: hold validation out of train)."""
-  if raw == "None" and isinstance(old, str):
+  unsets a field (e.g. data.val_split=None: hold validation out of train; train.num_devices=None:
+  all devices); the run's validation refuses it, naming the field, where None is not allowed."""
+  if raw == "None":  # Unsets any field; validation says whether the field may be None.
     return None
   try:
     if isinstance(old, bool):

@@ -1,5 +1,6 @@
 """Config files and --config.field=value overrides: typed, validated, one-line errors."""
 
+import pathlib
 import textwrap
 
 import pytest
@@ -151,3 +152,15 @@ def test_field_rules_describe_what_they_accept():
   assert rule.valid(None) and rule.valid(0.0) and not rule.valid(1.0)
   assert not rule.valid(float("nan")) and not rule.valid("0.5")
   assert configs.one_of("a", ("a", "b")).valid("b") and not configs.one_of("a", ("a",)).valid(1)
+
+
+def test_none_unsets_any_field_and_validation_decides():
+  from ferjax.kinds import classifier
+  path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
+  config = configs.load_config(path / "classifier_synthetic_tiny.py",
+                               ["config.train.num_devices=4", "config.train.num_devices=None"])
+  assert config.train.num_devices is None  # All devices, as the README says.
+  classifier.validate_config(config)
+  config = configs.load_config(path / "classifier_synthetic_tiny.py", ["config.optim.lr=None"])
+  with pytest.raises(UserError, match=r"'optim\.lr': expected a number > 0, got None"):
+    classifier.validate_config(config)

@@ -81,6 +81,8 @@ def open_for_training(workdir, config, kind: str) -> tuple[pathlib.Path, bool]:
   """(workdir as a Path, whether this process writes files) after checking that `workdir` is
   new or holds this same run (see the module docstring). Process 0 records the kind and config
   of a new run; the other processes of a multi-process run only read."""
+  if not str(workdir).strip():  # pathlib would read "" as the current folder.
+    raise UserError("--workdir: expected a folder, got an empty name")
   workdir = pathlib.Path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise UserError(f"--workdir {workdir}: expected a folder, found a file")

@@ -16,10 +16,10 @@ SYNTHETIC_SPLITS = ("train", "validation", "test")
 
 def prepare(args) -> int:
   from ferjax.data import builders
-  if args.name not in loading.DATASET_NAMES or args.name == "synthetic":
-    real = [n for n in loading.DATASET_NAMES if n != "synthetic"]
+  if args.name not in loading.DATASET_NAMES or args.name in ("synthetic", "folder"):
+    real = [n for n in loading.DATASET_NAMES if n not in ("synthetic", "folder")]
     raise UserError(f"data prepare: unknown dataset {args.name!r}: expected one of "
-                            f"{', '.join(real)} (synthetic needs no preparation)")
+                    f"{', '.join(real)} (synthetic and folder datasets need no preparation)")
   counts = builders.prepare(args.name, args.manual_dir, data_dir=args.data_dir)
   where = builders.default_data_dir() if args.data_dir is None else args.data_dir
   print(f"prepared {args.name} in {where}")
