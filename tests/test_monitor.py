@@ -118,3 +118,12 @@ def test_a_loss_that_varies_normally_is_not_an_explosion():
   for step, value in enumerate([2.0, 1.9, 5.0, 40.0, 3.0, 0.01, 100.0, 1.0], start=1):
     logged.add({"loss": np.float32(value)})
   logged.flush(8)
+
+
+def test_a_torn_metrics_line_is_dropped_and_reported(tmp_path, capsys):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+  assert [r["step"] for r in monitor.read_metrics(tmp_path)] == [1, 2]
+  monitor.drop_metrics_after(tmp_path, 2)
+  assert "dropped 1 unreadable line(s) (line 3" in capsys.readouterr().err
+  assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'

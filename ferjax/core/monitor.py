@@ -77,11 +77,25 @@ class MetricWriter:
     self.close()
 
 
-def read_metrics(workdir) -> list[dict]:
+def read_metrics(workdir, *, torn: list | None = None) -> list[dict]:
+  """The records of metrics.jsonl. A line that is not a JSON record with a step (e.g. the last
+  line torn by a kill or a full disk) is skipped, and appended to `torn` when given."""
   path = pathlib.Path(workdir) / "metrics.jsonl"
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  records = []
+  for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      int(record["step"])
+    except (ValueError, KeyError, TypeError):
+      if torn is not None:
+        torn.append(number)
+      continue
+    records.append(record)
+  return records
 
 
 def drop_metrics_after(workdir, step: int) -> None:
@@ -91,9 +105,13 @@ def drop_metrics_after(workdir, step: int) -> None:
   shows both runs' values at those steps unless the resumed run's MetricWriter is opened with
   `purge_step=step + 1`, which hides the earlier run's.
   """
-  records = read_metrics(workdir)
+  torn = []
+  records = read_metrics(workdir, torn=torn)
   kept = [r for r in records if r["step"] <= step]
-  if len(kept) < len(records):
+  if torn:
+    print(f"{pathlib.Path(workdir) / 'metrics.jsonl'}: dropped {len(torn)} unreadable line(s) "
+          f"(line {', '.join(map(str, torn))}: torn by an interrupted write)", file=sys.stderr)
+  if len(kept) < len(records) or torn:
     path = pathlib.Path(workdir) / "metrics.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 

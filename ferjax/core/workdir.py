@@ -21,7 +21,7 @@ import socket
 import time
 
 from ferjax import configs
-from ferjax.core import parallel
+from ferjax.core import monitor, parallel
 from ferjax.errors import UserError
 
 # Fields a resumed run may change: where the data is read from, and how many devices run it
@@ -150,12 +150,7 @@ def check_resumable(workdir: pathlib.Path) -> None:
   path = pathlib.Path(workdir) / "metrics.jsonl"
   if not path.exists() or (pathlib.Path(workdir) / "checkpoints" / "last").is_dir():
     return
-  steps = []
-  for line in path.read_text(errors="replace").splitlines():
-    try:
-      steps.append(int(json.loads(line)["step"]))
-    except (ValueError, KeyError, TypeError):
-      continue
+  steps = [int(r["step"]) for r in monitor.read_metrics(workdir)]
   if steps:
     raise UserError(f"{path} records steps up to {max(steps)} but {workdir}/checkpoints/last is "
                     "missing, so there is nothing to resume from: restore the checkpoints, or "
