@@ -122,17 +122,18 @@ def read_saved(default: ml_collections.ConfigDict, path, what: str) -> ml_collec
   except json.JSONDecodeError as e:
     raise UserError(f"{path} is not valid JSON: {e}") from None
   try:
-    default.update_from_flattened_dict(_flatten(stored))
+    default.update_from_flattened_dict(flatten(stored))
   except (KeyError, TypeError, AttributeError) as e:
     raise UserError(f"{path}: does not fit the {what} config ({e})") from None
   return default
 
 
-def _flatten(tree, prefix=""):
+def flatten(tree, prefix="") -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1}; lists become tuples (as JSON gives back a config's tuples)."""
   out = {}
   for k, v in tree.items():
     if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
+      out.update(flatten(v, f"{prefix}{k}."))
     else:
       out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
   return out

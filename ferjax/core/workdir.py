@@ -31,16 +31,6 @@ KIND_NAMES = {"classifier": "a classifier run (ferjax train)",
               "vaegan": "a VAE-GAN run (ferjax train-vaegan)"}
 
 
-def _flat(tree, prefix=""):
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def _read_json(path: pathlib.Path, what: str) -> dict:
   try:
     return json.loads(path.read_text())
@@ -61,8 +51,8 @@ def check_same_run(workdir: pathlib.Path, config, kind: str) -> int | None:
                       f"{KIND_NAMES[kind]}: choose another --workdir")
   if not config_file.exists():
     return None
-  stored = _flat(_read_json(config_file, "saved config"))
-  new = _flat(configs.to_dict(config))
+  stored = configs.flatten(_read_json(config_file, "saved config"))
+  new = configs.flatten(configs.to_dict(config))
   differing = sorted(k for k in set(stored) | set(new)
                      if stored.get(k) != new.get(k) and k not in MAY_CHANGE_ON_RESUME)
   old_steps, new_steps = stored.get("train.num_steps"), new.get("train.num_steps")
