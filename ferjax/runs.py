@@ -20,6 +20,7 @@ import numpy as np
 
 from ferjax.core import checkpoint as checkpoint_lib
 from ferjax.core import parallel
+from ferjax.core import workdir as workdir_lib
 from ferjax.kinds import classifier as classifier_kind
 from ferjax.kinds import vaegan as vaegan_kind
 from ferjax.models import resnet
@@ -70,6 +71,7 @@ def open_classifier(workdir, which="best", *, config=None, mesh=None) -> Classif
   `config` replaces the run's saved config (restoring into another config's shapes fails with
   one line naming the first parameter that differs)."""
   workdir = pathlib.Path(workdir)
+  workdir_lib.check_kind(workdir, classifier_kind.KIND, "this command")
   config = config or classifier_kind.read_config(workdir)
   mesh = mesh or parallel.make_mesh(config.train.num_devices)
   with classifier_checkpoints(workdir, config) as ckpt:
@@ -121,6 +123,7 @@ def vaegan_checkpoints(workdir, config) -> checkpoint_lib.Checkpoints:
 
 def restore_vaegan_state(workdir, which="latest", *, mesh=None):
   """(config, model, train state, checkpoint meta) of the VAE-GAN run in `workdir`."""
+  workdir_lib.check_kind(workdir, vaegan_kind.KIND, "this command")
   config = vaegan_kind.read_config(workdir)
   mesh = mesh or parallel.make_mesh(config.train.num_devices)
   model = vaegan_kind.build_model(config)

@@ -67,6 +67,16 @@ def check_same_run(workdir: pathlib.Path, config, kind: str) -> int | None:
   return old_steps
 
 
+def check_kind(workdir, kind: str, verb: str) -> None:
+  """Refuses, in one line, a workdir recorded as another kind of run than `verb` reads."""
+  run_file = pathlib.Path(workdir) / "run.json"
+  if run_file.exists():
+    stored = _read_json(run_file, "run record").get("kind")
+    if stored != kind:
+      raise UserError(f"{workdir} holds {KIND_NAMES.get(stored, repr(stored))}; {verb} needs "
+                      f"{KIND_NAMES[kind]}")
+
+
 def open_for_training(workdir, config, kind: str) -> tuple[pathlib.Path, bool]:
   """(workdir as a Path, whether this process writes files) after checking that `workdir` is
   new or holds this same run (see the module docstring). Process 0 records the kind and config
