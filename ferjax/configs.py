@@ -108,7 +108,11 @@ def to_dict(config) -> dict:
 
 
 def save_config(config, path) -> None:
-  pathlib.Path(path).write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
+  """Writes config.json atomically (a partial file renamed into place: a kill never tears it)."""
+  path = pathlib.Path(path)
+  partial = path.with_name(f".{path.name}.partial")
+  partial.write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
+  partial.replace(path)
 
 
 def read_saved(default: ml_collections.ConfigDict, path, what: str) -> ml_collections.ConfigDict:

@@ -71,7 +71,7 @@ def open_classifier(workdir, which="best", *, config=None, mesh=None) -> Classif
   `config` replaces the run's saved config (restoring into another config's shapes fails with
   one line naming the first parameter that differs)."""
   workdir = pathlib.Path(workdir)
-  workdir_lib.check_kind(workdir, classifier_kind.KIND, "this command")
+  workdir_lib.check_kind(workdir, classifier_kind.KIND, "pass a classifier workdir")
   config = config or classifier_kind.read_config(workdir)
   mesh = mesh or parallel.make_mesh(config.train.num_devices)
   with classifier_checkpoints(workdir, config) as ckpt:
@@ -123,7 +123,7 @@ def vaegan_checkpoints(workdir, config) -> checkpoint_lib.Checkpoints:
 
 def restore_vaegan_state(workdir, which="latest", *, mesh=None):
   """(config, model, train state, checkpoint meta) of the VAE-GAN run in `workdir`."""
-  workdir_lib.check_kind(workdir, vaegan_kind.KIND, "this command")
+  workdir_lib.check_kind(workdir, vaegan_kind.KIND, "pass a VAE-GAN workdir")
   config = vaegan_kind.read_config(workdir)
   mesh = mesh or parallel.make_mesh(config.train.num_devices)
   model = vaegan_kind.build_model(config)

@@ -130,12 +130,12 @@ def test_reopening_a_run_of_the_other_kind_is_one_line(recorded, capsys):
   --classifier swapped, is refused naming what the workdir holds."""
   from ferjax import cli, runs
   workdir, _ = recorded
-  with pytest.raises(UserError, match=r"holds a classifier run \(ferjax train\); this command "
-                                      r"needs a VAE-GAN run"):
+  with pytest.raises(UserError, match=r"holds a classifier run \(ferjax train\), not a VAE-GAN "
+                                      r"run .*: pass a VAE-GAN workdir"):
     runs.open_vaegan(workdir)
   vae_dir, _ = workdir_lib.open_for_training(workdir.parent / "v", vaegan_kind.default_config(),
                                              "vaegan")
   assert cli.main(["evaluate", "--workdir", str(vae_dir), "--split", "test"]) == 2
   err = capsys.readouterr().err.strip()
-  assert "holds a VAE-GAN run (ferjax train-vaegan); this command needs a classifier run" in err
+  assert "holds a VAE-GAN run (ferjax train-vaegan), not a classifier run" in err
   assert len(err.splitlines()) == 1

@@ -43,12 +43,8 @@ def check_same_run(workdir: pathlib.Path, config, kind: str) -> int | None:
   """The train.num_steps `workdir` was recorded with when it holds this run (None: a new
   workdir). Raises a one-line UserError when it holds another kind of run or a config that
   differs (more steps are allowed: an extension)."""
-  run_file, config_file = workdir / "run.json", workdir / "config.json"
-  if run_file.exists():
-    stored_kind = _read_json(run_file, "run record").get("kind")
-    if stored_kind != kind:
-      raise UserError(f"{workdir} holds {KIND_NAMES.get(stored_kind, repr(stored_kind))}, not "
-                      f"{KIND_NAMES[kind]}: choose another --workdir")
+  check_kind(workdir, kind, "choose another --workdir")
+  config_file = workdir / "config.json"
   if not config_file.exists():
     return None
   stored = configs.flatten(_read_json(config_file, "saved config"))
@@ -67,14 +63,14 @@ def check_same_run(workdir: pathlib.Path, config, kind: str) -> int | None:
   return old_steps
 
 
-def check_kind(workdir, kind: str, verb: str) -> None:
-  """Refuses, in one line, a workdir recorded as another kind of run than `verb` reads."""
+def check_kind(workdir, kind: str, advice: str) -> None:
+  """Refuses, in one line ending in `advice`, a workdir recorded as another kind of run."""
   run_file = pathlib.Path(workdir) / "run.json"
   if run_file.exists():
     stored = _read_json(run_file, "run record").get("kind")
     if stored != kind:
-      raise UserError(f"{workdir} holds {KIND_NAMES.get(stored, repr(stored))}; {verb} needs "
-                      f"{KIND_NAMES[kind]}")
+      raise UserError(f"{workdir} holds {KIND_NAMES.get(stored, repr(stored))}, not "
+                      f"{KIND_NAMES[kind]}: {advice}")
 
 
 def open_for_training(workdir, config, kind: str) -> tuple[pathlib.Path, bool]:
@@ -103,8 +99,7 @@ def open_for_training(workdir, config, kind: str) -> tuple[pathlib.Path, bool]:
     if extended or not run_file.exists():
       _write_atomic(run_file, json.dumps(record, indent=2) + "\n")
     if extended or recorded_steps is None:
-      _write_atomic(workdir / "config.json",
-                    json.dumps(configs.to_dict(config), indent=2, sort_keys=True) + "\n")
+      configs.save_config(config, workdir / "config.json")
   return workdir, is_main
 
 

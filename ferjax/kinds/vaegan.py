@@ -32,19 +32,19 @@ IMAGE_SIZES = tuple(s for s in range(32, 129)
 # ================================================================================================
 # Config: every field the trainer reads, its default and what a valid value is
 # ================================================================================================
-def _not_test(default, meaning):
-  return custom(default, "a split name other than 'test' (the test split is never used for "
-                f"training or checkpoint selection){meaning}",
-                lambda v: (v is None and meaning != "") or (isinstance(v, str) and v != "test"))
+NOT_TEST = ("a split name other than 'test' (the test split is never used for training or "
+            "checkpoint selection)")
 
 
 SPEC = {
     "seed": integer(0, 0),  # Parameters, batch sampling and noise all derive from it.
     "data": {
         "name": one_of("synthetic", fer_data.DATASET_NAMES),
-        "split": _not_test("train", ""),  # Trained on; the test split is never loaded.
+        # Trained on; the test split is never loaded.
+        "split": custom("train", NOT_TEST, lambda v: isinstance(v, str) and v != "test"),
         # Held out for recon MSE / PSNR / KL; None: no validation.
-        "val_split": _not_test("validation", ", or None (no validation)"),
+        "val_split": custom("validation", NOT_TEST + ", or None (no validation)",
+                            lambda v: v is None or (isinstance(v, str) and v != "test")),
         "image_size": custom(64, f"one of {list(IMAGE_SIZES)} (32..128 px, halving down to a "
                              "3x3..8x8 map)", lambda v: configs.is_int(v) and v in IMAGE_SIZES),
         "channels": custom(1, "1 or 3", lambda v: configs.is_int(v) and v in (1, 3)),
