@@ -20,3 +20,59 @@ def shared_fer2013():
   if not (SHARED_FER2013 / "train").is_dir():
     pytest.skip(f"real FER-2013 data not found at {SHARED_FER2013}")
   return SHARED_FER2013
+
+
+# --- One tiny finished run of each kind, shared by the bad-input suites --------------------------
+TINY_CLASSIFIER_CONFIG = '''"""A 4-step ResNet-10 (width 1/8) on 32 px synthetic faces: the bad-input suites' shared run."""
+from ferjax.kinds import classifier
+
+
+def get_config():
+  config = classifier.default_config()
+  config.model.update(name="resnet10", width=0.125)
+  config.data.update(image_size=32, channels=1, num_examples=140)
+  config.optim.warmup_steps = 1
+  config.train.update(num_steps=4, batch_size=16, num_devices=1, log_every=2, eval_every=2,
+                      checkpoint_every=2)
+  config.eval.batch_size = 64
+  return config
+'''
+
+TINY_VAEGAN_CONFIG = '''"""A 2-step VAE-GAN (widths 4-8-16) on 32 px synthetic faces: the bad-input suites' shared run."""
+from ferjax.kinds import vaegan
+
+
+def get_config():
+  config = vaegan.default_config()
+  config.data.update(image_size=32, channels=1, num_examples=64, val_examples=16)
+  config.model.update(latent_dim=8, widths=(4, 8, 16))
+  config.train.update(num_steps=2, batch_size=16, num_devices=1, log_every=1, eval_every=2,
+                      sample_every=2, checkpoint_every=2)
+  return config
+'''
+
+
+class TinyRuns:
+  """Paths of the shared runs: config files and finished workdirs (copy before changing)."""
+
+  def __init__(self, root: pathlib.Path):
+    self.root = root
+    self.classifier_config = root / "classifier_tiny.py"
+    self.vaegan_config = root / "vaegan_tiny.py"
+    self.classifier = root / "classifier"
+    self.vaegan = root / "vaegan"
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory):
+  """A finished 4-step classifier run and a 2-step VAE-GAN run, trained once per session
+  through the CLI, for cases that need a real workdir (copy one before damaging it)."""
+  from ferjax import cli
+  runs = TinyRuns(tmp_path_factory.mktemp("tiny_runs"))
+  runs.classifier_config.write_text(TINY_CLASSIFIER_CONFIG)
+  runs.vaegan_config.write_text(TINY_VAEGAN_CONFIG)
+  assert cli.main(["train", "--config", str(runs.classifier_config),
+                   "--workdir", str(runs.classifier)]) == 0
+  assert cli.main(["train-vaegan", "--config", str(runs.vaegan_config),
+                   "--workdir", str(runs.vaegan)]) == 0
+  return runs
