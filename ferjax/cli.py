@@ -8,7 +8,7 @@ import argparse
 import importlib
 import sys
 
-from ferjax.errors import UserError
+from ferjax.errors import Interrupted, UserError
 
 EPILOG_CONFIG = ("Config fields are overridden with --config.FIELD=VALUE (typed by the field; "
                  "unknown fields and wrong types are errors).")
@@ -39,6 +39,9 @@ def _add_distributed_args(p):
   g.add_argument("--coordinator-address", default=None, help="host:port of process 0")
   g.add_argument("--num-processes", type=int, default=None)
   g.add_argument("--process-id", type=int, default=None)
+  g.add_argument("--init-timeout", type=float, default=300, metavar="SECONDS",
+                 help="give up (one line, exit 2) when the processes have not all joined by then "
+                      "(default 300)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--manual-dir", required=True, help="folder holding the raw files as downloaded")
   p.add_argument("--data-dir", default=None,
                  help="where prepared datasets live (default $FERJAX_DATA_DIR or ~/.ferjax/datasets)")
+  p.add_argument("--force", action="store_true",
+                 help="prepare again even when already prepared (the old data is replaced only "
+                      "once the new is complete); without it an earlier preparation is reused")
+  p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                 help="when another process is preparing the same dataset, wait up to SECONDS "
+                      "for it (default 0: refuse at once, naming that process)")
   p = _verb(data_verbs, "stats", "ferjax.data.commands:stats",
             "Print per-split class counts and the imbalance ratio; write a class histogram PNG "
             "(and, for the synthetic set, a per-class sample grid).",
@@ -69,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--split", default=None, help="one split only (default: all available)")
   p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
   p.add_argument("--data-dir", default=None, help="where prepared datasets live")
-  p.add_argument("--out", default=".", help="folder for the PNGs (default: current folder)")
+  p.add_argument("--out", default=None,
+                 help="folder for the PNGs (default: <data dir>/stats/<name>, the data dir being "
+                      "--data-dir, $FERJAX_DATA_DIR or ~/.ferjax/datasets)")
   data.set_defaults(handler=None, data_parser=data)
 
   # --- training and evaluation ----------------------------------------------------------------
@@ -195,11 +206,14 @@ def main(argv=None) -> int:
     if hasattr(args, "coordinator_address"):
       from ferjax.core import parallel
       parallel.initialize_distributed(args.coordinator_address, args.num_processes,
-                                      args.process_id)
+                                      args.process_id, args.init_timeout)
     return _run_handler(args.handler, args)
   except UserError as e:
     print(f"ferjax: error: {e}", file=sys.stderr)
     return 2
+  except Interrupted as e:  # Stopped on a signal after saving (ferjax.core.interrupt).
+    print(f"ferjax: interrupted: {e}", file=sys.stderr)
+    return e.exit_code
   except KeyboardInterrupt:
     print("ferjax: interrupted", file=sys.stderr)
     return 130

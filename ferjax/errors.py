@@ -7,3 +7,11 @@ internal failure (exit 1, traceback kept for bug reports).
 
 class UserError(Exception):
   """Bad flag, bad config value, missing or malformed data: the message says what and where."""
+
+
+class Interrupted(Exception):
+  """A run stopped on request (Ctrl-C, SIGTERM) after saving: one line, and `exit_code`."""
+
+  def __init__(self, message: str, exit_code: int = 130):
+    super().__init__(message)
+    self.exit_code = exit_code

@@ -20,6 +20,8 @@ process 0 (`is_main_process`) writes files; orbax coordinates checkpoint writes 
 
 import functools
 import os
+import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -31,27 +33,88 @@ from ferjax.errors import UserError
 DATA_AXIS = "data"
 
 
-def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
+DEFAULT_INIT_TIMEOUT_S = 300
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None,
+                           timeout_s: float = DEFAULT_INIT_TIMEOUT_S):
   """Starts jax.distributed from arguments or the usual environment variables.
 
   With no arguments and none of JAX_COORDINATOR_ADDRESS / SLURM / TPU pod variables set, this is
-  a single-process run and nothing happens. Must run before anything touches a device.
+  a single-process run and nothing happens. Must run before anything touches a device. Says at
+  once what it waits for; when the coordinator or a peer has not come after `timeout_s`, ends
+  the process with one line and exit code 2 (jax's own timeout aborts with a C++ stack trace).
   """
   coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-  if num_processes is None and "JAX_NUM_PROCESSES" in os.environ:
-    num_processes = int(os.environ["JAX_NUM_PROCESSES"])
-  if process_id is None and "JAX_PROCESS_ID" in os.environ:
-    process_id = int(os.environ["JAX_PROCESS_ID"])
+  if num_processes is None:
+    num_processes = _env_int("JAX_NUM_PROCESSES")
+  if process_id is None:
+    process_id = _env_int("JAX_PROCESS_ID")
   on_cluster = any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES"))
   if coordinator_address is None and not on_cluster:
+    if num_processes not in (None, 1) or process_id not in (None, 0):
+      raise UserError(f"--num-processes {num_processes} / --process-id {process_id} without "
+                      "--coordinator-address: a multi-process run needs the host:port of "
+                      "process 0 (or JAX_COORDINATOR_ADDRESS)")
     return False
+  _check_processes(coordinator_address, num_processes, process_id, on_cluster)
+  if not timeout_s > 0:
+    raise UserError(f"--init-timeout: expected a positive number of seconds, got {timeout_s}")
   # CPU processes reduce across each other over TCP (gloo); without it a multi-process CPU run
   # has no cross-process collectives. Only the CPU client reads this; GPUs and TPUs ignore it.
   if jax.config.jax_cpu_collectives_implementation is None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+  who = (f"process {process_id} of {num_processes}" if num_processes is not None
+         else "this process (ids from the cluster)")
+  print(f"{who}: waiting up to {timeout_s:g} s for the coordinator "
+        f"{coordinator_address or '(from the cluster)'} and every process to join", flush=True)
+  watchdog = threading.Timer(timeout_s, _give_up, (who, coordinator_address, num_processes,
+                                                   timeout_s))
+  watchdog.daemon = True
+  watchdog.start()
+  try:  # jax's timeout is later than ours: its expiry aborts the process with a stack trace.
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id,
+                               initialization_timeout=int(timeout_s) + 60)
+  except (ValueError, RuntimeError) as e:
+    raise UserError(f"multi-process start failed: {str(e).splitlines()[0][:200]}") from None
+  finally:
+    watchdog.cancel()
   return True
+
+
+def _env_int(name: str) -> int | None:
+  raw = os.environ.get(name)
+  if raw is None:
+    return None
+  try:
+    return int(raw)
+  except ValueError:
+    raise UserError(f"environment variable {name}={raw!r}: expected an integer") from None
+
+
+def _check_processes(coordinator_address, num_processes, process_id, on_cluster) -> None:
+  if num_processes is not None and num_processes < 1:
+    raise UserError(f"--num-processes {num_processes}: expected at least 1")
+  if process_id is not None and not 0 <= process_id < (num_processes or process_id + 1):
+    raise UserError(f"--process-id {process_id}: expected 0..{num_processes - 1} with "
+                    f"--num-processes {num_processes}")
+  if not on_cluster and (num_processes is None or process_id is None):
+    raise UserError(f"--coordinator-address {coordinator_address}: also give --num-processes "
+                    "and --process-id (or JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
+  if coordinator_address is not None:
+    host, _, port = coordinator_address.rpartition(":")
+    if not host or not port.isdigit():
+      raise UserError(f"--coordinator-address {coordinator_address!r}: expected host:port")
+
+
+def _give_up(who, coordinator_address, num_processes, timeout_s) -> None:
+  """Runs on the watchdog thread: jax.distributed.initialize blocks the main one in C++."""
+  print(f"ferjax: error: {who}: timed out after {timeout_s:g} s waiting for the coordinator "
+        f"{coordinator_address} and all {num_processes} processes: start every process with the "
+        "same --coordinator-address and --num-processes (or raise --init-timeout)",
+        file=sys.stderr, flush=True)
+  os._exit(2)
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
