@@ -21,6 +21,7 @@ import numpy as np
 
 from ferjax import configs, evaluate, plots, report, runs
 from ferjax.augment import export, quality, synthesis
+from ferjax.core import workdir as workdir_lib
 from ferjax.data import splits
 from ferjax.errors import UserError
 from ferjax.train import classifier, vaegan
@@ -43,7 +44,7 @@ def _banner(text: str) -> None:
 
 def run(workdir, *, quick: bool = False, seed: int = 0) -> dict:
   """Runs the demo into `workdir`; returns the two test evaluations. Steps already done resume."""
-  workdir = pathlib.Path(workdir)
+  workdir = workdir_lib.check_writable(workdir, "--workdir")
   workdir.mkdir(parents=True, exist_ok=True)
   start = time.time()
   shrink = ["config.train.num_steps=60", "config.train.eval_every=30",

@@ -32,6 +32,7 @@ import numpy as np
 
 from ferjax import losses, plots, runs
 from ferjax.core import parallel
+from ferjax.core import workdir as workdir_lib
 from ferjax.data import pipeline, splits
 from ferjax.errors import UserError
 from ferjax.kinds import classifier as classifier_kind
@@ -190,6 +191,8 @@ def evaluate_run(workdir, split: str = "test", *, checkpoint="best", tta: str | 
   """
   workdir = pathlib.Path(workdir)
   run = runs.open_classifier(workdir, str(checkpoint))
+  if write and parallel.is_main_process():  # Before the work, not after it.
+    workdir_lib.check_writable(workdir, "--workdir")
   config = run.config
   tta = tta or config.eval.tta
   if tta not in TTA_MODES:

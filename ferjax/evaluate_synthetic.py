@@ -14,6 +14,7 @@ import pathlib
 
 from ferjax import evaluate, runs
 from ferjax.augment import quality, synthesis
+from ferjax.core import workdir as workdir_lib
 from ferjax.data import Dataset, splits
 from ferjax.errors import UserError
 from ferjax.kinds import classifier as classifier_kind
@@ -22,7 +23,7 @@ from ferjax.train import classifier
 
 def evaluate_synthetic(vaegan_workdir, classifier_workdir, out, *, per_class: int = 200,
                        cas_steps=None, seed: int = 0) -> dict:
-  out = pathlib.Path(out)
+  out = workdir_lib.check_writable(out, "--out")
   judge = runs.open_classifier(classifier_workdir, "best")
   config, mesh = judge.config, judge.mesh
   if config.augment.get("vaegan_workdir"):

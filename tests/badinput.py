@@ -14,9 +14,12 @@ A case that needs a trained run copies one of the session's tiny finished runs (
 
 import hashlib
 import pathlib
+import re
 import shutil
 
 from ferjax import cli
+
+PROGRESS = re.compile(r"^\s*[\w-]*:\s+\d+%\|")
 
 
 def digest(*roots) -> dict:
@@ -45,7 +48,9 @@ def expect_one_line(argv, needle, capsys, protect=()) -> str:
   capsys.readouterr()
   rc = cli.main([str(a) for a in argv])
   out, err = capsys.readouterr()
-  lines = [line for line in err.splitlines() if line.strip()]
+  # Progress bars (tqdm, on stderr while a run trains) are not messages.
+  lines = [line.split("\r")[-1] for line in err.split("\n")]
+  lines = [line for line in lines if line.strip() and not PROGRESS.match(line)]
   assert "Traceback" not in out + err, f"traceback for {argv}:\n{err}"
   assert rc == 2, f"exit {rc} (expected 2) for {argv}; stderr:\n{err}"
   assert len(lines) == 1, f"expected one stderr line for {argv}, got {len(lines)}:\n{err}"

@@ -18,6 +18,7 @@ import numpy as np
 
 from ferjax import configs, plots, runs
 from ferjax.augment import synthesis
+from ferjax.core import workdir as workdir_lib
 from ferjax.data import folder, splits
 from ferjax.data.images import convert_images
 from ferjax.errors import UserError
@@ -55,6 +56,7 @@ def export(vaegan_workdir, out, per_class: int, *, config=None, seed: int = 0) -
     raise UserError(f"--per-class: expected at least 1, got {per_class}")
   if out.exists():
     raise UserError(f"{out} already exists: choose a new --out folder (nothing is overwritten)")
+  workdir_lib.check_writable(out, "--out")
   vae = runs.open_vaegan(vaegan_workdir, "latest")
   ds, how = seed_dataset(vae, config)
   fake, labels, seed_idx = synthesis.synthesize_per_class(
@@ -80,6 +82,8 @@ def export(vaegan_workdir, out, per_class: int, *, config=None, seed: int = 0) -
 def cli_main(args) -> int:
   config = (configs.load_config(args.config, getattr(args, "overrides", None) or ())
             if args.config else None)
+  if config is not None:  # A classifier config: its data and augment fields are used.
+    classifier_kind.validate_config(config)
   info = export(args.vaegan, args.out, args.per_class, config=config, seed=args.seed)
   print(f"wrote {sum(info['counts'])} synthetic faces ({args.per_class} per class, "
         f"{info['image_size']} px, {info['mode']} alpha {info['alpha']:g}, VAE-GAN step "

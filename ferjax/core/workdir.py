@@ -9,15 +9,18 @@ it, is refused with one line naming the differing fields, before anything is wri
 runs, it holds `train.lock` (an OS file lock, released when the process ends however it ends;
 the file names the holder's pid and host for the refusal message). A workdir whose metrics say
 the run progressed but that holds no checkpoint to resume from is refused too, rather than
-silently restarted from step 0.
+silently restarted from step 0. A run that fails with a user error before it logged or saved
+anything (bad data, say) leaves no record behind, so the fix may change the config.
 """
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import pathlib
 import socket
+import tempfile
 import time
 
 from ferjax import configs
@@ -73,15 +76,53 @@ def check_kind(workdir, kind: str, advice: str) -> None:
                       f"{KIND_NAMES[kind]}: {advice}")
 
 
+def check_writable(folder, what: str) -> pathlib.Path:
+  """Refuses, before any work is done, an output `folder` that is a file or cannot be written
+  (read-only, no permission): one line naming `what` (the flag). A folder that does not exist
+  yet is judged by its nearest existing parent, where it would be created."""
+  if not str(folder).strip():  # pathlib would read "" as the current folder.
+    raise UserError(f"{what}: expected a folder, got an empty name")
+  folder = pathlib.Path(folder)
+  if folder.exists() and not folder.is_dir():
+    raise UserError(f"{what} {folder}: expected a folder, found a file")
+  probe = folder.absolute()
+  while not probe.exists():
+    probe = probe.parent
+  if not probe.is_dir():
+    raise UserError(f"{what} {folder}: {probe} is a file, so the folder cannot be created")
+  try:
+    fd, name = tempfile.mkstemp(prefix=".ferjax-write-check-", dir=probe)
+    os.close(fd)
+    os.unlink(name)
+  except OSError as e:
+    raise UserError(f"{what} {folder}: cannot write in {probe} ({e.strerror or e})") from None
+  return folder
+
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+@contextlib.contextmanager
+def disk_errors(workdir):
+  """Turns a full disk (or a quota, or a file system gone read-only) while a run writes into one
+  line: checkpoints are written atomically, so the run resumes exactly once space is freed."""
+  try:
+    yield
+  except Exception as e:  # Orbax and tensorstore wrap the OSError in their own types.
+    full = (isinstance(e, OSError) and e.errno in DISK_ERRNOS) or any(
+        text in str(e) for text in ("No space left on device", "Disk quota exceeded"))
+    if not full:
+      raise
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else "no space left on device"
+    raise UserError(f"{workdir}: cannot write ({reason}); the last checkpoint is intact: free "
+                    "space and run the same command again to resume") from None
+
+
 def open_for_training(workdir, config, kind: str) -> tuple[pathlib.Path, bool]:
   """(workdir as a Path, whether this process writes files) after checking that `workdir` is
   new or holds this same run (see the module docstring). Process 0 records the kind and config
   of a new run; the other processes of a multi-process run only read."""
-  if not str(workdir).strip():  # pathlib would read "" as the current folder.
-    raise UserError("--workdir: expected a folder, got an empty name")
-  workdir = pathlib.Path(workdir)
-  if workdir.exists() and not workdir.is_dir():
-    raise UserError(f"--workdir {workdir}: expected a folder, found a file")
+  workdir = check_writable(workdir, "--workdir")  # "" would be the current folder to pathlib.
   recorded_steps = check_same_run(workdir, config, kind)
   check_resumable(workdir)
   is_main = parallel.is_main_process()
@@ -132,9 +173,32 @@ def training_lock(workdir: pathlib.Path, is_main: bool = True):
     handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     handle.flush()
-    yield
+    try:
+      yield
+    except UserError:  # E.g. bad data found while loading: the record alone is no run.
+      _forget_if_unstarted(workdir)
+      raise
   finally:
     handle.close()  # Releases the lock.
+
+
+RECORD_FILES = ("run.json", "config.json", "train.lock")
+
+
+def _forget_if_unstarted(workdir: pathlib.Path) -> None:
+  """Removes the record of a run that failed before it logged or saved anything (its
+  run.json, config.json and lock, then the folders left empty), so that fixing the mistake may
+  change the config. A run with metrics or a checkpoint is left exactly as it is."""
+  if (workdir / "metrics.jsonl").exists() or any(
+      p.is_file() for p in (workdir / "checkpoints").rglob("*")):
+    return
+  for name in RECORD_FILES:
+    (workdir / name).unlink(missing_ok=True)
+  for folder in sorted((p for p in workdir.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+    if not any(folder.iterdir()):
+      folder.rmdir()
+  if not any(workdir.iterdir()):
+    workdir.rmdir()
 
 
 def check_resumable(workdir: pathlib.Path) -> None:

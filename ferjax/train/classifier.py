@@ -35,7 +35,7 @@ from ferjax import configs, losses, plots
 from ferjax import evaluate as evaluate_lib
 from ferjax.augment import synthesis as synthesis_lib
 from ferjax.core import checkpoint as checkpoint_lib
-from ferjax.core import monitor, parallel
+from ferjax.core import interrupt, monitor, parallel
 from ferjax.core import workdir as workdir_lib
 from ferjax.data import dataset as dataset_lib
 from ferjax.data import pipeline, splits
@@ -194,7 +194,8 @@ def train_and_evaluate(config, workdir, *, stop_after: int | None = None,
   """
   kind.validate_config(config)
   workdir, is_main = workdir_lib.open_for_training(workdir, config, kind.KIND)
-  with workdir_lib.training_lock(workdir, is_main):  # is_main: this process writes the files.
+  # is_main: this process writes the files.
+  with workdir_lib.training_lock(workdir, is_main), workdir_lib.disk_errors(workdir):
     return _train(config, workdir, is_main, stop_after, synthesize, synthesis_data, datasets)
 
 
@@ -210,6 +211,11 @@ def _train(config, workdir, is_main, stop_after, synthesize, synthesis_data, dat
     raise UserError(f"data.val_split {config.data.val_split!r}: its classes {val_ds.class_names} "
                     f"differ from train's {train_ds.class_names}")
   train_counts = train_ds.class_counts()
+  if not train_counts.all():  # Its recall would be 0 by construction and its prior log(0).
+    empty = [n for n, c in zip(train_ds.class_names, train_counts) if c == 0]
+    raise UserError(f"data: no training images of class(es) {', '.join(map(repr, empty))} "
+                    f"(dataset {train_ds.name!r}, split {train_ds.split!r}, after any hold-out): "
+                    "every class needs at least one: add images, or leave the class out")
   if config.sampler.name == "oversample" and t.batch_size > num_classes * train_counts.max():
     raise UserError(f"config field 'train.batch_size': expected at most the over-sampled train "
                     f"size ({num_classes * train_counts.max()}), got {t.batch_size}")
@@ -255,17 +261,19 @@ def _train(config, workdir, is_main, stop_after, synthesize, synthesis_data, dat
   summary = {}
   logged = monitor.IntervalMetrics(t.batch_size, watch=("loss",),
                                    last_checkpoint=ckpt.latest_step)
-  with ckpt, monitor.progress(total=num_steps, initial=step) as bar:
+  with ckpt, monitor.progress(total=num_steps, initial=step) as bar, \
+      interrupt.StopRequests() as stop:
     while step < last_step:
       state, metrics = train_step(state, data)
       logged.add(metrics)  # Device arrays: fetched only at logging points.
       step += 1
       bar.update(1)
+      stopping = bool(stop)  # Read once: a signal arriving mid-step counts from the next one.
       is_eval = step % t.eval_every == 0 or step == num_steps
       # Resume points only every checkpoint_every steps: a validation step saves just a new best
       # (a save per epoch doubled the FER-2013 recipe's wall time on an H200).
       is_save = step % t.checkpoint_every == 0 or step == last_step
-      if step % t.log_every == 0 or is_eval or is_save:
+      if step % t.log_every == 0 or is_eval or is_save or stopping:
         train_metrics = logged.flush(step)  # NaN guard first: a NaN state is never saved.
         if writer:
           writer.write(step, train_metrics)
@@ -278,6 +286,12 @@ def _train(config, workdir, is_main, stop_after, synthesize, synthesis_data, dat
         logged.restart_clock()  # Do not count validation time as training time.
       elif is_save:
         ckpt.save(step, state, extra=meta)
+      if stopping:  # Ctrl-C or SIGTERM: this step becomes a resume point, then one line.
+        if not is_save:
+          ckpt.save(step, state, extra=meta)
+        if writer:
+          writer.close()
+        raise stop.stop(step, workdir)
     best_step = ckpt.best_step()
     best = ckpt.read_meta("best")["metrics"] if best_step is not None else {}
 

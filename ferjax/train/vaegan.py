@@ -33,7 +33,7 @@ import numpy as np
 import optax
 
 from ferjax import configs, plots
-from ferjax.core import checkpoint, monitor, parallel
+from ferjax.core import checkpoint, interrupt, monitor, parallel
 from ferjax.core import workdir as workdir_lib
 from ferjax.data import pipeline, splits
 from ferjax.kinds import vaegan as kind
@@ -265,7 +265,8 @@ def train_and_evaluate(config, workdir) -> dict:
   """Trains (or resumes from the latest checkpoint in `workdir`) and returns a summary dict."""
   kind.validate_config(config)
   workdir, is_main = workdir_lib.open_for_training(workdir, config, kind.KIND)
-  with workdir_lib.training_lock(workdir, is_main):  # is_main: this process writes the files.
+  # is_main: this process writes the files.
+  with workdir_lib.training_lock(workdir, is_main), workdir_lib.disk_errors(workdir):
     return _train(config, workdir, is_main)
 
 
@@ -305,14 +306,17 @@ def _train(config, workdir, is_main) -> dict:
   step, val_metrics, train_metrics, grids = start_step, {}, {}, {}
   logged = monitor.IntervalMetrics(t.batch_size, watch=("d_loss", "g_loss", "e_loss"),
                                    last_checkpoint=ckpts.latest_step)
-  with ckpts, monitor.progress(t.num_steps, initial=start_step, desc="vaegan") as bar:
+  with ckpts, monitor.progress(t.num_steps, initial=start_step, desc="vaegan") as bar, \
+      interrupt.StopRequests() as stop:
     while step < t.num_steps:
       state, metrics = train_step(state, images)
       logged.add(metrics)  # Device arrays: fetched only at logging points.
       step += 1
       bar.update(1)
       last = step == t.num_steps
-      if step % t.log_every == 0 or step % t.checkpoint_every == 0 or last:
+      stopping = bool(stop)  # Read once: a signal arriving mid-step counts from the next one.
+      is_save = step % t.checkpoint_every == 0 or last
+      if step % t.log_every == 0 or is_save or stopping:
         train_metrics = logged.flush(step)  # NaN guard first: a NaN state is never saved.
         if writer:
           writer.write(step, train_metrics)
@@ -325,9 +329,13 @@ def _train(config, workdir, is_main) -> dict:
       if is_main and (step % t.sample_every == 0 or last):
         grids = save_sample_grids(sample_fn, state.ema, fixed, samples_dir, step)
         writer.write_images(step, grids)
-      if step % t.checkpoint_every == 0 or last:
+      if is_save or stopping:  # Ctrl-C or SIGTERM: this step becomes a resume point too.
         fresh_val = val_metrics if (step % t.eval_every == 0 or last) else None
         ckpts.save(step, state, metrics=fresh_val)
+      if stopping:
+        if writer:
+          writer.close()
+        raise stop.stop(step, workdir)
 
   # --- summary files ---
   if writer:
