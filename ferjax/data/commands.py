@@ -1,13 +1,14 @@
 """`ferjax data prepare` and `ferjax data stats`."""
 
 import json
+import math
 import pathlib
 import sys
 
 import numpy as np
 
 from ferjax import plots
-from ferjax.data import loading
+from ferjax.data import files, loading
 from ferjax.data.dataset import Dataset
 from ferjax.errors import UserError
 
@@ -20,9 +21,22 @@ def prepare(args) -> int:
     real = [n for n in loading.DATASET_NAMES if n not in ("synthetic", "folder")]
     raise UserError(f"data prepare: unknown dataset {args.name!r}: expected one of "
                     f"{', '.join(real)} (synthetic and folder datasets need no preparation)")
-  counts = builders.prepare(args.name, args.manual_dir, data_dir=args.data_dir)
+  manual = pathlib.Path(args.manual_dir).expanduser()
+  if not manual.is_dir():  # Checked even when an earlier preparation is reused.
+    what = "is not a folder" if manual.exists() else "does not exist"
+    raise UserError(f"data prepare {args.name}: --manual-dir {files.shown(manual)} {what}: "
+                    f"expected a folder holding {builders.info(args.name)['layout']}")
+  if not (math.isfinite(args.wait) and args.wait >= 0):
+    raise UserError(f"data prepare: --wait: expected a number of seconds >= 0, got {args.wait}")
   where = builders.default_data_dir() if args.data_dir is None else args.data_dir
-  print(f"prepared {args.name} in {where}")
+  reused = not args.force and builders.prepared_dir(args.name, args.data_dir) is not None
+  counts = builders.prepare(args.name, manual, data_dir=args.data_dir, force=args.force,
+                            wait=args.wait, progress=sys.stderr.isatty())
+  if reused:
+    print(f"{args.name} was already prepared in {where}: reused that preparation without "
+          f"reading {files.shown(manual)} (add --force to prepare it again from there)")
+  else:
+    print(f"prepared {args.name} in {where}")
   for split, n in counts.items():
     print(f"  {split}: {n} images")
   return 0
@@ -54,6 +68,7 @@ def stats(args) -> int:
                               f"{', '.join(splits)})")
     splits = (args.split,)
 
+  out = _stats_dir(args)
   result = {"dataset": name, "splits": {}}
   train = None
   for split in splits:
@@ -64,12 +79,17 @@ def stats(args) -> int:
     if split == "train" or train is None:
       train = sample
 
-  out = pathlib.Path(args.out)
   counts_by_split = {s: list(v["counts"].values()) for s, v in result["splits"].items()}
-  hist = plots.save_class_histogram(counts_by_split, result["class_names"],
-                                    out / f"{name}_class_histogram.png", title=f"{name}: images per class")
-  grid = plots.save_class_grid(train.images, train.labels, train.class_names,
-                               out / f"{name}_samples_{train.split}.png", per_class=12, scale=2)
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+    hist = plots.save_class_histogram(counts_by_split, result["class_names"],
+                                      out / f"{name}_class_histogram.png",
+                                      title=f"{name}: images per class")
+    grid = plots.save_class_grid(train.images, train.labels, train.class_names,
+                                 out / f"{name}_samples_{train.split}.png", per_class=12, scale=2)
+  except OSError as e:
+    raise files.io_error(e, "write the stats PNGs into", "pass a writable --out folder") \
+        from None
   result["files"] = [str(hist), str(grid)]
 
   if args.json:
@@ -78,6 +98,25 @@ def stats(args) -> int:
   else:
     print(_table(result))
   return 0
+
+
+def _stats_dir(args) -> pathlib.Path:
+  """--out, else `<data dir>/stats/<name>` (beside the prepared data, never the current folder);
+  a UserError when it is not a folder. Created only once the stats are computed."""
+  from ferjax.data import builders
+  if args.out is not None:
+    out = pathlib.Path(args.out).expanduser()
+  else:
+    data_dir = pathlib.Path(builders.default_data_dir() if args.data_dir is None
+                            else args.data_dir).expanduser()
+    if data_dir.exists() and not data_dir.is_dir():
+      raise UserError(f"data stats: data dir {files.shown(data_dir)} is not a folder: expected "
+                      f"a folder (or pass --out for the PNGs)")
+    out = data_dir / "stats" / args.name
+  if out.exists() and not out.is_dir():
+    raise UserError(f"data stats: --out {files.shown(out)} is not a folder: expected a folder "
+                    f"for the PNGs")
+  return out
 
 
 def _load_for_stats(name: str, split: str, data_dir):
@@ -108,5 +147,9 @@ def _table(result: dict) -> str:
   lines.append(f"{'total':<{width}}" + "".join(f"{result['splits'][s]['total']:>12}" for s in splits))
   lines.append(f"{'imbalance':<{width}}" +
                "".join(f"{result['splits'][s]['imbalance_ratio']:>12.2f}" for s in splits))
+  for s in splits:
+    empty = result["splits"][s]["empty_classes"]
+    if empty:
+      lines.append(f"warning: split {s!r} has no images of class(es) {', '.join(empty)}")
   lines.append("wrote " + ", ".join(result["files"]))
   return "\n".join(lines)

@@ -2,9 +2,15 @@
 
     ferjax.data.load("folder", "train", manual_dir="runs/synthetic_faces")
 
-Class order comes from `<root>/classes.txt` (one name per line) when present, else from the
-sorted class folder names. Read straight into memory with Pillow: meant for sets of up to a few
-hundred thousand small images; large real datasets have their own prepared builders.
+Class order comes from `<root>/classes.txt` (one name per line, UTF-8) when present, else from
+the sorted class folder names. Read straight into memory with Pillow: meant for sets of up to a
+few hundred thousand small images; large real datasets have their own prepared builders.
+
+Entries named like images that are not regular files (a FIFO would block the reader forever)
+are skipped, counted in one `ferjax: warning:` line. A class without images is loaded as one
+with no examples (the trainer refuses it, naming the class; evaluation reports its zero
+support). An unreadable folder or image, a class folder name that is not UTF-8, and an image over Pillow's
+decompression-bomb limit are one-line UserErrors.
 """
 
 import pathlib
@@ -12,6 +18,7 @@ import pathlib
 import numpy as np
 from PIL import Image
 
+from ferjax.data import files
 from ferjax.data.dataset import Dataset
 from ferjax.data.images import to_8bit
 from ferjax.errors import UserError
@@ -24,20 +31,26 @@ def check_class_name(name, where) -> str:
   and control characters, naming where the name came from."""
   if (not isinstance(name, str) or not name or name in (".", "..") or name.startswith(".")
       or any(c in name for c in "/\\") or any(ord(c) < 32 or ord(c) == 127 for c in name)):
-    raise UserError(f"{where}: class name {name!r} cannot be a folder name (expected no '/', "
-                    "'\\', control characters or leading '.')")
+    raise UserError(f"{files.shown(where)}: class name {files.shown(repr(name))} cannot be a "
+                    "folder name (expected no '/', '\\', control characters or leading '.')")
+  if not files.is_utf8_name(name):
+    raise UserError(f"{files.shown(where)}: class name {files.shown(repr(name))} is not valid "
+                    "UTF-8: rename the class folder")
   return name
 
 
 def class_names(root: pathlib.Path, split_dir: pathlib.Path) -> tuple[str, ...]:
   listed = root / "classes.txt"
-  if listed.is_file():
-    names = tuple(line.strip() for line in listed.read_text().splitlines() if line.strip())
+  if files.is_regular(listed):
+    try:
+      names = tuple(line.strip() for _, line in files.read_lines(listed) if line.strip())
+    except OSError as e:
+      raise files.io_error(e, "read the class list") from None
     if not names:
-      raise UserError(f"{listed}: expected one class name per line, found none")
+      raise UserError(f"{files.shown(listed)}: expected one class name per line, found none")
     return tuple(check_class_name(n, listed) for n in names)
-  return tuple(sorted(p.name for p in split_dir.iterdir()
-                      if p.is_dir() and not p.name.startswith(".")))
+  return tuple(check_class_name(p.name, p) for p in files.list_dir(split_dir)
+               if p.is_dir() and not p.name.startswith("."))
 
 
 def load(root, split: str) -> Dataset:
@@ -48,32 +61,43 @@ def load(root, split: str) -> Dataset:
   root = pathlib.Path(root).expanduser()
   split_dir = root / split
   if not split_dir.is_dir():
-    raise UserError(f"{split_dir} not found: expected a folder dataset laid out as "
-                    f"{root}/{split}/<class>/*.png")
+    raise UserError(f"{files.shown(split_dir)} not found: expected a folder dataset laid out as "
+                    f"{files.shown(root)}/{split}/<class>/*.png")
   names = class_names(root, split_dir)
-  images, labels, shape = [], [], None
-  for k, name in enumerate(names):
-    folder = split_dir / name
-    files = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) \
-        if folder.is_dir() else []
-    for path in files:
-      try:
-        with Image.open(path) as img:
-          img = to_8bit(img)
-          array = np.asarray(img.convert("L" if img.mode in ("L", "1", "P") else "RGB"))
-      except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable image ({e})") from None
-      array = array[..., None] if array.ndim == 2 else array
-      if shape is None:
-        shape = array.shape
-      elif array.shape != shape:
-        raise UserError(f"{path}: expected every image to be {shape[1]}x{shape[0]} with "
-                        f"{shape[2]} channel(s) like the first one, got {array.shape}")
-      images.append(array)
-      labels.append(k)
+  images, labels, shape, skipped = [], [], None, 0
+  with files.strict_images():
+    for k, name in enumerate(names):
+      folder = split_dir / name
+      entries = [p for p in files.list_dir(folder) if p.suffix.lower() in IMAGE_SUFFIXES] \
+          if folder.is_dir() else []
+      paths = [p for p in entries if files.is_regular(p)]
+      skipped += len(entries) - len(paths)
+      for path in paths:
+        array = _read_image(path)
+        if shape is None:
+          shape = array.shape
+        elif array.shape != shape:
+          raise UserError(f"{files.shown(path)}: expected every image to be {shape[1]}x{shape[0]} "
+                          f"with {shape[2]} channel(s) like the first one, got {array.shape}")
+        images.append(array)
+        labels.append(k)
+  files.skipped_warning(skipped, split_dir)
   if not images:
-    raise UserError(f"{split_dir}: no images found in its class folders {list(names)}")
+    raise UserError(f"{files.shown(split_dir)}: no images found in its class folders "
+                    f"{files.shown(list(names))}")
   return Dataset(np.stack(images), np.asarray(labels, np.int32), names, root.name, split)
+
+
+def _read_image(path: pathlib.Path) -> np.ndarray:
+  """uint8 [H, W, 1 or 3] of one image file; a UserError naming it when it cannot be read."""
+  try:
+    with Image.open(path) as img:
+      img = to_8bit(img)
+      array = np.asarray(img.convert("L" if img.mode in ("L", "1", "P") else "RGB"))
+  except files.IMAGE_ERRORS as e:
+    raise UserError(f"{files.shown(path)}: not a readable image ({files.image_reason(e)})") \
+        from None
+  return array[..., None] if array.ndim == 2 else array
 
 
 def write(root, split: str, images: np.ndarray, labels: np.ndarray, names) -> None:

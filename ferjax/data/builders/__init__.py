@@ -3,14 +3,16 @@
 One module per dataset (`fer2013`, `ferplus`, `rafdb`, `affectnet`, `ckplus`), shared code in
 `common`, and the public API in `api`:
 
-    prepare(name, manual_dir, data_dir=None, *, image_size=None, force=False, num_workers=None)
-        -> {split: count}
+    prepare(name, manual_dir, data_dir=None, *, image_size=None, force=False, num_workers=None,
+            wait=3600, progress=True) -> {split: count}
     load_prepared(name, split, data_dir=None, manual_dir=None) -> Dataset
     stream(name, split, data_dir=None, batch_size=256, shuffle_seed=None, image_size=None,
            drop_remainder=False) -> iterator of (images uint8 [B,H,W,C], labels int32 [B])
     available_splits(name, data_dir=None) -> tuple of split names (UserError: not prepared)
     split_sizes(name, data_dir=None) -> {split: count}
     is_prepared(name, data_dir=None) -> bool
+    prepared_dir(name, data_dir=None, image_size=None) -> Path of the preparation `prepare`
+        would reuse, or None
     info(name) -> dict (class names, splits, stored image shape, source, expected layout, ...)
     default_data_dir() -> Path ($FERJAX_DATA_DIR, else ~/.ferjax/datasets)
 
@@ -21,9 +23,9 @@ tensorflow_datasets is imported on first use.
 
 from ferjax.data.builders.api import (DATA_DIR_ENV, NAMES, available_splits, default_data_dir,
                                       info, is_prepared, load_prepared, prepare, prepare_command,
-                                      split_sizes, stream)
+                                      prepared_dir, split_sizes, stream)
 
 __all__ = [
     "DATA_DIR_ENV", "NAMES", "available_splits", "default_data_dir", "info", "is_prepared",
-    "load_prepared", "prepare", "prepare_command", "split_sizes", "stream",
+    "load_prepared", "prepare", "prepare_command", "prepared_dir", "split_sizes", "stream",
 ]

@@ -5,25 +5,35 @@ Layout of a data dir (default `$FERJAX_DATA_DIR`, else `~/.ferjax/datasets`):
     <data_dir>/<builder>/[<config>/]<version>/   one finished TFDS dataset (array_record files,
                                                  dataset_info.json, features.json)
     <data_dir>/.staging-<builder>-<id>/          a preparation in progress (deleted afterwards)
-    <data_dir>/.<builder>.lock                   serialises preparations of one builder
+    <data_dir>/.<builder>.lock                   serialises preparations of one builder (holds
+                                                 "pid N on HOST since TIME" while held)
 
 Preparation writes into a staging dir and moves the finished version dir into place with one
 rename, so a failed or interrupted preparation leaves nothing that looks prepared; the next
-`prepare` removes stale staging dirs and starts again.
+`prepare` removes stale staging dirs and starts again. A version dir also holds
+`ferjax_files.json` (the byte size of every shard as written): opening a prepared dataset checks
+that every shard is there with that size, so damaged data (a truncated copy, a deleted shard, a
+garbled JSON file) is one error naming the file and the command that prepares it again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
+import json
 import os
 import shutil
+import socket
+import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
+from ferjax.data import files
 from ferjax.data.dataset import Dataset, LazyImages
 from ferjax.errors import UserError
 
@@ -39,6 +49,9 @@ _MODULES = {
 NAMES = tuple(_MODULES)
 DATA_DIR_ENV = "FERJAX_DATA_DIR"
 READ_CHUNK = 1024  # Records decoded per step when loading: bounds memory beyond the result.
+MANIFEST = "ferjax_files.json"  # {"files": {shard file name: size in bytes}}, written by prepare.
+DEFAULT_WAIT_S = 3600.0  # How long `prepare` waits for another process preparing the same set.
+LOCK_POLL_S = 0.5
 
 
 def default_data_dir() -> Path:
@@ -48,7 +61,11 @@ def default_data_dir() -> Path:
 
 
 def _data_dir(data_dir) -> Path:
-  return Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+  path = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+  if path.exists() and not path.is_dir():
+    raise UserError(f"data dir {files.shown(path)} is not a folder: expected a folder for the "
+                    f"prepared datasets (--data-dir or ${DATA_DIR_ENV})")
+  return path
 
 
 def _module(name: str):
@@ -121,6 +138,15 @@ def is_prepared(name: str, data_dir=None) -> bool:
   return _prepared_config(name, _data_dir(data_dir))[0]
 
 
+def prepared_dir(name: str, data_dir=None, image_size: int | None = None) -> Path | None:
+  """The folder `prepare(name, ..., image_size=image_size)` would reuse, or None when that
+  preparation does not exist yet."""
+  cls = _builder_cls(name)
+  config = cls.config_for(image_size).name if hasattr(cls, "config_for") else None
+  final = _variant_dir(cls, _data_dir(data_dir), config)
+  return final if _is_complete(final) else None
+
+
 def _not_prepared(name: str, data_dir: Path) -> UserError:
   spec = _spec(name)
   where = "" if data_dir == default_data_dir() else f" (with {DATA_DIR_ENV}={data_dir})"
@@ -129,8 +155,18 @@ def _not_prepared(name: str, data_dir: Path) -> UserError:
                    f"(get it from {spec.source})")
 
 
+def _reason(error: BaseException) -> str:
+  text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+  return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
+
+
 class _Prepared:
-  """A prepared dataset opened for random access (TFDS array_record data sources)."""
+  """A prepared dataset opened for random access (TFDS array_record data sources).
+
+  Opening checks what is cheap to check (both JSON files parse, every shard is a regular file
+  of the size `prepare` recorded); an error while reading records later names the damaged
+  shard too. Both are a UserError saying how to prepare the dataset again.
+  """
 
   def __init__(self, name: str, data_dir: Path, image_size=None):
     prepared, config = _prepared_config(name, data_dir, image_size)
@@ -138,19 +174,98 @@ class _Prepared:
       raise _not_prepared(name, data_dir)
     import tensorflow_datasets as tfds
     self.name = name
+    self.data_dir = data_dir
     self.spec = _spec(name)
     self.cls = _builder_cls(name)
-    self.builder = self.cls(data_dir=str(data_dir), file_format="array_record",
-                            config=self.cls.config_named(config) if config else None)
-    self.stored_splits = tuple(self.builder.info.splits.keys())
-    self.shape = tuple(self.builder.info.features["image"].shape)
+    self.dir = _variant_dir(self.cls, data_dir, config)
+    for meta in ("dataset_info.json", "features.json", MANIFEST):
+      self._check_json(self.dir / meta, required=meta != MANIFEST)
+    try:
+      self.builder = self.cls(data_dir=str(data_dir), file_format="array_record",
+                              config=self.cls.config_named(config) if config else None)
+      self.stored_splits = tuple(self.builder.info.splits.keys())
+      self.shape = tuple(self.builder.info.features["image"].shape)
+    except UserError:
+      raise
+    except Exception as e:  # TFDS' many ways of failing on a malformed dataset_info.json.
+      raise self.damaged(self.dir / "dataset_info.json",
+                         f"cannot be read ({_reason(e)})") from None
+    if not self.stored_splits:
+      raise self.damaged(self.dir / "dataset_info.json", "records no splits")
+    self._check_shards()
     decoders = {"image": tfds.decode.SkipDecoding()} if self.cls.STORAGE != "raw" else None
     self._decoders = decoders
     self._sources = {}
 
+  # -- integrity -------------------------------------------------------------------------------
+
+  def damaged(self, path: Path, problem: str) -> UserError:
+    where = "" if self.data_dir == default_data_dir() else f" --data-dir {self.data_dir}"
+    return UserError(f"prepared dataset {self.name!r} is damaged: {files.shown(path)} {problem}: "
+                     f"prepare it again with `{prepare_command(self.name)} --force{where}`")
+
+  def _check_json(self, path: Path, required: bool) -> None:
+    if not required and not path.exists():
+      return  # Prepared before ferjax recorded shard sizes.
+    try:
+      json.loads(path.read_bytes())
+    except OSError as e:
+      raise self.damaged(path, f"cannot be read ({e.strerror or e})") from None
+    except ValueError as e:  # Also UnicodeDecodeError.
+      raise self.damaged(path, f"is not valid JSON ({str(e).splitlines()[0]})") from None
+
+  def _shards(self, split: str) -> list[tuple[Path, int]]:
+    info = self.builder.info.splits[split]
+    return [(Path(os.fspath(p)), int(n)) for p, n in zip(info.filepaths, info.shard_lengths)]
+
+  def _check_shards(self) -> None:
+    """Every shard exists, is a regular file and, when recorded, has the size it was written
+    with (a stat per shard: cheap enough for every open)."""
+    manifest = self.dir / MANIFEST
+    sizes = json.loads(manifest.read_bytes()) if manifest.exists() else {"files": {}}
+    sizes = sizes.get("files") if isinstance(sizes, dict) else None
+    if not isinstance(sizes, dict):
+      raise self.damaged(manifest, "does not map shard files to sizes")
+    for split in self.stored_splits:
+      for path, _ in self._shards(split):
+        if not files.is_regular(path):
+          raise self.damaged(path, "is missing" if not path.exists() else "is not a regular file")
+        size, recorded = path.stat().st_size, sizes.get(path.name)
+        if recorded is not None and size != recorded:
+          raise self.damaged(path, f"has {size} bytes but {recorded} were written (truncated or "
+                                   f"overwritten)")
+
+  def _read_error(self, split: str, error: Exception) -> UserError:
+    """The UserError for `error` raised while reading split `split`, naming the first shard
+    that does not open with the number of records it was written with."""
+    from array_record.python import array_record_module
+    for path, length in self._shards(split):
+      try:
+        reader = array_record_module.ArrayRecordReader(str(path))
+        count = reader.num_records()
+        reader.close()
+      except Exception as e:  # The reader's own (C++) errors: RuntimeError, ValueError, ...
+        return self.damaged(path, f"cannot be read ({_reason(e)})")
+      if count != length:
+        return self.damaged(path, f"holds {count} records but {length} were written")
+    return self.damaged(self.dir, f"split {split!r} cannot be read ({_reason(error)})")
+
+  @contextlib.contextmanager
+  def _reading(self, split: str):
+    """Turns a failure to read or decode records of `split` into the damaged-data error."""
+    try:
+      yield
+    except UserError:
+      raise
+    except Exception as e:
+      raise self._read_error(split, e) from None
+
+  # -- reading ---------------------------------------------------------------------------------
+
   def source(self, split: str):
     if split not in self._sources:
-      self._sources[split] = self.builder.as_data_source(split, decoders=self._decoders)
+      with self._reading(split):
+        self._sources[split] = self.builder.as_data_source(split, decoders=self._decoders)
     return self._sources[split]
 
   def public_splits(self) -> tuple[str, ...]:
@@ -159,7 +274,8 @@ class _Prepared:
   def indices(self, split: str) -> tuple[str, np.ndarray]:
     """(stored split, record indices) making up public split `split`."""
     stored, selector = self.cls.select(self.name, split, self.stored_splits)
-    n = len(self.source(stored))
+    with self._reading(stored):
+      n = len(self.source(stored))
     if selector is None:
       return stored, np.arange(n, dtype=np.int64)
     indices = np.flatnonzero(selector(self.scalars(stored))).astype(np.int64)
@@ -171,11 +287,12 @@ class _Prepared:
     """Every non-image feature of split `stored` as arrays (images left undecoded)."""
     src = self.source(stored)
     out: dict[str, list] = {}
-    for start in range(0, len(src), READ_CHUNK):
-      for record in src.__getitems__(list(range(start, min(start + READ_CHUNK, len(src))))):
-        for key, value in record.items():
-          if key != "image":
-            out.setdefault(key, []).append(value)
+    with self._reading(stored):
+      for start in range(0, len(src), READ_CHUNK):
+        for record in src.__getitems__(list(range(start, min(start + READ_CHUNK, len(src))))):
+          for key, value in record.items():
+            if key != "image":
+              out.setdefault(key, []).append(value)
     return {k: np.asarray(v) for k, v in out.items()}
 
   def read(self, stored: str, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -186,11 +303,12 @@ class _Prepared:
     images = np.empty((n, *self.shape), np.uint8)
     labels = np.empty((n,), np.int32)
     channels = self.shape[-1]
-    for start in range(0, n, READ_CHUNK):
-      keys = [int(i) for i in indices[start:start + READ_CHUNK]]
-      for j, record in enumerate(src.__getitems__(keys)):
-        images[start + j] = common.decode_stored(record["image"], channels)
-        labels[start + j] = record["label"]
+    with self._reading(stored):
+      for start in range(0, n, READ_CHUNK):
+        keys = [int(i) for i in indices[start:start + READ_CHUNK]]
+        for j, record in enumerate(src.__getitems__(keys)):
+          images[start + j] = common.decode_stored(record["image"], channels)
+          labels[start + j] = record["label"]
     return images, labels
 
 
@@ -220,34 +338,116 @@ def split_sizes(name: str, data_dir=None) -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def _lock(path: Path):
-  """An exclusive advisory lock on `path` (a no-op where fcntl is missing)."""
+def _lock(path: Path, *, wait: float | None, what: str):
+  """An exclusive advisory lock on `path` (a no-op where fcntl is missing).
+
+  While held, the file says who holds it ("pid N on HOST since TIME"). When another process
+  holds it: `wait` <= 0 refuses at once naming the holder; otherwise one `ferjax: waiting for
+  ...` line on stderr, then a UserError after `wait` seconds (None: wait as long as it takes).
+  The OS releases the lock when its holder ends, however it ends.
+  """
   try:
     import fcntl
   except ImportError:  # Windows: no lock, and no removal of other preparations' staging dirs.
     yield False
     return
-  with open(path, "a+") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
+
+  def try_lock(f) -> bool:
     try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      return True
+    except BlockingIOError:
+      return False
+
+  with open(path, "a+") as f:
+    if not try_lock(f):
+      f.seek(0)
+      holder = files.shown(f.read().strip()) or "another process"
+      if wait is not None and wait <= 0:
+        raise UserError(f"{what} is being prepared by {holder} (lock file {files.shown(path)}): "
+                        f"wait for it to finish, or pass --wait SECONDS to wait for it")
+      limit = "" if wait is None else f" for up to {wait:g} s"
+      print(f"ferjax: waiting{limit} for {holder} to finish preparing {what} (lock file "
+            f"{files.shown(path)})", file=sys.stderr, flush=True)
+      deadline = None if wait is None else time.monotonic() + wait
+      while not try_lock(f):
+        if deadline is not None and time.monotonic() >= deadline:
+          raise UserError(f"{what} is still being prepared by {holder} after waiting {wait:g} s "
+                          f"(lock file {files.shown(path)}): try again later or pass a longer "
+                          f"--wait")
+        time.sleep(LOCK_POLL_S)
+    try:
+      f.seek(0)
+      f.truncate()
+      f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+      f.flush()
       yield True
     finally:
+      f.seek(0)
+      f.truncate()  # Unheld locks are empty files.
+      f.flush()
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _inside(filename, root: Path) -> bool:
+  try:
+    return Path(os.fsdecode(filename)).resolve().is_relative_to(root.resolve())
+  except (OSError, ValueError):
+    return False
+
+
+def _os_error(error: OSError, name: str, data_dir: Path) -> UserError:
+  """A one-line UserError for an OS error while preparing `name` into `data_dir`."""
+  writing = error.filename is None or _inside(error.filename, data_dir)
+  if not writing:
+    return files.io_error(error, f"read {name}'s raw file")
+  if error.errno is None:  # TFDS re-raises with its own message, keeping only the text.
+    code = next((c for text, c in _OS_MESSAGES.items() if text in str(error)), None)
+    error = OSError(code, os.strerror(code)) if code else error
+  if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    return UserError(f"{name}: data dir {files.shown(data_dir)} is full (no space left on "
+                     f"device): free some space or pass another --data-dir (nothing of this "
+                     f"preparation was kept)")
+  if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    return UserError(f"{name}: cannot write into data dir {files.shown(data_dir)} "
+                     f"({error.strerror or error}): pass a writable --data-dir or set "
+                     f"${DATA_DIR_ENV}")
+  return files.io_error(error, f"prepare {name} in {files.shown(data_dir)}: writing",
+                        "nothing of this preparation was kept")
+
+
+# Texts of OS errors, found in the C++ array_record writer's errors (which are no OSErrors) and
+# in errors TFDS re-raises with a prefix (which lose their errno).
+_OS_MESSAGES = {"No space left on device": errno.ENOSPC, "Read-only file system": errno.EROFS,
+                "Permission denied": errno.EACCES, "Disk quota exceeded": errno.EDQUOT}
+
+
+def _warn_empty_classes(cls, plan) -> None:
+  """One warning line per split with classes that get no images."""
+  names = cls.SPEC.class_names
+  for split, items in plan.items():
+    counts = np.bincount([int(item[cls.LABEL_INDEX]) for item in items], minlength=len(names))
+    empty = [c for c, n in zip(names, counts) if n == 0]
+    if empty:
+      files.warn(f"{cls.SPEC.name}: split {split!r} has no images of class(es) "
+                 f"{', '.join(empty)}: a model trained or scored on it never sees them")
+
+
 def prepare(name: str, manual_dir, data_dir=None, *, image_size: int | None = None,
-            force: bool = False, num_workers: int | None = None) -> dict[str, int]:
+            force: bool = False, num_workers: int | None = None,
+            wait: float | None = DEFAULT_WAIT_S, progress: bool = True) -> dict[str, int]:
   """Prepares dataset `name` from the raw files in `manual_dir`; returns {split: count}.
 
   The raw layout is validated before anything is written (see `info(name)["layout"]`); every
-  problem is a `UserError` naming the file. Already prepared data is reused unless `force`
-  (then the new data replaces the old only once complete). `image_size` sets AffectNet's stored
-  size (default 112); other datasets have a fixed stored form. `num_workers` threads encode
-  AffectNet's images (default: up to 8, one per CPU).
+  problem is a `UserError` naming the file; a split without images of some class is one
+  `ferjax: warning:` line. Already prepared data is reused unless `force` (then the new data
+  replaces the old only once complete); `prepared_dir` says whether a call would reuse it.
+  `image_size` sets AffectNet's stored size (default 112); other datasets have a fixed stored
+  form. `num_workers` threads encode AffectNet's images (default: up to 8, one per CPU). While
+  another process prepares the same dataset into `data_dir`, waits up to `wait` seconds for it
+  (0: refuse at once, None: no limit). `progress`: show TFDS' progress bars.
   """
-  from ferjax.data.builders import common
-  import tensorflow_datasets as tfds
-
   cls = _builder_cls(name)
   spec = _spec(name)
   if image_size is not None and not hasattr(cls, "config_for"):
@@ -259,39 +459,74 @@ def prepare(name: str, manual_dir, data_dir=None, *, image_size: int | None = No
   final = _variant_dir(cls, data_dir, config.name if config else None)
   if _is_complete(final) and not force:
     return split_sizes(name, data_dir)
-  plan = cls.scan(manual_dir)  # Validates the raw files; writes nothing.
+  try:
+    plan = cls.scan(manual_dir)  # Validates the raw files; writes nothing.
+  except OSError as e:  # An unreadable label file or folder.
+    raise files.io_error(e, f"read {name}'s raw file") from None
+  _warn_empty_classes(cls, plan)
   manual_root = manual_dir.resolve()
-  data_dir.mkdir(parents=True, exist_ok=True)
-
-  with _lock(data_dir / f".{cls.name}.lock") as locked:
-    if locked:  # No other preparation of this builder runs: leftovers are stale.
-      for stale in data_dir.glob(f".staging-{cls.name}-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    if _is_complete(final) and not force:  # Prepared meanwhile by another process.
-      return split_sizes(name, data_dir)
-    staging = data_dir / f".staging-{cls.name}-{uuid.uuid4().hex[:12]}"
-    try:
-      builder = cls(data_dir=str(staging), config=config, file_format="array_record",
-                    plan=plan, manual_root=manual_root,
-                    num_workers=num_workers or common.default_num_workers())
-      with _small_shuffle_buffer():
-        builder.download_and_prepare(
-            download_dir=str(staging / "downloads"),
-            download_config=tfds.download.DownloadConfig(manual_dir=str(manual_root)))
-      built = Path(builder.data_path)
-      final.parent.mkdir(parents=True, exist_ok=True)
-      old = staging / "replaced"
-      if final.exists():
-        os.replace(final, old)
-      try:
-        os.replace(built, final)
-      except BaseException:
-        if old.exists():
-          os.replace(old, final)
-        raise
-    finally:
-      shutil.rmtree(staging, ignore_errors=True)
+  try:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with _lock(data_dir / f".{cls.name}.lock", wait=wait,
+               what=f"{name} in {files.shown(data_dir)}") as locked:
+      if locked:  # No other preparation of this builder runs: leftovers are stale.
+        for stale in data_dir.glob(f".staging-{cls.name}-*"):
+          shutil.rmtree(stale, ignore_errors=True)
+      if _is_complete(final) and not force:  # Prepared meanwhile by another process.
+        return split_sizes(name, data_dir)
+      _build(cls, config, plan, manual_root, data_dir, final, num_workers, progress)
+  except OSError as e:
+    raise _os_error(e, name, data_dir) from None
+  except (RuntimeError, ValueError) as e:  # The array_record writer's OS errors.
+    if not any(text in str(e) for text in _OS_MESSAGES):
+      raise
+    raise _os_error(OSError(str(e)), name, data_dir) from None
   return split_sizes(name, data_dir)
+
+
+def _build(cls, config, plan, manual_root: Path, data_dir: Path, final: Path,
+           num_workers: int | None, progress: bool) -> None:
+  """Prepares `plan` in a staging dir and renames the result to `final` (replacing an older
+  preparation only once the new one is complete); the staging dir never outlives the call."""
+  from ferjax.data.builders import common
+  import tensorflow_datasets as tfds
+  staging = data_dir / f".staging-{cls.name}-{uuid.uuid4().hex[:12]}"
+  try:
+    builder = cls(data_dir=str(staging), config=config, file_format="array_record",
+                  plan=plan, manual_root=manual_root,
+                  num_workers=num_workers or common.default_num_workers())
+    with _small_shuffle_buffer(), _progress_bars(progress), files.strict_images():
+      builder.download_and_prepare(
+          download_dir=str(staging / "downloads"),
+          download_config=tfds.download.DownloadConfig(manual_dir=str(manual_root)))
+    built = Path(builder.data_path)
+    sizes = {p.name: p.stat().st_size for p in sorted(built.iterdir())
+             if ".array_record-" in p.name}
+    (built / MANIFEST).write_text(json.dumps({"files": sizes}, indent=1) + "\n")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    old = staging / "replaced"
+    if final.exists():
+      os.replace(final, old)
+    try:
+      os.replace(built, final)
+    except BaseException:
+      if old.exists():
+        os.replace(old, final)
+      raise
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _progress_bars(enable: bool):
+  """TFDS' progress bars on or off while this runs."""
+  from tensorflow_datasets.core.utils import tqdm_utils
+  old = tqdm_utils._active
+  tqdm_utils.display_progress_bar(enable)
+  try:
+    yield
+  finally:
+    tqdm_utils.display_progress_bar(old)
 
 
 @contextlib.contextmanager

@@ -51,6 +51,7 @@ class CkPlus(common.FerBuilder, skip_registration=True):
   name = "ckplus"
   SPEC = SPEC
   STORAGE = "raw"
+  LABEL_INDEX = 2
   MANUAL_DOWNLOAD_INSTRUCTIONS = SPEC.instructions
 
   def _extra_features(self):
@@ -88,7 +89,9 @@ class CkPlus(common.FerBuilder, skip_registration=True):
     if len(entries) == 1 and entries[0].is_dir() and \
         entries[0].name.lower() not in CLASS_NAMES:
       root = entries[0]  # e.g. CK+48/<class>/...
-    found = common.scan_class_folders(root, CLASS_NAMES, spec=spec, manual_dir=manual_dir)
+    # Small CK+ subsets lack some classes: prepare warns about them instead of refusing.
+    found = common.scan_class_folders(root, CLASS_NAMES, spec=spec, manual_dir=manual_dir,
+                                      require_all=False)
     if not found:
       raise UserError(f"ckplus: {root} holds no images: expected {spec.layout}")
     items = []

@@ -19,7 +19,6 @@ generators then decode the images and raise `UserError` naming the file for unde
 from __future__ import annotations
 
 import concurrent.futures
-import csv
 import dataclasses
 import inspect
 import io
@@ -32,8 +31,9 @@ from typing import Any, ClassVar
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from ferjax.data import files
 from ferjax.data.images import to_8bit
 from ferjax.errors import UserError
 
@@ -71,37 +71,42 @@ class DatasetSpec:
 
 
 def visible_entries(folder: Path) -> list[Path]:
-  """Entries of `folder`, sorted, without hidden files and OS droppings."""
-  return sorted(p for p in folder.iterdir()
-                if not p.name.startswith(".") and p.name.lower() not in IGNORED_NAMES)
+  """Entries of `folder`, sorted, without hidden files and OS droppings; an unreadable folder is
+  a UserError naming it."""
+  return [p for p in files.list_dir(folder)
+          if not p.name.startswith(".") and p.name.lower() not in IGNORED_NAMES]
 
 
 def is_image_file(path: Path) -> bool:
-  return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+  """A regular file with an image extension (a FIFO named x.png would block its reader)."""
+  return path.suffix.lower() in IMAGE_EXTENSIONS and files.is_regular(path)
 
 
 def require_dir(manual_dir: Path, spec: DatasetSpec) -> Path:
-  """The manual dir, resolved; UserError when it is missing or empty."""
+  """The manual dir, resolved; UserError when it is missing, not a folder, or empty."""
   manual_dir = Path(manual_dir).expanduser()
   if not manual_dir.is_dir():
-    raise UserError(f"{spec.name}: manual dir {manual_dir} does not exist: expected "
+    what = "is not a folder" if manual_dir.exists() else "does not exist"
+    raise UserError(f"{spec.name}: manual dir {files.shown(manual_dir)} {what}: expected "
                     f"{spec.layout}; get the data from {spec.source}")
   if not visible_entries(manual_dir):
-    raise UserError(f"{spec.name}: manual dir {manual_dir} is empty: expected {spec.layout}; "
+    raise UserError(f"{spec.name}: manual dir {files.shown(manual_dir)} is empty: expected {spec.layout}; "
                     f"get the data from {spec.source}")
   return manual_dir.resolve()
 
 
 def scan_class_folders(split_dir: Path, class_names: Sequence[str], *, spec: DatasetSpec,
-                       manual_dir: Path) -> list[tuple[Path, int]]:
+                       manual_dir: Path, require_all: bool = True) -> list[tuple[Path, int]]:
   """(image path, label) for `split_dir/<class>/*.<image ext>`, sorted by class then name.
 
-  Class folders match `class_names` case-insensitively. An unknown folder is a UserError; files
-  other than images inside class folders are ignored; loose files next to the class folders are
-  ignored too. An empty result is the caller's to judge.
+  Class folders match `class_names` case-insensitively. An unknown folder is a UserError, and so
+  is a missing one when `require_all` (an empty one is allowed: `prepare` warns about classes
+  without images). Files other than images inside class folders are ignored, and so are loose
+  files next to the class folders; entries named like images that are not regular files (FIFOs,
+  sockets, folders) are skipped with one warning line. An empty result is the caller's to judge.
   """
   lookup = {c.lower(): i for i, c in enumerate(class_names)}
-  items = []
+  items, found, skipped = [], set(), 0
   for entry in visible_entries(split_dir):
     if not entry.is_dir():
       continue
@@ -109,25 +114,34 @@ def scan_class_folders(split_dir: Path, class_names: Sequence[str], *, spec: Dat
     if label is None:
       raise UserError(f"{spec.name}: unknown class folder {rel(entry, manual_dir)}: expected "
                       f"folders named {', '.join(class_names)}")
-    items.extend((p, label) for p in visible_entries(entry) if is_image_file(p))
+    found.add(label)
+    for p in visible_entries(entry):
+      if is_image_file(p):
+        items.append((p, label))
+      elif p.suffix.lower() in IMAGE_EXTENSIONS:
+        skipped += 1
+  missing = [c for i, c in enumerate(class_names) if i not in found]
+  if missing and require_all:
+    folders = ", ".join(f"{rel(split_dir / c, manual_dir)}/" for c in missing)
+    raise UserError(f"{spec.name}: missing class folder(s) {folders}: expected one folder per "
+                    f"class ({', '.join(class_names)}; an empty one is allowed)")
+  files.skipped_warning(skipped, split_dir)
   return items
 
 
 def rel(path: Path, root: Path) -> str:
-  """`path` relative to `root` when inside it (shorter messages), else the full path."""
+  """`path` relative to `root` when inside it (shorter messages), else the full path; printable
+  (non-UTF-8 bytes of a file name as `\\xNN`, see `files.shown`)."""
   try:
-    return str(Path(path).relative_to(root))
+    return files.shown(Path(path).relative_to(root))
   except ValueError:
-    return str(path)
+    return files.shown(path)
 
 
 def open_csv(path: Path) -> Iterator[tuple[int, list[str]]]:
-  """(line number, row) for every non-empty row of a CSV file, header included."""
-  with open(path, newline="", encoding="utf-8-sig") as f:
-    reader = csv.reader(f)
-    for row in reader:
-      if row and any(cell.strip() for cell in row):
-        yield reader.line_num, row
+  """(line number, row) for every non-empty row of a CSV file, header included: UTF-8 (or
+  UTF-16 with a byte-order mark); other encodings are a UserError naming the line."""
+  return files.read_csv(path)
 
 
 def header_index(header: Sequence[str], wanted: Sequence[str], *, path: Path,
@@ -175,8 +189,9 @@ def parse_pixels(text: str, *, size: int, path: Path, line: int,
 
 def missing_files_error(spec: DatasetSpec, label_file: Path, missing: Sequence[Path],
                         manual_dir: Path, total: int) -> UserError:
+  odd = " (not a regular file)" if missing[0].exists() else ""
   return UserError(f"{spec.name}: {label_file} references {len(missing)} of {total} images that "
-                   f"do not exist, first {rel(missing[0], manual_dir)}")
+                   f"do not exist, first {rel(missing[0], manual_dir)}{odd}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,21 +200,27 @@ def missing_files_error(spec: DatasetSpec, label_file: Path, missing: Sequence[P
 
 
 def open_image(source: Path | bytes, *, name: str, spec_name: str) -> Image.Image:
-  """A loaded PIL image; UserError naming `name` when it cannot be decoded."""
+  """A loaded PIL image; UserError naming `name` when it cannot be read or decoded (Pillow's
+  decompression-bomb guard included)."""
   try:
     img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     img.load()
     return img
-  except (OSError, ValueError, SyntaxError) as e:
+  except files.IMAGE_ERRORS as e:
     raise decode_error(spec_name, name, e) from None
 
 
-def decode_error(spec_name: str, name: str, error: Exception) -> UserError:
-  if isinstance(error, UnidentifiedImageError):
-    reason = "not an image PIL can read"
-  else:
-    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-  return UserError(f"{spec_name}: cannot decode image {name}: {reason}")
+def read_file(path: Path, *, name: str, spec_name: str) -> bytes:
+  try:
+    return path.read_bytes()
+  except OSError as e:
+    raise decode_error(spec_name, name, e) from None
+
+
+def decode_error(spec_name: str, name: str, error: BaseException) -> UserError:
+  verb = "read" if isinstance(error, OSError) and error.errno else "decode"
+  return UserError(f"{spec_name}: cannot {verb} image {files.shown(name)}: "
+                   f"{files.image_reason(error)}")
 
 
 def to_array(img: Image.Image, size: int, channels: int) -> np.ndarray:
@@ -219,7 +240,7 @@ def encode_jpeg(img: Image.Image, quality: int = 95) -> bytes:
 
 def jpeg_for_storage(path: Path, *, size: int, name: str, spec_name: str) -> bytes:
   """JPEG bytes of an RGB `size`x`size` image: the file itself when it already is one."""
-  data = path.read_bytes()
+  data = read_file(path, name=name, spec_name=spec_name)
   img = open_image(data, name=name, spec_name=spec_name)
   if img.format == "JPEG" and img.mode == "RGB" and img.size == (size, size):
     return data
@@ -275,7 +296,8 @@ Plan = dict[str, list[Any]]
 class FerBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base of the ferjax builders: features, manual-dir scan, and per-split generation.
 
-  Subclasses set `SPEC`, `STORAGE` ("raw" or "jpeg"), `MANUAL_DOWNLOAD_INSTRUCTIONS`, and
+  Subclasses set `SPEC`, `STORAGE` ("raw" or "jpeg"), `LABEL_INDEX`,
+  `MANUAL_DOWNLOAD_INSTRUCTIONS`, and
   implement `scan(manual_dir) -> {split: items}` (validation only, nothing decoded or written)
   and `_generate_examples(items)` yielding `(key, example)`.
   """
@@ -284,6 +306,7 @@ class FerBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   RELEASE_NOTES = {"1.0.0": "First ferjax release."}
   SPEC: ClassVar[DatasetSpec]
   STORAGE: ClassVar[str] = "raw"
+  LABEL_INDEX: ClassVar[int]  # Where the label sits in a plan item (the empty-class check).
 
   def __init__(self, *, plan: Plan | None = None, manual_root: Path | None = None,
                num_workers: int = 1, **kwargs):

@@ -110,6 +110,7 @@ class Fer2013(common.FerBuilder, skip_registration=True):
                    "1.1.0": "Folder form: test no longer holds the PublicTest (validation) files."}
   SPEC = SPEC
   STORAGE = "raw"
+  LABEL_INDEX = 3
   MANUAL_DOWNLOAD_INSTRUCTIONS = SPEC.instructions
 
   @classmethod

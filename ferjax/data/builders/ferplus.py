@@ -53,6 +53,7 @@ class FerPlus(common.FerBuilder, skip_registration=True):
   name = "ferplus"
   SPEC = SPEC
   STORAGE = "raw"
+  LABEL_INDEX = 3
   MANUAL_DOWNLOAD_INSTRUCTIONS = SPEC.instructions
 
   @classmethod

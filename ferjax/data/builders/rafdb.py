@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ferjax.data import files
 from ferjax.data.builders import common
 from ferjax.errors import UserError
 
@@ -42,6 +43,7 @@ class RafDb(common.FerBuilder, skip_registration=True):
   name = "rafdb"
   SPEC = SPEC
   STORAGE = "jpeg"
+  LABEL_INDEX = 2
   MANUAL_DOWNLOAD_INSTRUCTIONS = SPEC.instructions
 
   @classmethod
@@ -53,28 +55,27 @@ class RafDb(common.FerBuilder, skip_registration=True):
       raise UserError(f"{spec.name}: {manual_dir} has no {LABEL_FILE}: expected {spec.layout}; "
                       f"get it from {spec.source}")
     plan: common.Plan = {"train": [], "test": []}
-    with open(label_file, encoding="utf-8-sig") as f:
-      for line_no, line in enumerate(f, 1):
-        parts = line.split()
-        if not parts:
-          continue
-        if len(parts) != 2:
-          raise UserError(f"{spec.name}: {label_file} line {line_no}: expected "
-                          f"'<name>.jpg <label 1..7>', got {line.strip()!r}")
-        name, label_text = parts
-        label = common.parse_int(label_text, what="label", path=label_file, line=line_no,
-                                 spec=spec, lo=1, hi=7)
-        split = name.split("_", 1)[0].lower()
-        if split not in plan:
-          raise UserError(f"{spec.name}: {label_file} line {line_no}: image name {name!r} must "
-                          f"start with train_ or test_")
-        plan[split].append((image_path(manual_dir, name), manual_dir, label - 1))
+    for line_no, line in files.read_lines(label_file):
+      parts = line.split()
+      if not parts:
+        continue
+      if len(parts) != 2:
+        raise UserError(f"{spec.name}: {label_file} line {line_no}: expected "
+                        f"'<name>.jpg <label 1..7>', got {line.strip()!r}")
+      name, label_text = parts
+      label = common.parse_int(label_text, what="label", path=label_file, line=line_no,
+                               spec=spec, lo=1, hi=7)
+      split = name.split("_", 1)[0].lower()
+      if split not in plan:
+        raise UserError(f"{spec.name}: {label_file} line {line_no}: image name {name!r} must "
+                        f"start with train_ or test_")
+      plan[split].append((image_path(manual_dir, name), manual_dir, label - 1))
     for split, items in plan.items():
       if not items:
         raise UserError(f"{spec.name}: {label_file} lists no {split}_* images: expected both "
                         f"train_* and test_* lines")
     everything = [item for items in plan.values() for item in items]
-    missing = [path for path, _, _ in everything if not path.is_file()]
+    missing = [path for path, _, _ in everything if not files.is_regular(path)]
     if missing:
       raise common.missing_files_error(spec, label_file, missing, manual_dir, len(everything))
     return plan
