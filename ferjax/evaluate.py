@@ -190,6 +190,8 @@ def evaluate_run(workdir, split: str = "test", *, checkpoint="best", tta: str | 
   "features" arrays (not written to the JSON).
   """
   workdir = pathlib.Path(workdir)
+  if not np.isfinite(logit_adjust):
+    raise UserError(f"--logit-adjust: expected a finite number, got {logit_adjust}")
   run = runs.open_classifier(workdir, str(checkpoint))
   if write and parallel.is_main_process():  # Before the work, not after it.
     workdir_lib.check_writable(workdir, "--workdir")
