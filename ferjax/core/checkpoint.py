@@ -9,9 +9,23 @@ between the two leaves `last/` at an earlier step, and the resumed run replays (
 and evaluates (and offers as best) that step again; an equal value is not a new best, so a
 replayed step is never saved twice. Everything is stored as arrays plus JSON: restoring never
 executes code from a checkpoint.
+
+Damaged steps (a truncated or deleted array file, garbled or missing metadata, a step without
+its `meta`): restoring "latest"/"last" skips each one with one warning line on stderr and uses
+the newest intact step, so a resumed run replays from there; when no step of `last/` is intact,
+or when a damaged step was asked for by name ("best" or a number), it is one `UserError` line.
+Damaged folders are left on disk (never delete what a person may still repair), but they no
+longer count: `latest_step()` skips them, and saving that step number again replaces them.
+Garbled orbax bookkeeping that restoring does not need (`<step>/_CHECKPOINT_METADATA`, the
+commit time) is not damage. Orbax's own logging and the leftovers of its failed parallel reads
+are kept off stderr: a user sees the one line.
 """
 
+import contextlib
+import logging
 import pathlib
+import re
+import sys
 
 import jax
 import numpy as np
@@ -31,7 +45,16 @@ def _manager(directory: pathlib.Path, max_to_keep: int) -> ocp.CheckpointManager
   registry.add("state", ocp.args.StandardRestore, state)
   registry.add("meta", ocp.args.JsonSave, meta)
   registry.add("meta", ocp.args.JsonRestore, meta)
-  return ocp.CheckpointManager(directory, options=options, handler_registry=registry)
+  with _quiet():  # Opening lists the steps and logs each unreadable _CHECKPOINT_METADATA.
+    return ocp.CheckpointManager(directory, options=options, handler_registry=registry)
+
+
+class _Damaged(Exception):
+  """A checkpoint step that cannot be read; the message is one short line (the reason). Never
+  leaves this module: `Checkpoints` turns it into a warning or a `UserError`."""
+
+
+_UNREAD = object()
 
 
 class Checkpoints:
@@ -47,10 +70,10 @@ class Checkpoints:
     self.best_mode = best_mode
     self._last = _manager(self.directory / "last", max_to_keep)
     self._best = _manager(self.directory / "best", 1) if best_metric else None
-    self._best_value = None
-    if self._best is not None and self._best.latest_step() is not None:
-      meta = self._read_meta(self._best, self._best.latest_step())
-      self._best_value = meta.get("metrics", {}).get(best_metric)
+    # The best value is read from the best step's meta at the first save that needs it, so that
+    # opening the checkpoints (e.g. to evaluate another step) never fails on a damaged best.
+    self._best_value = _UNREAD
+    self._damaged = {}  # Step folder -> reason, for the steps found unreadable.
 
   # --- saving ---------------------------------------------------------------------------------
   def save(self, step: int, state, *, metrics: dict | None = None, extra: dict | None = None,
@@ -64,56 +87,116 @@ class Checkpoints:
     if self._best is not None and metrics and self.best_metric in metrics:
       value = float(metrics[self.best_metric])
       if self._is_better(value):
-        self._save(self._best, step, state, meta)
+        self._save_step(self._best, step, state, meta)
         self._best_value = value
     if last:
-      self._save(self._last, step, state, meta)
+      self._save_step(self._last, step, state, meta)
 
   def _is_better(self, value: float) -> bool:
     if not np.isfinite(value):
       return False
-    if self._best_value is None:
+    best = self._current_best_value()
+    if best is None:
       return True
-    return value > self._best_value if self.best_mode == "max" else value < self._best_value
+    return value > best if self.best_mode == "max" else value < best
+
+  def _current_best_value(self):
+    """The metric of the best step; None without one, or when its meta is damaged (one warning
+    line: the next validated step becomes the best and replaces it)."""
+    if self._best_value is _UNREAD:
+      self._best_value = None
+      step = self._best.latest_step()
+      if step is not None:
+        try:
+          meta = self._read_step_meta(self._best, step)
+        except _Damaged as e:
+          _warn(f"checkpoint {self._note_damaged(self._best, step, e)} is damaged ({e}); the "
+                "next validated step replaces it as the best")
+        else:
+          self._best_value = meta.get("metrics", {}).get(self.best_metric)
+    return self._best_value
+
+  def _save_step(self, manager, step, state, meta):
+    folder = self._folder(manager, step)
+    if folder in self._damaged and step in manager.all_steps():
+      manager.delete(step)  # A damaged step saved again is replaced.
+    self._save(manager, step, state, meta)
+    self._damaged.pop(folder, None)
 
   @staticmethod
   def _save(manager, step, state, meta):
     if step in manager.all_steps():  # Re-saving a step (e.g. the final one) is a no-op.
       return
+    # force: a step below a damaged newer one (a run resumed past it) is saved too.
     manager.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
     manager.wait_until_finished()
 
   # --- restoring ------------------------------------------------------------------------------
   def latest_step(self) -> int | None:
-    return self._last.latest_step()
+    """The newest step of `last/` not found damaged (where a resumed run starts, at most)."""
+    return max(self._intact_steps(self._last), default=None)
 
   def steps(self) -> list[int]:
+    """Every step kept in `last/`, damaged ones included."""
     return list(self._last.all_steps())
 
   def best_step(self) -> int | None:
-    return None if self._best is None else self._best.latest_step()
+    if self._best is None:
+      return None
+    return max(self._intact_steps(self._best), default=None)
 
   def restore(self, target, which="latest"):
     """Restores into the structure, shapes and shardings of `target`; returns (state, meta).
 
-    `which` is "latest", "last" (the same), "best", or a step number.
+    `which` is "latest", "last" (the same: the newest intact step, see the module docstring),
+    "best", or a step number.
     """
-    manager, step = self._resolve(which)
-    stored = manager.item_metadata(step)["state"]
-    _check_shapes(target, stored, pathlib.Path(manager.directory) / str(step))
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    return restored.state, dict(restored.meta)
+    return self._read(which, lambda manager, step: self._restore_step(manager, step, target))
 
   def read_meta(self, which="latest") -> dict:
+    return self._read(which, self._read_step_meta)
+
+  def _read(self, which, read):
+    """read(manager, step) on the step `which` names; for "latest", on the newest intact one."""
     manager, step = self._resolve(which)
-    return self._read_meta(manager, step)
+    if which not in ("latest", "last"):
+      try:
+        return read(manager, step)
+      except _Damaged as e:
+        raise UserError(f"checkpoint {self._note_damaged(manager, step, e)} is damaged ({e}): "
+                        "choose another checkpoint (best, last or a step number), or restore its "
+                        "files") from None
+    skipped = []
+    for step in sorted(self._intact_steps(manager), reverse=True):
+      try:
+        result = read(manager, step)
+      except _Damaged as e:
+        skipped.append((self._note_damaged(manager, step, e), e))
+        continue
+      for folder, reason in skipped:
+        _warn(f"checkpoint {folder} is damaged ({reason}); skipped it, using step {step}")
+      return result
+    newest = self._folder(manager, manager.latest_step())
+    raise UserError(f"{manager.directory}: no intact checkpoint is left (newest, {newest.name}: "
+                    f"{self._damaged[newest]}): restore its files, or train again in a new workdir")
+
+  def _restore_step(self, manager, step, target):
+    where = self._folder(manager, step)
+    stored = _attempt("state metadata", lambda: manager.item_metadata(step)["state"])
+    if stored is None or next(_flatten_with_names(stored), None) is None:
+      raise _Damaged("state metadata (state/_METADATA) is missing")
+    _check_shapes(target, stored, where)  # A readable checkpoint of another config: UserError.
+    meta = self._read_step_meta(manager, step)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    restored = _attempt("arrays", lambda: manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract))))
+    return restored.state, meta
 
   @staticmethod
-  def _read_meta(manager, step) -> dict:
-    restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+  def _read_step_meta(manager, step) -> dict:
+    restored = _attempt("meta", lambda: manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())))
     return dict(restored.meta)
 
   def _resolve(self, which):
@@ -143,6 +226,19 @@ class Checkpoints:
   def best_steps(self) -> list[int]:
     return [] if self._best is None else list(self._best.all_steps())
 
+  # --- damaged steps --------------------------------------------------------------------------
+  @staticmethod
+  def _folder(manager, step) -> pathlib.Path:
+    return pathlib.Path(manager.directory) / str(step)
+
+  def _intact_steps(self, manager) -> list[int]:
+    return [s for s in manager.all_steps() if self._folder(manager, s) not in self._damaged]
+
+  def _note_damaged(self, manager, step, reason) -> pathlib.Path:
+    folder = self._folder(manager, step)
+    self._damaged[folder] = str(reason)
+    return folder
+
   def close(self):
     self._last.close()
     if self._best is not None:
@@ -153,6 +249,69 @@ class Checkpoints:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def _attempt(what: str, read):
+  """read() with orbax quiet; any failure becomes _Damaged('<what> unreadable: <reason>')."""
+  _drop_failed_read_leftovers()
+  try:
+    with _quiet():
+      return read()
+  except Exception as e:  # Orbax, tensorstore and json raise many types for unreadable files.
+    raise _Damaged(f"{what} unreadable: {_reason(e)}") from None
+
+
+def _reason(error: Exception, limit: int = 120) -> str:
+  """The first line of an error (of its cause, for orbax's wrappers), without file paths or
+  tensorstore's spec dump, at most `limit` characters."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+  text = (text.strip().splitlines() or [type(error).__name__])[0]
+  text = text.split(" [tensorstore_spec=")[0]
+  text = re.sub(r' in OCDBT database at local file "[^"]*"|/[0-9.]+(?=")', "", text)
+  text = re.sub(r'local file "[^"]*?([^"/]*)"', r'"\1"', text)
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _quiet():
+  """Orbax logs (absl) what it then raises, or what does not matter here: keep it off stderr."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.CRITICAL + 1)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def _drop_failed_read_leftovers():
+  """Installs, once, an unraisable-exception hook that drops the leftovers of a failed read.
+
+  When one array read fails, orbax closes its event loop while tensorstore finishes the other
+  reads; Python then prints each ("Exception ignored ...: Event loop is closed", orbax's
+  abandoned read coroutines) as a traceback on stderr, at any later moment. Anything else goes
+  to the previous hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "ferjax_checkpoint_reads", False):
+    return
+
+  def hook(unraisable):
+    code = getattr(unraisable.object, "cr_code", None)
+    leftover = (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == "Event loop is closed") or (
+                    code is not None and "orbax" in code.co_filename)
+    if not leftover:
+      previous(unraisable)
+  hook.ferjax_checkpoint_reads = True
+  sys.unraisablehook = hook
+
+
+def _warn(message: str):
+  if jax.process_index() == 0:
+    print(f"ferjax: warning: {message}", file=sys.stderr)
 
 
 def _check_shapes(target, stored, where):
