@@ -5,10 +5,13 @@
 Speed targets are checked here, never in timed tests. Every benchmark lives in this module: it
 builds the real train steps from the trainers and times them on random data. Each measurement is one JSON line with
 `what`, `batch`, `dtype`, `device`, `images_per_s`, `compile_s`, `flops_per_image` (XLA's cost
-analysis) and `mfu` (share of the device's peak bf16/fp32 throughput, where known).
+analysis) and `mfu` (share of the device's peak bf16/fp32 throughput, where known);
+`ferjax bench predict` times the host-side work of `ferjax predict` instead (`faces_per_s` with
+and without face detection, see `bench_predict`).
 """
 
 import json
+import pathlib
 import statistics
 import time
 
@@ -19,6 +22,8 @@ import numpy as np
 
 from ferjax import configs
 from ferjax import evaluate as evaluate_lib
+from ferjax import inference
+from ferjax import predict as predict_lib
 from ferjax.augment import synthesis
 from ferjax.core import parallel
 from ferjax.data import synthetic
@@ -262,8 +267,73 @@ def bench_vaegan(config, batch_size=None, steps: int = 20) -> dict:
                           "channels": d.channels, "widths": list(widths)})
 
 
+# --- `ferjax predict` -----------------------------------------------------------------------------
+def untrained_predictor(config, num_classes: int = 7) -> inference.Predictor:
+  """A freshly initialised classifier of `config` as an inference.Predictor (same cost as a
+  trained one, meaningless answers), on one device."""
+  mesh = parallel.make_mesh(1)
+  model = classifier_kind.build_model(config, num_classes)
+  tx, _ = classifier_kind.make_optimizer(config, config.train.num_steps)
+  variables = classifier_kind.eval_variables(classifier_kind.init_state(config, model, tx, mesh))
+  probabilities = jax.jit(inference.probabilities_fn, static_argnums=0)
+  log_prior = np.zeros(num_classes, np.float32)
+  return inference.Predictor(
+      lambda batch, flip, tau: probabilities(model, variables, log_prior, batch, flip, tau),
+      class_names=synthetic.CLASS_NAMES[:num_classes], image_size=config.data.image_size,
+      channels=config.data.channels, prior_counts=None, source="untrained classifier")
+
+
+def bench_predict(config, batch_size=None, steps: int = 1, repeats: int = 3) -> list[dict]:
+  """Faces/s of `ferjax predict`'s work on images in memory (file reading and writing left
+  out), for an untrained classifier of `config`, two records:
+
+  - detect=True: `batch` 320x240 RGB photos, each a 96 px synthetic face on a plain background:
+    Haar-cascade detection, square crops, conversion and the batched model call;
+  - detect=False: the same 96 px faces as aligned crops (--whole-image): conversion and model.
+
+  `faces_per_s` counts the faces found (the cascade misses some synthetic faces), `images_per_s`
+  the photos; timed after a warm-up pass (which compiles), median of `repeats` of `steps`
+  passes.
+  """
+  n = int(batch_size or 64)
+  faces = np.asarray(synthetic.load("test", image_size=96, channels=3,
+                                    num_examples=max(n, 7)).images[:n])
+  photos = np.full((n, 240, 320, 3), 200, np.uint8)
+  photos[:, 60:156, 112:208] = faces
+  detect = predict_lib.face_detector()
+  predictor = untrained_predictor(config)
+  path = pathlib.Path("photo.png")
+
+  def with_detection():
+    found = [predict_lib.Face(path, i, box, predict_lib.square_crop(photo, box, 0.2))
+             for photo in photos for i, box in enumerate(detect(photo))]
+    return len(found), predict_lib.predict(predictor, found)
+
+  def whole_images():
+    found = [predict_lib.Face(path, 0, (0, 0, 96, 96), face) for face in faces]
+    return len(found), predict_lib.predict(predictor, found)
+
+  setup = dict(batch=n, dtype=config.model.dtype, device=device_name(), model=config.model.name,
+               width=config.model.width, image_size=config.data.image_size,
+               channels=config.data.channels)
+  records = []
+  for detected, run in ((True, with_detection), (False, whole_images)):
+    found, _ = run()  # Warm-up: compiles the model's batch.
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        run()
+      times.append((time.perf_counter() - t0) / steps)
+    per_pass = statistics.median(times)
+    records.append({"what": "predict", "detect": detected, **setup, "faces": found,
+                    "faces_per_s": round(found / per_pass, 1),
+                    "images_per_s": round(n / per_pass, 1), "pass_ms": round(per_pass * 1e3, 2)})
+  return records
+
+
 # --- `ferjax bench` -------------------------------------------------------------------------------
-BENCH_TARGETS = ("classifier", "vaegan", "sampler", "evaluate")
+BENCH_TARGETS = ("classifier", "vaegan", "sampler", "evaluate", "predict")
 
 
 def _config_for(what: str, path, overrides):
@@ -278,15 +348,18 @@ def _config_for(what: str, path, overrides):
 def cli_main(args) -> int:
   if args.batch is not None and args.batch <= 0:
     raise UserError(f"--batch: expected a positive number of images, got {args.batch}")
-  if args.steps < 1:
+  if args.steps is not None and args.steps < 1:
     raise UserError(f"--steps: expected at least 1 timed step, got {args.steps}")
   config = _config_for(args.what, args.config, args.overrides)
+  steps = args.steps or (1 if args.what == "predict" else 20)
   if args.what == "vaegan":
-    records = [bench_vaegan(config, batch_size=args.batch, steps=args.steps)]
+    records = [bench_vaegan(config, batch_size=args.batch, steps=steps)]
   elif args.what == "sampler":
-    records = bench_sampler(config, batch_size=args.batch, steps=args.steps)
+    records = bench_sampler(config, batch_size=args.batch, steps=steps)
+  elif args.what == "predict":
+    records = bench_predict(config, batch_size=args.batch, steps=steps)
   else:
-    records = [r for r in bench_classifier(config, batch_size=args.batch, steps=args.steps)
+    records = [r for r in bench_classifier(config, batch_size=args.batch, steps=steps)
                if r["what"] == args.what]
   for record in records:
     print(json.dumps(record))

@@ -119,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
                  help="also write penultimate-layer features to features_<split>.npz")
   _add_distributed_args(p)
 
+  p = _verb(verbs, "export", "ferjax.inference:cli_export",
+            "Export a trained classifier's checkpoint to one file (jax.export, weights included) "
+            "that `ferjax predict --model FILE` and ferjax.inference.load_exported run without "
+            "the run's config or checkpoints.",
+            "ferjax export --workdir runs/classifier_tiny --out classifier_tiny.ferjax")
+  p.add_argument("--workdir", required=True, help="a `ferjax train` run folder")
+  p.add_argument("--out", required=True, metavar="FILE", help="file to write (must not exist)")
+  p.add_argument("--checkpoint", default="best", help="best (on validation), last, or a step")
+
   p = _verb(verbs, "synthesize", "ferjax.augment.export:cli_main",
             "Export a balanced synthetic set from a trained VAE-GAN: N faces per class made by "
             "perturbing the latents of real seed images of that class, written as a folder "
@@ -169,10 +178,43 @@ def build_parser() -> argparse.ArgumentParser:
             "ferjax bench classifier --config.model.name=resnet18 --config.model.stem=small "
             "--config.data.image_size=48 --config.data.channels=1 --batch 64",
             epilog=EPILOG_CONFIG + " Without --config, the trainer's default config is measured.")
-  p.add_argument("what", choices=("classifier", "vaegan", "sampler", "evaluate"))
+  p.add_argument("what", choices=("classifier", "vaegan", "sampler", "evaluate", "predict"))
   _add_config_args(p, required=False)
-  p.add_argument("--batch", type=int, default=None, help="global batch size (default: config's)")
-  p.add_argument("--steps", type=int, default=20, help="timed steps per repeat (default 20)")
+  p.add_argument("--batch", type=int, default=None, help="global batch size (default: config's; "
+                 "predict: photos per pass, default 64)")
+  p.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default 20; "
+                 "predict: passes over the photos, default 1)")
+
+  p = _verb(verbs, "predict", "ferjax.predict:cli_main",
+            "Predict the expression of every face in some images (files, folders, glob "
+            "patterns): faces found by OpenCV's Haar cascade (or given by --boxes, or "
+            "--whole-image), one JSON or CSV row per face; --out adds annotated copies and a "
+            "contact sheet.",
+            "ferjax predict --workdir runs/demo/baseline photos/ --out runs/predicted")
+  p.add_argument("paths", nargs="*", metavar="PATH",
+                 help="image files, folders (searched recursively) or quoted glob patterns")
+  source = p.add_mutually_exclusive_group(required=True)
+  source.add_argument("--workdir", metavar="RUN", help="a `ferjax train` run folder")
+  source.add_argument("--model", metavar="FILE", help="a file written by `ferjax export`")
+  p.add_argument("--checkpoint", default=None,
+                 help="with --workdir: best (on validation, the default), last, or a step")
+  faces = p.add_mutually_exclusive_group()
+  faces.add_argument("--boxes", metavar="CSV",
+                     help="face boxes instead of detection: a CSV with header file,x,y,w,h (file "
+                          "relative to the CSV's folder); the images are those it names")
+  faces.add_argument("--whole-image", action="store_true",
+                     help="each image is one aligned face crop (no detection)")
+  p.add_argument("--margin", type=float, default=0.2, metavar="FRACTION",
+                 help="context added on each side of a box, as a fraction of its size "
+                      "(default 0.2)")
+  p.add_argument("--tta", default="none", choices=("none", "flip"), help="test-time augmentation")
+  p.add_argument("--logit-adjust", type=float, default=0.0, metavar="TAU",
+                 help="post-hoc logit adjustment: subtract TAU * log(train class prior)")
+  p.add_argument("--format", default="jsonl", choices=("jsonl", "csv"),
+                 help="row format (default jsonl)")
+  p.add_argument("--output", metavar="FILE", help="write the rows here (default: stdout)")
+  p.add_argument("--out", metavar="DIR",
+                 help="also write annotated copies of the images and faces.png, a contact sheet")
   return parser
 
 

@@ -21,9 +21,10 @@ LAYERS = [
     ("ferjax.core",),  # checkpoint, parallel, monitor
     ("ferjax.kinds",),  # what defines each kind of run
     ("ferjax.runs",),  # reopening a finished run
-    ("ferjax.augment", "ferjax.evaluate"),  # synthesis stages; evaluation
+    ("ferjax.augment", "ferjax.evaluate", "ferjax.inference"),  # synthesis; evaluation; inference
     ("ferjax.train",),  # trainers (leaves)
-    ("ferjax.cli", "ferjax.demo", "ferjax.bench", "ferjax.evaluate_synthetic"),  # top
+    ("ferjax.cli", "ferjax.demo", "ferjax.bench", "ferjax.evaluate_synthetic",
+     "ferjax.predict"),  # top
 ]
 
 # A handler spec such as "ferjax.train.classifier:cli_main", imported later by name.
