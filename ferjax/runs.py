@@ -62,7 +62,7 @@ class ClassifierRun:
 
 def classifier_checkpoints(workdir, config) -> checkpoint_lib.Checkpoints:
   return checkpoint_lib.Checkpoints(pathlib.Path(workdir) / "checkpoints",
-                                    best_metric=config.train.best_metric)
+                                    best_metric=config.train.best_metric, read_only=True)
 
 
 def open_classifier(workdir, which="best", *, config=None, mesh=None) -> ClassifierRun:
@@ -118,7 +118,7 @@ def _decode(model, variables, z):
 def vaegan_checkpoints(workdir, config) -> checkpoint_lib.Checkpoints:
   return checkpoint_lib.Checkpoints(
       pathlib.Path(workdir) / "checkpoints",
-      best_metric=vaegan_kind.BEST_METRIC if config.data.val_split else None)
+      best_metric=vaegan_kind.BEST_METRIC if config.data.val_split else None, read_only=True)
 
 
 def restore_vaegan_state(workdir, which="latest", *, mesh=None):

@@ -90,6 +90,13 @@ def without_last(t, r):
   return train(r, t, workdir=w), [w]
 
 
+def without_checkpoints(t, r, argv, vaegan=False):
+  """A copy of a finished run without its checkpoints/ folder (reading must not recreate it)."""
+  w = copy_run(r.vaegan if vaegan else r.classifier, t / "w")
+  shutil.rmtree(w / "checkpoints")
+  return [*argv, "--vaegan" if vaegan else "--workdir", w], [w, t]
+
+
 def a_file(t, name="file.txt"):
   return write(t / name, "not a folder\n")
 
@@ -237,6 +244,11 @@ CASES = {
     "evaluate-a-file": (lambda t, r: (["evaluate", "--workdir", a_file(t)], [t]), "file.txt"),
     "evaluate-a-vaegan-run": (lambda t, r: (["evaluate", "--workdir", r.vaegan], [r.vaegan]),
                               "VAE-GAN run"),
+    "evaluate-without-checkpoints": (lambda t, r: without_checkpoints(t, r, ["evaluate"]),
+                                     "no checkpoint"),
+    "synthesize-without-checkpoints": (lambda t, r: without_checkpoints(
+        t, r, ["synthesize", "--per-class", "2", "--out", t / "o"], vaegan=True),
+                                       "no checkpoint"),
     "evaluate-checkpoint-word": (lambda t, r: (["evaluate", "--workdir", r.classifier,
                                                 "--checkpoint", "newest"], [r.classifier]),
                                  "newest"),

@@ -154,9 +154,10 @@ def test_export_refuses_vaegan_and_checkpointless_workdirs(tiny_runs, tmp_path, 
                   ["VAE-GAN", "classifier"], capsys, protect=[tiny_runs.vaegan, out.parent])
   bare = copy_run(tiny_runs.classifier, tmp_path / "bare")
   shutil.rmtree(bare / "checkpoints")
-  # (Opening the checkpoints creates the empty checkpoints/ folders, as evaluate does.)
+  # Reading creates no checkpoints/ folders either: the workdir stays exactly as it was.
   expect_one_line(["export", "--workdir", bare, "--out", out], "no checkpoint", capsys,
-                  protect=[bare / "config.json", bare / "run.json", out.parent])
+                  protect=[bare, out.parent])
+  assert not (bare / "checkpoints").exists()
 
 
 def _refusal(path, *needles) -> str:

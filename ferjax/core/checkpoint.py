@@ -34,9 +34,9 @@ import orbax.checkpoint as ocp
 from ferjax.errors import UserError
 
 
-def _manager(directory: pathlib.Path, max_to_keep: int) -> ocp.CheckpointManager:
+def _manager(directory: pathlib.Path, max_to_keep: int, create: bool) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep), create=True,
+      preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep), create=create,
       enable_async_checkpointing=False)
   # Registering both items lets a freshly opened manager read metadata before any save.
   registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
@@ -64,12 +64,13 @@ class Checkpoints:
   """
 
   def __init__(self, directory, *, max_to_keep: int = 3, best_metric: str | None = None,
-               best_mode: str = "max"):
+               best_mode: str = "max", read_only: bool = False):
     self.directory = pathlib.Path(directory).absolute()
     self.best_metric = best_metric
     self.best_mode = best_mode
-    self._last = _manager(self.directory / "last", max_to_keep)
-    self._best = _manager(self.directory / "best", 1) if best_metric else None
+    self.read_only = read_only  # Opened to read (evaluate, export...): creates no folder.
+    self._last = _manager(self.directory / "last", max_to_keep, not read_only)
+    self._best = _manager(self.directory / "best", 1, not read_only) if best_metric else None
     # The best value is read from the best step's meta at the first save that needs it, so that
     # opening the checkpoints (e.g. to evaluate another step) never fails on a damaged best.
     self._best_value = _UNREAD
@@ -81,6 +82,8 @@ class Checkpoints:
     """Saves `state` at `step` as best when metrics[best_metric] improves on the best, then as
     `last` (a resume point) unless `last=False`: a validation step that is not a resume point
     costs a save only when it is a new best."""
+    if self.read_only:
+      raise RuntimeError(f"{self.directory}: opened read-only, cannot save")
     meta = {"step": int(step), "metrics": _jsonable(metrics or {}), **(extra or {})}
     # Best first: `last/` reaching this step means it was fully offered as a best candidate (a
     # resumed run starts after the latest `last/` step and never evaluates that step again).
