@@ -14,7 +14,7 @@ from ferjax import cli, evaluate, inference, losses, runs
 from ferjax.core import parallel
 from ferjax.data import images as images_lib
 from ferjax.errors import UserError
-from tests.badinput import copy_run, expect_one_line
+from badinput import copy_run, expect_one_line
 
 TOL = 1e-5
 
