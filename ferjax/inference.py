@@ -5,7 +5,8 @@
     probs = predictor.probabilities(crops, tta="flip", logit_adjust=1.0)   # float32 [N, K]
 
 Crops are converted exactly as training images were (8-bit, bilinear resize, ITU-R 601 luma for
-gray models); prediction is jitted on one device in fixed, padded batches, so it compiles once.
+gray models); prediction is jitted on one device in batches padded to a power of two (at most
+64 crops), so one photo costs a small batch and only a few shapes are ever compiled.
 Flip TTA averages the logits of each crop and its mirror; logit adjustment subtracts
 `tau * log(prior)` (the class prior the model was trained under) before the softmax.
 
@@ -47,7 +48,8 @@ class Predictor:
   """A classifier ready for face crops: uint8 [N, S, S, C] -> class probabilities.
 
   `run_batch(images_uint8 [B, S, S, C], flip: bool, tau: float32) -> probabilities [B, K]` runs
-  one padded batch of `batch_size` crops; the rest is shared by every way of getting a model.
+  one padded batch of crops (a power of two, at most `batch_size`); the rest is shared by every
+  way of getting a model.
   """
 
   def __init__(self, run_batch, *, class_names, image_size: int, channels: int, prior_counts,
@@ -80,11 +82,14 @@ class Predictor:
                        f"prepare_crops), got {crops.dtype} {list(crops.shape)}")
     flip, tau = np.asarray(tta == "flip"), np.float32(logit_adjust)
     outputs = []  # Device arrays: every batch is dispatched before the first is fetched.
-    for start in range(0, len(crops), self.batch_size):
-      batch = crops[start:start + self.batch_size]
+    # Padded to a power of two up to batch_size: one photo costs one small batch, not 64 crops,
+    # and at most log2(batch_size) + 1 shapes are ever compiled.
+    size = min(self.batch_size, 1 << max(len(crops) - 1, 0).bit_length())
+    for start in range(0, len(crops), size):
+      batch = crops[start:start + size]
       valid = len(batch)
-      if valid < self.batch_size:
-        batch = np.concatenate([batch, np.zeros((self.batch_size - valid, *shape), np.uint8)])
+      if valid < size:
+        batch = np.concatenate([batch, np.zeros((size - valid, *shape), np.uint8)])
       outputs.append((valid, self._run_batch(batch, flip, tau)))
     probs = [np.asarray(out, np.float32)[:valid] for valid, out in outputs]
     return np.concatenate(probs) if probs else np.zeros((0, len(self.class_names)), np.float32)
