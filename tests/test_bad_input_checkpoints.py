@@ -127,13 +127,17 @@ def test_resume_replays_from_the_newest_intact_step(tiny_runs, tmp_path, capsys)
   assert _stderr_lines(capsys) == []
 
 
-def test_no_intact_step_left_is_one_line(tiny_runs, tmp_path, capsys):
+@pytest.mark.parametrize("extend", [(), ("--config.train.num_steps=6",)],
+                         ids=["resume", "extend"])
+def test_no_intact_step_left_is_one_line(extend, tiny_runs, tmp_path, capsys):
+  """Also when the command extends the run: the refused extension is taken back from run.json
+  and config.json."""
   work = copy_run(tiny_runs.classifier, tmp_path / "run")
   _damage(work / "checkpoints" / "last" / "2", "garbled-meta")
   _damage(work / "checkpoints" / "last" / "4", "deleted-state-metadata")
   # train.lock records the newest trainer's pid: everything else stays as it was.
   keep = [work / name for name in ("checkpoints", "metrics.jsonl", "run.json", "config.json")]
-  expect_one_line(["train", "--config", tiny_runs.classifier_config, "--workdir", work],
+  expect_one_line(["train", "--config", tiny_runs.classifier_config, "--workdir", work, *extend],
                   [f"{work}/checkpoints/last: no intact checkpoint is left", "newest, 4",
                    "restore its files"], capsys, protect=keep)
 

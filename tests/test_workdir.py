@@ -64,6 +64,29 @@ def test_more_steps_extend_the_run_and_are_recorded(recorded, capsys):
   assert classifier_kind.read_config(workdir).train.num_steps == 60
 
 
+@pytest.mark.parametrize("logged_past_the_old_end", [False, True])
+def test_an_extension_refused_before_it_trained_is_taken_back(recorded, logged_past_the_old_end):
+  workdir, config = recorded
+  (workdir / "checkpoints" / "last").mkdir(parents=True)
+  (workdir / "metrics.jsonl").write_text('{"step": 40, "loss": 1.0}\n')  # A finished run.
+  before = digest(workdir)
+  config.train.num_steps = 60
+  workdir_lib.open_for_training(workdir, config, "classifier")
+  if logged_past_the_old_end:
+    with open(workdir / "metrics.jsonl", "a") as f:
+      f.write('{"step": 41, "loss": 1.0}\n')
+  with pytest.raises(UserError, match="bad data"):
+    with workdir_lib.training_lock(workdir):
+      raise UserError("bad data")
+  steps = classifier_kind.read_config(workdir).train.num_steps
+  if logged_past_the_old_end:  # The extension trained: it stays.
+    assert steps == 60 and "extensions" in json.loads((workdir / "run.json").read_text())
+  else:
+    assert steps == 40
+    after = digest(workdir)
+    assert {k: after[k] for k in before} == before  # run.json and config.json as they were.
+
+
 def test_where_the_data_lives_and_the_device_count_may_change_on_resume(recorded):
   workdir, config = recorded
   config.data.data_dir = "/elsewhere"

@@ -177,6 +177,7 @@ def training_lock(workdir: pathlib.Path, is_main: bool = True):
       yield
     except UserError:  # E.g. bad data found while loading: the record alone is no run.
       _forget_if_unstarted(workdir)
+      _forget_unused_extension(workdir)
       raise
   finally:
     handle.close()  # Releases the lock.
@@ -199,6 +200,29 @@ def _forget_if_unstarted(workdir: pathlib.Path) -> None:
       folder.rmdir()
   if not any(workdir.iterdir()):
     workdir.rmdir()
+
+
+def _forget_unused_extension(workdir: pathlib.Path) -> None:
+  """Takes back the newest extension to more train.num_steps (run.json and config.json) when the
+  run failed with a user error before it logged a step beyond the old end: a refused command
+  leaves the record as it found it."""
+  run_file, config_file = workdir / "run.json", workdir / "config.json"
+  if not (run_file.exists() and config_file.exists()):
+    return
+  record = _read_json(run_file, "run record")
+  extensions = record.get("extensions") or []
+  if not extensions:
+    return
+  old_steps = extensions[-1]["from_num_steps"]
+  if any(int(r["step"]) > old_steps for r in monitor.read_metrics(workdir)):
+    return  # The extension trained: it stays recorded.
+  config = _read_json(config_file, "saved config")
+  config["train"]["num_steps"] = old_steps
+  _write_atomic(config_file, json.dumps(config, indent=2, sort_keys=True) + "\n")
+  extensions.pop()
+  if not extensions:
+    del record["extensions"]
+  _write_atomic(run_file, json.dumps(record, indent=2) + "\n")
 
 
 def check_resumable(workdir: pathlib.Path) -> None:
