@@ -275,12 +275,9 @@ def untrained_predictor(config, num_classes: int = 7) -> inference.Predictor:
   model = classifier_kind.build_model(config, num_classes)
   tx, _ = classifier_kind.make_optimizer(config, config.train.num_steps)
   variables = classifier_kind.eval_variables(classifier_kind.init_state(config, model, tx, mesh))
-  probabilities = jax.jit(inference.probabilities_fn, static_argnums=0)
-  log_prior = np.zeros(num_classes, np.float32)
-  return inference.Predictor(
-      lambda batch, flip, tau: probabilities(model, variables, log_prior, batch, flip, tau),
-      class_names=synthetic.CLASS_NAMES[:num_classes], image_size=config.data.image_size,
-      channels=config.data.channels, prior_counts=None, source="untrained classifier")
+  return inference.from_model(model, variables, class_names=synthetic.CLASS_NAMES[:num_classes],
+                              image_size=config.data.image_size, channels=config.data.channels,
+                              prior_counts=None, source="untrained classifier")
 
 
 def bench_predict(config, batch_size=None, steps: int = 1, repeats: int = 3) -> list[dict]:

@@ -23,9 +23,7 @@ weights baked in, lowered for cpu, cuda and tpu.
 import functools
 import hashlib
 import json
-import os
 import pathlib
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 import ferjax
-from ferjax import losses
+from ferjax import fileio, losses
 from ferjax.data import files
 from ferjax.data import images as images_lib
 from ferjax.data import pipeline
@@ -120,18 +118,21 @@ def from_run(workdir, checkpoint="best") -> Predictor:
   """The classifier run in `workdir` at `checkpoint` (best, last or a step), on one device."""
   from ferjax import runs  # Lazily: reading an exported file needs no checkpoints (nor orbax).
   from ferjax.core import parallel
-  mesh = parallel.make_mesh(1)
-  run = runs.open_classifier(workdir, str(checkpoint), mesh=mesh)
-  log_prior = _log_prior(run.prior_counts, len(run.class_names))
-  sharding = parallel.batch_sharding(mesh)
+  run = runs.open_classifier(workdir, str(checkpoint), mesh=parallel.make_mesh(1))
+  return from_model(run.model, run.variables, class_names=run.class_names,
+                    image_size=run.config.data.image_size, channels=run.config.data.channels,
+                    prior_counts=run.prior_counts,
+                    source=f"{workdir} (step {run.step}, {checkpoint})")
 
-  def run_batch(batch, flip, tau):
-    return _probabilities_jit(run.model, run.variables, log_prior,
-                              jax.device_put(batch, sharding), flip, tau)
 
-  return Predictor(run_batch, class_names=run.class_names, image_size=run.config.data.image_size,
-                   channels=run.config.data.channels, prior_counts=run.prior_counts,
-                   source=f"{workdir} (step {run.step}, {checkpoint})")
+def from_model(model, variables, *, class_names, image_size: int, channels: int, prior_counts,
+               source: str) -> Predictor:
+  """A Predictor of a Flax classifier and its evaluation variables (on their device)."""
+  log_prior = _log_prior(prior_counts, len(class_names))
+  run_batch = lambda batch, flip, tau: _probabilities_jit(model, variables, log_prior, batch,
+                                                          flip, tau)
+  return Predictor(run_batch, class_names=class_names, image_size=image_size, channels=channels,
+                   prior_counts=prior_counts, source=source)
 
 
 # --- Crops ---------------------------------------------------------------------------------------
@@ -219,24 +220,13 @@ def export_run(workdir, out, checkpoint="best") -> dict:
       "ferjax_version": ferjax.__version__,
       "model_bytes": len(payload), "model_sha256": hashlib.sha256(payload).hexdigest(),
   }
-  _write_atomic(out, _pack(header, payload))
+  fileio.write_atomic(out, _pack(header, payload))
   return header
 
 
 def _pack(header: dict, payload: bytes) -> bytes:
   text = json.dumps(header, indent=1).encode()
   return MAGIC + f"{len(text)}\n".encode() + text + payload
-
-
-def _write_atomic(path: pathlib.Path, data: bytes) -> None:
-  fd, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(partial, path)
-  except BaseException:
-    os.unlink(partial)
-    raise
 
 
 # --- Loading an export ----------------------------------------------------------------------------

@@ -16,7 +16,8 @@ ROOT = Path(ferjax.__file__).parent
 # Bottom to top; each layer is a tuple of module-name prefixes (whole dotted components).
 # `ferjax` itself (ferjax/__init__.py) sits below them all and imports nothing of ferjax.
 LAYERS = [
-    ("ferjax.errors", "ferjax.configs", "ferjax.losses", "ferjax.plots", "ferjax.report"),  # base
+    ("ferjax.errors", "ferjax.configs", "ferjax.fileio", "ferjax.losses", "ferjax.plots",
+     "ferjax.report"),  # base
     ("ferjax.data", "ferjax.models"),  # data and models
     ("ferjax.core",),  # checkpoint, parallel, monitor
     ("ferjax.kinds",),  # what defines each kind of run

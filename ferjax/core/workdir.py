@@ -15,15 +15,12 @@ anything (bad data, say) leaves no record behind, so the fix may change the conf
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import pathlib
-import socket
 import tempfile
-import time
 
-from ferjax import configs
+from ferjax import configs, fileio
 from ferjax.core import monitor, parallel
 from ferjax.errors import UserError
 
@@ -109,11 +106,10 @@ def disk_errors(workdir):
   try:
     yield
   except Exception as e:  # Orbax and tensorstore wrap the OSError in their own types.
-    full = (isinstance(e, OSError) and e.errno in DISK_ERRNOS) or any(
-        text in str(e) for text in ("No space left on device", "Disk quota exceeded"))
-    if not full:
+    code = fileio.os_errno(e)
+    if code not in DISK_ERRNOS:
       raise
-    reason = e.strerror if isinstance(e, OSError) and e.strerror else "no space left on device"
+    reason = os.strerror(code)
     raise UserError(f"{workdir}: cannot write ({reason}); the last checkpoint is intact: free "
                     "space and run the same command again to resume") from None
 
@@ -138,49 +134,30 @@ def open_for_training(workdir, config, kind: str) -> tuple[pathlib.Path, bool]:
       record.setdefault("extensions", []).append(
           {"from_num_steps": recorded_steps, "to_num_steps": config.train.num_steps})
     if extended or not run_file.exists():
-      _write_atomic(run_file, json.dumps(record, indent=2) + "\n")
+      fileio.write_atomic(run_file, json.dumps(record, indent=2) + "\n")
     if extended or recorded_steps is None:
       configs.save_config(config, workdir / "config.json")
   return workdir, is_main
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-  partial = path.with_name(f".{path.name}.partial")
-  partial.write_text(text)
-  os.replace(partial, path)
-
-
 @contextlib.contextmanager
 def training_lock(workdir: pathlib.Path, is_main: bool = True):
-  """Holds `workdir/train.lock` while a trainer runs; a second trainer into the same workdir is
-  refused with one line naming the holder. The OS releases the lock when the holder ends, so a
-  lock left by a killed process never blocks."""
+  """Holds `workdir/train.lock` while a trainer runs (ferjax.fileio.exclusive_lock); a second
+  trainer into the same workdir is refused with one line naming the holder, and a lock left by a
+  killed process never blocks. A user error before the run logged anything takes back what this
+  command recorded (see the module docstring)."""
   if not is_main:  # One run, several processes: process 0 holds the lock for all.
     yield
     return
-  path = workdir / "train.lock"
-  handle = open(path, "a+")
-  try:
-    try:
-      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      handle.seek(0)
-      holder = handle.read().strip() or "another process"
-      raise UserError(f"{workdir} is being trained by {holder}: one trainer per workdir (wait "
-                      "for it to finish, or choose another --workdir)") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
-                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    handle.flush()
+  refusal = lambda holder, _: (f"{workdir} is being trained by {holder}: one trainer per workdir "
+                               "(wait for it to finish, or choose another --workdir)")
+  with fileio.exclusive_lock(workdir / "train.lock", refusal=refusal):
     try:
       yield
     except UserError:  # E.g. bad data found while loading: the record alone is no run.
       _forget_if_unstarted(workdir)
       _forget_unused_extension(workdir)
       raise
-  finally:
-    handle.close()  # Releases the lock.
 
 
 RECORD_FILES = ("run.json", "config.json", "train.lock")
@@ -218,11 +195,11 @@ def _forget_unused_extension(workdir: pathlib.Path) -> None:
     return  # The extension trained: it stays recorded.
   config = _read_json(config_file, "saved config")
   config["train"]["num_steps"] = old_steps
-  _write_atomic(config_file, json.dumps(config, indent=2, sort_keys=True) + "\n")
+  fileio.write_atomic(config_file, json.dumps(config, indent=2, sort_keys=True) + "\n")
   extensions.pop()
   if not extensions:
     del record["extensions"]
-  _write_atomic(run_file, json.dumps(record, indent=2) + "\n")
+  fileio.write_atomic(run_file, json.dumps(record, indent=2) + "\n")
 
 
 def check_resumable(workdir: pathlib.Path) -> None:

@@ -24,15 +24,13 @@ import importlib
 import json
 import os
 import shutil
-import socket
-import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
+from ferjax import fileio
 from ferjax.data import files
 from ferjax.data.dataset import Dataset, LazyImages
 from ferjax.errors import UserError
@@ -51,7 +49,6 @@ DATA_DIR_ENV = "FERJAX_DATA_DIR"
 READ_CHUNK = 1024  # Records decoded per step when loading: bounds memory beyond the result.
 MANIFEST = "ferjax_files.json"  # {"files": {shard file name: size in bytes}}, written by prepare.
 DEFAULT_WAIT_S = 3600.0  # How long `prepare` waits for another process preparing the same set.
-LOCK_POLL_S = 0.5
 
 
 def default_data_dir() -> Path:
@@ -337,57 +334,18 @@ def split_sizes(name: str, data_dir=None) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
 def _lock(path: Path, *, wait: float | None, what: str):
-  """An exclusive advisory lock on `path` (a no-op where fcntl is missing).
-
-  While held, the file says who holds it ("pid N on HOST since TIME"). When another process
-  holds it: `wait` <= 0 refuses at once naming the holder; otherwise one `ferjax: waiting for
-  ...` line on stderr, then a UserError after `wait` seconds (None: wait as long as it takes).
-  The OS releases the lock when its holder ends, however it ends.
-  """
-  try:
-    import fcntl
-  except ImportError:  # Windows: no lock, and no removal of other preparations' staging dirs.
-    yield False
-    return
-
-  def try_lock(f) -> bool:
-    try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      return True
-    except BlockingIOError:
-      return False
-
-  with open(path, "a+") as f:
-    if not try_lock(f):
-      f.seek(0)
-      holder = files.shown(f.read().strip()) or "another process"
-      if wait is not None and wait <= 0:
-        raise UserError(f"{what} is being prepared by {holder} (lock file {files.shown(path)}): "
-                        f"wait for it to finish, or pass --wait SECONDS to wait for it")
-      limit = "" if wait is None else f" for up to {wait:g} s"
-      print(f"ferjax: waiting{limit} for {holder} to finish preparing {what} (lock file "
-            f"{files.shown(path)})", file=sys.stderr, flush=True)
-      deadline = None if wait is None else time.monotonic() + wait
-      while not try_lock(f):
-        if deadline is not None and time.monotonic() >= deadline:
-          raise UserError(f"{what} is still being prepared by {holder} after waiting {wait:g} s "
-                          f"(lock file {files.shown(path)}): try again later or pass a longer "
-                          f"--wait")
-        time.sleep(LOCK_POLL_S)
-    try:
-      f.seek(0)
-      f.truncate()
-      f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
-              f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-      f.flush()
-      yield True
-    finally:
-      f.seek(0)
-      f.truncate()  # Unheld locks are empty files.
-      f.flush()
-      fcntl.flock(f, fcntl.LOCK_UN)
+  """The lock serialising preparations of one builder in a data dir (ferjax.fileio)."""
+  def refusal(holder: str, waited: float | None) -> str:
+    where = f"(lock file {files.shown(path)})"
+    if waited is None:
+      return (f"{what} is being prepared by {files.shown(holder)} {where}: wait for it to finish, "
+              "or pass --wait SECONDS to wait for it")
+    return (f"{what} is still being prepared by {files.shown(holder)} after waiting {waited:g} s "
+            f"{where}: try again later or pass a longer --wait")
+  return fileio.exclusive_lock(path, refusal=refusal, wait=wait,
+                               waiting=f" to finish preparing {what} (lock file "
+                                       f"{files.shown(path)})")
 
 
 def _inside(filename, root: Path) -> bool:
@@ -402,25 +360,17 @@ def _os_error(error: OSError, name: str, data_dir: Path) -> UserError:
   writing = error.filename is None or _inside(error.filename, data_dir)
   if not writing:
     return files.io_error(error, f"read {name}'s raw file")
-  if error.errno is None:  # TFDS re-raises with its own message, keeping only the text.
-    code = next((c for text, c in _OS_MESSAGES.items() if text in str(error)), None)
-    error = OSError(code, os.strerror(code)) if code else error
-  if error.errno in (errno.ENOSPC, errno.EDQUOT):
+  code = fileio.os_errno(error)  # Also for errors TFDS re-raised without their errno.
+  if code in (errno.ENOSPC, errno.EDQUOT):
     return UserError(f"{name}: data dir {files.shown(data_dir)} is full (no space left on "
                      f"device): free some space or pass another --data-dir (nothing of this "
                      f"preparation was kept)")
-  if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+  if code in (errno.EACCES, errno.EPERM, errno.EROFS):
     return UserError(f"{name}: cannot write into data dir {files.shown(data_dir)} "
-                     f"({error.strerror or error}): pass a writable --data-dir or set "
+                     f"({error.strerror or os.strerror(code)}): pass a writable --data-dir or set "
                      f"${DATA_DIR_ENV}")
   return files.io_error(error, f"prepare {name} in {files.shown(data_dir)}: writing",
                         "nothing of this preparation was kept")
-
-
-# Texts of OS errors, found in the C++ array_record writer's errors (which are no OSErrors) and
-# in errors TFDS re-raises with a prefix (which lose their errno).
-_OS_MESSAGES = {"No space left on device": errno.ENOSPC, "Read-only file system": errno.EROFS,
-                "Permission denied": errno.EACCES, "Disk quota exceeded": errno.EDQUOT}
 
 
 def _warn_empty_classes(cls, plan) -> None:
@@ -468,17 +418,17 @@ def prepare(name: str, manual_dir, data_dir=None, *, image_size: int | None = No
   try:
     data_dir.mkdir(parents=True, exist_ok=True)
     with _lock(data_dir / f".{cls.name}.lock", wait=wait,
-               what=f"{name} in {files.shown(data_dir)}") as locked:
-      if locked:  # No other preparation of this builder runs: leftovers are stale.
-        for stale in data_dir.glob(f".staging-{cls.name}-*"):
-          shutil.rmtree(stale, ignore_errors=True)
+               what=f"{name} in {files.shown(data_dir)}"):
+      # No other preparation of this builder runs: leftovers are stale.
+      for stale in data_dir.glob(f".staging-{cls.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
       if _is_complete(final) and not force:  # Prepared meanwhile by another process.
         return split_sizes(name, data_dir)
       _build(cls, config, plan, manual_root, data_dir, final, num_workers, progress)
   except OSError as e:
     raise _os_error(e, name, data_dir) from None
   except (RuntimeError, ValueError) as e:  # The array_record writer's OS errors.
-    if not any(text in str(e) for text in _OS_MESSAGES):
+    if fileio.os_errno(e) is None:
       raise
     raise _os_error(OSError(str(e)), name, data_dir) from None
   return split_sizes(name, data_dir)
