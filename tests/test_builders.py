@@ -218,8 +218,11 @@ def test_load_prepared_prepares_when_given_manual_dir(tmp_path):
     builders.load_prepared("fer2013", "train", data)
   ds = builders.load_prepared("fer2013", "validation", data, manual_dir=manual)
   assert len(ds) == 7 and builders.is_prepared("fer2013", data)
-  # Prepared data is reused; the manual dir is no longer needed.
-  assert builders.prepare("fer2013", tmp_path / "gone", data)["train"] == 7
+  # Prepared data is reused without reading the raw files again, but another source that
+  # does not exist is refused (it used to be reused silently).
+  assert len(builders.load_prepared("fer2013", "train", data)) == 7
+  with pytest.raises(UserError, match="does not exist"):
+    builders.prepare("fer2013", tmp_path / "gone", data)
 
 
 def test_fer2013_public_test_only_has_no_test_split(tmp_path):
@@ -245,7 +248,8 @@ def test_force_replaces_only_when_complete(tmp_path):
   make_fer_folders(manual, per_class=1)
   assert builders.prepare("fer2013", manual, data)["train"] == 7
   write_image(manual / "train" / "happy" / "Training_extra.png", 200)
-  assert builders.prepare("fer2013", manual, data)["train"] == 7  # Reused.
+  with pytest.raises(UserError, match="now holds other files .*add --force"):
+    builders.prepare("fer2013", manual, data)  # Its files changed: not silently reused.
   assert builders.prepare("fer2013", manual, data, force=True)["train"] == 8
   (manual / "train" / "sad" / "Training_bad.png").write_bytes(b"not a png")
   with pytest.raises(UserError, match="cannot decode image train/sad/Training_bad.png"):

@@ -3,6 +3,7 @@
 import json
 import math
 import pathlib
+import re
 import sys
 
 import numpy as np
@@ -13,6 +14,7 @@ from ferjax.data.dataset import Dataset
 from ferjax.errors import UserError
 
 SYNTHETIC_SPLITS = ("train", "validation", "test")
+FOLD_SPLIT = re.compile(r"^fold(\d+)_(train|test)$")
 
 
 def prepare(args) -> int:
@@ -33,13 +35,25 @@ def prepare(args) -> int:
   counts = builders.prepare(args.name, manual, data_dir=args.data_dir, force=args.force,
                             wait=args.wait, progress=sys.stderr.isatty())
   if reused:
-    print(f"{args.name} was already prepared in {where}: reused that preparation without "
-          f"reading {files.shown(manual)} (add --force to prepare it again from there)")
+    print(_reused_note(args.name, where, manual, args.data_dir))
   else:
     print(f"prepared {args.name} in {where}")
   for split, n in counts.items():
     print(f"  {split}: {n} images")
   return 0
+
+
+def _reused_note(name: str, where, manual: pathlib.Path, data_dir) -> str:
+  """What `data prepare` says when it reused an earlier preparation."""
+  from ferjax.data.builders import api
+  source = api.prepared_source(name, data_dir)
+  if source is None:
+    return (f"note: {name} was already prepared in {where}, before ferjax recorded what a "
+            f"preparation is made from: reused it without checking that it came from "
+            f"{files.shown(manual)} (add --force to prepare it again from there)")
+  return (f"{name} was already prepared in {where} from the same files "
+          f"({source['files']} in {files.shown(source['manual_dir'])}): reused that preparation "
+          f"(add --force to prepare it again)")
 
 
 def split_stats(labels: np.ndarray, class_names) -> dict:
@@ -57,19 +71,11 @@ def stats(args) -> int:
   if name not in loading.DATASET_NAMES:
     raise UserError(f"data stats: unknown dataset {name!r}: expected one of "
                             f"{', '.join(loading.DATASET_NAMES)}")
-  if name == "synthetic":
-    splits = SYNTHETIC_SPLITS
-  else:
-    from ferjax.data import builders
-    splits = builders.available_splits(name, data_dir=args.data_dir)
-  if args.split is not None:
-    if args.split not in splits:
-      raise UserError(f"data stats {name}: no split {args.split!r} (available: "
-                              f"{', '.join(splits)})")
-    splits = (args.split,)
-
+  splits, listed, folds = _stats_splits(args)
   out = _stats_dir(args)
-  result = {"dataset": name, "splits": {}}
+  result = {"dataset": name, "available_splits": list(listed), "splits": {}}
+  if folds is not None:
+    result["folds"] = folds
   train = None
   for split in splits:
     labels, sample = _load_for_stats(name, split, args.data_dir)
@@ -98,6 +104,31 @@ def stats(args) -> int:
   else:
     print(_table(result))
   return 0
+
+
+def _stats_splits(args) -> tuple[tuple[str, ...], tuple[str, ...], list | None]:
+  """(splits to count, every split the dataset accepts, CK+'s per-fold summary or None).
+
+  Counted: --split, else the dataset's main splits; CK+'s fold<k>_train / fold<k>_test are
+  accepted and listed but counted only when asked for.
+  """
+  name = args.name
+  if name == "synthetic":
+    splits = listed = SYNTHETIC_SPLITS
+    folds = None
+  else:
+    from ferjax.data.builders import api
+    splits = api.available_splits(name, data_dir=args.data_dir)
+    listed = api.available_splits(name, data_dir=args.data_dir, folds=True)
+    if args.split is not None and args.split not in listed:
+      api.check_split(name, args.split, data_dir=args.data_dir)  # Names the accepted splits.
+    folds = api.fold_summary(name, data_dir=args.data_dir)
+  if args.split is not None:
+    if args.split not in listed:
+      raise UserError(f"data stats {name}: no split {args.split!r} (available: "
+                      f"{_splits_text(listed)})")
+    splits = (args.split,)
+  return splits, listed, folds
 
 
 def _stats_dir(args) -> pathlib.Path:
@@ -136,20 +167,45 @@ def _load_for_stats(name: str, split: str, data_dir):
   return np.concatenate(labels), sample
 
 
+def _splits_text(splits) -> str:
+  """Split names for people: the per-fold ones (CK+) folded into one pattern."""
+  folds = sorted({int(m.group(1)) for m in map(FOLD_SPLIT.match, splits) if m})
+  text = ", ".join(s for s in splits if not FOLD_SPLIT.match(s))
+  if folds:
+    text += f", fold<k>_train / fold<k>_test (k = {folds[0]}..{folds[-1]})"
+  return text
+
+
+def _fold_lines(folds) -> list[str]:
+  """The per-fold table: subjects and images in each fold's test side."""
+  lines = [f"{'fold':<6}{'subjects':>10}{'images':>10}"]
+  for row in folds:
+    lines.append(f"{row['fold']:<6}{row['subjects']:>10}{row['images']:>10}")
+  lines.append(f"{'total':<6}{sum(r['subjects'] for r in folds):>10}"
+               f"{sum(r['images'] for r in folds):>10}")
+  return lines
+
+
 def _table(result: dict) -> str:
   names = result["class_names"]
   width = max(10, *(len(n) for n in names))
   splits = list(result["splits"])
   lines = [f"{result['dataset']}: images {tuple(result['image_shape'])}, {len(names)} classes"]
+  lines.append(f"splits: {_splits_text(result['available_splits'])}")
   lines.append(f"{'class':<{width}}" + "".join(f"{s:>12}" for s in splits))
   for c in names:
-    lines.append(f"{c:<{width}}" + "".join(f"{result['splits'][s]['counts'][c]:>12}" for s in splits))
-  lines.append(f"{'total':<{width}}" + "".join(f"{result['splits'][s]['total']:>12}" for s in splits))
+    lines.append(f"{c:<{width}}" +
+                 "".join(f"{result['splits'][s]['counts'][c]:>12}" for s in splits))
+  lines.append(f"{'total':<{width}}" +
+               "".join(f"{result['splits'][s]['total']:>12}" for s in splits))
   lines.append(f"{'imbalance':<{width}}" +
                "".join(f"{result['splits'][s]['imbalance_ratio']:>12.2f}" for s in splits))
   for s in splits:
     empty = result["splits"][s]["empty_classes"]
     if empty:
       lines.append(f"warning: split {s!r} has no images of class(es) {', '.join(empty)}")
+  if result.get("folds"):
+    lines.append("subject-disjoint folds (fold<k>_test = fold k, fold<k>_train = the others):")
+    lines.extend(_fold_lines(result["folds"]))
   lines.append("wrote " + ", ".join(result["files"]))
   return "\n".join(lines)

@@ -13,17 +13,24 @@ rename, so a failed or interrupted preparation leaves nothing that looks prepare
 `prepare` removes stale staging dirs and starts again. A version dir also holds
 `ferjax_files.json` (the byte size of every shard as written): opening a prepared dataset checks
 that every shard is there with that size, so damaged data (a truncated copy, a deleted shard, a
-garbled JSON file) is one error naming the file and the command that prepares it again.
+garbled JSON file) is one error naming the file and the command that prepares it again. It also
+holds `ferjax_source.json`: the manual dir it was prepared from (resolved path, number of files,
+a fingerprint of their names and sizes). Asking for the dataset again from other raw files
+(`prepare` without `force`, or `load_prepared` with another `manual_dir`) is refused instead of
+silently reusing the old preparation.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import importlib
 import json
+import logging
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -48,6 +55,7 @@ NAMES = tuple(_MODULES)
 DATA_DIR_ENV = "FERJAX_DATA_DIR"
 READ_CHUNK = 1024  # Records decoded per step when loading: bounds memory beyond the result.
 MANIFEST = "ferjax_files.json"  # {"files": {shard file name: size in bytes}}, written by prepare.
+SOURCE = "ferjax_source.json"  # {"manual_dir", "files", "fingerprint"}: what prepare read.
 DEFAULT_WAIT_S = 3600.0  # How long `prepare` waits for another process preparing the same set.
 
 
@@ -152,6 +160,12 @@ def _not_prepared(name: str, data_dir: Path) -> UserError:
                    f"(get it from {spec.source})")
 
 
+def _damaged(name: str, data_dir: Path, path: Path, problem: str) -> UserError:
+  where = "" if data_dir == default_data_dir() else f" --data-dir {data_dir}"
+  return UserError(f"prepared dataset {name!r} is damaged: {files.shown(path)} {problem}: "
+                   f"prepare it again with `{prepare_command(name)} --force{where}`")
+
+
 def _reason(error: BaseException) -> str:
   text = str(error).strip().splitlines()[0] if str(error).strip() else ""
   return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
@@ -175,8 +189,8 @@ class _Prepared:
     self.spec = _spec(name)
     self.cls = _builder_cls(name)
     self.dir = _variant_dir(self.cls, data_dir, config)
-    for meta in ("dataset_info.json", "features.json", MANIFEST):
-      self._check_json(self.dir / meta, required=meta != MANIFEST)
+    for meta in ("dataset_info.json", "features.json", MANIFEST, SOURCE):
+      self._check_json(self.dir / meta, required=meta not in (MANIFEST, SOURCE))
     try:
       self.builder = self.cls(data_dir=str(data_dir), file_format="array_record",
                               config=self.cls.config_named(config) if config else None)
@@ -193,17 +207,16 @@ class _Prepared:
     decoders = {"image": tfds.decode.SkipDecoding()} if self.cls.STORAGE != "raw" else None
     self._decoders = decoders
     self._sources = {}
+    self._scalars = {}
 
   # -- integrity -------------------------------------------------------------------------------
 
   def damaged(self, path: Path, problem: str) -> UserError:
-    where = "" if self.data_dir == default_data_dir() else f" --data-dir {self.data_dir}"
-    return UserError(f"prepared dataset {self.name!r} is damaged: {files.shown(path)} {problem}: "
-                     f"prepare it again with `{prepare_command(self.name)} --force{where}`")
+    return _damaged(self.name, self.data_dir, path, problem)
 
   def _check_json(self, path: Path, required: bool) -> None:
     if not required and not path.exists():
-      return  # Prepared before ferjax recorded shard sizes.
+      return  # Prepared before ferjax recorded shard sizes (or its source).
     try:
       json.loads(path.read_bytes())
     except OSError as e:
@@ -281,7 +294,13 @@ class _Prepared:
     return stored, indices
 
   def scalars(self, stored: str) -> dict[str, np.ndarray]:
-    """Every non-image feature of split `stored` as arrays (images left undecoded)."""
+    """Every non-image feature of split `stored` as arrays (images left undecoded), read once
+    per split (selecting a split and reading its labels share one pass)."""
+    if stored not in self._scalars:
+      self._scalars[stored] = self._read_scalars(stored)
+    return dict(self._scalars[stored])
+
+  def _read_scalars(self, stored: str) -> dict[str, np.ndarray]:
     src = self.source(stored)
     out: dict[str, list] = {}
     with self._reading(stored):
@@ -294,11 +313,20 @@ class _Prepared:
 
   def read(self, stored: str, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images [n, H, W, C] and int32 labels [n] of `indices`, READ_CHUNK at a time."""
+    return self._read(stored, indices, extras=False)[:2]
+
+  def read_with_extras(self, stored: str, indices: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """`read` plus {feature: array [n]} of every other non-image feature (CK+: subject, fold)."""
+    return self._read(stored, indices, extras=True)
+
+  def _read(self, stored: str, indices: np.ndarray, extras: bool):
     from ferjax.data.builders import common
     src = self.source(stored)
     n = len(indices)
     images = np.empty((n, *self.shape), np.uint8)
     labels = np.empty((n,), np.int32)
+    others: dict[str, list] = {}
     channels = self.shape[-1]
     with self._reading(stored):
       for start in range(0, n, READ_CHUNK):
@@ -306,17 +334,54 @@ class _Prepared:
         for j, record in enumerate(src.__getitems__(keys)):
           images[start + j] = common.decode_stored(record["image"], channels)
           labels[start + j] = record["label"]
-    return images, labels
+          if extras:
+            for key, value in record.items():
+              if key not in ("image", "label"):
+                others.setdefault(key, []).append(value)
+    return images, labels, {k: np.asarray(v) for k, v in others.items()}
 
 
-def available_splits(name: str, data_dir=None) -> tuple[str, ...]:
+def available_splits(name: str, data_dir=None, *, folds: bool = False) -> tuple[str, ...]:
   """Splits of prepared dataset `name` that `load_prepared` accepts.
 
   A `UserError` naming the `ferjax data prepare` command when not prepared (`is_prepared`
   asks without raising). CK+ also accepts the per-fold splits `fold<k>_train` /
-  `fold<k>_test`, not listed here.
+  `fold<k>_test`, listed after the others only with `folds`.
   """
-  return _Prepared(name, _data_dir(data_dir)).public_splits()
+  public = _Prepared(name, _data_dir(data_dir)).public_splits()
+  if not folds or not public:
+    return public
+  return public + tuple(f"fold{k}_{side}" for k in range(_num_folds(name))
+                        for side in ("train", "test"))
+
+
+def _num_folds(name: str) -> int:
+  """How many subject-disjoint folds dataset `name` has (CK+: 10; others: 0)."""
+  return int(getattr(_module(name), "NUM_FOLDS", 0))
+
+
+def check_split(name: str, split: str, data_dir=None) -> None:
+  """A `UserError` naming the accepted splits unless prepared dataset `name` has `split`."""
+  ds = _Prepared(name, _data_dir(data_dir))
+  ds.cls.select(name, split, ds.stored_splits)
+
+
+def fold_summary(name: str, data_dir=None) -> list[dict] | None:
+  """Per fold of a dataset with subject-disjoint folds (CK+), from its prepared data:
+  [{"fold", "subjects" (count), "images", "subject_ids"}] for every fold; None for others."""
+  if not _num_folds(name):
+    return None
+  ds = _Prepared(name, _data_dir(data_dir))
+  if not {"fold", "subject"} <= set(ds.builder.info.features.keys()):
+    return None
+  scalars = ds.scalars(ds.cls.select(name, "all", ds.stored_splits)[0])
+  summary = []
+  for k in range(_num_folds(name)):
+    members = scalars["fold"] == k
+    subjects = sorted({int(s) for s in scalars["subject"][members]})
+    summary.append({"fold": k, "subjects": len(subjects), "images": int(members.sum()),
+                    "subject_ids": subjects})
+  return summary
 
 
 def split_sizes(name: str, data_dir=None) -> dict[str, int]:
@@ -327,6 +392,135 @@ def split_sizes(name: str, data_dir=None) -> dict[str, int]:
   for split in ds.public_splits():
     sizes[split] = int(ds.indices(split)[1].size)
   return sizes
+
+
+# ---------------------------------------------------------------------------------------------
+# What a preparation was made from
+# ---------------------------------------------------------------------------------------------
+
+
+def _dir_key(path) -> tuple[int, int] | None:
+  try:
+    st = os.stat(path)
+  except OSError:
+    return None
+  return st.st_dev, st.st_ino
+
+
+def _hash_tree(folder: Path, prefix: bytes, digest, seen: set, ignored) -> int:
+  """Adds `relative path NUL size` of every file under `folder` to `digest`, in sorted order;
+  returns how many. Hidden and `ignored` names are skipped, folders in `seen` (visited, or the
+  data dir) too, so symlinked folders are followed once."""
+  key = _dir_key(folder)
+  if key is None or key in seen:
+    return 0
+  seen.add(key)
+  try:
+    with os.scandir(folder) as it:
+      entries = sorted((e for e in it if not e.name.startswith(".")
+                        and e.name.lower() not in ignored), key=lambda e: e.name)
+  except OSError as e:
+    raise UserError(f"cannot read folder {files.shown(folder)}: {e.strerror or e}") from None
+  count = 0
+  for entry in entries:
+    rel = prefix + os.fsencode(entry.name)
+    try:
+      is_dir = entry.is_dir()
+    except OSError:
+      is_dir = False
+    if is_dir:
+      count += _hash_tree(Path(entry.path), rel + b"/", digest, seen, ignored)
+      continue
+    try:
+      size = entry.stat().st_size
+    except OSError:
+      size = -1  # A broken link: still part of the listing.
+    digest.update(rel + b"\0" + str(size).encode() + b"\n")
+    count += 1
+  return count
+
+
+def _source_record(name: str, manual_dir, data_dir: Path) -> dict:
+  """What `manual_dir` holds, cheaply (names and sizes, one stat per file, no contents read):
+  {"manual_dir": resolved path, "files": count, "fingerprint": sha256 over the sorted relative
+  paths and sizes}. Hidden files, OS droppings and the data dir (when inside) are left out."""
+  from ferjax.data.builders import common
+  root = common.require_dir(Path(manual_dir), _spec(name))  # UserError: missing or empty.
+  digest = hashlib.sha256()
+  data_key = _dir_key(data_dir)
+  count = _hash_tree(root, b"", digest, {data_key} if data_key else set(), common.IGNORED_NAMES)
+  return {"manual_dir": str(root), "files": count, "fingerprint": "sha256:" + digest.hexdigest()}
+
+
+def _read_source(name: str, version_dir: Path, data_dir: Path) -> dict | None:
+  """The source recorded in `version_dir`; None when prepared before ferjax recorded it."""
+  path = version_dir / SOURCE
+  if not path.exists():
+    return None
+  try:
+    record = json.loads(path.read_bytes())
+  except OSError as e:
+    raise _damaged(name, data_dir, path, f"cannot be read ({e.strerror or e})") from None
+  except ValueError as e:
+    raise _damaged(name, data_dir, path, f"is not valid JSON ({str(e).splitlines()[0]})") \
+        from None
+  fields = {"manual_dir": str, "files": int, "fingerprint": str}
+  if not isinstance(record, dict) or not all(isinstance(record.get(k), t)
+                                             for k, t in fields.items()):
+    raise _damaged(name, data_dir, path, "does not record manual_dir, files and fingerprint")
+  return record
+
+
+def prepared_source(name: str, data_dir=None, image_size: int | None = None) -> dict | None:
+  """What the preparation `prepare` would reuse was made from: {"manual_dir" (resolved),
+  "files", "fingerprint"}; None when not prepared, or prepared before ferjax recorded it."""
+  final = prepared_dir(name, data_dir, image_size)
+  return None if final is None else _read_source(name, final, _data_dir(data_dir))
+
+
+def _files(n: int) -> str:
+  return f"{n} file{'s' if n != 1 else ''}"
+
+
+def _other_source(name: str, data_dir: Path, recorded: dict, current: dict,
+                  loading: bool) -> UserError:
+  """The refusal of `current` as the source of a dataset prepared from `recorded`."""
+  old, new = files.shown(recorded["manual_dir"]), files.shown(current["manual_dir"])
+  what = f"dataset {name!r} in {files.shown(data_dir)} was prepared from {old}"
+  if old == new:
+    differs = (f"{what} when it held {_files(recorded['files'])}; it now holds other files "
+               f"({_files(current['files'])})")
+  else:
+    flag = "manual_dir" if loading else "--manual-dir"
+    differs = (f"{what} ({_files(recorded['files'])}), not from {flag} {new} "
+               f"({_files(current['files'])})")
+  if not loading:
+    return UserError(f"{differs}: add --force to prepare it again from {new} (the old "
+                     f"preparation is replaced once the new one is complete)")
+  where = "" if data_dir == default_data_dir() else f" --data-dir {files.shown(data_dir)}"
+  return UserError(f"{differs}: prepare it again with `{prepare_command(name, new)} --force"
+                   f"{where}`, or leave manual_dir (config field data.manual_dir) unset to use "
+                   f"the prepared data")
+
+
+def _check_source(name: str, version_dir: Path, manual_dir, data_dir: Path, *,
+                  loading: bool) -> dict | None:
+  """Refuses `manual_dir` when the preparation in `version_dir` was made from other files;
+  returns the recorded source (None: prepared before ferjax recorded it, so not checked).
+
+  `loading`: the cheap check for every load: the recorded path itself is accepted without
+  listing it (the raw files may even be gone); another path is compared by fingerprint.
+  """
+  recorded = _read_source(name, version_dir, data_dir)
+  if recorded is None:
+    return None
+  manual_dir = Path(manual_dir).expanduser()
+  if loading and str(manual_dir.resolve()) == recorded["manual_dir"]:
+    return recorded
+  current = _source_record(name, manual_dir, data_dir)
+  if current["fingerprint"] != recorded["fingerprint"]:
+    raise _other_source(name, data_dir, recorded, current, loading)
+  return recorded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,18 +580,23 @@ def _warn_empty_classes(cls, plan) -> None:
 
 def prepare(name: str, manual_dir, data_dir=None, *, image_size: int | None = None,
             force: bool = False, num_workers: int | None = None,
-            wait: float | None = DEFAULT_WAIT_S, progress: bool = True) -> dict[str, int]:
+            wait: float | None = DEFAULT_WAIT_S, progress: bool | None = None) -> dict[str, int]:
   """Prepares dataset `name` from the raw files in `manual_dir`; returns {split: count}.
 
   The raw layout is validated before anything is written (see `info(name)["layout"]`); every
   problem is a `UserError` naming the file; a split without images of some class is one
   `ferjax: warning:` line. Already prepared data is reused unless `force` (then the new data
-  replaces the old only once complete); `prepared_dir` says whether a call would reuse it.
+  replaces the old only once complete); `prepared_dir` says whether a call would reuse it. Reuse
+  needs `manual_dir` to hold the files the data was prepared from (same names and sizes,
+  `prepared_source`): other files are a `UserError` naming both that suggests `force`.
   `image_size` sets AffectNet's stored size (default 112); other datasets have a fixed stored
   form. `num_workers` threads encode AffectNet's images (default: up to 8, one per CPU). While
   another process prepares the same dataset into `data_dir`, waits up to `wait` seconds for it
-  (0: refuse at once, None: no limit). `progress`: show TFDS' progress bars.
+  (0: refuse at once, None: no limit). `progress`: one progress bar (images written) on
+  stderr (None: when stderr is a terminal); TFDS' own bars and logging are silenced either way.
   """
+  if progress is None:
+    progress = sys.stderr.isatty()
   cls = _builder_cls(name)
   spec = _spec(name)
   if image_size is not None and not hasattr(cls, "config_for"):
@@ -408,6 +607,7 @@ def prepare(name: str, manual_dir, data_dir=None, *, image_size: int | None = No
   manual_dir = Path(manual_dir).expanduser()
   final = _variant_dir(cls, data_dir, config.name if config else None)
   if _is_complete(final) and not force:
+    _check_source(name, final, manual_dir, data_dir, loading=False)
     return split_sizes(name, data_dir)
   try:
     plan = cls.scan(manual_dir)  # Validates the raw files; writes nothing.
@@ -423,8 +623,10 @@ def prepare(name: str, manual_dir, data_dir=None, *, image_size: int | None = No
       for stale in data_dir.glob(f".staging-{cls.name}-*"):
         shutil.rmtree(stale, ignore_errors=True)
       if _is_complete(final) and not force:  # Prepared meanwhile by another process.
+        _check_source(name, final, manual_dir, data_dir, loading=False)
         return split_sizes(name, data_dir)
-      _build(cls, config, plan, manual_root, data_dir, final, num_workers, progress)
+      source = _source_record(name, manual_root, data_dir)
+      _build(cls, config, plan, source, data_dir, final, num_workers, progress)
   except OSError as e:
     raise _os_error(e, name, data_dir) from None
   except (RuntimeError, ValueError) as e:  # The array_record writer's OS errors.
@@ -434,18 +636,22 @@ def prepare(name: str, manual_dir, data_dir=None, *, image_size: int | None = No
   return split_sizes(name, data_dir)
 
 
-def _build(cls, config, plan, manual_root: Path, data_dir: Path, final: Path,
+def _build(cls, config, plan, source: dict, data_dir: Path, final: Path,
            num_workers: int | None, progress: bool) -> None:
-  """Prepares `plan` in a staging dir and renames the result to `final` (replacing an older
-  preparation only once the new one is complete); the staging dir never outlives the call."""
+  """Prepares `plan` (read from `source`, a `_source_record`) in a staging dir and renames the
+  result to `final` (replacing an older preparation only once the new one is complete); the
+  staging dir never outlives the call."""
   from ferjax.data.builders import common
   import tensorflow_datasets as tfds
   staging = data_dir / f".staging-{cls.name}-{uuid.uuid4().hex[:12]}"
+  manual_root = Path(source["manual_dir"])
   try:
     builder = cls(data_dir=str(staging), config=config, file_format="array_record",
                   plan=plan, manual_root=manual_root,
                   num_workers=num_workers or common.default_num_workers())
-    with _small_shuffle_buffer(), _progress_bars(progress), files.strict_images():
+    total = sum(len(items) for items in plan.values())
+    with _small_shuffle_buffer(), _quiet_tfds(), files.strict_images(), \
+        _progress_bar(builder, total, progress):
       builder.download_and_prepare(
           download_dir=str(staging / "downloads"),
           download_config=tfds.download.DownloadConfig(manual_dir=str(manual_root)))
@@ -453,6 +659,7 @@ def _build(cls, config, plan, manual_root: Path, data_dir: Path, final: Path,
     sizes = {p.name: p.stat().st_size for p in sorted(built.iterdir())
              if ".array_record-" in p.name}
     (built / MANIFEST).write_text(json.dumps({"files": sizes}, indent=1) + "\n")
+    (built / SOURCE).write_text(json.dumps(source, indent=1) + "\n")
     final.parent.mkdir(parents=True, exist_ok=True)
     old = staging / "replaced"
     if final.exists():
@@ -468,15 +675,43 @@ def _build(cls, config, plan, manual_root: Path, data_dir: Path, final: Path,
 
 
 @contextlib.contextmanager
-def _progress_bars(enable: bool):
-  """TFDS' progress bars on or off while this runs."""
+def _quiet_tfds():
+  """TFDS' progress bars and logging (absl) off while this runs: ferjax shows its own bar."""
   from tensorflow_datasets.core.utils import tqdm_utils
   old = tqdm_utils._active
-  tqdm_utils.display_progress_bar(enable)
+  logger = logging.getLogger("absl")
+  level = logger.level
+  tqdm_utils.display_progress_bar(False)
+  logger.setLevel(logging.CRITICAL + 1)
   try:
     yield
   finally:
+    logger.setLevel(level)
     tqdm_utils.display_progress_bar(old)
+
+
+@contextlib.contextmanager
+def _progress_bar(builder, total: int, enable: bool):
+  """One tqdm bar on stderr counting the examples `builder` generates (nothing unless
+  `enable`: the caller passes whether stderr is a terminal)."""
+  if not enable:
+    yield
+    return
+  from tqdm import tqdm
+  bar = tqdm(total=total, desc=builder.name, unit="img", file=sys.stderr, dynamic_ncols=True,
+             mininterval=0.5)
+  generate = builder._generate_examples
+
+  def counted(items):
+    for example in generate(items):
+      yield example
+      bar.update(1)
+
+  builder._generate_examples = counted  # This instance only: the builder class is untouched.
+  try:
+    yield
+  finally:
+    bar.close()
 
 
 @contextlib.contextmanager
@@ -504,13 +739,18 @@ def _small_shuffle_buffer(limit: int = 256 << 20):
 
 
 def _open(name: str, split: str, data_dir, manual_dir=None, image_size=None) -> _Prepared:
+  """The prepared dataset, prepared first from `manual_dir` when needed; a `manual_dir` other
+  than the one it was prepared from (other files) is refused (`_check_source`)."""
   cls = _builder_cls(name)
   cls.select(name, split, None)  # Unknown split names fail before any preparation.
   data_dir = _data_dir(data_dir)
-  if not _prepared_config(name, data_dir, image_size)[0]:
+  prepared, config = _prepared_config(name, data_dir, image_size)
+  if not prepared:
     if manual_dir is None:
       raise _not_prepared(name, data_dir)
     prepare(name, manual_dir, data_dir)
+  elif manual_dir is not None:
+    _check_source(name, _variant_dir(cls, data_dir, config), manual_dir, data_dir, loading=True)
   return _Prepared(name, data_dir, image_size)
 
 
@@ -519,18 +759,22 @@ def load_prepared(name: str, split: str, data_dir=None, manual_dir=None, *,
   """Reads split `split` of prepared dataset `name` into host memory (no TensorFlow).
 
   When the dataset is not prepared: prepares it from `manual_dir` if given, else raises a
-  `UserError` naming the `ferjax data prepare` command to run. Records are decoded
-  `READ_CHUNK` at a time into one preallocated array, so peak memory is the result plus a chunk.
-  `lazy`: read only the labels now; the images are a `LazyImages` read when rows are sliced.
+  `UserError` naming the `ferjax data prepare` command to run; when prepared from other files
+  than `manual_dir`'s, a `UserError` naming both. Records are decoded `READ_CHUNK` at a time
+  into one preallocated array, so peak memory is the result plus a chunk. `lazy`: read only the
+  labels now; the images are a `LazyImages` read when rows are sliced. `extras` holds every other
+  non-image feature the split stores (CK+: `subject`, `fold`), aligned with the labels.
   """
   ds = _open(name, split, data_dir, manual_dir)
   stored, indices = ds.indices(split)
   if lazy:
-    labels = np.asarray(ds.scalars(stored)["label"], np.int32)[indices]
+    scalars = ds.scalars(stored)
+    labels = np.asarray(scalars["label"], np.int32)[indices]
+    extras = {key: values[indices] for key, values in scalars.items() if key != "label"}
     images = LazyImages(lambda records: ds.read(stored, records)[0], indices, ds.shape)
   else:
-    images, labels = ds.read(stored, indices)
-  return Dataset(images, labels, ds.spec.class_names, name, split)
+    images, labels, extras = ds.read_with_extras(stored, indices)
+  return Dataset(images, labels, ds.spec.class_names, name, split, extras)
 
 
 def stream(name: str, split: str, data_dir=None, batch_size: int = 256,
