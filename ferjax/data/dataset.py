@@ -62,19 +62,41 @@ class Dataset:
   """A labelled image set.
 
   images: uint8 [N, H, W, C], a numpy array or a `LazyImages` (read on slicing);
-  labels: int32 [N] indexing `class_names`, always in memory.
+  labels: int32 [N] indexing `class_names`, always in memory;
+  extras: per-example ids where the dataset has them, each an array [N]: `file` (str, the
+  source file relative to its folder), `subject` and `fold` (int, CK+), `index` (the example's
+  position in its split as loaded, before any subset). Subsets (`take`) keep them aligned.
   """
   images: np.ndarray | LazyImages
   labels: np.ndarray
   class_names: tuple[str, ...]
   name: str = ""
   split: str = ""
+  extras: dict = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if self.images.dtype != np.uint8 or self.images.ndim != 4:
       raise ValueError(f"images must be uint8 [N,H,W,C], got {self.images.dtype} {self.images.shape}")
     if self.labels.dtype != np.int32 or self.labels.shape != (self.images.shape[0],):
       raise ValueError(f"labels must be int32 [N], got {self.labels.dtype} {self.labels.shape}")
+    for key, value in self.extras.items():
+      if np.shape(value)[:1] != self.labels.shape:
+        raise ValueError(f"extras[{key!r}] must have {len(self.labels)} rows, got "
+                         f"{np.shape(value)}")
+
+  def take(self, indices, split: str | None = None, *, in_memory: bool = False) -> "Dataset":
+    """The examples at `indices` (an index array; lazily read images stay on disk unless
+    `in_memory`), extras kept aligned; `split` renames the split."""
+    indices = np.asarray(indices, np.int64)
+    images = self.images[indices]
+    if in_memory:
+      images = np.asarray(images)
+    return Dataset(images, self.labels[indices], self.class_names, self.name,
+                   self.split if split is None else split,
+                   {k: np.asarray(v)[indices] for k, v in self.extras.items()})
+
+  def replace(self, **changes) -> "Dataset":
+    return dataclasses.replace(self, **changes)
 
   def __len__(self) -> int:
     return int(self.labels.shape[0])

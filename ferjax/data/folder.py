@@ -64,7 +64,7 @@ def load(root, split: str) -> Dataset:
     raise UserError(f"{files.shown(split_dir)} not found: expected a folder dataset laid out as "
                     f"{files.shown(root)}/{split}/<class>/*.png")
   names = class_names(root, split_dir)
-  images, labels, shape, skipped = [], [], None, 0
+  images, labels, shape, skipped, paths_read = [], [], None, 0, []
   with files.strict_images():
     for k, name in enumerate(names):
       folder = split_dir / name
@@ -81,11 +81,13 @@ def load(root, split: str) -> Dataset:
                           f"with {shape[2]} channel(s) like the first one, got {array.shape}")
         images.append(array)
         labels.append(k)
+        paths_read.append(path.relative_to(split_dir).as_posix())
   files.skipped_warning(skipped, split_dir)
   if not images:
     raise UserError(f"{files.shown(split_dir)}: no images found in its class folders "
                     f"{files.shown(list(names))}")
-  return Dataset(np.stack(images), np.asarray(labels, np.int32), names, root.name, split)
+  return Dataset(np.stack(images), np.asarray(labels, np.int32), names, root.name, split,
+                 {"file": np.asarray(paths_read, dtype=str)})
 
 
 def _read_image(path: pathlib.Path) -> np.ndarray:

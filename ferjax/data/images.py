@@ -16,12 +16,11 @@ def convert(ds: Dataset, *, image_size=None, channels=None) -> Dataset:
     if shape == (h, w, c):
       return ds
     convert_rows = lambda rows: convert_images(rows, image_size=image_size, channels=channels)
-    return Dataset(ds.images.map(convert_rows, shape), ds.labels, ds.class_names, ds.name,
-                   ds.split)
+    return ds.replace(images=ds.images.map(convert_rows, shape))
   images = convert_images(ds.images, image_size=image_size, channels=channels)
   if images is ds.images:
     return ds
-  return Dataset(images, ds.labels, ds.class_names, ds.name, ds.split)
+  return ds.replace(images=images)
 
 
 def convert_images(images: np.ndarray, *, image_size=None, channels=None) -> np.ndarray:

@@ -6,12 +6,16 @@ returns (train, validation): the named validation split, or a stratified hold-ou
 The test split is never read here unless asked for by name (evaluation does that).
 """
 
+import pathlib
+
 import jax
+import ml_collections
 import numpy as np
 
 from ferjax.data import dataset as dataset_lib
+from ferjax.data import labels
 from ferjax.data.dataset import Dataset
-from ferjax.data.loading import load
+from ferjax.data.loading import DATASET_NAMES, load
 from ferjax.errors import UserError
 
 
@@ -33,6 +37,7 @@ def load_split(data, split: str, *, train: bool, limit: int | None = None) -> Da
   The synthetic set is always generated with its own fixed seed, whatever the run's seed: the
   training seed never changes the data.
   """
+  split = fold_split(data, split)
   lt = data.get("imbalance_ratio") if train else None
   if train and limit is None:
     limit = data.get("num_examples")
@@ -46,20 +51,38 @@ def load_split(data, split: str, *, train: bool, limit: int | None = None) -> Da
       options["label_noise"] = data.label_noise
   ds = load(data.name, split, data_dir=data.data_dir, manual_dir=data.manual_dir,
             image_size=data.image_size, channels=data.channels, lazy=lazy_reads(train), **options)
+  if "index" not in ds.extras:  # Positions in the split as loaded, kept through every subset.
+    ds = ds.replace(extras={**ds.extras, "index": np.arange(len(ds), dtype=np.int64)})
+  if data.get("classes"):
+    ds, line = labels.select_classes(ds, data.classes)
+    if train and jax.process_index() == 0:
+      print(f"data.classes={data.classes!r}: {data.name} {split}: {line}")
   if lt and data.name != "synthetic":
     keep = dataset_lib.long_tail_subset(ds.labels, ds.num_classes, lt)
-    ds = Dataset(ds.images[keep], ds.labels[keep], ds.class_names, ds.name, f"{split}-lt{lt:g}")
+    ds = ds.take(keep, f"{split}-lt{lt:g}")
   if limit is not None and len(ds) > limit:
     first = np.arange(limit)  # An index array, not a slice: lazily read images stay on disk.
-    ds = Dataset(ds.images[first], ds.labels[first], ds.class_names, ds.name, ds.split)
+    ds = ds.take(first)
   if len(ds) == 0:
     raise UserError(f"dataset {data.name!r} split {split!r} holds no images")
   return ds
 
 
-def stratified_holdout(labels, fraction: float, seed: int):
+def fold_split(data, split: str) -> str:
+  """The split `split` names for a run with `data.fold` set (CK+ cross-validation):
+  train -> fold<k>_train, test -> fold<k>_test; other names (and runs without a fold) as given."""
+  fold = data.get("fold")
+  if fold is None or split not in ("train", "test"):
+    return split
+  return f"fold{int(fold)}_{split}"
+
+
+def stratified_holdout(labels, fraction: float, seed: int, groups=None):
   """(train indices, held-out indices): round(fraction * n_k) of each class held out (classes
-  with at least 2 examples keep one on each side)."""
+  with at least 2 examples keep one on each side). With `groups` (e.g. CK+ subjects, [N]) whole
+  groups are held out instead, so no group is on both sides (`grouped_holdout`)."""
+  if groups is not None:
+    return grouped_holdout(labels, groups, fraction, seed)
   rng = np.random.default_rng([seed, 7])  # Its own stream: independent of training randomness.
   train_idx, held_idx = [], []
   for k in np.unique(labels):
@@ -74,18 +97,164 @@ def stratified_holdout(labels, fraction: float, seed: int):
   return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(held_idx))
 
 
+def grouped_holdout(labels, groups, fraction: float, seed: int):
+  """(train indices, held-out indices) with whole groups on one side: groups are taken in a
+  seeded random order, each into the side whose per-class need it serves best (the held-out side
+  until it holds about `fraction` of each class), so the hold-out is stratified as far as whole
+  groups allow. At least one group on each side when there are two or more."""
+  labels, groups = np.asarray(labels), np.asarray(groups)
+  rng = np.random.default_rng([seed, 7])
+  names = rng.permutation(np.unique(groups))
+  num_classes = int(labels.max()) + 1 if len(labels) else 0
+  want = fraction * np.bincount(labels, minlength=num_classes)
+  have = np.zeros(num_classes)
+  held = []
+  for g in names:
+    if len(held) == len(names) - 1:
+      break  # Train keeps at least one group.
+    counts = np.bincount(labels[groups == g], minlength=num_classes)
+    useful = np.minimum(have + counts, want).sum() - np.minimum(have, want).sum()
+    if not held or useful >= 0.5 * counts.sum():  # Mostly filling classes still short.
+      held.append(g)
+      have += counts
+  in_held = np.isin(groups, held)
+  return np.flatnonzero(~in_held), np.flatnonzero(in_held)
+
+
+def check_disjoint(train: Dataset, val: Dataset, field: str = "data.val_split") -> None:
+  """Refuses a validation split that shares subjects with train (CK+ folds), or is train."""
+  if train.name == val.name and train.split.split("-lt")[0] == val.split:
+    raise UserError(f"{field}={val.split!r}: is the split the run trains on: expected a split "
+                    f"that shares no image with it (or None: hold validation out of train)")
+  subjects = (train.extras.get("subject"), val.extras.get("subject"))
+  if train.name == val.name and all(s is not None for s in subjects):
+    shared = np.intersect1d(subjects[0], subjects[1])
+    if len(shared):
+      raise UserError(f"{field}={val.split!r}: shares {len(shared)} subject(s) (e.g. "
+                      f"{int(shared[0])}) with the train split {train.split!r}: expected a "
+                      f"subject-disjoint split, or None (a subject-grouped hold-out of train)")
+
+
+# --- Joint training on several datasets ---------------------------------------------------------
+def parse_members(spec: str, field: str = "data.datasets") -> list[tuple[str, float]]:
+  """[(dataset name, sampling weight), ...] of "fer2013,rafdb:2,affectnet:0.5"."""
+  members = []
+  for entry in (e.strip() for e in str(spec).split(",") if e.strip()):
+    name, colon, weight = entry.partition(":")
+    name = name.strip()
+    if name not in DATASET_NAMES:
+      raise UserError(f"{field}: unknown dataset {name!r} in {spec!r}: expected names from "
+                      f"{', '.join(DATASET_NAMES)}, each with an optional :weight")
+    try:
+      value = float(weight) if colon else 1.0
+    except ValueError:
+      value = float("nan")
+    if not (np.isfinite(value) and value > 0):
+      raise UserError(f"{field}: weight of {name!r} in {spec!r}: expected a number > 0, got "
+                      f"{weight!r}")
+    if name in (m for m, _ in members):
+      raise UserError(f"{field}: dataset {name!r} is named twice in {spec!r}")
+    members.append((name, value))
+  if len(members) < 2:
+    raise UserError(f"{field}: expected two or more datasets for joint training (e.g. "
+                    f"'fer2013,rafdb:2'), got {spec!r}")
+  return members
+
+
+def member_data(data, name: str):
+  """The data group of one member of a joint run: the joint group with `name`, its own classes
+  (mapped to canonical names later) and its own validation split when it has one (else a
+  hold-out of its train split)."""
+  member = ml_collections.ConfigDict(data.to_dict())
+  member.update(name=name, classes="", datasets="", fold=None)
+  if data.val_split is not None and not has_split(member, data.val_split):
+    member.val_split = None  # E.g. RAF-DB has no validation split.
+  return member
+
+
+def has_split(data, split: str) -> bool:
+  """Whether dataset data.name has split `split` (without loading it)."""
+  if data.name == "synthetic":
+    from ferjax.data.synthetic import SPLITS
+    return split in SPLITS
+  if data.name == "folder":
+    return data.manual_dir is not None and (pathlib.Path(data.manual_dir).expanduser()
+                                            / split).is_dir()
+  from ferjax.data import builders
+  return split in builders.available_splits(data.name, data_dir=data.data_dir)
+
+
+def to_label_space(ds: Dataset, class_names) -> Dataset:
+  """`ds` relabelled into `class_names` (canonical names) by canonical name."""
+  to_joint = np.asarray([class_names.index(c) for c in labels.canonical_names(ds.class_names)],
+                        np.int32)
+  return ds.replace(labels=to_joint[ds.labels], class_names=tuple(class_names))
+
+
+def joint_class_names(datasets) -> tuple[str, ...]:
+  """Every canonical class any of `datasets` has: the canonical order, then other names."""
+  names = {c for ds in datasets for c in labels.canonical_names(ds.class_names)}
+  return (tuple(c for c in labels.CANONICAL if c in names)
+          + tuple(sorted(names - set(labels.CANONICAL))))
+
+
+def weighted_rows(n: int, weight: float, seed: int) -> np.ndarray:
+  """Row indices of one member repeated `weight` times on average (whole copies, then a seeded
+  random part for the fraction): its examples are drawn `weight` times as often."""
+  whole, fraction = int(weight), weight - int(weight)
+  extra = np.random.default_rng([seed, 13]).permutation(n)[:int(round(fraction * n))]
+  return np.concatenate([np.tile(np.arange(n), whole), np.sort(extra)]).astype(np.int64)
+
+
+def load_joint(data, seed: int) -> tuple[Dataset, tuple[Dataset, ...] | None]:
+  """(the union of every member's train split in one canonical label space, each member
+  weighted by `weighted_rows`; each member's own validation set). Every member is loaded at
+  data.image_size x data.channels, in host memory; `data.classes` applies to the union, so
+  "-contempt" drops contempt from every member. The long-tail methods see the joint counts."""
+  loaded = []
+  for name, weight in parse_members(data.datasets):
+    train, val = load_splits(member_data(data, name), seed)
+    loaded.append((name, weight, train, val))
+  names = joint_class_names([train for _, _, train, _ in loaded])
+  trains, vals = [], []
+  for name, weight, train, val in loaded:
+    rows = weighted_rows(len(train), weight, seed)
+    trains.append(to_label_space(train.take(rows, in_memory=True), names))
+    vals.append(to_label_space(val, names).replace(name=name) if val is not None else None)
+  joint = Dataset(np.concatenate([t.images for t in trains]),
+                  np.concatenate([t.labels for t in trains]).astype(np.int32), names, "joint",
+                  "train", {"dataset": np.concatenate([np.full(len(t), n) for t, (n, *_) in
+                                                        zip(trains, loaded)])})
+  if jax.process_index() == 0:
+    print(f"joint train set: {len(joint)} images, " + ", ".join(
+        f"{name} {len(t)} (weight {weight:g})" for t, (name, weight, *_) in zip(trains, loaded))
+        + f"; classes {', '.join(names)}")
+  if data.get("classes"):
+    joint, line = labels.select_classes(joint, data.classes)
+    if jax.process_index() == 0:
+      print(f"data.classes={data.classes!r}: joint train: {line}")
+    vals = [labels.select_classes(v, data.classes)[0] if v is not None else None for v in vals]
+  if any(v is None for v in vals):
+    return joint, None
+  return joint, tuple(vals)
+
+
 def load_splits(data, seed: int) -> tuple[Dataset, Dataset | None]:
   """(train, validation) Datasets of `data`: the named data.val_split, or (when it is None and
   the group has `val_fraction`) a stratified `val_fraction` of train held out with `seed`, read
   into memory once. Validation is None when the group has neither. The train split is
-  data.split (default "train"), cut to data.num_examples; validation to data.val_examples."""
+  data.split (default "train"), cut to data.num_examples; validation to data.val_examples.
+  A joint run (data.name="joint", `load_joint`) has a tuple of validation sets, one per member
+  dataset."""
+  if data.name == "joint":
+    return load_joint(data, seed)
   train = load_split(data, data.get("split", "train"), train=True)
   if data.val_split is not None:
-    return train, load_split(data, data.val_split, train=False, limit=data.get("val_examples"))
+    val = load_split(data, data.val_split, train=False, limit=data.get("val_examples"))
+    check_disjoint(train, val)
+    return train, val
   if data.get("val_fraction") is None:
     return train, None
-  train_idx, held_idx = stratified_holdout(train.labels, data.val_fraction, seed)
-  held = Dataset(np.asarray(train.images[held_idx]), train.labels[held_idx], train.class_names,
-                 train.name, "train-holdout")
-  return (Dataset(train.images[train_idx], train.labels[train_idx], train.class_names,
-                  train.name, "train"), held)
+  train_idx, held_idx = stratified_holdout(train.labels, data.val_fraction, seed,
+                                           groups=train.extras.get("subject"))
+  return train.take(train_idx, "train"), train.take(held_idx, "train-holdout", in_memory=True)
