@@ -65,7 +65,8 @@ def train_and_test(config_name, workdir, overrides=(), *, logit_adjust: float = 
     raise UserError(f"--report-split {report_split}: checkpoints are chosen on that split "
                     "(data.val_split); add config.data.val_split=None to choose them on a "
                     "hold-out of train instead")
-  outs = {split: workdir / f"eval_{split}.json" for split in ("val", report_split)}
+  outs = {split: workdir / f"eval_{evaluate.output_tag(split, logit_adjust=logit_adjust)}.json"
+          for split in ("val", report_split)}
   if not all(out.exists() for out in outs.values()):
     classifier.train_and_evaluate(config, workdir)  # Resumes if begun.
     for split in outs:

@@ -44,6 +44,17 @@ def _add_distributed_args(p):
                       "(default 300)")
 
 
+def _add_dataset_args(p, help_text):
+  p.add_argument("--dataset", default=None, metavar="NAME", help=f"{help_text}; one of "
+                 "fer2013, ferplus, rafdb, affectnet, affectnet8, ckplus, synthetic, folder "
+                 "(default: the run's own dataset)")
+  p.add_argument("--data-dir", default=None,
+                 help="where prepared datasets live (default: the run's data.data_dir, else "
+                      "$FERJAX_DATA_DIR or ~/.ferjax/datasets)")
+  p.add_argument("--manual-dir", default=None, metavar="DIR",
+                 help="with --dataset folder: the folder holding <split>/<class>/*.png")
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(
       prog="ferjax", allow_abbrev=False,
@@ -116,8 +127,47 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--logit-adjust", type=float, default=0.0, metavar="TAU",
                  help="post-hoc logit adjustment: subtract TAU * log(train class prior)")
   p.add_argument("--features", action="store_true",
-                 help="also write penultimate-layer features to features_<split>.npz")
+                 help="also write penultimate-layer features to features_<tag>.npz")
+  _add_dataset_args(p, "score another dataset (cross-dataset evaluation): classes matched by "
+                       "canonical emotion name, images converted to the run's size and channels")
+  p.add_argument("--all-classes", action="store_true",
+                 help="cross-dataset: take the argmax over all the model's classes (default: "
+                      "only the classes the two datasets share)")
   _add_distributed_args(p)
+
+  p = _verb(verbs, "features", "ferjax.evaluate:features_main",
+            "Write a trained classifier's penultimate features, logits, labels and ids (file, "
+            "subject and fold where the dataset has them) of one split of any dataset to an "
+            ".npz file, for linear probes (`ferjax probe`).",
+            "ferjax features --workdir runs/fer2013 --dataset ckplus --split all "
+            "--out runs/ckplus_features.npz")
+  p.add_argument("--workdir", required=True, help="a `ferjax train` run folder")
+  p.add_argument("--out", required=True, metavar="FILE", help=".npz file to write (must not "
+                 "exist)")
+  p.add_argument("--split", default="test", help="split to read (default: test)")
+  p.add_argument("--checkpoint", default="best", help="best (on validation), last, or a step")
+  p.add_argument("--tta", default="none", choices=("none", "flip"), help="test-time augmentation")
+  _add_dataset_args(p, "read another dataset's split (every class it has, labels in its own "
+                       "class list)")
+
+  p = _verb(verbs, "import-weights", "ferjax.models.import_weights:cli_main",
+            "Convert a pretrained torchvision/timm ResNet state dict (.safetensors; .pth/.pt "
+            "when torch is installed) into a weights folder for model.init_from.",
+            "ferjax import-weights resnet18.safetensors --arch resnet18 --out weights/resnet18")
+  p.add_argument("file", help="the state dict: .safetensors, or .pth/.pt when torch is installed")
+  p.add_argument("--arch", required=True, metavar="NAME",
+                 help="the file's ResNet: resnet10, resnet18, resnet34 or resnet50")
+  p.add_argument("--out", required=True, metavar="DIR",
+                 help="new folder to write (weights.npz, import.json); must not exist")
+  p.add_argument("--channels", type=int, default=3, choices=(1, 3),
+                 help="input channels of the model to start (default 3; 1: the RGB filters of "
+                      "the first conv are summed for gray input)")
+  p.add_argument("--stem", default="standard", choices=("small", "standard"),
+                 help="ferjax stem (default standard: torchvision's 7x7/2 conv + max-pool; small "
+                      "takes only files whose conv1 is 3x3)")
+  p.add_argument("--num-classes", type=int, default=None, metavar="K",
+                 help="classes of the model to start: the file's head is kept only when it has K "
+                      "classes (default: keep it whatever its size)")
 
   p = _verb(verbs, "export", "ferjax.inference:cli_export",
             "Export a trained classifier's checkpoint to one file (jax.export, weights included) "

@@ -3,14 +3,24 @@
     result = evaluate_run("runs/baseline", split="test", tta="flip")   # the library
     ferjax evaluate --workdir runs/baseline --split test [--checkpoint best|last|STEP]
                     [--tta flip|none] [--logit-adjust TAU] [--features]
+    ferjax evaluate --workdir runs/fer2013 --dataset ckplus --split all    # cross-dataset
+    ferjax features --workdir runs/fer2013 --dataset ckplus --split all --out ckplus.npz
 
 restores the run's config (workdir/config.json) and checkpoint, predicts the split in fixed-size
 batches (the last one padded; padded rows are dropped before any metric), and writes
-`eval_<split>.json` (overwritten by each re-evaluation; it records the settings used) and
-`confusion_<split>.png`. Test-time flip augmentation and post-hoc logit adjustment change only
-this evaluation, never the weights, so trying another --tta or --logit-adjust needs no
-retraining. `--split val` evaluates the validation set the run selected its checkpoints on
-(a named split, or the stratified hold-out of train).
+`eval_<tag>.json` (it records the settings used) and `confusion_<tag>.png`, the tag naming the
+split, the dataset when it is not the run's own, and every non-default setting (`output_tag`:
+`eval_test.json`, `eval_test_tta-flip_tau-1.json`, `eval_ckplus-all.json`), so no evaluation
+overwrites another made with other settings. Test-time flip augmentation and post-hoc logit
+adjustment change only this evaluation, never the weights, so trying another --tta or
+--logit-adjust needs no retraining. `--split val` evaluates the validation set the run selected
+its checkpoints on (a named split, or the stratified hold-out of train).
+
+Cross-dataset (`--dataset NAME`): the images are converted to the run's size and channels and
+the classes matched by canonical emotion name (ferjax.data.labels); images of classes the model
+does not know are dropped with one printed line, and the argmax is taken over the classes the
+two share (`--all-classes`: over all the model's classes, so e.g. a CK+ face predicted
+`neutral` counts as wrong).
 
 Metric conventions (`metrics_from_confusion`):
   - rows of the confusion matrix are true classes, columns predictions;
@@ -24,16 +34,20 @@ Metric conventions (`metrics_from_confusion`):
 """
 
 import functools
+import io
 import json
 import pathlib
 
 import jax
+import ml_collections
 import numpy as np
 
-from ferjax import losses, plots, runs
+from ferjax import fileio, losses, plots, runs
 from ferjax.core import parallel
 from ferjax.core import workdir as workdir_lib
+from ferjax.data import labels as fer_labels
 from ferjax.data import pipeline, splits
+from ferjax.data.loading import DATASET_NAMES
 from ferjax.errors import UserError
 from ferjax.kinds import classifier as classifier_kind
 from ferjax.kinds.classifier import TTA_MODES
@@ -173,21 +187,86 @@ def evaluate_params(config, variables, dataset, *, train_counts=None, tta: str |
 # --- A finished run -----------------------------------------------------------------------------
 def load_eval_split(config, split: str):
   """The Dataset of `split` for a run's config: "val" is the split the run selected its
-  checkpoints on (a named split, or the stratified hold-out of train)."""
+  checkpoints on (a named split, or the stratified hold-out of train); with data.fold set,
+  "test" is that fold's test split."""
+  if config.data.name == "joint":
+    raise UserError(f"this run trained on several datasets ({config.data.datasets}): pass "
+                    f"--dataset NAME to say which one's {split!r} split to use")
   if split == "val":
     return splits.load_splits(config.data, config.seed)[1]
   return splits.load_split(config.data, split, train=False)
 
 
+def load_other_dataset(config, dataset: str, split: str, *, data_dir=None, manual_dir=None):
+  """Split `split` of another dataset (any prepared one, or a `folder` dataset in
+  `manual_dir`) at the run's image size and channels, with every class it has."""
+  data = ml_collections.ConfigDict(config.data.to_dict())
+  data.update(name=dataset, classes="", fold=None, imbalance_ratio=None, label_noise=None,
+              num_examples=None, manual_dir=manual_dir)
+  if data_dir is not None:
+    data.data_dir = data_dir
+  return splits.load_split(data, split, train=False)
+
+
+def output_tag(split: str, *, dataset: str | None = None, checkpoint="best", tta: str = "none",
+               logit_adjust: float = 0.0, restrict_to_shared: bool = True) -> str:
+  """The name part of an evaluation's files (`eval_<tag>.json`, `confusion_<tag>.png`,
+  `features_<tag>.npz`): the split, prefixed by the dataset when it is not the run's own, and one
+  suffix per setting that differs from the default, so evaluations never overwrite each other.
+  E.g. `test`, `test_tta-flip_tau-1`, `ckplus-all`, `ckplus-all_all-classes_ckpt-last`."""
+  tag = split if dataset is None else f"{dataset}-{split}"
+  if dataset is not None and not restrict_to_shared:
+    tag += "_all-classes"
+  if str(checkpoint) != "best":
+    tag += f"_ckpt-{checkpoint}"
+  if tta != "none":
+    tag += f"_tta-{tta}"
+  if logit_adjust:
+    tag += f"_tau-{float(logit_adjust):g}"
+  return tag
+
+
+def match_classes(run, dataset, *, restrict_to_shared: bool):
+  """Scores a target dataset in a model's label space, classes matched by canonical name
+  (ferjax.data.labels): (the dataset with its labels in model label space and the examples of
+  classes the model does not know dropped, the model labels kept for the argmax (all, or the
+  shared ones), a line saying what was dropped or None)."""
+  to_model, shared = fer_labels.shared_classes(run.class_names, dataset.class_names)
+  if not shared:
+    raise UserError(f"dataset {dataset.name!r} has no class the model knows: its classes "
+                    f"{', '.join(dataset.class_names)}, the model's {', '.join(run.class_names)}")
+  new_labels = to_model[dataset.labels]
+  keep = np.flatnonzero(new_labels >= 0)
+  note = None
+  if len(keep) < len(dataset):
+    unknown = [n for k, n in enumerate(dataset.class_names) if to_model[k] < 0]
+    note = (f"{dataset.name} {dataset.split}: dropped {len(dataset) - len(keep)} images of "
+            f"{', '.join(unknown)} (classes the model does not know)")
+    dataset = dataset.take(keep)
+  dataset = dataset.replace(labels=new_labels[keep].astype(np.int32),
+                            class_names=run.class_names)
+  columns = shared if restrict_to_shared else list(range(len(run.class_names)))
+  return dataset, columns, note
+
+
 def evaluate_run(workdir, split: str = "test", *, checkpoint="best", tta: str | None = None,
-                 logit_adjust: float = 0.0, features: bool = False, write: bool = True) -> dict:
-  """Metrics of a trained classifier run on one split of its dataset, as a JSON-ready dict.
+                 logit_adjust: float = 0.0, features: bool = False, write: bool = True,
+                 dataset: str | None = None, data_dir=None, manual_dir=None,
+                 restrict_to_shared: bool = True, quiet: bool = False) -> dict:
+  """Metrics of a trained classifier run on one split of its dataset, or of another dataset,
+  as a JSON-ready dict.
 
   Restores the run's `checkpoint` (best: chosen on validation), predicts `split` (flip TTA and
   post-hoc logit adjustment as asked; defaults from the run's config) and, with `write`, writes
-  `eval_<split>.json`, `confusion_<split>.png` and (with `features`) `features_<split>.npz`
-  into the workdir (process 0 only). With `features` the result also holds the "logits" and
-  "features" arrays (not written to the JSON).
+  `eval_<tag>.json`, `confusion_<tag>.png` and (with `features`) `features_<tag>.npz` into the
+  workdir (process 0 only; `output_tag` names them). With `features` the result also holds the
+  "logits" and "features" arrays (not written to the JSON).
+
+  `dataset`: score another dataset (cross-dataset evaluation): its images are converted to the
+  run's size and channels, its classes matched to the model's by canonical name; images of
+  classes the model does not know are dropped (one printed line), and with
+  `restrict_to_shared` the argmax is taken over the shared classes only. `data_dir` /
+  `manual_dir` locate it (default: the run's data dir; `manual_dir` for a `folder` dataset).
   """
   workdir = pathlib.Path(workdir)
   if not np.isfinite(logit_adjust):
@@ -199,29 +278,121 @@ def evaluate_run(workdir, split: str = "test", *, checkpoint="best", tta: str | 
   tta = tta or config.eval.tta
   if tta not in TTA_MODES:
     raise UserError(f"--tta: expected one of {', '.join(TTA_MODES)}, got {tta!r}")
-  dataset = load_eval_split(config, split)
-  if tuple(dataset.class_names) != run.class_names:
-    raise UserError(f"split {split!r} has classes {dataset.class_names}, the checkpoint was "
-                    f"trained on {run.class_names}")
-  logits, feats = predict_logits(run.model, run.variables, dataset.images, tta=tta, mesh=run.mesh,
+  if dataset == config.data.name and not config.data.get("classes"):
+    dataset = None  # The run's own dataset.
+  if dataset is None:
+    data = load_eval_split(config, split)
+    if tuple(data.class_names) != run.class_names:
+      raise UserError(f"split {split!r} has classes {data.class_names}, the checkpoint was "
+                      f"trained on {run.class_names}")
+    columns, note = list(range(len(run.class_names))), None
+  else:
+    if dataset not in DATASET_NAMES:
+      raise UserError(f"--dataset: unknown dataset {dataset!r}: expected one of "
+                      f"{', '.join(DATASET_NAMES)}")
+    data, columns, note = match_classes(
+        run, load_other_dataset(config, dataset, split, data_dir=data_dir, manual_dir=manual_dir),
+        restrict_to_shared=restrict_to_shared)
+  if note and not quiet and parallel.is_main_process():
+    print(note)
+  logits, feats = predict_logits(run.model, run.variables, data.images, tta=tta, mesh=run.mesh,
                                  batch_size=eval_batch_size(config, run.mesh),
                                  return_features=True)
-  result = evaluate_params(config, run.variables, dataset, train_counts=run.train_counts, tta=tta,
-                           logit_adjust=float(logit_adjust), logits=logits,
-                           prior_counts=run.prior_counts)
-  result.update(split=split, step=run.step, checkpoint=str(checkpoint))
+  if logit_adjust:  # On every class, with the prior the model was trained under; then restrict.
+    logits = np.asarray(losses.posthoc_adjust(logits, losses.log_prior(run.prior_counts),
+                                              logit_adjust))
+  position = np.full(len(run.class_names), -1, np.int32)
+  position[columns] = np.arange(len(columns))
+  scored = data.replace(labels=position[data.labels], class_names=tuple(
+      run.class_names[k] for k in columns))
+  result = evaluate_params(config, run.variables, scored,
+                           train_counts=run.train_counts[columns], tta=tta,
+                           logits=logits[:, columns])
+  tag = output_tag(split, dataset=dataset and data.name, checkpoint=checkpoint, tta=tta,
+                   logit_adjust=logit_adjust, restrict_to_shared=restrict_to_shared)
+  result.update(split=split, step=run.step, checkpoint=str(checkpoint),
+                logit_adjust=float(logit_adjust),
+                dataset=data.name if dataset else config.data.name,
+                cross_dataset=dataset is not None, restrict_to_shared=bool(restrict_to_shared),
+                dropped=note, file=f"eval_{tag}.json")
   if write and parallel.is_main_process():  # Several processes: process 0 writes the files.
-    (workdir / f"eval_{split}.json").write_text(json.dumps(result, indent=2) + "\n")
-    title = f"{split} (step {run.step}, tta {tta}, tau {float(logit_adjust):g})"
-    plots.save_confusion(result["confusion"], dataset.class_names,
-                         workdir / f"confusion_{split}.png", title=title)
+    fileio.write_atomic(workdir / f"eval_{tag}.json", json.dumps(result, indent=2) + "\n")
+    title = (f"{result['dataset']} {split} (step {run.step}, tta {tta}, "
+             f"tau {float(logit_adjust):g})")
+    plots.save_confusion(result["confusion"], scored.class_names, workdir / f"confusion_{tag}.png",
+                         title=title)
     if features:
-      np.savez(workdir / f"features_{split}.npz", features=feats.astype(np.float32),
-               labels=dataset.labels, logits=logits.astype(np.float32),
-               class_names=np.asarray(dataset.class_names, dtype=str))
+      write_features(workdir / f"features_{tag}.npz", data, feats, logits, run, split)
   if features:
     return {**result, "logits": logits, "features": feats}
   return result
+
+
+# --- Features ----------------------------------------------------------------------------------
+FEATURES_FORMAT_VERSION = 1
+
+
+def write_features(path, dataset, features, logits, run, split: str) -> None:
+  """Penultimate features of a dataset as one .npz file (read with np.load, no pickle):
+
+    features float32 [N, D]; logits float32 [N, K_model] (after any post-hoc adjustment);
+    labels int32 [N] indexing class_names; class_names str [K] (canonical emotion names);
+    model_class_names str [K_model]; path str [N] (the source file where the dataset keeps it,
+    else '<dataset>/<split>/<index>'); index int64 [N] (position in the split as loaded);
+    subject, fold int32 [N] (-1 where the dataset has none: CK+ has both);
+    dataset, split, workdir str; step, format_version int.
+
+  `ferjax probe` reads this format."""
+  n = len(dataset)
+  extras = dataset.extras
+  index = np.asarray(extras.get("index", np.arange(n)), np.int64)
+  names = (np.asarray(extras["file"], dtype=str) if "file" in extras else
+           np.asarray([f"{dataset.name}/{split}/{i}" for i in index], dtype=str))
+  ids = {key: np.asarray(extras.get(key, np.full(n, -1)), np.int32) for key in ("subject", "fold")}
+  arrays = dict(features=np.asarray(features, np.float32), logits=np.asarray(logits, np.float32),
+                labels=np.asarray(dataset.labels, np.int32),
+                class_names=np.asarray(fer_labels.canonical_names(dataset.class_names), dtype=str),
+                model_class_names=np.asarray(run.class_names, dtype=str), path=names, index=index,
+                **ids, dataset=np.asarray(dataset.name), split=np.asarray(split),
+                workdir=np.asarray(str(run.workdir)), step=np.asarray(run.step),
+                format_version=np.asarray(FEATURES_FORMAT_VERSION))
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  fileio.write_atomic(path, buffer.getvalue())
+
+
+def features_run(workdir, out, *, split: str = "test", dataset: str | None = None,
+                 checkpoint="best", tta: str | None = None, data_dir=None,
+                 manual_dir=None) -> dict:
+  """`ferjax features`: writes `out` (`write_features`' format) for a split of the run's own
+  dataset or of another one (every class it has, labels in its own class list: a linear probe
+  learns them). Returns {"out", "num_examples", "dim"}."""
+  out = pathlib.Path(out).expanduser()
+  if out.suffix != ".npz":
+    raise UserError(f"--out {out}: expected a file name ending in .npz")
+  if out.exists():
+    raise UserError(f"--out {out}: already exists: expected a new file (remove it or choose "
+                    f"another name)")
+  if not out.parent.is_dir():
+    raise UserError(f"--out {out}: its folder {out.parent} does not exist")
+  run = runs.open_classifier(pathlib.Path(workdir), str(checkpoint))
+  config = run.config
+  tta = tta or config.eval.tta
+  if tta not in TTA_MODES:
+    raise UserError(f"--tta: expected one of {', '.join(TTA_MODES)}, got {tta!r}")
+  if dataset is not None and dataset not in DATASET_NAMES:
+    raise UserError(f"--dataset: unknown dataset {dataset!r}: expected one of "
+                    f"{', '.join(DATASET_NAMES)}")
+  if dataset in (None, config.data.name) and not config.data.get("classes"):
+    data = load_eval_split(config, split)
+  else:
+    data = load_other_dataset(config, dataset, split, data_dir=data_dir, manual_dir=manual_dir)
+  logits, feats = predict_logits(run.model, run.variables, data.images, tta=tta, mesh=run.mesh,
+                                 batch_size=eval_batch_size(config, run.mesh),
+                                 return_features=True)
+  if parallel.is_main_process():
+    write_features(out, data, feats, logits, run, split)
+  return {"out": str(out), "num_examples": len(data), "dim": int(feats.shape[-1])}
 
 
 def cli_main(args) -> int:
@@ -230,10 +401,24 @@ def cli_main(args) -> int:
   result = evaluate_run(args.workdir, split, checkpoint=getattr(args, "checkpoint", None) or "best",
                         tta=getattr(args, "tta", None),
                         logit_adjust=float(getattr(args, "logit_adjust", 0.0) or 0.0),
-                        features=bool(getattr(args, "features", False)))
+                        features=bool(getattr(args, "features", False)),
+                        dataset=getattr(args, "dataset", None),
+                        data_dir=getattr(args, "data_dir", None),
+                        manual_dir=getattr(args, "manual_dir", None),
+                        restrict_to_shared=not getattr(args, "all_classes", False))
   groups = result.get("groups", {})
   group_text = " ".join(f"{g} {v['mean_recall']:.4f}" for g, v in groups.items())
-  print(f"{split} step {result['step']}: accuracy {result['accuracy']:.4f}  mean class accuracy "
-        f"{result['mean_class_accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}  ({group_text})  "
-        f"-> {pathlib.Path(args.workdir) / f'eval_{split}.json'}")
+  where = f"{result['dataset']} " if result["cross_dataset"] else ""
+  print(f"{where}{split} step {result['step']}: accuracy {result['accuracy']:.4f}  mean class "
+        f"accuracy {result['mean_class_accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}  "
+        f"({group_text})  -> {pathlib.Path(args.workdir) / result['file']}")
+  return 0
+
+
+def features_main(args) -> int:
+  """`ferjax features`: see `features_run`."""
+  done = features_run(args.workdir, args.out, split=args.split, dataset=args.dataset,
+                      checkpoint=args.checkpoint, tta=args.tta, data_dir=args.data_dir,
+                      manual_dir=args.manual_dir)
+  print(f"wrote {done['num_examples']} x {done['dim']} features to {done['out']}")
   return 0

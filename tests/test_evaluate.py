@@ -175,13 +175,17 @@ def test_evaluate_writes_every_field(workdir):
 
 def test_evaluate_options_need_no_retraining(workdir):
   evaluate.cli_main(_args(workdir, checkpoint="last", tta="flip", logit_adjust=1.0, features=True))
-  result = json.loads((workdir / "eval_test.json").read_text())
+  # Each setting is in the file names: nothing overwrites an evaluation made with others.
+  tag = "test_ckpt-last_tta-flip_tau-1"
+  result = json.loads((workdir / f"eval_{tag}.json").read_text())
   assert result["step"] == 4 and result["tta"] == "flip" and result["logit_adjust"] == 1.0
-  with np.load(workdir / "features_test.npz", allow_pickle=False) as npz:
+  assert result["file"] == f"eval_{tag}.json" and (workdir / f"confusion_{tag}.png").is_file()
+  assert json.loads((workdir / "eval_test.json").read_text())["tta"] == "none"  # Kept.
+  with np.load(workdir / f"features_{tag}.npz", allow_pickle=False) as npz:
     assert npz["features"].shape == (91, resnet.stage_widths(0.125)[-1])
     assert npz["labels"].shape == (91,)
   evaluate.cli_main(_args(workdir, split="val", checkpoint="2"))
-  assert json.loads((workdir / "eval_val.json").read_text())["step"] == 2
+  assert json.loads((workdir / "eval_val_ckpt-2.json").read_text())["step"] == 2
 
 
 def test_evaluate_user_errors(workdir, tmp_path):

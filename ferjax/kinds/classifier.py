@@ -41,7 +41,11 @@ def _crop_scale(v) -> bool:
 SPEC = {
     "seed": integer(0, 0),  # Parameters, sampling, augmentation and the validation hold-out.
     "data": {
-        "name": one_of("synthetic", fer_data.DATASET_NAMES),
+        "name": one_of("synthetic", (*fer_data.DATASET_NAMES, "joint")),
+        # joint: train on the union of these datasets in one canonical label space, each with
+        # a sampling weight, validated on each one's own validation set, e.g.
+        # "fer2013,rafdb:2,affectnet" (ferjax.data.splits.load_joint).
+        "datasets": text(""),
         "image_size": integer(48, 16, 1024),  # pixels (square); images are resized on load
         "channels": integer(1, 1, 3),  # 1 (gray) or 3 (RGB); 2 is refused below
         # Named split for checkpoint selection; None: hold out of train. Never "test".
@@ -57,6 +61,13 @@ SPEC = {
         # sets keep a fixed random subset (FER-2013-LT etc., ferjax.data.dataset.long_tail_subset).
         "imbalance_ratio": number(None, 1, optional=True),
         "label_noise": number(None, 0, 1, hi_open=True, optional=True),  # synthetic: flipped share
+        # Keep, drop or merge classes by canonical name, e.g. "-disgust" or "anger,happy,sad"
+        # or "happy,negative=anger+fear+sad" ("": all, as named by the dataset;
+        # ferjax.data.labels).
+        "classes": text(""),
+        # CK+ cross-validation fold k: train on fold<k>_train (validation held out of it by
+        # subject), `test` is fold<k>_test. None: the dataset's own train / test.
+        "fold": integer(None, 0, 9, optional=True),
     },
     "model": {
         "name": one_of("resnet18", resnet.MODEL_NAMES),
@@ -65,6 +76,10 @@ SPEC = {
         "cbam": flag(False),  # CBAM attention in every block
         "input_norm": one_of("none", resnet.INPUT_NORMS),  # per_image: standardise each image
         "dtype": one_of("float32", tuple(resnet.DTYPES)),  # compute dtype; params stay float32
+        # Start from these weights instead of random ones (a fresh run only; resuming restores
+        # its own checkpoint): a `ferjax import-weights` folder or a finished `ferjax train`
+        # workdir (its best checkpoint). The head is kept only when the classes are the same.
+        "init_from": text(""),
     },
     "optim": {
         "name": one_of("sgd", OPTIMIZERS),
@@ -171,6 +186,15 @@ def validate_config(config) -> None:
         config.sampler.name)
   check(a.crop_padding <= d.image_size, "augment.crop_padding", "0..image_size pixels",
         a.crop_padding)
+  if d.classes:
+    fer_data.labels.parse_classes(d.classes)  # The form; the names are checked on loading.
+  check((d.name == "joint") == bool(d.datasets), "data.datasets",
+        "two or more datasets (e.g. 'fer2013,rafdb:2') exactly when data.name is 'joint'",
+        d.datasets)
+  if d.datasets:
+    fer_data.splits.parse_members(d.datasets)
+  check(d.fold is None or d.name == "ckplus", "data.fold",
+        "None unless data.name is ckplus (the dataset with cross-validation folds)", d.fold)
   parallel.check_train_devices(t)
 
 
@@ -267,6 +291,17 @@ def _init_fn(config, model, tx):
 def init_state(config, model, tx, mesh) -> TrainState:
   """Parameters created inside jit, directly replicated over the mesh."""
   return parallel.init_replicated(_init_fn(config, model, tx), mesh, fast_compile=False)
+
+
+def with_weights(state: TrainState, variables: dict, tx, mesh) -> TrainState:
+  """`state` starting from `variables` ({'params', 'batch_stats'}, same tree as the state's):
+  a fresh optimizer state (and EMA copies) for them, replicated over the mesh."""
+  ema = state.ema_params is not None
+  params, batch_stats = variables["params"], variables["batch_stats"]
+  fresh = TrainState(step=state.step, params=params, batch_stats=batch_stats,
+                     opt_state=tx.init(params), ema_params=params if ema else None,
+                     ema_batch_stats=batch_stats if ema else None)
+  return parallel.put_replicated(fresh, mesh)
 
 
 def abstract_state(config, model, mesh, tx=None) -> TrainState:

@@ -24,6 +24,7 @@ Workdir: config.json, metrics.jsonl, tensorboard/, checkpoints/, curves.png. Tra
 workdir that has checkpoints resumes from the latest one.
 """
 
+import pathlib
 from typing import Callable
 
 import jax
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ferjax import configs, losses, plots
+from ferjax import configs, losses, plots, runs
 from ferjax import evaluate as evaluate_lib
 from ferjax.augment import synthesis as synthesis_lib
 from ferjax.core import checkpoint as checkpoint_lib
@@ -42,6 +43,7 @@ from ferjax.data import pipeline, splits
 from ferjax.errors import UserError
 from ferjax.kinds import classifier as kind
 from ferjax.kinds.classifier import BEST_METRICS, TrainState
+from ferjax.models import import_weights
 
 
 # =================================================================================================
@@ -60,6 +62,23 @@ def device_data(config, images, labels, num_classes: int, mesh) -> dict:
     images = np.asarray(images, np.uint8)
   data["images"] = parallel.put_rows(images, mesh)
   return data
+
+
+def initial_weights(config, state, class_names) -> dict:
+  """The {'params', 'batch_stats'} that `model.init_from` names laid over the fresh state's:
+  a `ferjax import-weights` folder, or a finished classifier workdir (its best checkpoint).
+  The head comes along only when its classes are the run's; any other parameter that is
+  missing or shaped differently is one line naming it."""
+  source = pathlib.Path(config.model.init_from).expanduser()
+  fresh = {"params": state.params, "batch_stats": state.batch_stats}
+  if (source / "config.json").is_file():  # A ferjax train workdir.
+    run = runs.open_classifier(source, "best")
+    init = dict(run.variables)
+    if tuple(run.class_names) != tuple(class_names):
+      init["params"] = {k: v for k, v in init["params"].items() if k != "head"}
+  else:
+    init, _ = import_weights.load_init(source)
+  return import_weights.apply_init(fresh, init, what=f"model.init_from {source}")
 
 
 # =================================================================================================
@@ -207,9 +226,14 @@ def _train(config, workdir, is_main, stop_after, synthesize, synthesis_data, dat
   # --- Data ---------------------------------------------------------------------------------
   train_ds, val_ds = datasets or splits.load_splits(config.data, config.seed)
   num_classes = len(train_ds.class_names)
-  if tuple(val_ds.class_names) != tuple(train_ds.class_names):
-    raise UserError(f"data.val_split {config.data.val_split!r}: its classes {val_ds.class_names} "
-                    f"differ from train's {train_ds.class_names}")
+  # A joint run validates on each member dataset's own validation set; others on one.
+  val_sets = val_ds if isinstance(val_ds, tuple) else (val_ds,)
+  for val in val_sets:
+    if tuple(val.class_names) != tuple(train_ds.class_names):
+      raise UserError(f"data.val_split {config.data.val_split!r}: its classes {val.class_names} "
+                      f"differ from train's {train_ds.class_names}")
+  val_split = "+".join(f"{v.name}:{v.split}" if len(val_sets) > 1 else v.split
+                       for v in val_sets)
   train_counts = train_ds.class_counts()
   if not train_counts.all():  # Its recall would be 0 by construction and its prior log(0).
     empty = [n for n, c in zip(train_ds.class_names, train_counts) if c == 0]
@@ -232,7 +256,7 @@ def _train(config, workdir, is_main, stop_after, synthesize, synthesis_data, dat
   if synthesis_data is not None:
     data["synthesis"] = parallel.put_replicated(synthesis_data, mesh)
   meta = {"train_counts": train_counts.tolist(), "prior_counts": prior_counts.tolist(),
-          "class_names": list(train_ds.class_names), "val_split": val_ds.split}
+          "class_names": list(train_ds.class_names), "val_split": val_split}
 
   # --- Model, optimizer, state (restored when the workdir has a checkpoint) ------------------
   model = kind.build_model(config, num_classes)
@@ -242,15 +266,26 @@ def _train(config, workdir, is_main, stop_after, synthesize, synthesis_data, dat
                                     best_metric=t.best_metric)
   if ckpt.latest_step() is not None:
     state, _ = ckpt.restore(state, "latest")
+  elif config.model.init_from:
+    state = kind.with_weights(state, initial_weights(config, state, train_ds.class_names), tx,
+                              mesh)
   if is_main:  # Steps past the checkpoint (all, before the first one) are replayed.
     monitor.drop_metrics_after(workdir, int(state.step))
   train_step = make_train_step(config, model, tx, prior_counts, num_steps, mesh,
                                synthesize=synthesize)
 
   def validate(state):
-    result = evaluate_lib.evaluate_params(config, kind.eval_variables(state), val_ds,
-                                          train_counts=train_counts, mesh=mesh, model=model)
-    return {k: result[k] for k in BEST_METRICS}, result
+    variables = kind.eval_variables(state)
+    results = [evaluate_lib.evaluate_params(config, variables, val, train_counts=train_counts,
+                                            mesh=mesh, model=model) for val in val_sets]
+    if len(results) == 1:
+      return {k: results[0][k] for k in BEST_METRICS}, results[0]
+    # Joint: the mean over the member datasets (selects checkpoints), and each one's own.
+    metrics = {k: float(np.mean([r[k] for r in results])) for k in BEST_METRICS}
+    for val, r in zip(val_sets, results):
+      metrics.update({f"{val.name}_{k}": r[k] for k in BEST_METRICS})
+    return metrics, {**metrics, "per_class": {}, "per_dataset": {
+        val.name: r for val, r in zip(val_sets, results)}}
 
   # --- Loop -----------------------------------------------------------------------------------
   # A resumed run hides the events an earlier run logged after its checkpoint.
@@ -308,7 +343,7 @@ def _train(config, workdir, is_main, stop_after, synthesize, synthesis_data, dat
       "last_per_class_recall": ({n: v["recall"] for n, v in summary["per_class"].items()}
                                 if summary else {}),
       "train_counts": meta["train_counts"], "class_names": meta["class_names"],
-      "val_split": val_ds.split,
+      "val_split": val_split,
   }
 
 
