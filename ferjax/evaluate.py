@@ -208,6 +208,15 @@ def load_other_dataset(config, dataset: str, split: str, *, data_dir=None, manua
   return splits.load_split(data, split, train=False)
 
 
+def is_own_dataset(config, dataset, data_dir=None, manual_dir=None) -> bool:
+  """Whether `--dataset` (with `--data-dir` / `--manual-dir`) names the run's own data as it was
+  trained (no data.classes): a `folder` dataset in another folder is another dataset."""
+  same = lambda given, own: given is None or (own is not None and pathlib.Path(
+      given).expanduser().resolve() == pathlib.Path(own).expanduser().resolve())
+  return (dataset == config.data.name and not config.data.get("classes")
+          and same(data_dir, config.data.data_dir) and same(manual_dir, config.data.manual_dir))
+
+
 def output_tag(split: str, *, dataset: str | None = None, checkpoint="best", tta: str = "none",
                logit_adjust: float = 0.0, restrict_to_shared: bool = True) -> str:
   """The name part of an evaluation's files (`eval_<tag>.json`, `confusion_<tag>.png`,
@@ -278,7 +287,7 @@ def evaluate_run(workdir, split: str = "test", *, checkpoint="best", tta: str | 
   tta = tta or config.eval.tta
   if tta not in TTA_MODES:
     raise UserError(f"--tta: expected one of {', '.join(TTA_MODES)}, got {tta!r}")
-  if dataset == config.data.name and not config.data.get("classes"):
+  if is_own_dataset(config, dataset, data_dir, manual_dir):
     dataset = None  # The run's own dataset.
   if dataset is None:
     data = load_eval_split(config, split)
@@ -383,7 +392,7 @@ def features_run(workdir, out, *, split: str = "test", dataset: str | None = Non
   if dataset is not None and dataset not in DATASET_NAMES:
     raise UserError(f"--dataset: unknown dataset {dataset!r}: expected one of "
                     f"{', '.join(DATASET_NAMES)}")
-  if dataset in (None, config.data.name) and not config.data.get("classes"):
+  if dataset is None or is_own_dataset(config, dataset, data_dir, manual_dir):
     data = load_eval_split(config, split)
   else:
     data = load_other_dataset(config, dataset, split, data_dir=data_dir, manual_dir=manual_dir)

@@ -257,4 +257,4 @@ def load_splits(data, seed: int) -> tuple[Dataset, Dataset | None]:
     return train, None
   train_idx, held_idx = stratified_holdout(train.labels, data.val_fraction, seed,
                                            groups=train.extras.get("subject"))
-  return train.take(train_idx, "train"), train.take(held_idx, "train-holdout", in_memory=True)
+  return (train.take(train_idx), train.take(held_idx, f"{train.split}-holdout", in_memory=True))

@@ -195,6 +195,9 @@ def validate_config(config) -> None:
     fer_data.splits.parse_members(d.datasets)
   check(d.fold is None or d.name == "ckplus", "data.fold",
         "None unless data.name is ckplus (the dataset with cross-validation folds)", d.fold)
+  check(d.fold is None or d.val_split is None, "data.val_split",
+        "None when data.fold is set (validation is then held out of fold<k>_train by subject)",
+        d.val_split)
   parallel.check_train_devices(t)
 
 
