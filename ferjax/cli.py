@@ -150,6 +150,26 @@ def build_parser() -> argparse.ArgumentParser:
   _add_dataset_args(p, "read another dataset's split (every class it has, labels in its own "
                        "class list)")
 
+  p = _verb(verbs, "probe", "ferjax.probe:cli_main",
+            "Linear probe on frozen features (files from `ferjax features`): multinomial "
+            "logistic regression, L2 chosen by cross-validation on the training part; k-fold "
+            "(subject-disjoint where subjects are known) or train/test evaluation; mean ± std "
+            "over folds of accuracy, mean class accuracy and macro-F1.",
+            "ferjax probe --train runs/ckplus_features.npz --folds fold "
+            "--out runs/ckplus_probe.json")
+  p.add_argument("--train", required=True, metavar="FILE",
+                 help="features .npz (from `ferjax features`) to fit on")
+  p.add_argument("--test", metavar="FILE", help="features .npz to score (same class names); "
+                 "without it, --folds cross-validates --train")
+  p.add_argument("--folds", metavar="fold|K",
+                 help="'fold': the file's own fold ids (CK+'s 10 subject-disjoint folds); K: K "
+                      "folds stratified by label, grouped by subject where known")
+  p.add_argument("--l2", type=float, default=None, help="fixed L2 weight (default: chosen by "
+                 "inner cross-validation over 1e-6..1e1)")
+  p.add_argument("--seed", type=int, default=0, help="seed of the folds (default 0)")
+  p.add_argument("--out", metavar="FILE",
+                 help="write the result here (JSON) and FILE_confusion.png beside it")
+
   p = _verb(verbs, "import-weights", "ferjax.models.import_weights:cli_main",
             "Convert a pretrained torchvision/timm ResNet state dict (.safetensors; .pth/.pt "
             "when torch is installed) into a weights folder for model.init_from.",

@@ -22,7 +22,8 @@ LAYERS = [
     ("ferjax.core",),  # checkpoint, parallel, monitor
     ("ferjax.kinds",),  # what defines each kind of run
     ("ferjax.runs",),  # reopening a finished run
-    ("ferjax.augment", "ferjax.evaluate", "ferjax.inference"),  # synthesis; evaluation; inference
+    ("ferjax.augment", "ferjax.evaluate", "ferjax.inference",
+     "ferjax.probe"),  # synthesis; evaluation, linear probes; inference
     ("ferjax.train",),  # trainers (leaves)
     ("ferjax.cli", "ferjax.demo", "ferjax.bench", "ferjax.evaluate_synthetic",
      "ferjax.predict"),  # top
