@@ -150,6 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
   _add_dataset_args(p, "read another dataset's split (every class it has, labels in its own "
                        "class list)")
 
+  p = _verb(verbs, "retrain-head", "ferjax.train.head:cli_main",
+            "Re-train a finished classifier's head on its frozen backbone's penultimate features "
+            "(cRT: class-balanced batches by default), optionally with synthetic minority-class "
+            "features from a small VAE trained on those features (--config.synth.mode=feature); "
+            "writes a new classifier workdir that evaluate, predict and export use unchanged.",
+            "ferjax retrain-head --workdir runs/classifier_tiny --out runs/classifier_tiny_crt "
+            "--config.synth.mode=feature",
+            epilog=EPILOG_CONFIG + " Without --config, the stage's defaults (ferjax.kinds.head).")
+  p.add_argument("--workdir", required=True, metavar="RUN",
+                 help="a finished `ferjax train` run folder (its backbone is kept)")
+  p.add_argument("--out", required=True, metavar="NEWRUN",
+                 help="new run folder to write (must not exist)")
+  _add_config_args(p, required=False)
+
   p = _verb(verbs, "probe", "ferjax.probe:cli_main",
             "Linear probe on frozen features (files from `ferjax features`): multinomial "
             "logistic regression, L2 chosen by cross-validation on the training part; k-fold "

@@ -119,6 +119,11 @@ def open_for_training(workdir, config, kind: str) -> tuple[pathlib.Path, bool]:
   new or holds this same run (see the module docstring). Process 0 records the kind and config
   of a new run; the other processes of a multi-process run only read."""
   workdir = check_writable(workdir, "--workdir")  # "" would be the current folder to pathlib.
+  run_file = workdir / "run.json"
+  stage = _read_json(run_file, "run record").get("stage") if run_file.exists() else None
+  if stage is not None:  # E.g. a head re-trained on a frozen backbone: not a resumable run.
+    raise UserError(f"{workdir} was written by `ferjax {stage}`, not by a trainer: it cannot be "
+                    f"resumed or extended; choose another --workdir (nothing was written)")
   recorded_steps = check_same_run(workdir, config, kind)
   check_resumable(workdir)
   is_main = parallel.is_main_process()

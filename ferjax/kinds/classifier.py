@@ -123,7 +123,8 @@ SPEC = {
         "vaegan_workdir": text(""),  # a `ferjax train-vaegan` workdir ("": off)
         "vaegan_checkpoint": custom("best", "best, last or a step number",
                                     lambda v: v in ("best", "last", "latest")
-                                    or configs.is_int(v)),
+                                    or configs.is_int(v)
+                                    or (isinstance(v, str) and v.isdigit())),
         "mode": text("posterior", optional=False),  # posterior | interpolate | class_gaussian
         "alpha": number(1.0, 0),  # perturbation scale
         "target": text("largest", optional=False),  # uniform | sqrt | largest | explicit

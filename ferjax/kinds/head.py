@@ -1,0 +1,166 @@
+"""What a head-retraining run is (`ferjax retrain-head`): its config (defaults and rules
+together), the head's parameters and optimizer, its train state and random streams. The stage
+itself is ferjax.train.head; its feature-space synthesis is ferjax.augment.features.
+
+A head-retraining run takes a finished classifier run, freezes its backbone, and trains only the
+final Dense layer (`head`) on the backbone's penultimate features: classifier re-training
+(cRT, Kang et al. 2020, "Decoupling representation and classifier"), optionally with synthetic
+minority-class features made by perturbing the latents of a small VAE trained on those features.
+Its output is a regular classifier workdir (the source backbone, the new head).
+
+Defaults are ours unless a comment names a source. cRT re-trains the head with class-balanced
+sampling and a cosine schedule (Kang et al.: 10 epochs, lr 0.2 at batch 512; here lr 0.1 at
+batch 256, SGD with momentum 0.9).
+"""
+
+from typing import Any, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ferjax import configs
+from ferjax.configs import check, custom, flag, integer, number, one_of
+from ferjax.data import pipeline
+
+KIND = "retrain_head"  # The stage's own name (head.json); the workdir it writes is a classifier's.
+SAMPLERS = ("instance", "class_balanced", "sqrt")  # fixed-distribution policies of data.pipeline
+LOSSES = ("ce", "logit_adjusted")
+INITS = ("source", "zero")
+BEST_METRICS = ("mean_class_accuracy", "accuracy", "macro_f1")
+SYNTH_MODES = ("none", "feature")
+# ferjax.augment.semantic.MODES and the fixed targets of semantic.TARGETS (kinds sit below
+# augment, so they are written here; tests/test_retrain_head.py checks that they agree).
+PERTURBATIONS = ("posterior", "interpolate", "class_gaussian")
+TARGETS = ("uniform", "sqrt", "largest")
+DECODES = ("full", "residual")
+
+
+# =================================================================================================
+# Config: every field the stage reads, its default and what a valid value is
+# =================================================================================================
+SPEC = {
+    "seed": integer(0, 0),  # The VAE, the batches, the synthetic features: same seed, same head.
+    "source": {
+        # The source run's checkpoint whose backbone is kept (best: chosen on validation).
+        "checkpoint": custom("best", "best, last or a step number",
+                             lambda v: v in ("best", "last", "latest") or configs.is_int(v)
+                             or (isinstance(v, str) and v.isdigit())),
+    },
+    "head": {
+        "sampler": one_of("class_balanced", SAMPLERS),  # cRT's choice
+        "loss": one_of("ce", LOSSES),  # logit_adjusted: the prior of the batches (real + synthetic)
+        "tau": number(1.0, 0),  # logit_adjusted
+        "init": one_of("source", INITS),  # start from the run's head, or from zeros
+        # Also extract the features of the mirrored train images (doubles the pool; the
+        # classifier trains with flips, so its features of mirrored faces are in-distribution).
+        "flip": flag(True),
+        "lr": number(0.1, 0, lo_open=True),  # peak of the cosine schedule (to 0 at head.steps)
+        "momentum": number(0.9, 0, 1, hi_open=True),  # SGD
+        "weight_decay": number(5e-4, 0),  # on the kernel only
+        "steps": integer(1000, 1),
+        "batch_size": integer(256, 1),
+        "eval_every": integer(100, 1),  # validation (and the last step); the best head is kept
+        "best_metric": one_of("mean_class_accuracy", BEST_METRICS),  # on the run's validation set
+    },
+    "synth": {
+        "mode": one_of("none", SYNTH_MODES),  # feature: synthetic features for minority classes
+        "vae": {  # The feature VAE (ferjax.models.feature_vae), trained on the train features.
+            "latent_dim": integer(32, 1),
+            "hidden": integer(256, 1),
+            "steps": integer(2000, 1),
+            "lr": number(1e-3, 0, lo_open=True),  # Adam
+            "batch_size": integer(256, 1),
+            "kl_weight": number(1.0, 0),  # beta
+        },
+        # As the pixel mode (ferjax.augment.semantic): posterior | interpolate | class_gaussian.
+        "perturb": one_of("posterior", PERTURBATIONS),
+        "alpha": number(1.0, 0),  # perturbation scale
+        "target": one_of("largest", TARGETS),  # the per-class counts synthesis fills towards
+        "fill": number(1.0, 0, 1),  # share of each class's gap (target - real count) synthesized
+        "tail_only": flag(True),  # synthesize only for the classes below the median train count
+        "max_share": number(0.5, 0, 1, hi_open=True),  # cap on the synthetic slots of a batch
+        "weight": number(1.0, 0),  # loss weight of a synthetic feature
+        # full: D(z') | residual: seed + D(z') - D(mu) (the change the perturbation makes, added
+        # to the real seed feature, as the pixel mode's residual decoding).
+        "decode": one_of("full", DECODES),
+    },
+}
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field the stage reads, with defaults, locked (a misspelled field is an error)."""
+  return configs.from_spec(SPEC)
+
+
+def validate_config(config) -> None:
+  """Field rules (SPEC), then the rules that tie fields together; a UserError names the field."""
+  configs.check_spec(config, SPEC)
+  s = config.synth
+  if s.mode == "feature":
+    check(s.fill > 0, "synth.fill", "a share > 0 with synth.mode=feature (0 synthesizes nothing; "
+          "use synth.mode=none)", s.fill)
+    check(s.max_share > 0, "synth.max_share", "a share > 0 with synth.mode=feature (0 leaves no "
+          "synthetic slot; use synth.mode=none)", s.max_share)
+
+
+# =================================================================================================
+# Class distributions
+# =================================================================================================
+def sampled_probs(sampler: str, train_counts) -> np.ndarray:
+  """Class distribution [K] of the real features a batch draws (float64)."""
+  return np.asarray(pipeline.sampler_class_probs(sampler, np.asarray(train_counts)), np.float64)
+
+
+# =================================================================================================
+# The head, its optimizer, train state and random streams
+# =================================================================================================
+def initial_head(config, source_head: dict) -> dict:
+  """The head to start from: the source run's ({"kernel" [D, K], "bias" [K]}), or zeros."""
+  head = {k: jnp.asarray(v, jnp.float32) for k, v in source_head.items()}
+  if config.head.init == "zero":
+    head = jax.tree.map(jnp.zeros_like, head)
+  return head
+
+
+def apply_head(head: dict, features):
+  """Logits [B, K] of features [B, D] (the ResNet's final Dense, in float32)."""
+  return features @ head["kernel"] + head["bias"]
+
+
+def make_optimizer(config):
+  """(optax transform, learning-rate schedule): SGD with momentum, cosine to 0 at head.steps,
+  weight decay on the kernel only."""
+  h = config.head
+  schedule = optax.cosine_decay_schedule(h.lr, h.steps)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  tx = optax.chain(optax.add_decayed_weights(h.weight_decay, decay_mask),
+                   optax.sgd(schedule, momentum=h.momentum or None))
+  return tx, schedule
+
+
+@flax.struct.dataclass
+class HeadState:
+  step: jax.Array
+  params: Any  # {"kernel", "bias"}
+  opt_state: Any
+
+
+def init_state(config, source_head: dict, tx) -> HeadState:
+  params = initial_head(config, source_head)
+  return HeadState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+class RngStreams(NamedTuple):
+  vae_init: jax.Array   # the feature VAE's parameters
+  vae_train: jax.Array  # its batches and reparameterisation noise: fold_in(vae_train, step)
+  train: jax.Array      # the head's batches and synthetic features: fold_in(train, step)
+  report: jax.Array     # the synthetic features of the nearest-neighbour picture
+
+
+def rng_streams(seed: int) -> RngStreams:
+  base = jax.random.key(seed)
+  return RngStreams(*(jax.random.fold_in(base, i) for i in range(1, 5)))
