@@ -33,7 +33,7 @@ import numpy as np
 
 import runner
 
-from ferjax import evaluate
+from ferjax import evaluate, report
 from ferjax.errors import UserError
 from ferjax.kinds import classifier as classifier_kind
 
@@ -83,16 +83,6 @@ def run_folds(config_name, out: pathlib.Path, folds, seeds, overrides=()) -> dic
   return evals
 
 
-def stat(values) -> tuple[float, float | None]:
-  values = 100.0 * np.asarray(values, np.float64)
-  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None
-
-
-def fmt(value) -> str:
-  mean, std = value
-  return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
-
-
 def pooled(evals: dict, seeds) -> list[dict]:
   """Per seed: the metrics of the summed confusion matrices of every fold's test split."""
   out = []
@@ -104,17 +94,17 @@ def pooled(evals: dict, seeds) -> list[dict]:
 
 
 def summarize(evals: dict, seeds) -> dict:
-  folds = {f"fold{k}": {key: stat([e[key] for e in es]) for key, _ in METRICS}
-           | {"val_" + key: stat([e["val"][key] for e in es]) for key, _ in METRICS}
+  folds = {f"fold{k}": {key: report.stat([e[key] for e in es]) for key, _ in METRICS}
+           | {"val_" + key: report.stat([e["val"][key] for e in es]) for key, _ in METRICS}
            | {"num_examples": es[0]["num_examples"], "step": [e["step"] for e in es]}
            for k, es in evals.items()}
   per_fold = {key: [np.mean([e[key] for e in es]) for es in evals.values()] for key, _ in METRICS}
   pool = pooled(evals, seeds)
   return {
       "folds": folds,
-      "mean_over_folds": {key: stat(per_fold[key]) for key, _ in METRICS},
-      "pooled": {key: stat([p[key] for p in pool]) for key, _ in METRICS},
-      "pooled_recall": {n: stat([p["per_class"][n]["recall"] for p in pool])
+      "mean_over_folds": {key: report.stat(per_fold[key]) for key, _ in METRICS},
+      "pooled": {key: report.stat([p[key] for p in pool]) for key, _ in METRICS},
+      "pooled_recall": {n: report.stat([p["per_class"][n]["recall"] for p in pool])
                         for n in pool[0]["per_class"]},
       "seeds": list(seeds),
   }
@@ -130,16 +120,16 @@ def markdown(summary: dict, config_name, probe: dict | None) -> str:
            "|---|---:|" + "---:|" * 2 * len(METRICS)]
   for fold, row in summary["folds"].items():
     lines.append(f"| {fold} | {row['num_examples']} | " +
-                 " | ".join(fmt(row[key]) for key, _ in METRICS) + " | " +
-                 " | ".join(fmt(row["val_" + key]) for key, _ in METRICS) + " |")
+                 " | ".join(report.fmt(row[key]) for key, _ in METRICS) + " | " +
+                 " | ".join(report.fmt(row["val_" + key]) for key, _ in METRICS) + " |")
   lines += ["", "| summary | " + " | ".join(l for _, l in METRICS) + " |",
             "|---|" + "---:|" * len(METRICS),
             "| mean ± std over folds | " +
-            " | ".join(fmt(summary["mean_over_folds"][k]) for k, _ in METRICS) + " |",
+            " | ".join(report.fmt(summary["mean_over_folds"][k]) for k, _ in METRICS) + " |",
             "| pooled test images (± std over seeds) | " +
-            " | ".join(fmt(summary["pooled"][k]) for k, _ in METRICS) + " |", "",
+            " | ".join(report.fmt(summary["pooled"][k]) for k, _ in METRICS) + " |", "",
             "Per-class recall, pooled (%): " + ", ".join(
-                f"{n} {fmt(v)}" for n, v in summary["pooled_recall"].items()), ""]
+                f"{n} {report.fmt(v)}" for n, v in summary["pooled_recall"].items()), ""]
   if probe:
     s, pool = probe["summary"], probe["pooled"]
     lines += ["## Linear probe on frozen features", "",

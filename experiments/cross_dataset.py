@@ -36,7 +36,6 @@ import json
 import pathlib
 
 import jax
-import numpy as np
 
 import runner
 
@@ -159,17 +158,6 @@ def cell_eval(workdir: pathlib.Path, test: Source, split: str) -> dict:
                                restrict_to_shared=True)
 
 
-def stat(values) -> tuple[float, float | None]:
-  """Mean and sample std in percent (no std for one run), as ferjax.report."""
-  values = 100.0 * np.asarray(values, np.float64)
-  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None
-
-
-def fmt(value) -> str:
-  mean, std = value
-  return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
-
-
 def run_matrix(train: dict, test: dict, out: pathlib.Path, seeds, *, config_files: dict,
                split_for: dict, overrides=()) -> dict:
   """Trains and evaluates every cell; returns the results.json structure."""
@@ -236,14 +224,14 @@ def summarize(matrix: dict) -> dict:
       evals = cell["evals"]
       cells.setdefault(label, {})[target] = {
           "split": cell["split"], "in_domain": label == target, "runs": len(evals),
-          **{key: stat([e[key] for e in evals]) for key, _ in METRICS},
+          **{key: report.stat([e[key] for e in evals]) for key, _ in METRICS},
           "classes": list(evals[0]["per_class"]),
           "num_examples": evals[0]["num_examples"],
           "dropped": evals[0].get("dropped"),
           "files": [e.get("file", "eval_val.json") for e in evals],
       }
   runs = {label: {"config": r["config"], "workdirs": r["workdirs"],
-                  "val": {key: stat([v[key] for v in r["val"]]) for key, _ in METRICS}}
+                  "val": {key: report.stat([v[key] for v in r["val"]]) for key, _ in METRICS}}
           for label, r in matrix["runs"].items()}
   return {"train": matrix["train"], "test": matrix["test"], "splits": matrix["splits"],
           "seeds": matrix["seeds"],
@@ -266,7 +254,7 @@ def markdown(summary: dict) -> str:
       row = []
       for target in tests:
         cell = cells.get(label, {}).get(target)
-        text = "—" if cell is None else fmt(cell[key])
+        text = "—" if cell is None else report.fmt(cell[key])
         if cell is not None and cell["split"] != splits[target]:
           text += f" ({cell['split']})"
         row.append(f"**{text}**" if label == target else text)
@@ -277,7 +265,7 @@ def markdown(summary: dict) -> str:
             "|---|---|---:|" + "---:|" * len(METRICS)]
   for label, run in summary["runs"].items():
     lines.append(f"| {label} | {run['config']} | {len(run['workdirs'])} | " +
-                 " | ".join(fmt(run["val"][key]) for key, _ in METRICS) + " |")
+                 " | ".join(report.fmt(run["val"][key]) for key, _ in METRICS) + " |")
   lines += ["", "## Classes scored per cell", ""]
   for label, row in cells.items():
     for target, cell in row.items():

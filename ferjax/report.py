@@ -19,7 +19,7 @@ def read_eval(path) -> dict:
   return json.loads(pathlib.Path(path).read_text())
 
 
-def _stat(values) -> tuple[float, float | None]:
+def stat(values) -> tuple[float, float | None]:
   """Mean and sample standard deviation in percent; no spread (None) for a single run."""
   values = 100.0 * np.asarray(values, np.float64)
   return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None
@@ -33,17 +33,17 @@ def summarize(evals_by_method: dict[str, list[dict]]) -> dict:
       continue
     row = {"runs": len(evals)}
     for key, _ in HEADLINE:
-      row[key] = _stat([e[key] for e in evals])
+      row[key] = stat([e[key] for e in evals])
     for group in GROUPS:
       if all("groups" in e for e in evals):
-        row[group] = _stat([e["groups"][group]["mean_recall"] for e in evals])
+        row[group] = stat([e["groups"][group]["mean_recall"] for e in evals])
     names = list(evals[0]["per_class"])
-    row["recall"] = {n: _stat([e["per_class"][n]["recall"] for e in evals]) for n in names}
+    row["recall"] = {n: stat([e["per_class"][n]["recall"] for e in evals]) for n in names}
     summary[method] = row
   return summary
 
 
-def _fmt(stat) -> str:
+def fmt(stat) -> str:
   mean, std = stat
   return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
@@ -56,7 +56,7 @@ def markdown_table(summary: dict) -> str:
            "|---|---:|" + "---:|" * len(cols)]
   for method, row in summary.items():
     lines.append(f"| {method} | {row['runs']} | " +
-                 " | ".join(_fmt(row[k]) if k in row else "—" for k in keys) + " |")
+                 " | ".join(fmt(row[k]) if k in row else "—" for k in keys) + " |")
   return "\n".join(lines)
 
 
@@ -65,7 +65,7 @@ def recall_table(summary: dict) -> str:
   names = list(next(iter(summary.values()))["recall"])
   lines = ["| method | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
   for method, row in summary.items():
-    lines.append(f"| {method} | " + " | ".join(_fmt(row["recall"][n]) for n in names) + " |")
+    lines.append(f"| {method} | " + " | ".join(fmt(row["recall"][n]) for n in names) + " |")
   return "\n".join(lines)
 
 

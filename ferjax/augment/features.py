@@ -172,12 +172,7 @@ def class_latent_stats(model, variables, features, labels, num_classes: int):
   """Per-class mean and standard deviation [K, latent_dim] of the encoder's latent means
   (class_gaussian); a class with one example gets std 1, one with none mean 0 and std 1."""
   mu = np.asarray(jax.jit(model.encode)(variables, jnp.asarray(features, jnp.float32))[0])
-  labels = np.asarray(labels)
-  means = np.stack([mu[labels == k].mean(0) if np.any(labels == k) else np.zeros(mu.shape[1])
-                    for k in range(num_classes)])
-  stds = np.stack([mu[labels == k].std(0) if np.sum(labels == k) > 1 else np.ones(mu.shape[1])
-                   for k in range(num_classes)])
-  return jnp.asarray(means, jnp.float32), jnp.asarray(stds, jnp.float32)
+  return semantic.class_stats(mu, labels, num_classes)
 
 
 def stage_data(vae: TrainedVAE, feature_plan: FeaturePlan, mode: str, features, labels,

@@ -57,6 +57,17 @@ def perturb_latents(key, mode: str, alpha: float, mu, logvar, partner_mu, classe
   raise UserError(f"config field 'augment.mode': expected one of {', '.join(MODES)}, got {mode!r}")
 
 
+def class_stats(mu, labels, num_classes: int):
+  """Per-class mean and standard deviation [K, d] of latent means mu [N, d] (class_gaussian):
+  a class with one example gets std 1, one with none mean 0 and std 1."""
+  mu, labels = np.asarray(mu), np.asarray(labels)
+  means = np.stack([mu[labels == k].mean(0) if np.any(labels == k) else np.zeros(mu.shape[1])
+                    for k in range(num_classes)])
+  stds = np.stack([mu[labels == k].std(0) if np.sum(labels == k) > 1 else np.ones(mu.shape[1])
+                   for k in range(num_classes)])
+  return jnp.asarray(means, jnp.float32), jnp.asarray(stds, jnp.float32)
+
+
 # --- balancing policy (host side, computed once) ---------------------------------------------
 
 @dataclasses.dataclass(frozen=True)

@@ -193,11 +193,7 @@ def class_latent_stats(vae, images: np.ndarray, labels: np.ndarray, num_classes:
     mus.append(np.asarray(vae.encode(to_format(batch, vae.model.image_size,
                                                vae.model.channels))[0]))
   mu = np.concatenate(mus)
-  means = np.stack([mu[labels == k].mean(0) if np.any(labels == k) else np.zeros(mu.shape[1])
-                    for k in range(num_classes)])
-  stds = np.stack([mu[labels == k].std(0) if np.sum(labels == k) > 1 else np.ones(mu.shape[1])
-                   for k in range(num_classes)])
-  return jnp.asarray(means, jnp.float32), jnp.asarray(stds, jnp.float32)
+  return semantic.class_stats(mu, labels, num_classes)
 
 
 def _restore_filter(workdir):
