@@ -185,7 +185,53 @@ def test_synthetic_features_fill_only_the_planned_slots(pool, vae):
   np.testing.assert_array_equal(batch(key)[0], f)  # Same key, same batch.
 
 
+def train_heads(max_norm, steps=25, d=16):
+  """The kernel [D, K] after `steps` head steps on random separable features, head.max_norm set."""
+  config = head_kind.default_config()
+  config.head.update(batch_size=32, steps=steps, lr=0.5, max_norm=max_norm, init="zero")
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(K), [60, 30, 20, 10, 8, 6, 4]).astype(np.int32)
+  features = (rng.normal(size=(len(labels), d)) + 3 * np.eye(K, d)[labels]).astype(np.float32)
+  data = {"features": jnp.asarray(features), "labels": jnp.asarray(labels),
+          "class_index": pipeline.class_index(jnp.asarray(labels), K)}
+  tx, _ = head_kind.make_optimizer(config)
+  source = {"kernel": np.zeros((d, K), np.float32), "bias": np.zeros(K, np.float32)}
+  state = head_kind.init_state(config, source, tx)
+  step = jax.jit(head_lib.make_train_step(config, np.bincount(labels), jit=False))
+  for _ in range(steps):
+    state, _ = step(state, data)
+  return np.asarray(state.params["kernel"]), np.asarray(state.params["bias"])
+
+
+def test_max_norm_projects_every_class_column():
+  """Weight balancing's MaxNorm (Alshammari et al. 2022): each class's kernel column ends in
+  the L2 ball; max_norm=None is plain training, bit for bit (a radius never reached too)."""
+  free, free_bias = train_heads(None)
+  assert np.linalg.norm(free, axis=0).max() > 0.5  # The constraint below does bind.
+  kernel, _ = train_heads(0.5)
+  norms = np.linalg.norm(kernel, axis=0)
+  assert norms.max() <= 0.5 + 1e-6 and norms.min() > 0.25
+  loose, loose_bias = train_heads(1e9)
+  np.testing.assert_array_equal(loose, free)
+  np.testing.assert_array_equal(loose_bias, free_bias)
+  head = {"kernel": jnp.asarray([[3.0, 0.1], [4.0, 0.0]]), "bias": jnp.ones(2)}
+  projected = head_kind.project_max_norm(head, 1.0)
+  np.testing.assert_allclose(projected["kernel"], [[0.6, 0.1], [0.8, 0.0]], rtol=1e-6)
+  np.testing.assert_array_equal(projected["bias"], head["bias"])
+  assert head_kind.project_max_norm(head, None) is head
+
+
 # --- The stage end to end -----------------------------------------------------------------------
+def test_weight_balancing_stage_keeps_every_column_in_the_ball(tiny_runs, tmp_path):
+  out = tmp_path / "wb"
+  retrain(tiny_runs.classifier, out, "--config.head.steps=4", "--config.head.eval_every=2",
+          "--config.head.max_norm=0.05", "--config.head.sampler=class_balanced")
+  for which in ("best", "last"):
+    kernel = runs.open_classifier(out, which).variables["params"]["head"]["kernel"]
+    assert np.linalg.norm(np.asarray(kernel), axis=0).max() <= 0.05 + 1e-6, which
+  assert json.loads((out / "head.json").read_text())["config"]["head"]["max_norm"] == 0.05
+
+
 def test_crt_writes_a_classifier_run_with_the_source_backbone(tiny_runs, tmp_path):
   out = tmp_path / "crt"
   retrain(tiny_runs.classifier, out, *FAST)
@@ -236,6 +282,8 @@ def test_feature_mode_end_to_end_and_deterministic(tiny_runs, tmp_path):
     (["--config.synth.mode=feature", "--config.synth.max_share=0"], "synth.max_share"),
     (["--config.head.sampler=oversample"], "head.sampler"),
     (["--config.head.lr=0"], "head.lr"),
+    (["--config.head.max_norm=0"], "head.max_norm"),
+    (["--config.head.max_norm=-1"], "head.max_norm"),
     (["--config.synth.perturbation=posterior"], "perturbation"),
     (["--config.source.checkpoint=77"], "no checkpoint at step 77"),
     (["--config.synth.mode=feature", "--config.synth.fill=0.001"], "synth.fill"),

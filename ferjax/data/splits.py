@@ -4,6 +4,12 @@
 the long-tailed train profile (`data.imbalance_ratio`) and a size limit applied; `load_splits`
 returns (train, validation): the named validation split, or a stratified hold-out of train.
 The test split is never read here unless asked for by name (evaluation does that).
+
+Noisy labels (`data.label_noise`, the noisy-label protocol): `load_splits` flips that share of
+the labels that train, after any hold-out is taken with the true labels, so validation stays
+clean; the flips (`label_noise`) depend on the run's seed only, so every method at one seed sees
+the same corrupted labels. The synthetic set keeps its generator's own label noise (fixed,
+whatever the seed). Either way the true labels are kept in `extras["clean_label"]`.
 """
 
 import pathlib
@@ -36,6 +42,10 @@ def load_split(data, split: str, *, train: bool, limit: int | None = None) -> Da
   (default for the train split: data.num_examples).
   The synthetic set is always generated with its own fixed seed, whatever the run's seed: the
   training seed never changes the data.
+
+  Labels: a real set's stay clean here (`load_splits` adds data.label_noise after its
+  hold-out); the synthetic set's train split carries its generator's noise, its true labels in
+  extras["clean_label"].
   """
   split = fold_split(data, split)
   lt = data.get("imbalance_ratio") if train else None
@@ -53,8 +63,11 @@ def load_split(data, split: str, *, train: bool, limit: int | None = None) -> Da
             image_size=data.image_size, channels=data.channels, lazy=lazy_reads(train), **options)
   if "index" not in ds.extras:  # Positions in the split as loaded, kept through every subset.
     ds = ds.replace(extras={**ds.extras, "index": np.arange(len(ds), dtype=np.int64)})
+  if options.get("label_noise"):
+    clean = synthetic_clean_labels(split, options)
+    ds = ds.replace(extras={**ds.extras, "clean_label": clean})
   if data.get("classes"):
-    ds, line = labels.select_classes(ds, data.classes)
+    ds, line = select_classes(ds, data.classes)
     if train and jax.process_index() == 0:
       print(f"data.classes={data.classes!r}: {data.name} {split}: {line}")
   if lt and data.name != "synthetic":
@@ -66,6 +79,49 @@ def load_split(data, split: str, *, train: bool, limit: int | None = None) -> Da
   if len(ds) == 0:
     raise UserError(f"dataset {data.name!r} split {split!r} holds no images")
   return ds
+
+
+def synthetic_clean_labels(split: str, options: dict) -> np.ndarray:
+  """The true labels [N] (int32) of the synthetic split that `options` (synthetic.load's) make,
+  before its label noise: the generator's own label draw (its first stream), repeated without
+  rendering a face. tests/test_label_noise.py checks it against a clean load."""
+  from ferjax.data import synthetic
+  seed = options.get("seed", 0)
+  counts = synthetic.class_counts(split, options.get("num_examples"),
+                                  options.get("imbalance_ratio"))
+  face_seq = np.random.SeedSequence([seed, synthetic._SPLIT_KEYS[split]]).spawn(3)[0]
+  rng = np.random.default_rng(face_seq)
+  return rng.permutation(np.repeat(np.arange(len(counts)), counts)).astype(np.int32)
+
+
+def select_classes(ds: Dataset, spec: str) -> tuple[Dataset, str]:
+  """`labels.select_classes`, with extras["clean_label"] renumbered as the labels (-1: a true
+  class the run drops, of an example kept for its noisy label)."""
+  out, line = labels.select_classes(ds, spec)
+  if "clean_label" in out.extras:
+    _, mapping = labels.class_mapping(ds.class_names, spec)
+    clean = mapping[np.asarray(out.extras["clean_label"])].astype(np.int32)
+    out = out.replace(extras={**out.extras, "clean_label": clean})
+  return out, line
+
+
+def label_noise(ds: Dataset, rate: float, seed: int) -> Dataset:
+  """`ds` with round(rate * N) labels flipped, symmetric noise: examples drawn uniformly without
+  replacement, each given a uniformly drawn *other* class (the "symmetric" / "uniform" noise of
+  the noisy-label literature, e.g. Patrini et al. 2017, "Making deep neural networks robust to
+  label noise", and the noisy-FER protocols of Wang et al. 2020, "Suppressing uncertainties
+  for large-scale facial expression recognition" (SCN)). Seeded by `seed` alone, on its own
+  stream: the same flips for every method at one seed. The true labels go to
+  extras["clean_label"] (kept when already there: noise on noise keeps the first truth)."""
+  k = ds.num_classes
+  rng = np.random.default_rng([seed, 17])  # Its own stream (7: hold-out, 13: joint weights).
+  n = int(round(rate * len(ds)))
+  flip = rng.choice(len(ds), size=n, replace=False) if k > 1 else np.zeros(0, np.int64)
+  shift = rng.integers(1, max(k, 2), size=len(flip))  # Never the same class.
+  noisy = ds.labels.copy()
+  noisy[flip] = (noisy[flip] + shift) % k
+  clean = ds.extras.get("clean_label", ds.labels)
+  return ds.replace(labels=noisy.astype(np.int32), extras={**ds.extras, "clean_label": clean})
 
 
 def fold_split(data, split: str) -> str:
@@ -185,10 +241,15 @@ def has_split(data, split: str) -> bool:
 
 
 def to_label_space(ds: Dataset, class_names) -> Dataset:
-  """`ds` relabelled into `class_names` (canonical names) by canonical name."""
+  """`ds` relabelled into `class_names` (canonical names) by canonical name (its
+  extras["clean_label"] too)."""
   to_joint = np.asarray([class_names.index(c) for c in labels.canonical_names(ds.class_names)],
                         np.int32)
-  return ds.replace(labels=to_joint[ds.labels], class_names=tuple(class_names))
+  extras = ds.extras
+  if "clean_label" in extras:
+    clean = np.asarray(extras["clean_label"])
+    extras = {**extras, "clean_label": np.where(clean >= 0, to_joint[clean], -1).astype(np.int32)}
+  return ds.replace(labels=to_joint[ds.labels], class_names=tuple(class_names), extras=extras)
 
 
 def joint_class_names(datasets) -> tuple[str, ...]:
@@ -221,16 +282,19 @@ def load_joint(data, seed: int) -> tuple[Dataset, tuple[Dataset, ...] | None]:
     rows = weighted_rows(len(train), weight, seed)
     trains.append(to_label_space(train.take(rows, in_memory=True), names))
     vals.append(to_label_space(val, names).replace(name=name) if val is not None else None)
+  extras = {"dataset": np.concatenate([np.full(len(t), n) for t, (n, *_) in zip(trains, loaded)])}
+  if any("clean_label" in t.extras for t in trains):  # Members without noise: clean as labelled.
+    extras["clean_label"] = np.concatenate([t.extras.get("clean_label", t.labels)
+                                            for t in trains]).astype(np.int32)
   joint = Dataset(np.concatenate([t.images for t in trains]),
                   np.concatenate([t.labels for t in trains]).astype(np.int32), names, "joint",
-                  "train", {"dataset": np.concatenate([np.full(len(t), n) for t, (n, *_) in
-                                                        zip(trains, loaded)])})
+                  "train", extras)
   if jax.process_index() == 0:
     print(f"joint train set: {len(joint)} images, " + ", ".join(
         f"{name} {len(t)} (weight {weight:g})" for t, (name, weight, *_) in zip(trains, loaded))
         + f"; classes {', '.join(names)}")
   if data.get("classes"):
-    joint, line = labels.select_classes(joint, data.classes)
+    joint, line = select_classes(joint, data.classes)
     if jax.process_index() == 0:
       print(f"data.classes={data.classes!r}: joint train: {line}")
     vals = [labels.select_classes(v, data.classes)[0] if v is not None else None for v in vals]
@@ -245,16 +309,36 @@ def load_splits(data, seed: int) -> tuple[Dataset, Dataset | None]:
   into memory once. Validation is None when the group has neither. The train split is
   data.split (default "train"), cut to data.num_examples; validation to data.val_examples.
   A joint run (data.name="joint", `load_joint`) has a tuple of validation sets, one per member
-  dataset."""
+  dataset.
+
+  Label noise (data.label_noise): a real set's train labels are flipped by `label_noise` with
+  `seed` after the hold-out, which is taken (stratified) with the true labels and keeps them;
+  the synthetic set's hold-out gets its true labels back (extras["clean_label"]). Validation is
+  clean either way. The flipped count is printed once."""
   if data.name == "joint":
     return load_joint(data, seed)
   train = load_split(data, data.get("split", "train"), train=True)
+  val = None
   if data.val_split is not None:
     val = load_split(data, data.val_split, train=False, limit=data.get("val_examples"))
     check_disjoint(train, val)
-    return train, val
-  if data.get("val_fraction") is None:
-    return train, None
-  train_idx, held_idx = stratified_holdout(train.labels, data.val_fraction, seed,
-                                           groups=train.extras.get("subject"))
-  return (train.take(train_idx), train.take(held_idx, f"{train.split}-holdout", in_memory=True))
+  elif data.get("val_fraction") is not None:
+    truth = train.extras.get("clean_label", train.labels)
+    train_idx, held_idx = stratified_holdout(truth, data.val_fraction, seed,
+                                             groups=train.extras.get("subject"))
+    dropped = held_idx[truth[held_idx] < 0]  # True class dropped by data.classes: trains only.
+    train_idx = np.sort(np.concatenate([train_idx, dropped]))
+    held_idx = held_idx[truth[held_idx] >= 0]
+    val = train.take(held_idx, f"{train.split}-holdout", in_memory=True)
+    if "clean_label" in val.extras:
+      val = val.replace(labels=val.extras["clean_label"].astype(np.int32))
+    train = train.take(train_idx)
+  rate = data.get("label_noise")
+  if rate and data.name != "synthetic":
+    train = label_noise(train, rate, seed)
+  if "clean_label" in train.extras and jax.process_index() == 0:
+    flipped = int(np.sum(train.labels != train.extras["clean_label"]))
+    source = "the generator's own" if data.name == "synthetic" else f"symmetric, seed {seed}"
+    print(f"data.label_noise={rate:g}: {data.name} {train.split}: {flipped} of {len(train)} "
+          f"train labels flipped ({source}); validation clean")
+  return train, val

@@ -11,6 +11,23 @@ Its output is a regular classifier workdir (the source backbone, the new head).
 Defaults are ours unless a comment names a source. cRT re-trains the head with class-balanced
 sampling and a cosine schedule (Kang et al.: 10 epochs, lr 0.2 at batch 512; here lr 0.1 at
 batch 256, SGD with momentum 0.9).
+
+Weight balancing (Alshammari et al. 2022, "Long-tailed recognition via weight balancing",
+CVPR; their code's `MaxNorm_via_PGD`): stage 1 learns the whole network with a tuned, larger
+weight decay; stage 2 re-trains the classifier, class-balanced, under a per-class MaxNorm
+constraint by projected gradient descent: after every optimizer step each class's weight vector
+(the kernel column [D] of class k) is projected onto the L2 ball of radius `head.max_norm`,
+w_k <- w_k / max(1, ||w_k|| / max_norm); the bias is not constrained. The paper balances stage
+2 with a class-balanced loss; here class-balanced sampling does it (the same expected gradient
+for cross-entropy). Here:
+
+    ferjax train --config experiments/configs/classifier_fer2013.py --workdir runs/wb \\
+        --config.optim.weight_decay=5e-3
+    ferjax retrain-head --workdir runs/wb --out runs/wb_maxnorm \\
+        --config.head.max_norm=1.0 --config.head.sampler=class_balanced
+
+Both the weight decay and the threshold are to be tuned on validation (their code's default
+thresholds are 0.1 and 1.0). head.max_norm=None, the default, is plain cRT.
 """
 
 from typing import Any, NamedTuple
@@ -61,6 +78,9 @@ SPEC = {
         "lr": number(0.1, 0, lo_open=True),  # peak of the cosine schedule (to 0 at head.steps)
         "momentum": number(0.9, 0, 1, hi_open=True),  # SGD
         "weight_decay": number(5e-4, 0),  # on the kernel only
+        # Weight balancing's MaxNorm (Alshammari et al. 2022): after every step each class's
+        # kernel column is projected onto the L2 ball of this radius; None: unconstrained.
+        "max_norm": number(None, 0, lo_open=True, optional=True),
         "steps": integer(1000, 1),
         "batch_size": integer(256, 1),
         "eval_every": integer(100, 1),  # validation (and the last step); the best head is kept
@@ -129,6 +149,18 @@ def initial_head(config, source_head: dict) -> dict:
 def apply_head(head: dict, features):
   """Logits [B, K] of features [B, D] (the ResNet's final Dense, in float32)."""
   return features @ head["kernel"] + head["bias"]
+
+
+def project_max_norm(head: dict, max_norm: float | None) -> dict:
+  """`head` with each class's kernel column (kernel [D, K], column k: class k) projected onto the
+  L2 ball of radius `max_norm`: w_k / max(1, ||w_k|| / max_norm), the PGD step of weight
+  balancing's MaxNorm (Alshammari et al. 2022, `MaxNorm_via_PGD`, L2, classifier weights only;
+  the bias is unchanged). `max_norm` None: `head` unchanged. Pure, jit-friendly."""
+  if max_norm is None:
+    return head
+  kernel = head["kernel"]
+  norms = jnp.sqrt(jnp.sum(jnp.square(kernel), axis=0, keepdims=True))  # [1, K]
+  return {**head, "kernel": kernel / jnp.maximum(1.0, norms / max_norm)}
 
 
 def make_optimizer(config):

@@ -133,7 +133,8 @@ def make_train_step(config, prior_counts, *, synthesize=None, jit: bool = True):
 
   Loss: mean_i w_i CE(z_i + tau log pi, y_i), with pi the class prior of the batches
   (`prior_counts`) when head.loss is logit_adjusted (tau = 0 otherwise), w_i the example weights
-  (synth.weight on the synthetic slots).
+  (synth.weight on the synthetic slots). With head.max_norm, every step ends with weight
+  balancing's MaxNorm projection of the kernel's class columns (`kind.project_max_norm`).
   """
   h = config.head
   tx, schedule = kind.make_optimizer(config)
@@ -153,8 +154,8 @@ def make_train_step(config, prior_counts, *, synthesize=None, jit: bool = True):
 
     (loss, logits), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=step + 1, params=optax.apply_updates(state.params, updates),
-                              opt_state=opt_state)
+    params = kind.project_max_norm(optax.apply_updates(state.params, updates), h.max_norm)
+    new_state = state.replace(step=step + 1, params=params, opt_state=opt_state)
     metrics = {"loss": loss, "train_accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
                "lr": schedule(step), "grad_norm": optax.tree.norm(grads)}
     return new_state, metrics
