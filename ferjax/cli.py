@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
   p = _verb(verbs, "evaluate", "ferjax.evaluate:cli_main",
             "Evaluate a trained classifier's checkpoint on a split: writes eval_<split>.json "
             "(accuracy, mean class accuracy, macro-F1, per-class, confusion, head/medium/tail) "
-            "and a confusion-matrix PNG. No retraining needed to change --tta or --logit-adjust.",
+            "and a confusion-matrix PNG. No retraining needed to change --tta, --logit-adjust or "
+            "--tau-norm.",
             "ferjax evaluate --workdir runs/classifier_tiny --split test --logit-adjust 1.0")
   p.add_argument("--workdir", required=True, help="a `ferjax train` run folder")
   p.add_argument("--split", default="test", help="split to evaluate (default: test)")
@@ -126,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--tta", default="none", choices=("none", "flip"), help="test-time augmentation")
   p.add_argument("--logit-adjust", type=float, default=0.0, metavar="TAU",
                  help="post-hoc logit adjustment: subtract TAU * log(train class prior)")
+  p.add_argument("--tau-norm", type=float, default=0.0, metavar="TAU",
+                 help="tau-normalised classifier (Kang et al. 2020): each class weight divided by "
+                      "its norm^TAU, bias dropped (0: off; 1: unit-norm class weights)")
   p.add_argument("--features", action="store_true",
                  help="also write penultimate-layer features to features_<tag>.npz")
   _add_dataset_args(p, "score another dataset (cross-dataset evaluation): classes matched by "

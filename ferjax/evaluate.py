@@ -2,7 +2,7 @@
 
     result = evaluate_run("runs/baseline", split="test", tta="flip")   # the library
     ferjax evaluate --workdir runs/baseline --split test [--checkpoint best|last|STEP]
-                    [--tta flip|none] [--logit-adjust TAU] [--features]
+                    [--tta flip|none] [--logit-adjust TAU] [--tau-norm TAU] [--features]
     ferjax evaluate --workdir runs/fer2013 --dataset ckplus --split all    # cross-dataset
     ferjax features --workdir runs/fer2013 --dataset ckplus --split all --out ckplus.npz
 
@@ -11,10 +11,19 @@ batches (the last one padded; padded rows are dropped before any metric), and wr
 `eval_<tag>.json` (it records the settings used) and `confusion_<tag>.png`, the tag naming the
 split, the dataset when it is not the run's own, and every non-default setting (`output_tag`:
 `eval_test.json`, `eval_test_tta-flip_tau-1.json`, `eval_ckplus-all.json`), so no evaluation
-overwrites another made with other settings. Test-time flip augmentation and post-hoc logit
-adjustment change only this evaluation, never the weights, so trying another --tta or
---logit-adjust needs no retraining. `--split val` evaluates the validation set the run selected
-its checkpoints on (a named split, or the stratified hold-out of train).
+overwrites another made with other settings. Test-time flip augmentation, post-hoc logit
+adjustment and tau-normalisation change only this evaluation, never the stored weights, so trying
+another --tta, --logit-adjust or --tau-norm needs no retraining. `--split val` evaluates the
+validation set the run selected its checkpoints on (a named split, or the stratified hold-out of
+train).
+
+tau-normalisation (`--tau-norm TAU`, `tau_normalize`; Kang et al. 2020, "Decoupling
+representation and classifier for long-tailed recognition"): each class's weight vector w_k (a
+column of the head's [D, K] kernel) becomes w_k / ||w_k||^TAU and the bias is dropped, as the
+authors' code (github.com/facebookresearch/classifier-balancing, `pnorm` then
+`dotproduct_similarity(feat, ws)`: logits are features times the normalised weights, no bias).
+TAU = 1 gives every class a unit-norm weight; TAU = 0 (the default) is off: nothing changes, the
+bias included (the authors' curve at p = 0 is the raw weights without the bias).
 
 Cross-dataset (`--dataset NAME`): the images are converted to the run's size and channels and
 the classes matched by canonical emotion name (ferjax.data.labels); images of classes the model
@@ -39,6 +48,7 @@ import json
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -108,6 +118,23 @@ def metrics_from_confusion(confusion, train_counts=None, class_names=None) -> di
   return result
 
 
+# --- tau-normalisation ------------------------------------------------------------------------
+def tau_normalize(variables, tau: float):
+  """`variables` with the head's class weights tau-normalised (Kang et al. 2020): the kernel
+  [D, K]'s column k divided by its L2 norm to the power `tau`, the bias set to zero (the
+  authors' `pnorm` + `dotproduct_similarity`, which use no bias). `tau` = 0 returns `variables`
+  unchanged (bias kept). Norms are floored at 1e-12 so an all-zero column stays finite."""
+  if not tau:
+    return variables
+  head = variables["params"]["head"]
+  kernel = head["kernel"]
+  norms = jnp.maximum(jnp.linalg.norm(kernel.astype(jnp.float32), axis=0), 1e-12)
+  new_head = {**head, "kernel": (kernel / norms ** tau).astype(kernel.dtype)}
+  if "bias" in head:
+    new_head["bias"] = jnp.zeros_like(head["bias"])
+  return {**variables, "params": {**variables["params"], "head": new_head}}
+
+
 # --- Jitted prediction -------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnames=("model", "tta"))
 def _predict_batch(model, variables, images_uint8, tta: str):
@@ -163,8 +190,8 @@ def evaluate_params(config, variables, dataset, *, train_counts=None, tta: str |
 
   `train_counts` gives the head / medium / tail groups and, unless `prior_counts` (the class
   distribution the model was trained under, e.g. after rebalancing) is given, the prior for
-  `logit_adjust` (tau of post-hoc adjustment). `tta` defaults to config.eval.tta. Pass precomputed raw `logits`
-  to re-score them (e.g. with several tau) without predicting again.
+  `logit_adjust` (tau of post-hoc adjustment). `tta` defaults to config.eval.tta. Pass
+  precomputed raw `logits` to re-score them (e.g. with several tau) without predicting again.
   """
   tta = config.eval.tta if tta is None else tta
   prior_counts = train_counts if prior_counts is None else prior_counts
@@ -218,11 +245,13 @@ def is_own_dataset(config, dataset, data_dir=None, manual_dir=None) -> bool:
 
 
 def output_tag(split: str, *, dataset: str | None = None, checkpoint="best", tta: str = "none",
-               logit_adjust: float = 0.0, restrict_to_shared: bool = True) -> str:
+               logit_adjust: float = 0.0, restrict_to_shared: bool = True,
+               tau_norm: float = 0.0) -> str:
   """The name part of an evaluation's files (`eval_<tag>.json`, `confusion_<tag>.png`,
   `features_<tag>.npz`): the split, prefixed by the dataset when it is not the run's own, and one
   suffix per setting that differs from the default, so evaluations never overwrite each other.
-  E.g. `test`, `test_tta-flip_tau-1`, `ckplus-all`, `ckplus-all_all-classes_ckpt-last`."""
+  E.g. `test`, `test_tta-flip_tau-1`, `test_taunorm-0.5`, `ckplus-all`,
+  `ckplus-all_all-classes_ckpt-last`."""
   tag = split if dataset is None else f"{dataset}-{split}"
   if dataset is not None and not restrict_to_shared:
     tag += "_all-classes"
@@ -232,6 +261,8 @@ def output_tag(split: str, *, dataset: str | None = None, checkpoint="best", tta
     tag += f"_tta-{tta}"
   if logit_adjust:
     tag += f"_tau-{float(logit_adjust):g}"
+  if tau_norm:
+    tag += f"_taunorm-{float(tau_norm):g}"
   return tag
 
 
@@ -261,12 +292,14 @@ def match_classes(run, dataset, *, restrict_to_shared: bool):
 def evaluate_run(workdir, split: str = "test", *, checkpoint="best", tta: str | None = None,
                  logit_adjust: float = 0.0, features: bool = False, write: bool = True,
                  dataset: str | None = None, data_dir=None, manual_dir=None,
-                 restrict_to_shared: bool = True, quiet: bool = False) -> dict:
+                 restrict_to_shared: bool = True, quiet: bool = False,
+                 tau_norm: float = 0.0) -> dict:
   """Metrics of a trained classifier run on one split of its dataset, or of another dataset,
   as a JSON-ready dict.
 
   Restores the run's `checkpoint` (best: chosen on validation), predicts `split` (flip TTA and
-  post-hoc logit adjustment as asked; defaults from the run's config) and, with `write`, writes
+  post-hoc logit adjustment as asked; defaults from the run's config; `tau_norm`: the head's class
+  weights tau-normalised first, see `tau_normalize`) and, with `write`, writes
   `eval_<tag>.json`, `confusion_<tag>.png` and (with `features`) `features_<tag>.npz` into the
   workdir (process 0 only; `output_tag` names them). With `features` the result also holds the
   "logits" and "features" arrays (not written to the JSON).
@@ -280,6 +313,8 @@ def evaluate_run(workdir, split: str = "test", *, checkpoint="best", tta: str | 
   workdir = pathlib.Path(workdir)
   if not np.isfinite(logit_adjust):
     raise UserError(f"--logit-adjust: expected a finite number, got {logit_adjust}")
+  if not (np.isfinite(tau_norm) and tau_norm >= 0):
+    raise UserError(f"--tau-norm: expected a finite number >= 0, got {tau_norm}")
   run = runs.open_classifier(workdir, str(checkpoint))
   if write and parallel.is_main_process():  # Before the work, not after it.
     workdir_lib.check_writable(workdir, "--workdir")
@@ -304,7 +339,10 @@ def evaluate_run(workdir, split: str = "test", *, checkpoint="best", tta: str | 
         restrict_to_shared=restrict_to_shared)
   if note and not quiet and parallel.is_main_process():
     print(note)
-  logits, feats = predict_logits(run.model, run.variables, data.images, tta=tta, mesh=run.mesh,
+  variables = run.variables
+  if tau_norm:  # Jitted: the variables may span the devices of several processes.
+    variables = jax.jit(functools.partial(tau_normalize, tau=float(tau_norm)))(variables)
+  logits, feats = predict_logits(run.model, variables, data.images, tta=tta, mesh=run.mesh,
                                  batch_size=eval_batch_size(config, run.mesh),
                                  return_features=True)
   if logit_adjust:  # On every class, with the prior the model was trained under; then restrict.
@@ -314,20 +352,22 @@ def evaluate_run(workdir, split: str = "test", *, checkpoint="best", tta: str | 
   position[columns] = np.arange(len(columns))
   scored = data.replace(labels=position[data.labels], class_names=tuple(
       run.class_names[k] for k in columns))
-  result = evaluate_params(config, run.variables, scored,
+  result = evaluate_params(config, variables, scored,
                            train_counts=run.train_counts[columns], tta=tta,
                            logits=logits[:, columns])
   tag = output_tag(split, dataset=dataset and data.name, checkpoint=checkpoint, tta=tta,
-                   logit_adjust=logit_adjust, restrict_to_shared=restrict_to_shared)
+                   logit_adjust=logit_adjust, restrict_to_shared=restrict_to_shared,
+                   tau_norm=tau_norm)
   result.update(split=split, step=run.step, checkpoint=str(checkpoint),
-                logit_adjust=float(logit_adjust),
+                logit_adjust=float(logit_adjust), tau_norm=float(tau_norm),
                 dataset=data.name if dataset else config.data.name,
                 cross_dataset=dataset is not None, restrict_to_shared=bool(restrict_to_shared),
                 dropped=note, file=f"eval_{tag}.json")
   if write and parallel.is_main_process():  # Several processes: process 0 writes the files.
     fileio.write_atomic(workdir / f"eval_{tag}.json", json.dumps(result, indent=2) + "\n")
     title = (f"{result['dataset']} {split} (step {run.step}, tta {tta}, "
-             f"tau {float(logit_adjust):g})")
+             f"tau {float(logit_adjust):g}" + (f", tau-norm {float(tau_norm):g})" if tau_norm
+                                               else ")"))
     plots.save_confusion(result["confusion"], scored.class_names, workdir / f"confusion_{tag}.png",
                          title=title)
     if features:
@@ -410,6 +450,7 @@ def cli_main(args) -> int:
   result = evaluate_run(args.workdir, split, checkpoint=getattr(args, "checkpoint", None) or "best",
                         tta=getattr(args, "tta", None),
                         logit_adjust=float(getattr(args, "logit_adjust", 0.0) or 0.0),
+                        tau_norm=float(getattr(args, "tau_norm", 0.0) or 0.0),
                         features=bool(getattr(args, "features", False)),
                         dataset=getattr(args, "dataset", None),
                         data_dir=getattr(args, "data_dir", None),

@@ -15,6 +15,19 @@ Class weights (inverse frequency, or effective number of samples, Cui et al. 201
 example's loss by the weight of its class, optionally from step `drw_start_step` on only
 (deferred re-weighting, Cao et al. 2019). LDAM + effective-number weights + DRW is LDAM-DRW.
 
+How a batch of weighted losses is averaged (`weighted_average`, `loss.weight_average`):
+
+  mean        mean_i e_i w_i L_i = sum_i e_i w_i L_i / B                     (Cui et al. 2019)
+  normalized  sum_i e_i w_i L_i / sum_i w_i       (F.cross_entropy(weight=w) of the LDAM-DRW
+              reference code, Cao et al. 2019, github.com/kaidic/LDAM-DRW)
+
+with w_i the class weight of example i and e_i its example weight (synthetic samples). The
+weights sum to K over the classes, so over a long-tailed batch (mostly head classes, whose weights
+are small) sum_i w_i is well under B: `mean` takes smaller steps than the reference from the DRW
+step on. `normalized` divides by the class weights only, so the example weights keep their
+meaning (a synthetic sample of weight 0.5 counts half a real one) and, without class weights,
+both are the same.
+
 Classes with no training examples are counted as 1 for priors and margins, so logs stay finite.
 """
 
@@ -24,6 +37,7 @@ import numpy as np
 
 LOSS_NAMES = ("ce", "focal", "ldam", "balanced_softmax", "logit_adjusted")
 CLASS_WEIGHTS = ("none", "inverse", "effective")
+WEIGHT_AVERAGES = ("mean", "normalized")
 
 
 # --- Class statistics --------------------------------------------------------------------------
@@ -64,6 +78,19 @@ def drw_weights(step, weights, start_step):
   if start_step is None:
     return weights
   return jnp.where(step >= start_step, weights, jnp.ones_like(weights))
+
+
+def weighted_average(weighted_losses, class_weights_, mode: str = "mean"):
+  """The batch loss from per-example losses already times their weights, e_i w_i L_i [B].
+
+  mean: sum / B (Cui et al. 2019); normalized: sum / sum_i w_i with `class_weights_` [B] the class
+  weight of each example (PyTorch's `F.cross_entropy(weight=...)`, the LDAM-DRW reference).
+  """
+  if mode == "mean":
+    return jnp.mean(weighted_losses)
+  if mode == "normalized":
+    return jnp.sum(weighted_losses) / jnp.sum(class_weights_)
+  raise ValueError(f"unknown weight average {mode!r}")
 
 
 # --- Losses (per example) -----------------------------------------------------------------------
@@ -110,16 +137,28 @@ def posthoc_adjust(logits, log_prior_, tau: float):
 
 
 # --- From the config ---------------------------------------------------------------------------
+def make_class_weight(loss_config, class_counts):
+  """`config.loss` + training class counts -> `weight_fn(labels, step) -> [B]`: the class weight
+  of each example at `step` (all ones before `drw_start_step`), as `make_loss` applies it."""
+  weights = jnp.asarray(class_weights(class_counts, loss_config.class_weights, loss_config.beta))
+
+  def weight_fn(labels, step):
+    return drw_weights(step, weights, loss_config.drw_start_step)[labels]
+
+  return weight_fn
+
+
 def make_loss(loss_config, class_counts):
   """`config.loss` + training class counts -> `loss_fn(logits, labels, step) -> [B]`.
 
   The returned per-example losses already carry the class weights (switched on at
-  `drw_start_step` when that is set); the train step adds example weights and mixup.
+  `drw_start_step` when that is set, `make_class_weight`); the train step adds example weights and
+  mixup, and averages with `weighted_average`.
   """
   name = loss_config.name
   smoothing = loss_config.label_smoothing
   prior = jnp.asarray(log_prior(class_counts))
-  weights = jnp.asarray(class_weights(class_counts, loss_config.class_weights, loss_config.beta))
+  class_weight = make_class_weight(loss_config, class_counts)
   margins = jnp.asarray(ldam_margins(class_counts, loss_config.ldam_max_margin))
 
   def loss_fn(logits, labels, step):
@@ -136,6 +175,6 @@ def make_loss(loss_config, class_counts):
       losses = logit_adjusted_loss(logits, labels, prior, loss_config.tau, smoothing)
     else:
       raise ValueError(f"unknown loss {name!r}")
-    return losses * drw_weights(step, weights, loss_config.drw_start_step)[labels]
+    return losses * class_weight(labels, step)
 
   return loss_fn

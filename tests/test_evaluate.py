@@ -15,7 +15,7 @@ from ferjax import evaluate
 from ferjax.data import Dataset, pipeline, splits
 from ferjax.errors import UserError
 from ferjax.models import resnet
-from ferjax import bench
+from ferjax import bench, runs
 from ferjax.core import parallel
 from ferjax.kinds import classifier as classifier_kind
 from ferjax.train import classifier
@@ -139,6 +139,59 @@ def test_posthoc_adjustment_is_applied_to_precomputed_logits():
   assert adjusted["logit_adjust"] == 1.0
 
 
+# --- tau-normalisation (Kang et al. 2020) ------------------------------------------------------
+def _with_bias(variables, value=0.5):
+  """The variables with a non-zero head bias, so dropping it shows in the logits."""
+  params = jax.device_get(variables["params"])
+  head = {**params["head"], "bias": np.full_like(params["head"]["bias"], value)}
+  return {**variables, "params": {**params, "head": head}}
+
+
+def test_tau_zero_leaves_the_head_and_the_logits_unchanged(untrained):
+  _, model, mesh, variables = untrained
+  variables = _with_bias(variables)
+  assert evaluate.tau_normalize(variables, 0.0) is variables
+  images = stand_in_load("synthetic", "validation").images[:16]
+  np.testing.assert_array_equal(
+      evaluate.predict_logits(model, evaluate.tau_normalize(variables, 0.0), images,
+                              batch_size=16, mesh=mesh),
+      evaluate.predict_logits(model, variables, images, batch_size=16, mesh=mesh))
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.5])
+def test_tau_norm_divides_each_class_weight_by_its_norm_to_the_tau_and_drops_the_bias(untrained,
+                                                                                      tau):
+  """logits = features @ (w_k / ||w_k||^tau)_k, no bias: the reference's pnorm (rows of the
+  torch [K, D] weight, columns of the flax [D, K] kernel) + dotproduct_similarity."""
+  _, model, mesh, variables = untrained
+  variables = _with_bias(variables)
+  kernel = np.asarray(variables["params"]["head"]["kernel"], np.float64)  # [D, K]
+  normalized = evaluate.tau_normalize(variables, tau)
+  new_kernel = np.asarray(normalized["params"]["head"]["kernel"], np.float64)
+  np.testing.assert_allclose(new_kernel, kernel / np.linalg.norm(kernel, axis=0) ** tau,
+                             rtol=1e-5)
+  if tau == 1.0:  # Every class weight unit-norm.
+    np.testing.assert_allclose(np.linalg.norm(new_kernel, axis=0), 1.0, rtol=1e-5)
+  np.testing.assert_array_equal(normalized["params"]["head"]["bias"], 0.0)
+  # Everything but the head is untouched.
+  assert normalized["batch_stats"] is variables["batch_stats"]
+  assert normalized["params"]["stem_conv"] is variables["params"]["stem_conv"]
+  images = stand_in_load("synthetic", "validation").images[:16]
+  logits, features = evaluate.predict_logits(model, normalized, images, batch_size=16, mesh=mesh,
+                                             return_features=True)
+  np.testing.assert_allclose(logits, features @ (kernel / np.linalg.norm(kernel, axis=0) ** tau),
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_output_tag_names_tau_norm():
+  assert evaluate.output_tag("test") == "test"
+  assert evaluate.output_tag("test", tau_norm=0.0) == "test"
+  assert evaluate.output_tag("test", tau_norm=1.0) == "test_taunorm-1"
+  assert evaluate.output_tag("test", tau_norm=0.25) == "test_taunorm-0.25"
+  assert (evaluate.output_tag("test", tta="flip", logit_adjust=1.0, tau_norm=0.5)
+          == "test_tta-flip_tau-1_taunorm-0.5")
+
+
 # --- ferjax evaluate ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
@@ -186,6 +239,27 @@ def test_evaluate_options_need_no_retraining(workdir):
     assert npz["labels"].shape == (91,)
   evaluate.cli_main(_args(workdir, split="val", checkpoint="2"))
   assert json.loads((workdir / "eval_val_ckpt-2.json").read_text())["step"] == 2
+
+
+def test_evaluate_tau_norm_from_the_finished_run(workdir):
+  """Post-hoc: the stored weights are untouched, each tau has its own file."""
+  plain = evaluate.evaluate_run(workdir, "test", write=False, features=True)
+  assert plain["tau_norm"] == 0.0
+  evaluate.cli_main(_args(workdir, tau_norm=1.0))
+  result = json.loads((workdir / "eval_test_taunorm-1.json").read_text())
+  assert result["tau_norm"] == 1.0 and result["file"] == "eval_test_taunorm-1.json"
+  assert (workdir / "confusion_test_taunorm-1.png").is_file()
+  normed = evaluate.evaluate_run(workdir, "test", write=False, features=True, tau_norm=1.0)
+  kernel = np.asarray(jax.device_get(runs.open_classifier(workdir).variables)["params"]["head"][
+      "kernel"])
+  np.testing.assert_allclose(normed["features"], plain["features"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(normed["logits"],
+                             plain["features"] @ (kernel / np.linalg.norm(kernel, axis=0)),
+                             rtol=1e-4, atol=1e-5)
+  assert normed["confusion"] == result["confusion"]
+  for bad in (-0.5, float("nan"), float("inf")):
+    with pytest.raises(UserError, match="--tau-norm: expected a finite number >= 0"):
+      evaluate.cli_main(_args(workdir, tau_norm=bad))
 
 
 def test_evaluate_user_errors(workdir, tmp_path):

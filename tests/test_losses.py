@@ -22,7 +22,8 @@ def _batch(seed=0, batch=16, k=5):
 
 def _loss_config(**overrides):
   config = dict(name="ce", label_smoothing=0.0, class_weights="none", beta=0.9999,
-                drw_start_step=None, focal_gamma=2.0, ldam_max_margin=0.5, ldam_scale=1.0, tau=1.0)
+                drw_start_step=None, weight_average="mean", focal_gamma=2.0, ldam_max_margin=0.5,
+                ldam_scale=1.0, tau=1.0)
   config.update(overrides)
   return ml_collections.ConfigDict(config)
 
@@ -150,3 +151,37 @@ def test_empty_classes_keep_priors_finite():
   assert np.all(np.isfinite(losses.log_prior(counts)))
   assert np.all(np.isfinite(losses.class_weights(counts, "effective")))
   assert np.all(np.isfinite(losses.ldam_margins(counts)))
+
+
+def test_weighted_average_mean_and_normalized_against_the_direct_formulas():
+  """mean: sum(e w L) / B (Cui et al.); normalized: sum(e w L) / sum(w), PyTorch's
+  F.cross_entropy(logits, y, weight=w) of the LDAM-DRW reference when e = 1."""
+  logits, labels = _batch(batch=32)
+  config = _loss_config(class_weights="effective", beta=0.999)
+  loss_fn = losses.make_loss(config, COUNTS)
+  weight_fn = losses.make_class_weight(config, COUNTS)
+  w = losses.class_weights(COUNTS, "effective", 0.999)[np.asarray(labels)]
+  np.testing.assert_allclose(weight_fn(labels, 0), w, rtol=1e-6)
+  ce = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+  e = np.linspace(0.25, 1.0, 32).astype(np.float32)  # example weights (synthetic samples)
+  weighted = e * loss_fn(logits, labels, 0)
+  assert losses.weighted_average(weighted, w, "mean") == pytest.approx(
+      np.sum(e * w * ce) / 32, rel=1e-5)
+  assert losses.weighted_average(weighted, w, "normalized") == pytest.approx(
+      np.sum(e * w * ce) / np.sum(w), rel=1e-5)
+  # With e = 1, normalized is the weighted CE of PyTorch: sum_i w_i ce_i / sum_i w_i.
+  assert losses.weighted_average(loss_fn(logits, labels, 0), w, "normalized") == pytest.approx(
+      np.average(ce, weights=w), rel=1e-5)
+
+
+def test_weighted_average_modes_agree_without_class_weights_and_before_drw():
+  logits, labels = _batch()
+  e = np.linspace(0.5, 1.0, 16).astype(np.float32)
+  for config in (_loss_config(), _loss_config(class_weights="inverse", drw_start_step=10)):
+    weighted = e * losses.make_loss(config, COUNTS)(logits, labels, 3)
+    w = losses.make_class_weight(config, COUNTS)(labels, 3)
+    np.testing.assert_array_equal(w, np.ones(16))
+    assert float(losses.weighted_average(weighted, w, "normalized")) == pytest.approx(
+        float(losses.weighted_average(weighted, w, "mean")), rel=1e-6)
+  with pytest.raises(ValueError, match="weight average"):
+    losses.weighted_average(weighted, w, "median")

@@ -1,7 +1,9 @@
 """ResNet: output shapes and dtypes for both stems, CBAM, width, and the 3x3 map floor."""
 
+import functools
 import pathlib
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,22 +73,62 @@ def test_known_map_sizes():
 
 def test_cbam_adds_attention_to_every_block():
   model = resnet.create_model("resnet18", num_classes=7, width=0.125, cbam=True)
-  params = jax.eval_shape(lambda: _init(model, (1, 32, 32, 1)))["params"]
+  variables = jax.eval_shape(lambda: _init(model, (1, 32, 32, 1)))
+  params, stats = variables["params"], variables["batch_stats"]
   blocks = [k for k in params if k.startswith("stage")]
   assert len(blocks) == 8
   for block in blocks:
     cbam = params[block]["CBAM_0"]
-    assert set(cbam) == {"channel_fc1", "channel_fc2", "spatial_conv"}
-    assert cbam["spatial_conv"]["kernel"].shape[:3] == (7, 7, 2)
+    assert set(cbam) == {"channel_fc1", "channel_fc2", "spatial_conv", "spatial_norm"}
+    # The reference's BasicConv(2, 1, 7, padding=3, relu=False): bias-free conv + BatchNorm.
+    assert set(cbam["spatial_conv"]) == {"kernel"}
+    assert cbam["spatial_conv"]["kernel"].shape == (7, 7, 2, 1)
+    assert {k: v.shape for k, v in cbam["spatial_norm"].items()} == {"scale": (1,), "bias": (1,)}
+    assert {k: v.shape for k, v in stats[block]["CBAM_0"]["spatial_norm"].items()} == {
+        "mean": (1,), "var": (1,)}
 
 
-def test_cbam_model_runs():
+def test_cbam_model_runs_and_its_spatial_norm_follows_train_and_eval():
   kwargs = dict(num_classes=5, width=0.125)
   x = jax.random.uniform(jax.random.key(2), (2, 32, 32, 3), minval=-1, maxval=1)
   model = resnet.create_model("resnet10", cbam=True, **kwargs)
   variables = _init(model, (1, 32, 32, 3))
   logits, features = _apply(model, variables, x, train=False)
   assert logits.shape == (2, 5) and np.all(np.isfinite(features))
+  (logits_t, _), updates = _apply(model, variables, x, train=True, mutable=["batch_stats"])
+  assert logits_t.shape == (2, 5) and np.all(np.isfinite(logits_t))
+  assert "spatial_norm" in updates["batch_stats"]["stage1_block1"]["CBAM_0"]
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_cbam_spatial_gate_is_a_bias_free_conv_then_batchnorm(train):
+  """sigmoid(BN(conv7x7([max_c x, mean_c x]))) on the channel-gated input, BN with batch
+  statistics (running ones updated with momentum 0.99) in training, running ones in evaluation."""
+  norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                           epsilon=1e-5)
+  cbam = resnet.CBAM(norm)
+  x = jax.random.normal(jax.random.key(3), (2, 8, 8, 16))
+  variables = cbam.init(jax.random.key(0), x)
+  stats = {"mean": jnp.full((1,), 0.3), "var": jnp.full((1,), 2.0)}
+  scale, bias = jnp.full((1,), 1.5), jnp.full((1,), -0.2)
+  variables = {"params": {**variables["params"], "spatial_norm": {"scale": scale, "bias": bias}},
+               "batch_stats": {"spatial_norm": stats}}
+  (out, state) = cbam.apply(variables, x, mutable=["batch_stats", "intermediates"],
+                            capture_intermediates=True)
+  p = variables["params"]
+  mlp = lambda v: (jax.nn.relu(v @ p["channel_fc1"]["kernel"] + p["channel_fc1"]["bias"])
+                   @ p["channel_fc2"]["kernel"] + p["channel_fc2"]["bias"])
+  gated = x * jax.nn.sigmoid(mlp(x.mean((1, 2))) + mlp(x.max((1, 2))))[:, None, None, :]
+  pooled = jnp.concatenate([gated.max(-1, keepdims=True), gated.mean(-1, keepdims=True)], -1)
+  conv = jax.lax.conv_general_dilated(pooled, p["spatial_conv"]["kernel"], (1, 1),
+                                      ((3, 3), (3, 3)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(state["intermediates"]["spatial_conv"]["__call__"][0], conv,
+                             rtol=1e-4, atol=1e-5)
+  mean, var = (conv.mean(), conv.var()) if train else (0.3, 2.0)
+  expected = gated * jax.nn.sigmoid((conv - mean) / jnp.sqrt(var + 1e-5) * 1.5 - 0.2)
+  np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+  new = state["batch_stats"]["spatial_norm"]["mean"]
+  np.testing.assert_allclose(new, 0.99 * 0.3 + 0.01 * conv.mean() if train else 0.3, rtol=1e-5)
 
 
 def test_bfloat16_compute_with_float32_params():

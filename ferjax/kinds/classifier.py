@@ -60,7 +60,9 @@ SPEC = {
         # Geometric train profile, max/min count (None: as it comes): synthetic draws it; real
         # sets keep a fixed random subset (FER-2013-LT etc., ferjax.data.dataset.long_tail_subset).
         "imbalance_ratio": number(None, 1, optional=True),
-        "label_noise": number(None, 0, 1, hi_open=True, optional=True),  # synthetic: flipped share
+        # Noisy-label protocol: that share of train labels flipped to another class (by `seed`,
+        # after the hold-out; validation stays clean); synthetic: its generator's own fixed noise.
+        "label_noise": number(None, 0, 1, hi_open=True, optional=True),  # train labels flipped
         # Keep, drop or merge classes by canonical name, e.g. "-disgust" or "anger,happy,sad"
         # or "happy,negative=anger+fear+sad" ("": all, as named by the dataset;
         # ferjax.data.labels).
@@ -100,6 +102,10 @@ SPEC = {
         "beta": number(0.9999, 0, 1, lo_open=True, hi_open=True),  # effective-number beta
         # Class weights only from this step on (DRW); None: from step 0.
         "drw_start_step": integer(None, 0, optional=True),
+        # How the weighted batch is averaged: mean (sum / batch size, Cui et al. 2019; what
+        # experiments/protocol.py uses) | normalized (sum / sum of the class weights, the LDAM-DRW
+        # reference's F.cross_entropy(weight=...)); the same without class weights.
+        "weight_average": one_of("mean", losses.WEIGHT_AVERAGES),
         "focal_gamma": number(2.0, 0),
         "ldam_max_margin": number(0.5, 0),  # margin of the rarest class, in logit units
         "ldam_scale": number(1.0, 0, lo_open=True),  # s in CE(s * (z - m))

@@ -100,7 +100,7 @@ def _file_kind(path: pathlib.Path) -> str:
     raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
   if len(head) == 9 and head[8:9] == b"{":  # 8-byte header length, then a JSON header.
     return "safetensors"
-  if head[:2] == b"PK" or head[:1] == b"\x80":  # torch's zip archive or a legacy pickle.
+  if head[:2] == b"PK" or head[:1] == b"\x80":  # torch's zip archive, or its older format.
     return "torch"
   raise UserError(f"{path}: neither a .safetensors nor a PyTorch (.pth/.pt) state dict")
 

@@ -42,7 +42,16 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 class CBAM(nn.Module):
-  """Convolutional block attention (Woo et al. 2018): channel attention, then spatial attention."""
+  """Convolutional block attention (Woo et al. 2018): channel attention, then spatial attention.
+
+  As the authors' code (github.com/Jongchan/attention-module, MODELS/cbam.py): the spatial gate
+  pools the channels into [max, mean] (ChannelPool's order), then `BasicConv(2, 1, 7, padding=3,
+  relu=False)`, a bias-free 7x7 conv and a BatchNorm (eps 1e-5, torch momentum 0.01, i.e. flax
+  momentum 0.99), then a sigmoid. `norm` is the network's BatchNorm partial, so the gate follows
+  the block's train / eval mode. (Checkpoints from before this layout, conv with a bias and no
+  BatchNorm, do not restore into it.)
+  """
+  norm: Callable
   reduction: int = 16
   spatial_kernel: int = 7
   dtype: Any = jnp.float32
@@ -55,11 +64,12 @@ class CBAM(nn.Module):
     mlp = lambda v: out(nn.relu(hidden(v)))  # One MLP shared by the avg- and max-pooled paths.
     channel_gate = nn.sigmoid(mlp(jnp.mean(x, axis=(1, 2))) + mlp(jnp.max(x, axis=(1, 2))))
     x = x * channel_gate[:, None, None, :]
-    pooled = jnp.concatenate([jnp.mean(x, -1, keepdims=True), jnp.max(x, -1, keepdims=True)], -1)
+    pooled = jnp.concatenate([jnp.max(x, -1, keepdims=True), jnp.mean(x, -1, keepdims=True)], -1)
     k = self.spatial_kernel
-    spatial_gate = nn.sigmoid(nn.Conv(1, (k, k), padding=k // 2, dtype=self.dtype,
-                                      name="spatial_conv")(pooled))
-    return x * spatial_gate
+    gate = nn.Conv(1, (k, k), padding=k // 2, use_bias=False, dtype=self.dtype,
+                   name="spatial_conv")(pooled)
+    gate = self.norm(momentum=0.99, epsilon=1e-5, name="spatial_norm")(gate)
+    return x * nn.sigmoid(gate)
 
 
 class BasicBlock(nn.Module):
@@ -79,7 +89,7 @@ class BasicBlock(nn.Module):
     # Zero-init the last BatchNorm scale: each block starts as the identity (Goyal et al. 2017).
     y = self.norm(scale_init=nn.initializers.zeros)(y)
     if self.cbam:
-      y = CBAM(dtype=self.dtype)(y)
+      y = CBAM(self.norm, dtype=self.dtype)(y)
     return nn.relu(_shortcut(x, y, self.strides, self.conv, self.norm) + y)
 
 
@@ -98,7 +108,7 @@ class BottleneckBlock(nn.Module):
     y = nn.relu(self.norm()(self.conv(self.filters, (3, 3), self.strides, padding=1)(y)))
     y = self.norm(scale_init=nn.initializers.zeros)(self.conv(self.filters * 4, (1, 1))(y))
     if self.cbam:
-      y = CBAM(dtype=self.dtype)(y)
+      y = CBAM(self.norm, dtype=self.dtype)(y)
     return nn.relu(_shortcut(x, y, self.strides, self.conv, self.norm) + y)
 
 

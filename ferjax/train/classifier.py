@@ -146,11 +146,15 @@ def make_train_step(config, model, tx, class_counts, num_steps: int, mesh, *,
                     synthesize: Synthesize | None = None, jit: bool = True):
   """`train_step(state, data) -> (state, metrics)`: pure; jitted with the state donated.
 
-  The loss is mean_i w_i * [lam_i L(x_i, y_i) + (1 - lam_i) L(x_i, y'_i)]: per-example losses
-  (with their class weights, see ferjax.losses), times the batch's example weights, with mixup
-  partners y' when mixup is on (lam = 1 otherwise).
+  The loss is mean_i e_i * [lam_i L(x_i, y_i) + (1 - lam_i) L(x_i, y'_i)]: per-example losses
+  (with their class weights, see ferjax.losses), times the batch's example weights e, with mixup
+  partners y' when mixup is on (lam = 1 otherwise). With loss.weight_average=normalized the sum is
+  divided by sum_i [lam_i w(y_i) + (1 - lam_i) w(y'_i)] (the class weights, mixed as the losses
+  are) instead of the batch size (`losses.weighted_average`).
   """
   loss_fn = losses.make_loss(config.loss, class_counts)
+  class_weight = losses.make_class_weight(config.loss, class_counts)
+  weight_average = config.loss.weight_average
   _, schedule = kind.make_optimizer(config, num_steps)
   train_key = kind.rng_streams(config.seed).train
   ema_decay = config.optim.ema_decay
@@ -171,7 +175,10 @@ def make_train_step(config, model, tx, class_counts, num_steps: int, mesh, *,
       (logits, _), updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
       per_example = (lam * loss_fn(logits, labels, step)
                      + (1.0 - lam) * loss_fn(logits, partner_labels, step))
-      return jnp.mean(example_weights * per_example), (logits, updates["batch_stats"])
+      mixed_weights = (lam * class_weight(labels, step)
+                       + (1.0 - lam) * class_weight(partner_labels, step))
+      loss = losses.weighted_average(example_weights * per_example, mixed_weights, weight_average)
+      return loss, (logits, updates["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
