@@ -12,7 +12,15 @@ Methods (each a set of config overrides on the same recipe):
   none          instance sampling, cross-entropy
   ros           random over-sampling of every class to the largest
   cb_loss       effective-number class-balanced weights (Cui et al. 2019)
-  ldam_drw      LDAM loss with deferred re-weighting from 3/4 of training
+  ldam_drw      LDAM-DRW as published (Cao et al. 2019; github.com/kaidic/LDAM-DRW,
+                cifar_train.py): the normalised cosine head (model.head=cosine), LDAM with
+                s = 30 and a largest margin of 0.5 on its cosines, effective-number class
+                weights (beta 0.9999) deferred to 4/5 of training (their epoch 160 of 200),
+                the weighted batch averaged as their F.cross_entropy(weight=...)
+                (loss.weight_average=normalized)
+  ldam_drw_linear  the variant this protocol reported as ldam_drw before: a plain linear head,
+                LDAM with s = 1 and a largest margin of 0.5 logit, the same class weights
+                deferred to 3/4 of training, the batch mean (loss.weight_average=mean)
   logit_adj     logit-adjusted loss (Menon et al. 2021, tau = 1)
   semantic      semantic augmentation: every class topped up to the largest with VAE-GAN
                 faces (alpha = 1 posterior perturbation of real seeds; the config file's
@@ -23,7 +31,7 @@ Methods (each a set of config overrides on the same recipe):
 One VAE-GAN is trained (seed 0) and shared by the semantic runs. Checkpoints are chosen on the
 validation split; every number is on the test split. Writes results.md (mean ± std over seeds,
 per-class recall, head / medium / tail), results.json and per_class_recall.png.
-Expected time: synthetic on a 2-core CPU about 4 minutes per run (21 runs: ~1.5 h; use
+Expected time: synthetic on a 2-core CPU about 4 minutes per run (24 runs: ~1.6 h; use
 --seeds 0 or --methods to shorten); FER-2013 on one H200 about 95 s per run alone, or 4
 runs in parallel in about 5 minutes (XLA_PYTHON_CLIENT_MEM_FRACTION=0.2, one process per
 --methods entry, same --out). Runs made on several machines: copy their folders into one --out
@@ -47,8 +55,13 @@ def methods(num_steps: int, vaegan_workdir: pathlib.Path) -> dict:
       "none": [],
       "ros": ["config.sampler.name=oversample"],
       "cb_loss": ["config.loss.class_weights=effective"],
-      "ldam_drw": ["config.loss.name=ldam", "config.loss.class_weights=effective",
-                   f"config.loss.drw_start_step={int(0.75 * num_steps)}"],
+      "ldam_drw": ["config.model.head=cosine", "config.loss.name=ldam",
+                   "config.loss.ldam_scale=30", "config.loss.ldam_max_margin=0.5",
+                   "config.loss.class_weights=effective", "config.loss.beta=0.9999",
+                   f"config.loss.drw_start_step={int(0.8 * num_steps)}",
+                   "config.loss.weight_average=normalized"],
+      "ldam_drw_linear": ["config.loss.name=ldam", "config.loss.class_weights=effective",
+                          f"config.loss.drw_start_step={int(0.75 * num_steps)}"],
       "logit_adj": ["config.loss.name=logit_adjusted"],
       "semantic": semantic,
       "semantic_la": [*semantic, "config.augment.fill=0.5", "config.loss.name=logit_adjusted"],

@@ -316,6 +316,9 @@ def evaluate_run(workdir, split: str = "test", *, checkpoint="best", tta: str | 
   if not (np.isfinite(tau_norm) and tau_norm >= 0):
     raise UserError(f"--tau-norm: expected a finite number >= 0, got {tau_norm}")
   run = runs.open_classifier(workdir, str(checkpoint))
+  if tau_norm and run.config.model.head == "cosine":
+    raise UserError(f"--tau-norm: {workdir} has model.head=cosine, whose class weights are "
+                    "normalised already (tau-normalisation is for a linear head)")
   if write and parallel.is_main_process():  # Before the work, not after it.
     workdir_lib.check_writable(workdir, "--workdir")
   config = run.config

@@ -13,7 +13,10 @@ with pi the training class prior. The last two are trained on adjusted logits an
 the raw ones; `posthoc_adjust` is the evaluation-time variant for a model trained with plain CE.
 Class weights (inverse frequency, or effective number of samples, Cui et al. 2019) multiply each
 example's loss by the weight of its class, optionally from step `drw_start_step` on only
-(deferred re-weighting, Cao et al. 2019). LDAM + effective-number weights + DRW is LDAM-DRW.
+(deferred re-weighting, Cao et al. 2019). LDAM + effective-number weights + DRW is LDAM-DRW;
+as published (github.com/kaidic/LDAM-DRW: `LDAMLoss(max_m=0.5, s=30)` on `NormedLinear`) z are
+the cosines of the model's cosine head (model.head=cosine, ferjax.models.resnet) and s = 30
+(loss.ldam_scale); on a plain linear head with s = 1 (the defaults) it is a variant.
 
 How a batch of weighted losses is averaged (`weighted_average`, `loss.weight_average`):
 

@@ -65,6 +65,35 @@ def test_ldam_subtracts_the_margin_from_the_true_logit_only():
                              losses.cross_entropy(logits, labels), rtol=1e-6)
 
 
+def test_ldam_drw_as_published_on_cosine_logits():
+  """LDAM-DRW's reference (github.com/kaidic/LDAM-DRW, losses.py + cifar_train.py): m_j =
+  0.5 * n_j^(-1/4) / max, F.cross_entropy(30 * where(onehot, cos - m_y, cos), weight=w) with the
+  effective-number weights (beta 0.9999) from the DRW step on: the per-example losses times w_y,
+  averaged by sum_i w_i (loss.weight_average=normalized)."""
+  logits, labels = _batch()
+  cosines = jnp.tanh(logits)  # In [-1, 1], as the cosine head's.
+  config = _loss_config(name="ldam", ldam_scale=30.0, ldam_max_margin=0.5,
+                        class_weights="effective", drw_start_step=10,
+                        weight_average="normalized")
+  loss_fn = losses.make_loss(config, COUNTS)
+  m = 1.0 / np.sqrt(np.sqrt(COUNTS))
+  m = m * 0.5 / m.max()
+  one_hot = np.eye(5)[np.asarray(labels)]
+  z = 30.0 * np.where(one_hot > 0, np.asarray(cosines) - m[np.asarray(labels)][:, None],
+                      np.asarray(cosines))
+  log_p = z - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)) - z.max(
+      1, keepdims=True)
+  ce = -np.sum(one_hot * log_p, axis=1)
+  w = (1 - 0.9999) / (1 - 0.9999 ** COUNTS.astype(np.float64))
+  w = w / w.sum() * 5
+  wy = w[np.asarray(labels)]
+  for step, weights in ((9, np.ones_like(wy)), (10, wy)):
+    per_example = loss_fn(cosines, labels, step)
+    np.testing.assert_allclose(per_example, ce * weights, rtol=1e-4)
+    batch = losses.weighted_average(per_example, weights, "normalized")
+    assert float(batch) == pytest.approx(np.sum(ce * weights) / np.sum(weights), rel=1e-4)
+
+
 def test_balanced_softmax_is_ce_on_logits_plus_log_prior():
   logits, labels = _batch()
   log_prior = losses.log_prior(COUNTS)

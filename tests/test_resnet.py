@@ -157,3 +157,80 @@ def test_no_default_runs_a_conv_below_3x3(config_file):
   else:
     config = configs.load_config(REPO / "experiments" / "configs" / config_file)
   assert resnet.smallest_feature_map(config.data.image_size, config.model.stem) >= 3
+
+
+# --- Cosine head (LDAM-DRW's NormedLinear) ----------------------------------------------------
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_cosine_head_is_normalised_features_times_normalised_columns_without_bias(scale):
+  """logits = scale * normalize(f) @ normalize(W, dim=0) (github.com/kaidic/LDAM-DRW,
+  NormedLinear), computed directly from the model's own features and `head/kernel`."""
+  model = resnet.create_model("resnet10", num_classes=7, width=0.125, head="cosine",
+                              cosine_scale=scale)
+  variables = _init(model, (1, 32, 32, 1))
+  head = variables["params"]["head"]
+  assert set(head) == {"kernel"}  # No bias; head-only tools still find params['head']['kernel'].
+  assert head["kernel"].shape == (resnet.stage_widths(0.125)[-1], 7)
+  # NormedLinear's initialisation: unit-norm class columns.
+  np.testing.assert_allclose(np.linalg.norm(head["kernel"], axis=0), 1.0, rtol=1e-5)
+  x = jax.random.uniform(jax.random.key(1), (4, 32, 32, 1), minval=-1, maxval=1)
+  logits, features = _apply(model, variables, x, train=False)
+  f, w = np.asarray(features, np.float64), np.asarray(head["kernel"], np.float64)
+  expected = scale * (f / np.linalg.norm(f, axis=1, keepdims=True)) @ (
+      w / np.linalg.norm(w, axis=0, keepdims=True))
+  assert logits.shape == (4, 7) and logits.dtype == jnp.float32
+  np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
+  assert np.all(np.abs(np.asarray(logits)) <= scale * (1 + 1e-5))
+
+
+def test_cosine_logits_of_a_hand_made_case_and_a_zero_feature():
+  features = jnp.array([[3.0, 4.0], [0.0, 0.0]])
+  kernel = jnp.array([[2.0, 0.0, -1.0], [0.0, 5.0, 0.0]])  # Columns: e1, e2, -e1 after norming.
+  np.testing.assert_allclose(resnet.cosine_logits(features, kernel),
+                             [[0.6, 0.8, -0.6], [0.0, 0.0, 0.0]], atol=1e-6)
+
+
+def test_linear_head_is_unchanged_by_default():
+  model = resnet.create_model("resnet10", num_classes=7, width=0.125)
+  assert model.head == "linear" and model.pooling == "avg"
+  head = jax.eval_shape(lambda: _init(model, (1, 32, 32, 1)))["params"]["head"]
+  assert set(head) == {"kernel", "bias"}
+
+
+# --- Attentive patch pooling (APViT's APP) -----------------------------------------------------
+def test_attentive_patch_pool_on_a_hand_made_map():
+  """Scores sum_c |x_c| per position (APViT's SUM_ABS_1), the top max(int(N * keep), 1) kept,
+  their mean returned; a tie goes to the earlier position."""
+  x = jnp.array([[[[1.0, 0.0], [-3.0, 1.0]],     # scores 1, 4
+                  [[0.5, 0.5], [2.0, -2.0]]],    # scores 1, 4
+                 [[[0.0, 0.0], [0.0, 1.0]],      # scores 0, 1
+                  [[9.0, 0.0], [0.0, 0.5]]]])    # scores 9, 0.5
+  assert resnet.app_keep_count(4, 0.5) == 2 and resnet.app_keep_count(4, 0.1) == 1
+  half = resnet.attentive_patch_pool(x, 0.5)
+  # Image 0 keeps (0,1) and (1,1): mean of [-3, 1] and [2, -2]; image 1 keeps (1,0) and (0,1).
+  np.testing.assert_allclose(half, [[-0.5, -0.5], [4.5, 0.5]], atol=1e-6)
+  # keep 0.75 -> 3 of 4: image 0's tie between (0,0) and (1,0) (both 1) goes to (0,0).
+  np.testing.assert_allclose(resnet.attentive_patch_pool(x, 0.75),
+                             [[0.0, -1.0 / 3], [3.0, 0.5]], atol=1e-6)
+  np.testing.assert_allclose(resnet.attentive_patch_pool(x, 1.0), jnp.mean(x, axis=(1, 2)),
+                             atol=1e-6)
+
+
+def test_app_pooling_in_the_model_has_no_parameters_and_pools_the_last_map():
+  kwargs = dict(num_classes=7, width=0.125)
+  avg = resnet.create_model("resnet10", **kwargs)
+  app = resnet.create_model("resnet10", pooling="app", app_keep=0.5, **kwargs)
+  variables = _init(avg, (1, 32, 32, 1))
+  shapes = lambda v: jax.tree.map(lambda a: a.shape, v)
+  assert shapes(jax.eval_shape(lambda: _init(app, (1, 32, 32, 1)))) == shapes(variables)
+  x = jax.random.uniform(jax.random.key(1), (3, 32, 32, 1), minval=-1, maxval=1)
+  (logits, features), state = _apply(app, variables, x, train=False, capture_intermediates=True)
+  last_map = state["intermediates"]["stage4_block1"]["__call__"][0]  # [3, 4, 4, D]
+  np.testing.assert_allclose(features, resnet.attentive_patch_pool(last_map, 0.5), rtol=1e-5)
+  head = variables["params"]["head"]
+  np.testing.assert_allclose(logits, features @ head["kernel"] + head["bias"], rtol=1e-4,
+                             atol=1e-5)
+  _, avg_features = _apply(avg, variables, x, train=False)
+  assert not np.allclose(features, avg_features)
+  keep_all = resnet.create_model("resnet10", pooling="app", app_keep=1.0, **kwargs)
+  np.testing.assert_allclose(_apply(keep_all, variables, x, train=False)[1], avg_features,
+                             rtol=1e-5, atol=1e-6)

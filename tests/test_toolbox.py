@@ -1,11 +1,18 @@
 """The long-tail toolbox in the trainer: how the class-weighted batch loss is averaged
-(loss.weight_average, ferjax.losses.weighted_average) inside the classifier's train step."""
+(loss.weight_average, ferjax.losses.weighted_average) inside the classifier's train step; the
+cosine head (model.head, LDAM-DRW's NormedLinear) and attentive patch pooling (model.pooling,
+APViT's APP): their config rules, a real train step each, the protocol's LDAM-DRW methods and
+the refusal of --tau-norm on a cosine head."""
+
+import pathlib
+import sys
+import types
 
 import jax
 import numpy as np
 import pytest
 
-from ferjax import losses
+from ferjax import configs, evaluate, losses, runs
 from ferjax.core import parallel
 from ferjax.data import pipeline
 from ferjax.errors import UserError
@@ -64,3 +71,103 @@ def test_train_step_normalizes_by_the_mixed_class_weights_of_the_batch():
   mixed = np.sum(lam * w[np.asarray(batch_labels)] + (1 - lam) * w[np.asarray(partners)])
   assert not np.isclose(mixed, 16)  # The test tells the two apart.
   assert loss["normalized"] == pytest.approx(loss["mean"] * 16 / mixed, rel=1e-4)
+
+
+# --- Cosine head and attentive patch pooling ---------------------------------------------------
+def _validate(**fields):
+  config = _config("mean")
+  for dotted, value in fields.items():
+    section, name = dotted.split("__")
+    config[section][name] = value
+  classifier_kind.validate_config(config)
+
+
+def test_defaults_are_the_linear_head_and_average_pooling():
+  model = classifier_kind.default_config().model
+  assert (model.head, model.cosine_scale, model.pooling) == ("linear", 1.0, "avg")
+
+
+@pytest.mark.parametrize("fields,field", [
+    (dict(model__cosine_scale=30.0), "model.cosine_scale"),  # Linear head: scale unused.
+    (dict(model__head="cosine"), "model.cosine_scale"),  # CE on bare cosines.
+    (dict(model__head="cosine", loss__name="ldam"), "loss.ldam_scale"),  # LDAM with s = 1.
+    (dict(model__head="cosine", loss__name="ldam", loss__ldam_scale=30.0,
+          model__cosine_scale=30.0), "model.cosine_scale"),  # Scaled twice.
+    (dict(model__head="arcface"), "model.head"),
+    (dict(model__pooling="max"), "model.pooling"),
+    (dict(model__pooling="app", model__app_keep=0.0), "model.app_keep"),
+    (dict(model__pooling="app", model__app_keep=1.5), "model.app_keep"),
+])
+def test_cosine_head_and_app_rules_are_one_line(fields, field):
+  with pytest.raises(UserError, match=field.replace(".", r"\.")) as error:
+    _validate(**fields)
+  assert "\n" not in str(error.value)
+
+
+def test_cosine_head_and_app_settings_that_validate():
+  _validate(model__head="cosine", loss__name="ldam", loss__ldam_scale=30.0)  # As published.
+  _validate(model__head="cosine", model__cosine_scale=16.0)  # CE / others: the model scales.
+  _validate(model__pooling="app", model__app_keep=0.5)
+  _validate(model__pooling="app", model__app_keep=1.0)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(model=dict(head="cosine"), loss=dict(name="ldam", ldam_scale=30.0, drw_start_step=1,
+                                              weight_average="normalized")),
+    dict(model=dict(pooling="app", app_keep=0.5), loss=dict(name="logit_adjusted")),
+], ids=["cosine_ldam_drw", "app"])
+def test_a_real_train_step_is_finite(overrides):
+  """Two steps of the classifier's own train step (the second after DRW switches on)."""
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(7), COUNTS).astype(np.int32)
+  images = rng.integers(0, 256, (len(labels), 24, 24, 1), dtype=np.uint8)
+  config = _config("mean")
+  for section, fields in overrides.items():
+    config[section].update(fields)
+  classifier_kind.validate_config(config)
+  mesh = parallel.make_mesh(1)
+  model = classifier_kind.build_model(config, 7)
+  tx, _ = classifier_kind.make_optimizer(config, 4)
+  state = classifier_kind.init_state(config, model, tx, mesh)
+  data = classifier.device_data(config, images, labels, 7, mesh)
+  step = jax.jit(classifier.make_train_step(config, model, tx, COUNTS, 4, mesh, jit=False))
+  for _ in range(2):
+    state, metrics = step(state, data)
+    assert np.isfinite(float(metrics["loss"]))
+  assert all(np.all(np.isfinite(np.asarray(p))) for p in jax.tree.leaves(state.params))
+  if config.model.head == "cosine":
+    assert set(state.params["head"]) == {"kernel"}
+    logits, _ = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                            np.zeros((2, 24, 24, 1), np.float32), train=False)
+    assert np.all(np.abs(np.asarray(logits)) <= 1 + 1e-5)  # Bare cosines with LDAM.
+
+
+def test_tau_norm_is_refused_on_a_cosine_head(monkeypatch, tmp_path):
+  config = classifier_kind.default_config()
+  config.model.head = "cosine"
+  monkeypatch.setattr(runs, "open_classifier",
+                      lambda workdir, which: types.SimpleNamespace(config=config))
+  with pytest.raises(UserError, match="--tau-norm: .*model.head=cosine.*normalised already"):
+    evaluate.evaluate_run(tmp_path, tau_norm=1.0)
+
+
+def test_protocol_reports_the_published_ldam_drw_and_labels_the_linear_variant():
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
+  try:
+    import protocol
+  finally:
+    sys.path.pop(0)
+  methods = protocol.methods(1000, pathlib.Path("vaegan"))
+  for name, expected in (
+      ("ldam_drw", dict(model=dict(head="cosine"), loss=dict(
+          name="ldam", ldam_scale=30.0, ldam_max_margin=0.5, class_weights="effective",
+          beta=0.9999, drw_start_step=800, weight_average="normalized"))),
+      ("ldam_drw_linear", dict(model=dict(head="linear"), loss=dict(
+          name="ldam", ldam_scale=1.0, ldam_max_margin=0.5, class_weights="effective",
+          drw_start_step=750, weight_average="mean")))):
+    config = classifier_kind.default_config()
+    configs.apply_overrides(config, methods[name])
+    classifier_kind.validate_config(config)
+    for section, fields in expected.items():
+      assert {k: config[section][k] for k in fields} == fields, name
+    assert name in protocol.__doc__

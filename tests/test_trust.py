@@ -497,7 +497,10 @@ def test_two_processes_agree_with_one(classifier_reference, tmp_path):
     assert final[f"val_{key}"] == pytest.approx(value, abs=1e-6), key
   state, meta = classifier_state(workdir)
   assert meta["step"] == 8
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), state,
+  # Gloo's all-reduce sums in another order than one process: on an Intel Xeon a weight here
+  # and there ends up to 2e-5 apart after eight steps, in different weights from run to run
+  # (the AMD EPYC stayed within rtol 1e-4, atol 1e-5); the weights are of order 0.05.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), state,
                classifier_state(reference_dir)[0])
   # Eight steps leave the metrics near chance, so compare what they are computed from as well:
   # the validation logits of the evaluated (EMA) weights.

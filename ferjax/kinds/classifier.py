@@ -19,7 +19,7 @@ from ferjax import data as fer_data
 from ferjax.configs import check, custom, flag, integer, number, one_of, text
 from ferjax.core import parallel
 from ferjax.data import pipeline
-from ferjax.models import resnet
+from ferjax.models import resnet, vit
 
 KIND = "classifier"
 OPTIMIZERS = ("sgd", "adamw")
@@ -72,12 +72,27 @@ SPEC = {
         "fold": integer(None, 0, 9, optional=True),
     },
     "model": {
-        "name": one_of("resnet18", resnet.MODEL_NAMES),
+        "name": one_of("resnet18", (*resnet.MODEL_NAMES, *vit.MODEL_NAMES)),  # ResNets or ViTs
+        # ViTs (ferjax.models.vit): patch size in pixels (0: vit.default_patch_size, 4 px up to
+        # 48 px images), class-token or average-pooled readout, blocks (None: the preset's 12).
+        "patch_size": integer(0, 0),
+        "readout": one_of("cls", vit.READOUTS),
+        "depth": integer(None, 1, optional=True),
         "stem": one_of("small", resnet.STEMS),  # small (3x3/1, no pool) | standard (7x7/2 + pool)
         "width": number(1.0, 0, 8, lo_open=True),  # channel multiplier (0.25: 16-32-64-128)
         "cbam": flag(False),  # CBAM attention in every block
         "input_norm": one_of("none", resnet.INPUT_NORMS),  # per_image: standardise each image
         "dtype": one_of("float32", tuple(resnet.DTYPES)),  # compute dtype; params stay float32
+        # linear (Dense + bias) | cosine: LDAM-DRW's NormedLinear, logits = cosine_scale *
+        # normalize(f) @ normalize(W), no bias (ferjax.models.resnet). The scale rule: with
+        # loss.name=ldam the loss scales (loss.ldam_scale > 1, 30 in the reference) and
+        # cosine_scale is 1; with any other loss cosine_scale > 1 (e.g. 30); linear: 1.
+        "head": one_of("linear", resnet.HEADS),
+        "cosine_scale": number(1.0, 0, lo_open=True),
+        # avg (global average) | app: APViT's attentive patch pooling, the mean of the last
+        # map's app_keep share of positions with the largest L1 norm over channels (no params).
+        "pooling": one_of("avg", resnet.POOLINGS),
+        "app_keep": number(0.8, 0, 1, lo_open=True),  # app: share kept (APViT: 160/196 tokens)
         # Start from these weights instead of random ones (a fresh run only; resuming restores
         # its own checkpoint): a `ferjax import-weights` folder or a finished `ferjax train`
         # workdir (its best checkpoint). The head is kept only when the classes are the same.
@@ -103,12 +118,14 @@ SPEC = {
         # Class weights only from this step on (DRW); None: from step 0.
         "drw_start_step": integer(None, 0, optional=True),
         # How the weighted batch is averaged: mean (sum / batch size, Cui et al. 2019; what
-        # experiments/protocol.py uses) | normalized (sum / sum of the class weights, the LDAM-DRW
-        # reference's F.cross_entropy(weight=...)); the same without class weights.
+        # experiments/protocol.py uses, but for ldam_drw) | normalized (sum / sum of the class
+        # weights, the LDAM-DRW reference's F.cross_entropy(weight=...)); the same without class
+        # weights.
         "weight_average": one_of("mean", losses.WEIGHT_AVERAGES),
         "focal_gamma": number(2.0, 0),
         "ldam_max_margin": number(0.5, 0),  # margin of the rarest class, in logit units
-        "ldam_scale": number(1.0, 0, lo_open=True),  # s in CE(s * (z - m))
+        # s in CE(s * (z - m)); the reference's 30 goes with model.head=cosine (z = cosines)
+        "ldam_scale": number(1.0, 0, lo_open=True),
         "tau": number(1.0, 0),  # logit_adjusted
     },
     "sampler": {
@@ -173,11 +190,39 @@ def validate_config(config) -> None:
   d, m, o, l, a, t = (config.data, config.model, config.optim, config.loss, config.augment,
                       config.train)
   check(d.channels in (1, 3), "data.channels", "1 or 3", d.channels)
-  smallest = resnet.smallest_feature_map(d.image_size, m.stem)
-  check(smallest >= 1, "data.image_size", f"large enough for the {m.stem} stem", d.image_size)
-  if smallest < 3:  # Legal, but XLA on CPU is ~100x slower on such maps: say so once.
-    print(f"ferjax: warning: model.stem={m.stem} at {d.image_size} px ends on a "
-          f"{smallest}x{smallest} map (very slow on CPU); consider model.stem=small", file=sys.stderr)
+  if m.name in resnet.MODEL_NAMES:
+    smallest = resnet.smallest_feature_map(d.image_size, m.stem)
+    check(smallest >= 1, "data.image_size", f"large enough for the {m.stem} stem", d.image_size)
+    if smallest < 3:  # Legal, but XLA on CPU is ~100x slower on such maps: say so once.
+      print(f"ferjax: warning: model.stem={m.stem} at {d.image_size} px ends on a "
+            f"{smallest}x{smallest} map (very slow on CPU); consider model.stem=small",
+            file=sys.stderr)
+    for field, value, default in (("patch_size", m.patch_size, 0), ("readout", m.readout, "cls"),
+                                  ("depth", m.depth, None)):
+      check(value == default, f"model.{field}", f"{default} (a ViT field) with a ResNet", value)
+  else:
+    patch = m.patch_size or vit.default_patch_size(d.image_size)
+    check(d.image_size % patch == 0, "model.patch_size",
+          f"a patch size dividing data.image_size ({d.image_size})", patch)
+    for field, value, default in (("stem", m.stem, "small"), ("cbam", m.cbam, False)):
+      check(value == default, f"model.{field}", f"{default!r} (a ResNet field) with a ViT", value)
+  # The cosine head's scale: exactly one of model.cosine_scale and (LDAM) loss.ldam_scale
+  # lifts the cosines out of [-1, 1] (ferjax.models.resnet's docstring).
+  if m.head == "linear":
+    check(m.cosine_scale == 1, "model.cosine_scale",
+          "1 when model.head is linear (it scales the cosine head's logits only)", m.cosine_scale)
+  elif l.name == "ldam":
+    check(m.cosine_scale == 1, "model.cosine_scale", "1 with model.head=cosine and "
+          "loss.name=ldam (LDAM scales inside its loss: set loss.ldam_scale, 30 in LDAM-DRW)",
+          m.cosine_scale)
+    check(l.ldam_scale > 1, "loss.ldam_scale", "a scale > 1 with model.head=cosine (its logits "
+          "are cosines in [-1, 1]; LDAM-DRW uses 30)", l.ldam_scale)
+  else:
+    check(m.cosine_scale > 1, "model.cosine_scale", f"a scale > 1 with model.head=cosine and "
+          f"loss.name={l.name} (its logits are cosines in [-1, 1]; e.g. 30)", m.cosine_scale)
+  for field, value, default in (("head", m.head, "linear"), ("pooling", m.pooling, "avg")):
+    check(value == default or m.name in resnet.MODEL_NAMES, f"model.{field}",
+          f"{default} unless model.name is a ResNet ({', '.join(resnet.MODEL_NAMES)})", value)
   check(o.warmup_steps < t.num_steps, "optim.warmup_steps",
         f"0 <= warmup_steps < train.num_steps ({t.num_steps})", o.warmup_steps)
   check(l.drw_start_step is None or l.class_weights != "none", "loss.class_weights",
@@ -233,7 +278,10 @@ def read_config(workdir) -> ml_collections.ConfigDict:
 # =================================================================================================
 # Model, optimizer, random streams, train state
 # =================================================================================================
-def build_model(config, num_classes: int) -> resnet.ResNet:
+def build_model(config, num_classes: int):
+  """The ResNet or ViT of config.model; both apply as (logits, features) with a `head`."""
+  if config.model.name in vit.MODEL_NAMES:
+    return vit.model_from_config(config.model, num_classes, config.data.image_size)
   return resnet.model_from_config(config.model, num_classes)
 
 
@@ -258,7 +306,9 @@ def make_optimizer(config, num_steps: int | None = None):
         [optax.linear_schedule(0.0, o.lr, o.warmup_steps), optax.constant_schedule(o.lr)],
         [o.warmup_steps])
   # Decay conv and dense kernels only; BatchNorm scales and biases are left alone (our choice).
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  # Kernels only (the same leaves as ndim > 1 for the ResNets; a ViT's q/k/v biases are 2-D).
+  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, p: getattr(path[-1], "key", None) == "kernel", params)
   if o.name == "sgd":
     tx = optax.chain(optax.add_decayed_weights(o.weight_decay, decay_mask),
                      optax.sgd(schedule, momentum=o.momentum or None, nesterov=o.nesterov))
@@ -290,7 +340,7 @@ def _init_fn(config, model, tx):
     shape = (1, config.data.image_size, config.data.image_size, config.data.channels)
     variables = model.init(rng_streams(config.seed).init, jnp.zeros(shape, jnp.float32),
                            train=False)
-    params, batch_stats = variables["params"], variables["batch_stats"]
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
     ema = config.optim.ema_decay > 0
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                       opt_state=tx.init(params), ema_params=params if ema else None,
@@ -307,7 +357,7 @@ def with_weights(state: TrainState, variables: dict, tx, mesh) -> TrainState:
   """`state` starting from `variables` ({'params', 'batch_stats'}, same tree as the state's):
   a fresh optimizer state (and EMA copies) for them, replicated over the mesh."""
   ema = state.ema_params is not None
-  params, batch_stats = variables["params"], variables["batch_stats"]
+  params, batch_stats = variables["params"], variables.get("batch_stats", {})
   fresh = TrainState(step=state.step, params=params, batch_stats=batch_stats,
                      opt_state=tx.init(params), ema_params=params if ema else None,
                      ema_batch_stats=batch_stats if ema else None)

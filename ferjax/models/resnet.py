@@ -15,12 +15,37 @@ variants. `dtype=bfloat16` computes in bf16 with float32 parameters; logits and 
 back as float32. Calling the model returns `(logits [B, K], features [B, D])`, `features` being
 the globally pooled penultimate activations (for linear probes and feature export).
 Inputs are float images in [-1, 1], [B, H, W, C] with C = 1 or 3.
+
+Pooling (`pooling`) of the last stage's map [B, h, w, D] into the features [B, D]:
+  avg  the mean over all h*w positions (global average pooling, as torchvision).
+  app  attentive patch pooling (APP of APViT, Xue et al. 2022, "Vision Transformer with
+       Attentive Pooling for Robust Facial Expression Recognition"; their code,
+       github.com/youqingxiaozhua/APViT: `attn_method='SUM_ABS_1'` scores each position by
+       sum_c |x_c|, `top_pool` keeps the top max(int(N * keep_rate), 1) positions): the
+       max(int(h*w * app_keep), 1) positions with the largest L1 norm over the channels, then the
+       mean over those. No learned parameters; ties go to the earlier position (row-major). APViT
+       keeps 160 of 196 tokens (0.82) and feeds them to a ViT; here the mean of the kept
+       positions replaces the global average.
+
+Head (`head`) on the features f [B, D]:
+  linear  Dense with a bias: logits = f W + b.
+  cosine  the normalised linear layer of LDAM-DRW (Cao et al. 2019; their code,
+          github.com/kaidic/LDAM-DRW, models/resnet_cifar.py `NormedLinear`):
+          logits = cosine_scale * normalize(f) @ normalize(W, columns), no bias, so each logit
+          is `cosine_scale` times a cosine in [-1, 1] (`cosine_logits`). The param is still
+          `head/kernel` [D, K] (head-only tools find it) and its columns start at unit norm, as
+          NormedLinear's `uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)`. Computed in float32.
+          The scale rule (ferjax.kinds.classifier.validate_config): LDAM scales inside its loss
+          (loss.ldam_scale, s = 30 in the reference), so with loss.name=ldam `cosine_scale` is 1
+          and the model returns bare cosines, as NormedLinear; any other loss needs
+          `cosine_scale` > 1 (with s = 1 the softmax of 7 cosines cannot pass p = 0.55).
 """
 
 import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -36,6 +61,8 @@ MODEL_NAMES = tuple(ARCHITECTURES)
 STEMS = ("small", "standard")
 INPUT_NORMS = ("none", "per_image")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+HEADS = ("linear", "cosine")
+POOLINGS = ("avg", "app")
 
 # He initialisation with fan-out, as torchvision's ResNet.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -70,6 +97,53 @@ class CBAM(nn.Module):
                    name="spatial_conv")(pooled)
     gate = self.norm(momentum=0.99, epsilon=1e-5, name="spatial_norm")(gate)
     return x * nn.sigmoid(gate)
+
+
+def _unit_columns(key, shape, dtype=jnp.float32):
+  """Uniform(-1, 1) columns rescaled to unit L2 norm (NormedLinear's initialisation)."""
+  w = jax.random.uniform(key, shape, jnp.float32, -1.0, 1.0)
+  return (w / jnp.linalg.norm(w, axis=0, keepdims=True)).astype(dtype)
+
+
+def l2_normalize(x, axis: int):
+  """x / max(||x||_2, 1e-12) along `axis` (torch.nn.functional.normalize's floor)."""
+  norm = jnp.linalg.norm(x, axis=axis, keepdims=True)
+  return x / jnp.maximum(norm, 1e-12)
+
+
+def cosine_logits(features, kernel):
+  """normalize(features [B, D], rows) @ normalize(kernel [D, K], columns): cosines [B, K]."""
+  features, kernel = features.astype(jnp.float32), kernel.astype(jnp.float32)
+  return l2_normalize(features, 1) @ l2_normalize(kernel, 0)
+
+
+class CosineHead(nn.Module):
+  """LDAM-DRW's NormedLinear times `scale`: no bias; see the module docstring."""
+  num_classes: int
+  scale: float = 1.0
+
+  @nn.compact
+  def __call__(self, features):
+    kernel = self.param("kernel", _unit_columns, (features.shape[-1], self.num_classes),
+                        jnp.float32)
+    return self.scale * cosine_logits(features, kernel)
+
+
+def app_keep_count(positions: int, keep: float) -> int:
+  """How many of `positions` attentive patch pooling keeps: max(int(positions * keep), 1), as
+  APViT's `top_pool` with `keep_rate`."""
+  return max(int(positions * keep), 1)
+
+
+def attentive_patch_pool(x, keep: float):
+  """APP (APViT, Xue et al. 2022): the mean of the positions of x [B, h, w, D] with the largest
+  sum_c |x_c| (their 'SUM_ABS_1' attention map), `app_keep_count(h*w, keep)` of them -> [B, D]."""
+  b, h, w, d = x.shape
+  flat = x.reshape(b, h * w, d)
+  scores = jnp.sum(jnp.abs(flat.astype(jnp.float32)), axis=-1)  # [B, N]
+  _, keep_idx = jax.lax.top_k(scores, app_keep_count(h * w, keep))  # [B, k], ties: lower index
+  kept = jnp.take_along_axis(flat, keep_idx[..., None], axis=1)  # [B, k, D]
+  return jnp.mean(kept, axis=1)
 
 
 class BasicBlock(nn.Module):
@@ -129,6 +203,10 @@ class ResNet(nn.Module):
   cbam: bool = False
   input_norm: str = "none"
   dtype: Any = jnp.float32
+  head: str = "linear"        # linear | cosine (module docstring)
+  cosine_scale: float = 1.0   # cosine head: logits = cosine_scale * cos
+  pooling: str = "avg"        # avg | app (module docstring)
+  app_keep: float = 0.8       # app: share of the last map's positions kept
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -155,8 +233,14 @@ class ResNet(nn.Module):
         x = block(widths[stage], strides, conv, norm, self.cbam, self.dtype,
                   name=f"stage{stage + 1}_block{i + 1}")(x)
 
-    features = jnp.mean(x, axis=(1, 2))
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(features)
+    if self.pooling == "app":
+      features = attentive_patch_pool(x, self.app_keep)
+    else:
+      features = jnp.mean(x, axis=(1, 2))
+    if self.head == "cosine":
+      logits = CosineHead(self.num_classes, self.cosine_scale, name="head")(features)
+    else:
+      logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(features)
     return logits.astype(jnp.float32), features.astype(jnp.float32)
 
 
@@ -178,18 +262,24 @@ def stage_widths(width: float) -> tuple[int, ...]:
 
 
 def create_model(name: str, *, num_classes: int, stem: str = "small", width: float = 1.0,
-                 cbam: bool = False, input_norm: str = "none", dtype: str = "float32") -> ResNet:
+                 cbam: bool = False, input_norm: str = "none", dtype: str = "float32",
+                 head: str = "linear", cosine_scale: float = 1.0, pooling: str = "avg",
+                 app_keep: float = 0.8) -> ResNet:
   """Builds a ResNet by name (resnet10 / resnet18 / resnet34 / resnet50)."""
   stage_sizes, block = ARCHITECTURES[name]
   return ResNet(stage_sizes=stage_sizes, block=block, num_classes=num_classes, width=width,
-                stem=stem, cbam=cbam, input_norm=input_norm, dtype=DTYPES[dtype])
+                stem=stem, cbam=cbam, input_norm=input_norm, dtype=DTYPES[dtype], head=head,
+                cosine_scale=float(cosine_scale), pooling=pooling, app_keep=float(app_keep))
 
 
 def model_from_config(model_config, num_classes: int) -> ResNet:
-  """`config.model` (name, stem, width, cbam, input_norm, dtype) -> ResNet."""
+  """`config.model` (name, stem, width, cbam, input_norm, dtype, head, cosine_scale, pooling,
+  app_keep) -> ResNet."""
   return create_model(model_config.name, num_classes=num_classes, stem=model_config.stem,
                       width=model_config.width, cbam=model_config.cbam,
-                      input_norm=model_config.input_norm, dtype=model_config.dtype)
+                      input_norm=model_config.input_norm, dtype=model_config.dtype,
+                      head=model_config.head, cosine_scale=model_config.cosine_scale,
+                      pooling=model_config.pooling, app_keep=model_config.app_keep)
 
 
 def smallest_feature_map(image_size: int, stem: str) -> int:

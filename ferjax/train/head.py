@@ -194,6 +194,9 @@ def retrain_head(config, workdir, out) -> dict:
   kind.validate_config(config)
   out = check_out(out)
   run = runs.open_classifier(workdir, str(config.source.checkpoint))
+  if run.config.model.get("head", "linear") != "linear":  # NormedLinear: no bias, scaled cosines.
+    raise UserError(f"--workdir {workdir}: its model.head is {run.config.model.head!r}: "
+                    f"retrain-head re-trains a linear head (kernel and bias) only")
   staging = None
   try:
     with workdir_lib.disk_errors(out):
