@@ -2,6 +2,9 @@
 
   python experiments/protocol.py --dataset synthetic --methods none logit_adj --out runs/fsa_base
   python experiments/feature_semantic.py --base runs/fsa_base --out runs/fsa
+  python experiments/feature_semantic.py --dataset fer2013 --base runs/fer_lt100 \
+      --out runs/fer_lt100_heads --report-split validation config.data.val_split=None \
+      config.data.imbalance_ratio=100        # GPU; the shared FER-2013 copy (PublicTest only)
 
 Takes the protocol's finished runs (`none` and `logit_adj`, one per seed; trained if missing)
 and, on each run's frozen backbone, re-trains the classifier head with `ferjax retrain-head`
@@ -48,16 +51,17 @@ def heads() -> dict:
   return out
 
 
-def run_head(backbone: pathlib.Path, out: pathlib.Path, overrides) -> dict:
-  """Re-trains (unless done) and evaluates one head; {test metrics..., "val": val metrics}."""
+def run_head(backbone: pathlib.Path, out: pathlib.Path, overrides,
+             report_split: str = "test") -> dict:
+  """Re-trains (unless done) and evaluates one head; {report split metrics..., "val": ...}."""
   from ferjax.train import head
-  if not (out / "eval_test.json").exists():
+  if not (out / f"eval_{report_split}.json").exists():
     if not out.exists():
       head.cli_main(argparse.Namespace(workdir=str(backbone), out=str(out), config=None,
                                        overrides=[f"--{o}" for o in [*overrides, *FAST]]))
-    for split in ("val", "test"):
+    for split in ("val", report_split):
       evaluate.evaluate_run(out, split, checkpoint="best", tta="none")
-  return {**report.read_eval(out / "eval_test.json"),
+  return {**report.read_eval(out / f"eval_{report_split}.json"),
           "val": report.read_eval(out / "eval_val.json")}
 
 
@@ -69,7 +73,9 @@ def main(argv=None) -> int:
   parser.add_argument("--dataset", default="synthetic", choices=sorted(runner.DATASETS))
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   parser.add_argument("--variants", nargs="+", default=None, help="subset of the head variants")
-  parser.add_argument("overrides", nargs="*", help="config.field=value for the backbone runs")
+  runner.add_report_split_flag(parser)
+  parser.add_argument("overrides", nargs="*", help="config.field=value for the backbone runs "
+                      "(e.g. config.data.imbalance_ratio=100 for FER-2013-LT)")
   args = parser.parse_args(argv)
   base, out = pathlib.Path(args.base), pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
@@ -80,7 +86,7 @@ def main(argv=None) -> int:
     for method, extra in backbones.items():
       evals.setdefault(method, []).append(runner.train_and_test(
           config_name, base / f"{method}_seed{seed}",
-          [*args.overrides, *extra, f"config.seed={seed}"]))
+          [*args.overrides, *extra, f"config.seed={seed}"], report_split=args.report_split))
   chosen = runner.select(heads(), args.variants, "--variants")
   for seed in args.seeds:
     for name in chosen:
@@ -88,7 +94,7 @@ def main(argv=None) -> int:
       print(f"=== {name}, seed {seed} ===", flush=True)
       evals.setdefault(name, []).append(run_head(
           base / f"{method}_seed{seed}", out / f"{name}_seed{seed}",
-          [*overrides, f"config.seed={seed}"]))
+          [*overrides, f"config.seed={seed}"], args.report_split))
   for family in ("feat", "feat_la"):  # Alpha chosen per seed on validation, never on test.
     names = [f"{family}_a{a:g}" for a in ALPHAS if f"{family}_a{a:g}" in evals]
     if names:
@@ -100,9 +106,9 @@ def main(argv=None) -> int:
            f"experiments/feature_semantic.py --base {base} --out {out}`; each head re-trained on "
            f"the frozen backbone's features (`ferjax retrain-head`), chosen on validation mean "
            f"class accuracy; *_best: alpha chosen per seed on validation. Seeds "
-           f"{', '.join(map(str, args.seeds))}; numbers on test.")
+           f"{', '.join(map(str, args.seeds))}; numbers on {args.report_split}.")
   print(runner.write_results(out, evals, f"Feature-space semantic augmentation on {args.dataset}",
-                             notes))
+                             notes, args.report_split))
   return 0
 
 
