@@ -155,9 +155,9 @@ def stratified_holdout(labels, fraction: float, seed: int, groups=None):
 
 def grouped_holdout(labels, groups, fraction: float, seed: int):
   """(train indices, held-out indices) with whole groups on one side: groups are taken in a
-  seeded random order, each into the side whose per-class need it serves best (the held-out side
-  until it holds about `fraction` of each class), so the hold-out is stratified as far as whole
-  groups allow. At least one group on each side when there are two or more."""
+  seeded random order and a group is held out when at least half its images fill classes whose
+  hold-out is still short of `fraction`, so the hold-out is stratified as far as whole groups
+  allow. At least one group on each side when there are two or more."""
   labels, groups = np.asarray(labels), np.asarray(groups)
   rng = np.random.default_rng([seed, 7])
   names = rng.permutation(np.unique(groups))
