@@ -138,3 +138,39 @@ def test_joint_run_carries_each_members_truth(folder_root):
     rows = joint.extras["dataset"] == name
     assert 0 < np.sum(joint.labels[rows] != truth[rows]) <= round(0.2 * rows.sum()) + 1
   assert all("clean_label" not in v.extras for v in vals)
+
+
+# --- data.label_fraction: the semi-supervised protocol's labelled subset ------------------------
+def test_labelled_subset_is_stratified_seeded_and_keeps_one_per_class():
+  labels = np.repeat(np.arange(4), (100, 40, 10, 1))
+  labelled, pool = splits.labelled_subset(labels, 0.1, seed=3)
+  np.testing.assert_array_equal(np.bincount(labels[labelled], minlength=4), [10, 4, 1, 1])
+  assert np.intersect1d(labelled, pool).size == 0 and len(labelled) + len(pool) == len(labels)
+  again, _ = splits.labelled_subset(labels, 0.1, seed=3)
+  other, _ = splits.labelled_subset(labels, 0.1, seed=4)
+  np.testing.assert_array_equal(labelled, again)
+  assert not np.array_equal(labelled, other)
+
+
+def test_label_fraction_cuts_train_after_the_hold_out_and_leaves_validation_whole(folder_root):
+  full_train, full_val = splits.load_splits(folder_data(folder_root, val_split=None), seed=0)
+  train, val = splits.load_splits(folder_data(folder_root, val_split=None, label_fraction=0.25),
+                                  seed=0)
+  np.testing.assert_array_equal(val.extras["index"], full_val.extras["index"])  # Same hold-out.
+  counts = np.bincount(full_train.labels, minlength=len(NAMES))
+  np.testing.assert_array_equal(np.bincount(train.labels, minlength=len(NAMES)),
+                                np.maximum(1, np.round(0.25 * counts)))
+  assert set(train.extras["index"]) <= set(full_train.extras["index"])
+  again, _ = splits.load_splits(folder_data(folder_root, val_split=None, label_fraction=0.25),
+                                seed=0)
+  np.testing.assert_array_equal(again.extras["index"], train.extras["index"])
+
+
+@pytest.mark.parametrize("value", [0, 1.5, -0.1])
+def test_label_fraction_outside_0_1_is_refused(value):
+  from ferjax import configs
+  from ferjax.errors import UserError
+  config = classifier_kind.default_config()
+  config.data.label_fraction = value
+  with pytest.raises(UserError, match="data.label_fraction"):
+    configs.check_spec(config, classifier_kind.SPEC)

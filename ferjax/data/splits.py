@@ -124,6 +124,21 @@ def label_noise(ds: Dataset, rate: float, seed: int) -> Dataset:
   return ds.replace(labels=noisy.astype(np.int32), extras={**ds.extras, "clean_label": clean})
 
 
+def labelled_subset(labels, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """(labelled indices, unlabeled-pool indices) of a train split for a label fraction
+  (data.label_fraction, the semi-supervised protocol): round(fraction * n_k) of each class k
+  keep their labels, at least one, drawn with `seed` on its own stream, so every method at one
+  seed trains on the same labelled subset; the rest is the pool a semi-supervised stage may
+  use without its labels."""
+  rng = np.random.default_rng([seed, 19])  # Its own stream (7 hold-out, 13 joint, 17 noise).
+  labelled = []
+  for k in np.unique(labels):
+    members = rng.permutation(np.flatnonzero(labels == k))
+    labelled.append(members[:max(1, int(round(fraction * len(members))))])
+  labelled = np.sort(np.concatenate(labelled)) if labelled else np.zeros(0, np.int64)
+  return labelled, np.setdiff1d(np.arange(len(labels)), labelled)
+
+
 def fold_split(data, split: str) -> str:
   """The split `split` names for a run with `data.fold` set (CK+ cross-validation):
   train -> fold<k>_train, test -> fold<k>_test; other names (and runs without a fold) as given."""
@@ -314,7 +329,11 @@ def load_splits(data, seed: int) -> tuple[Dataset, Dataset | None]:
   Label noise (data.label_noise): a real set's train labels are flipped by `label_noise` with
   `seed` after the hold-out, which is taken (stratified) with the true labels and keeps them;
   the synthetic set's hold-out gets its true labels back (extras["clean_label"]). Validation is
-  clean either way. The flipped count is printed once."""
+  clean either way. The flipped count is printed once.
+
+  Label fraction (data.label_fraction < 1): after the hold-out, only a stratified, seeded
+  subset of the train split keeps its labels and trains (`labelled_subset`, at least one image
+  per class); the same subset for every method at one seed."""
   if data.name == "joint":
     return load_joint(data, seed)
   train = load_split(data, data.get("split", "train"), train=True)
@@ -333,6 +352,15 @@ def load_splits(data, seed: int) -> tuple[Dataset, Dataset | None]:
     if "clean_label" in val.extras:
       val = val.replace(labels=val.extras["clean_label"].astype(np.int32))
     train = train.take(train_idx)
+  fraction = data.get("label_fraction")
+  if fraction is not None and fraction < 1:  # After the hold-out: validation keeps its size.
+    labelled, pool = labelled_subset(train.extras.get("clean_label", train.labels), fraction,
+                                     seed)
+    if jax.process_index() == 0:
+      print(f"data.label_fraction={fraction:g}: {data.name} {train.split}: {len(labelled)} of "
+            f"{len(train)} train images keep their labels (stratified, seed {seed}); "
+            f"{len(pool)} left unlabeled")
+    train = train.take(labelled)
   rate = data.get("label_noise")
   if rate and data.name != "synthetic":
     train = label_noise(train, rate, seed)

@@ -63,6 +63,9 @@ SPEC = {
         # Noisy-label protocol: that share of train labels flipped to another class (by `seed`,
         # after the hold-out; validation stays clean); synthetic: its generator's own fixed noise.
         "label_noise": number(None, 0, 1, hi_open=True, optional=True),  # train labels flipped
+        # Semi-supervised protocol: the share of train (after the hold-out) that keeps its
+        # labels, stratified and seeded, at least one per class (None: all labelled).
+        "label_fraction": number(None, 0, 1, lo_open=True, optional=True),
         # Keep, drop or merge classes by canonical name, e.g. "-disgust" or "anger,happy,sad"
         # or "happy,negative=anger+fear+sad" ("": all, as named by the dataset;
         # ferjax.data.labels).
