@@ -235,6 +235,24 @@ def load_other_dataset(config, dataset: str, split: str, *, data_dir=None, manua
   return splits.load_split(data, split, train=False)
 
 
+def load_target(config, split: str, dataset=None, *, data_dir=None, manual_dir=None):
+  """(the Dataset to score, whether it is another dataset than the run's own): `split` of the
+  run's data as it trained (`load_eval_split`), or of `dataset` with every class it has."""
+  if dataset is None or is_own_dataset(config, dataset, data_dir, manual_dir):
+    return load_eval_split(config, split), False
+  if dataset not in DATASET_NAMES:
+    raise UserError(f"--dataset: unknown dataset {dataset!r}: expected one of "
+                    f"{', '.join(DATASET_NAMES)}")
+  return load_other_dataset(config, dataset, split, data_dir=data_dir,
+                            manual_dir=manual_dir), True
+
+
+def check_tta(tta: str) -> str:
+  if tta not in TTA_MODES:
+    raise UserError(f"--tta: expected one of {', '.join(TTA_MODES)}, got {tta!r}")
+  return tta
+
+
 def is_own_dataset(config, dataset, data_dir=None, manual_dir=None) -> bool:
   """Whether `--dataset` (with `--data-dir` / `--manual-dir`) names the run's own data as it was
   trained (no data.classes): a `folder` dataset in another folder is another dataset."""
@@ -322,24 +340,15 @@ def evaluate_run(workdir, split: str = "test", *, checkpoint="best", tta: str | 
   if write and parallel.is_main_process():  # Before the work, not after it.
     workdir_lib.check_writable(workdir, "--workdir")
   config = run.config
-  tta = tta or config.eval.tta
-  if tta not in TTA_MODES:
-    raise UserError(f"--tta: expected one of {', '.join(TTA_MODES)}, got {tta!r}")
-  if is_own_dataset(config, dataset, data_dir, manual_dir):
-    dataset = None  # The run's own dataset.
-  if dataset is None:
-    data = load_eval_split(config, split)
+  tta = check_tta(tta or config.eval.tta)
+  data, cross = load_target(config, split, dataset, data_dir=data_dir, manual_dir=manual_dir)
+  if cross:
+    data, columns, note = match_classes(run, data, restrict_to_shared=restrict_to_shared)
+  else:
     if tuple(data.class_names) != run.class_names:
       raise UserError(f"split {split!r} has classes {data.class_names}, the checkpoint was "
                       f"trained on {run.class_names}")
     columns, note = list(range(len(run.class_names))), None
-  else:
-    if dataset not in DATASET_NAMES:
-      raise UserError(f"--dataset: unknown dataset {dataset!r}: expected one of "
-                      f"{', '.join(DATASET_NAMES)}")
-    data, columns, note = match_classes(
-        run, load_other_dataset(config, dataset, split, data_dir=data_dir, manual_dir=manual_dir),
-        restrict_to_shared=restrict_to_shared)
   if note and not quiet and parallel.is_main_process():
     print(note)
   variables = run.variables
@@ -358,13 +367,13 @@ def evaluate_run(workdir, split: str = "test", *, checkpoint="best", tta: str | 
   result = evaluate_params(config, variables, scored,
                            train_counts=run.train_counts[columns], tta=tta,
                            logits=logits[:, columns])
-  tag = output_tag(split, dataset=dataset and data.name, checkpoint=checkpoint, tta=tta,
+  tag = output_tag(split, dataset=data.name if cross else None, checkpoint=checkpoint, tta=tta,
                    logit_adjust=logit_adjust, restrict_to_shared=restrict_to_shared,
                    tau_norm=tau_norm)
   result.update(split=split, step=run.step, checkpoint=str(checkpoint),
                 logit_adjust=float(logit_adjust), tau_norm=float(tau_norm),
-                dataset=data.name if dataset else config.data.name,
-                cross_dataset=dataset is not None, restrict_to_shared=bool(restrict_to_shared),
+                dataset=data.name if cross else config.data.name,
+                cross_dataset=cross, restrict_to_shared=bool(restrict_to_shared),
                 dropped=note, file=f"eval_{tag}.json")
   if write and parallel.is_main_process():  # Several processes: process 0 writes the files.
     fileio.write_atomic(workdir / f"eval_{tag}.json", json.dumps(result, indent=2) + "\n")
@@ -429,16 +438,8 @@ def features_run(workdir, out, *, split: str = "test", dataset: str | None = Non
     raise UserError(f"--out {out}: its folder {out.parent} does not exist")
   run = runs.open_classifier(pathlib.Path(workdir), str(checkpoint))
   config = run.config
-  tta = tta or config.eval.tta
-  if tta not in TTA_MODES:
-    raise UserError(f"--tta: expected one of {', '.join(TTA_MODES)}, got {tta!r}")
-  if dataset is not None and dataset not in DATASET_NAMES:
-    raise UserError(f"--dataset: unknown dataset {dataset!r}: expected one of "
-                    f"{', '.join(DATASET_NAMES)}")
-  if dataset is None or is_own_dataset(config, dataset, data_dir, manual_dir):
-    data = load_eval_split(config, split)
-  else:
-    data = load_other_dataset(config, dataset, split, data_dir=data_dir, manual_dir=manual_dir)
+  tta = check_tta(tta or config.eval.tta)
+  data, _ = load_target(config, split, dataset, data_dir=data_dir, manual_dir=manual_dir)
   logits, feats = predict_logits(run.model, run.variables, data.images, tta=tta, mesh=run.mesh,
                                  batch_size=eval_batch_size(config, run.mesh),
                                  return_features=True)

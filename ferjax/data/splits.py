@@ -63,9 +63,6 @@ def load_split(data, split: str, *, train: bool, limit: int | None = None) -> Da
             image_size=data.image_size, channels=data.channels, lazy=lazy_reads(train), **options)
   if "index" not in ds.extras:  # Positions in the split as loaded, kept through every subset.
     ds = ds.replace(extras={**ds.extras, "index": np.arange(len(ds), dtype=np.int64)})
-  if options.get("label_noise"):
-    clean = synthetic_clean_labels(split, options)
-    ds = ds.replace(extras={**ds.extras, "clean_label": clean})
   if data.get("classes"):
     ds, line = select_classes(ds, data.classes)
     if train and jax.process_index() == 0:
@@ -79,19 +76,6 @@ def load_split(data, split: str, *, train: bool, limit: int | None = None) -> Da
   if len(ds) == 0:
     raise UserError(f"dataset {data.name!r} split {split!r} holds no images")
   return ds
-
-
-def synthetic_clean_labels(split: str, options: dict) -> np.ndarray:
-  """The true labels [N] (int32) of the synthetic split that `options` (synthetic.load's) make,
-  before its label noise: the generator's own label draw (its first stream), repeated without
-  rendering a face. tests/test_label_noise.py checks it against a clean load."""
-  from ferjax.data import synthetic
-  seed = options.get("seed", 0)
-  counts = synthetic.class_counts(split, options.get("num_examples"),
-                                  options.get("imbalance_ratio"))
-  face_seq = np.random.SeedSequence([seed, synthetic._SPLIT_KEYS[split]]).spawn(3)[0]
-  rng = np.random.default_rng(face_seq)
-  return rng.permutation(np.repeat(np.arange(len(counts)), counts)).astype(np.int32)
 
 
 def select_classes(ds: Dataset, spec: str) -> tuple[Dataset, str]:

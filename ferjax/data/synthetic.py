@@ -83,7 +83,8 @@ def load(split, *, image_size=48, channels=1, num_examples=None, seed=0, imbalan
   split follows RAF-DB's class proportions, or a geometric profile with max/min class ratio
   `imbalance_ratio` when given; validation and test are balanced. `label_noise` replaces that
   fraction of train labels by a different random class (the images keep their true
-  expression; validation and test labels stay clean).
+  expression, and the true labels are kept in extras["clean_label"]; validation and test labels
+  stay clean).
   """
   if unknown:
     raise UserError(f"synthetic dataset: unknown option(s) {sorted(unknown)}: expected "
@@ -108,12 +109,14 @@ def load(split, *, image_size=48, channels=1, num_examples=None, seed=0, imbalan
   params.update(sample_nuisance_params(len(labels), rng))
   images = render_faces(params, image_size, channels, np.random.default_rng(pixel_seq))
 
+  extras = {}
   if split == "train" and label_noise > 0:
+    extras["clean_label"] = labels.copy()  # The true labels, for the noisy-label protocol.
     noise_rng = np.random.default_rng(noise_seq)
     flip = noise_rng.choice(len(labels), size=round(label_noise * len(labels)), replace=False)
     shift = noise_rng.integers(1, len(CLASS_NAMES), size=len(flip))  # never the same class
     labels[flip] = (labels[flip] + shift) % len(CLASS_NAMES)
-  return Dataset(images, labels, CLASS_NAMES, name="synthetic", split=split)
+  return Dataset(images, labels, CLASS_NAMES, name="synthetic", split=split, extras=extras)
 
 
 def class_counts(split, num_examples=None, imbalance_ratio=None) -> np.ndarray:
