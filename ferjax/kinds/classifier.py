@@ -207,7 +207,8 @@ def validate_config(config) -> None:
     patch = m.patch_size or vit.default_patch_size(d.image_size)
     check(d.image_size % patch == 0, "model.patch_size",
           f"a patch size dividing data.image_size ({d.image_size})", patch)
-    for field, value, default in (("stem", m.stem, "small"), ("cbam", m.cbam, False)):
+    for field, value, default in (("stem", m.stem, "small"), ("cbam", m.cbam, False),
+                                  ("head", m.head, "linear"), ("pooling", m.pooling, "avg")):
       check(value == default, f"model.{field}", f"{default!r} (a ResNet field) with a ViT", value)
   # The cosine head's scale: exactly one of model.cosine_scale and (LDAM) loss.ldam_scale
   # lifts the cosines out of [-1, 1] (ferjax.models.resnet's docstring).
@@ -223,9 +224,6 @@ def validate_config(config) -> None:
   else:
     check(m.cosine_scale > 1, "model.cosine_scale", f"a scale > 1 with model.head=cosine and "
           f"loss.name={l.name} (its logits are cosines in [-1, 1]; e.g. 30)", m.cosine_scale)
-  for field, value, default in (("head", m.head, "linear"), ("pooling", m.pooling, "avg")):
-    check(value == default or m.name in resnet.MODEL_NAMES, f"model.{field}",
-          f"{default} unless model.name is a ResNet ({', '.join(resnet.MODEL_NAMES)})", value)
   check(o.warmup_steps < t.num_steps, "optim.warmup_steps",
         f"0 <= warmup_steps < train.num_steps ({t.num_steps})", o.warmup_steps)
   check(l.drw_start_step is None or l.class_weights != "none", "loss.class_weights",
