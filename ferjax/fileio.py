@@ -6,6 +6,7 @@ import errno
 import fcntl
 import os
 import pathlib
+import shutil
 import socket
 import sys
 import time
@@ -27,18 +28,55 @@ def os_errno(error: BaseException) -> int | None:
   return next((code for text, code in OS_MESSAGES.items() if text in str(error)), None)
 
 
+@contextlib.contextmanager
+def atomic_path(path):
+  """Yields a partial file name beside `path` (same suffix, so writers that choose a format by
+  it still work) to write into; renamed onto `path` when the block ends without an error, and
+  removed in every case: a kill never leaves `path` torn."""
+  path = pathlib.Path(path)
+  partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+  try:
+    yield partial
+    os.replace(partial, path)
+  finally:
+    partial.unlink(missing_ok=True)
+
+
 def write_atomic(path, data: str | bytes) -> None:
   """Writes `path` through a partial file renamed into place: a kill never leaves it torn."""
-  path = pathlib.Path(path)
-  partial = path.with_name(f".{path.name}.partial")
-  try:
+  with atomic_path(path) as partial:
     if isinstance(data, bytes):
       partial.write_bytes(data)
     else:
       partial.write_text(data)
-    os.replace(partial, path)
+
+
+@contextlib.contextmanager
+def staged_folder(out, what: str = "--out"):
+  """Yields a new hidden folder beside `out` to fill; renamed to `out` when the block ends without
+  an error, removed otherwise: a failed or interrupted command leaves no half-written `out`.
+  `out` must not exist (a UserError naming `what`), before and again just before the rename."""
+  out = pathlib.Path(out)
+
+  def refuse_existing():
+    if out.exists():
+      raise UserError(f"{what} {out}: already exists: expected a new folder (nothing was "
+                      "written)")
+
+  refuse_existing()
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}-{time.monotonic_ns()}"
+    partial.mkdir()
+  except OSError as e:
+    raise UserError(f"{what} {out}: cannot create ({e.strerror or e})") from None
+  try:
+    yield partial
+    refuse_existing()  # Created meanwhile by another process: never replaced.
+    os.rename(partial, out)
   finally:
-    partial.unlink(missing_ok=True)
+    if partial.exists():
+      shutil.rmtree(partial, ignore_errors=True)
 
 
 @contextlib.contextmanager
