@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_distributed_args(p)
 
   p = _verb(verbs, "train", "ferjax.train.classifier:cli_main",
-            "Train a classifier (ResNet, long-tail losses and samplers, optional semantic "
+            "Train a classifier (ResNet or ViT, long-tail losses and samplers, optional semantic "
             "augmentation); keeps the last checkpoints and the best one on the validation split.",
             "ferjax train --config experiments/configs/classifier_synthetic_tiny.py "
             "--workdir runs/classifier_tiny", epilog=EPILOG_CONFIG)
@@ -116,10 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
   _add_distributed_args(p)
 
   p = _verb(verbs, "evaluate", "ferjax.evaluate:cli_main",
-            "Evaluate a trained classifier's checkpoint on a split: writes eval_<split>.json "
-            "(accuracy, mean class accuracy, macro-F1, per-class, confusion, head/medium/tail) "
-            "and a confusion-matrix PNG. No retraining needed to change --tta, --logit-adjust or "
-            "--tau-norm.",
+            "Evaluate a trained classifier's checkpoint on a split of its dataset or, with "
+            "--dataset, of another one (classes matched by emotion name): writes eval_<tag>.json "
+            "(accuracy, mean class accuracy, macro-F1, per-class, confusion, head/medium/tail; "
+            "the tag names the split, dataset and settings) and a confusion-matrix PNG. No "
+            "retraining needed to change --tta, --logit-adjust or --tau-norm.",
             "ferjax evaluate --workdir runs/classifier_tiny --split test --logit-adjust 1.0")
   p.add_argument("--workdir", required=True, help="a `ferjax train` run folder")
   p.add_argument("--split", default="test", help="split to evaluate (default: test)")
