@@ -4,6 +4,7 @@ the planned slots, the new workdir is a classifier run with the source backbone,
 are one line."""
 
 import argparse
+import errno
 import json
 import shutil
 
@@ -316,3 +317,16 @@ def test_training_into_a_retrained_head_is_refused(tiny_runs, tmp_path, capsys):
   retrain(tiny_runs.classifier, out, "--config.head.steps=2", "--config.head.eval_every=2")
   expect_one_line(["train", "--config", tiny_runs.classifier_config, "--workdir", out],
                   ["retrain-head", "cannot be resumed"], capsys, protect=[out])
+
+
+def test_full_disk_is_one_line_and_leaves_no_staging_folder(tiny_runs, tmp_path, monkeypatch):
+  def full(config, run, staging):
+    (staging / "metrics.jsonl").write_text("{}\n")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(head_lib, "_retrain", full)
+  with pytest.raises(UserError) as error:
+    head_lib.retrain_head(head_kind.default_config(), tiny_runs.classifier, tmp_path / "out")
+  message = str(error.value)
+  assert "\n" not in message and "--out" in message and "No space left" in message
+  assert "resume" not in message and not any(tmp_path.iterdir())

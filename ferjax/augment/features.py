@@ -48,7 +48,7 @@ class FeaturePlan:
   synth_probs: class distribution of the synthetic slots; real_probs: the sampler's, of the real
   slots; real_per_batch / synthetic_per_batch: expected counts of a batch; prior_counts: the
   class distribution the head is trained under, scaled to the real train total (the classifier
-  trainer's convention); target_counts / gap_counts: the rebalanced epoch, for reports.
+  trainer's convention).
   """
   num_synthetic: int
   synth_probs: np.ndarray
@@ -56,8 +56,6 @@ class FeaturePlan:
   real_per_batch: np.ndarray
   synthetic_per_batch: np.ndarray
   prior_counts: np.ndarray
-  target_counts: np.ndarray
-  gap_counts: np.ndarray
 
   def report(self, class_names) -> dict:
     names = list(class_names)
@@ -75,11 +73,9 @@ def plan(train_counts, *, batch_size: int, sampler: str, synthesize: bool, targe
   counts = np.asarray(train_counts, np.float64)
   total = counts.sum()
   real_probs = head_kind.sampled_probs(sampler, counts)
-  target_counts = semantic.target_counts(counts, target)
   zeros = np.zeros_like(counts)
   if not synthesize:
-    return FeaturePlan(0, zeros, real_probs, batch_size * real_probs, zeros,
-                       total * real_probs, target_counts, zeros)
+    return FeaturePlan(0, zeros, real_probs, batch_size * real_probs, zeros, total * real_probs)
   gap = semantic.plan_batches(counts, batch_size=batch_size, target=target,
                               fill=fill).synthetic_counts
   if tail_only:
@@ -102,7 +98,7 @@ def plan(train_counts, *, batch_size: int, sampler: str, synthesize: bool, targe
   synthetic_per_batch = num_synthetic * synth_probs
   prior = (real_per_batch + synthetic_per_batch) * total / (batch_size - num_synthetic)
   return FeaturePlan(num_synthetic, synth_probs, real_probs, real_per_batch, synthetic_per_batch,
-                     prior, target_counts, gap)
+                     prior)
 
 
 def plan_for(config, train_counts) -> FeaturePlan:
@@ -135,7 +131,8 @@ def train_vae(features, *, init_key, train_key, latent_dim: int = 32, hidden: in
               steps: int = 2000, lr: float = 1e-3, batch_size: int = 256, beta: float = 1.0,
               log_every: int | None = None) -> TrainedVAE:
   """Trains the feature VAE on features [N, D] (uniform batches with replacement, Adam), keyed
-  by `init_key` (parameters) and fold_in(train_key, step) (batches, noise)."""
+  by `init_key` (parameters) and fold_in(train_key, step) (batches, noise). Float32 features
+  already on the device (the head's data["features"]) are used as they are, not copied."""
   features = jnp.asarray(features, jnp.float32)
   model = feature_vae.build(features.shape[1], latent_dim=latent_dim, hidden=hidden)
   variables = model.init(init_key, features)
@@ -170,7 +167,8 @@ def train_vae(features, *, init_key, train_key, latent_dim: int = 32, hidden: in
 
 def class_latent_stats(model, variables, features, labels, num_classes: int):
   """Per-class mean and standard deviation [K, latent_dim] of the encoder's latent means
-  (class_gaussian); a class with one example gets std 1, one with none mean 0 and std 1."""
+  (class_gaussian); a class with one example gets std 1, one with none mean 0 and std 1.
+  `features`: float32 on the device (the head's data["features"], not copied) or host."""
   mu = np.asarray(jax.jit(model.encode)(variables, jnp.asarray(features, jnp.float32))[0])
   return semantic.class_stats(mu, labels, num_classes)
 
@@ -218,8 +216,6 @@ def make_synthesize(model, num_synthetic: int, *, mode: str, alpha: float,
   other slots are returned untouched; the synthetic ones carry weight `weight`.
   """
   def synthesize(key, features, labels, weights, data):
-    if num_synthetic == 0:
-      return features, labels, weights
     aux = data["synthesis"]
     class_key, seed_key, partner_key, latent_key = jax.random.split(key, 4)
     classes = jax.random.categorical(class_key, jnp.log(jnp.maximum(aux["synth_probs"], 1e-30)),
@@ -241,12 +237,11 @@ def make_synthesize(model, num_synthetic: int, *, mode: str, alpha: float,
 # =================================================================================================
 # Outside training: a few synthetic features per class (the nearest-neighbour picture)
 # =================================================================================================
-def synthesize_per_class(model, aux, features, labels, classes, per_class: int, key, *,
+def synthesize_per_class(model, aux, features, index, classes, per_class: int, key, *,
                          mode: str, alpha: float, residual: bool = False):
   """`per_class` synthetic features of each class in `classes`: (features [M, D], classes [M],
-  seed indices into `features` [M])."""
-  features = jnp.asarray(features, jnp.float32)
-  index = pipeline.class_index(jnp.asarray(labels, jnp.int32), aux["synth_probs"].shape[0])
+  seed indices into `features` [M]). `features` [N, D] and `index` (`pipeline.class_index` of
+  their labels) are the head's device data["features"] and data["class_index"]."""
   wanted = jnp.repeat(jnp.asarray(classes, jnp.int32), per_class)
   seed_key, partner_key, latent_key = jax.random.split(key, 3)
   seed_idx = pipeline.sample_by_class(seed_key, index, wanted)

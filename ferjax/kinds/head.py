@@ -42,12 +42,13 @@ import optax
 from ferjax import configs
 from ferjax.configs import check, custom, flag, integer, number, one_of
 from ferjax.data import pipeline
+from ferjax.kinds.classifier import BEST_METRICS  # The head selects as the classifier does.
 
-KIND = "retrain_head"  # The stage's own name (head.json); the workdir it writes is a classifier's.
+KIND = "retrain-head"  # The stage's own name (its command, head.json, run.json's stage);
+# the workdir it writes is a classifier's.
 SAMPLERS = ("instance", "class_balanced", "sqrt")  # fixed-distribution policies of data.pipeline
 LOSSES = ("ce", "logit_adjusted")
 INITS = ("source", "zero")
-BEST_METRICS = ("mean_class_accuracy", "accuracy", "macro_f1")
 SYNTH_MODES = ("none", "feature")
 # ferjax.augment.semantic.MODES and the fixed targets of semantic.TARGETS (kinds sit below
 # augment, so they are written here; tests/test_retrain_head.py checks that they agree).

@@ -32,8 +32,6 @@ place when complete: a failed or interrupted stage leaves nothing half-written.
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -128,8 +126,9 @@ def make_batch(config, data: dict, key, step, synthesize=None):
   return features, labels, weights
 
 
-def make_train_step(config, prior_counts, *, synthesize=None, jit: bool = True):
+def make_train_step(config, prior_counts, *, synthesize=None, jit: bool = True, tx=None):
   """`train_step(state, data) -> (state, metrics)`: pure; jitted once with the state donated.
+  `tx`: the optimizer the state was made with (`kind.make_optimizer(config)`, built if None).
 
   Loss: mean_i w_i CE(z_i + tau log pi, y_i), with pi the class prior of the batches
   (`prior_counts`) when head.loss is logit_adjusted (tau = 0 otherwise), w_i the example weights
@@ -137,7 +136,8 @@ def make_train_step(config, prior_counts, *, synthesize=None, jit: bool = True):
   balancing's MaxNorm projection of the kernel's class columns (`kind.project_max_norm`).
   """
   h = config.head
-  tx, schedule = kind.make_optimizer(config)
+  made_tx, schedule = kind.make_optimizer(config)
+  tx = made_tx if tx is None else tx
   train_key = kind.rng_streams(config.seed).train
   offset = (h.tau * jnp.asarray(losses.log_prior(prior_counts)) if h.loss == "logit_adjusted"
             else jnp.zeros((len(prior_counts),), jnp.float32))
@@ -168,15 +168,14 @@ def make_train_step(config, prior_counts, *, synthesize=None, jit: bool = True):
 # =================================================================================================
 # Validation
 # =================================================================================================
-def validate(head: dict, val, train_counts) -> tuple[dict, dict]:
+def validate(config, head: dict, val, train_counts) -> tuple[dict, dict]:
   """(the BEST_METRICS that select heads, the full summary) of `head` on the validation features:
-  one set's metrics, or for a joint run the mean over its member datasets (and each one's)."""
+  one set's metrics, or for a joint run the mean over its member datasets (and each one's).
+  `config`: the source run's (evaluate_params reads its eval.tta, reported only)."""
   head = jax.device_get(head)
-  results = []
-  for ds, features in val:
-    preds = np.argmax(features @ head["kernel"] + head["bias"], axis=-1)
-    confusion = evaluate_lib.confusion_matrix(ds.labels, preds, len(ds.class_names))
-    results.append(evaluate_lib.metrics_from_confusion(confusion, train_counts, ds.class_names))
+  results = [evaluate_lib.evaluate_params(config, None, ds, train_counts=train_counts,
+                                          logits=np.asarray(kind.apply_head(head, features)))
+             for ds, features in val]
   if len(results) == 1:
     return {k: results[0][k] for k in kind.BEST_METRICS}, results[0]
   metrics = {k: float(np.mean([r[k] for r in results])) for k in kind.BEST_METRICS}
@@ -197,25 +196,17 @@ def retrain_head(config, workdir, out) -> dict:
   if run.config.model.get("head", "linear") != "linear":  # NormedLinear: no bias, scaled cosines.
     raise UserError(f"--workdir {workdir}: its model.head is {run.config.model.head!r}: "
                     f"retrain-head re-trains a linear head (kernel and bias) only")
-  staging = None
   try:
-    with workdir_lib.disk_errors(out):
-      out.parent.mkdir(parents=True, exist_ok=True)
-      staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-      umask = os.umask(0)
-      os.umask(umask)
-      staging.chmod(0o777 & ~umask)  # mkdtemp's folder is private; a workdir is not.
+    with fileio.staged_folder(out, "--out") as staging:
       result = _retrain(config, run, staging)
       result["workdir"] = str(out)
       fileio.write_atomic(staging / "head.json", json.dumps(result, indent=2) + "\n")
-      if out.exists():  # Created meanwhile by someone else: never replace it.
-        raise UserError(f"--out {out}: created by another process while this one ran; nothing "
-                        "was written")
-      os.rename(staging, out)
-      staging = None
-  finally:
-    if staging is not None:
-      shutil.rmtree(staging, ignore_errors=True)
+  except Exception as e:  # Orbax and tensorstore wrap the OSError in their own types.
+    code = fileio.os_errno(e)
+    if isinstance(e, UserError) or code not in workdir_lib.DISK_ERRNOS:
+      raise
+    raise UserError(f"--out {out}: cannot write ({os.strerror(code)}); nothing was written: "
+                    "free space and run the same command again") from None
   return result
 
 
@@ -239,19 +230,20 @@ def _retrain(config, run, staging: pathlib.Path) -> dict:
   feature_plan = features_lib.plan_for(config, train_counts)  # A plan with no slot: one line.
   pool, pool_labels, val = load_features(config, run, train_ds, val_sets)
   source_head = jax.device_get(run.variables["params"]["head"])
-  before, _ = validate(source_head, val, train_counts)
+  before, _ = validate(run.config, source_head, val, train_counts)
 
   # --- Feature VAE and the synthesis stage (feature mode) ----------------------------------------
   data = {"features": jnp.asarray(pool), "labels": jnp.asarray(pool_labels),
           "class_index": pipeline.class_index(jnp.asarray(pool_labels), num_classes)}
   synthesize, vae = None, None
   if s.mode == "feature":
-    vae = features_lib.train_vae(pool, init_key=streams.vae_init, train_key=streams.vae_train,
+    vae = features_lib.train_vae(data["features"], init_key=streams.vae_init,
+                                 train_key=streams.vae_train,
                                  latent_dim=s.vae.latent_dim, hidden=s.vae.hidden,
                                  steps=s.vae.steps, lr=s.vae.lr, batch_size=s.vae.batch_size,
                                  beta=s.vae.kl_weight)
-    data["synthesis"] = features_lib.stage_data(vae, feature_plan, s.perturb, pool, pool_labels,
-                                                num_classes)
+    data["synthesis"] = features_lib.stage_data(vae, feature_plan, s.perturb, data["features"],
+                                                pool_labels, num_classes)
     synthesize = features_lib.make_synthesize(
         vae.model, feature_plan.num_synthetic, mode=s.perturb, alpha=float(s.alpha),
         residual=s.decode == "residual", weight=float(s.weight))
@@ -259,7 +251,7 @@ def _retrain(config, run, staging: pathlib.Path) -> dict:
   # --- Loop -------------------------------------------------------------------------------------
   tx, _ = kind.make_optimizer(config)
   state = kind.init_state(config, source_head, tx)
-  train_step = make_train_step(config, feature_plan.prior_counts, synthesize=synthesize)
+  train_step = make_train_step(config, feature_plan.prior_counts, synthesize=synthesize, tx=tx)
   writer = monitor.MetricWriter(staging)
   writer.write(0, {f"val_{k}": v for k, v in before.items()})
   logged = monitor.IntervalMetrics(h.batch_size, watch=("loss",))
@@ -271,7 +263,7 @@ def _retrain(config, run, staging: pathlib.Path) -> dict:
       bar.update(1)
       if step % h.eval_every == 0 or step == h.steps:
         head = jax.device_get(state.params)
-        val_metrics, summary = validate(head, val, train_counts)
+        val_metrics, summary = validate(run.config, head, val, train_counts)
         train_metrics = logged.flush(step)  # The NaN guard first.
         writer.write(step, {**train_metrics, **{f"val_{k}": v for k, v in val_metrics.items()}})
         bar.write(f"step {step}: " + "  ".join(f"val {k} {v:.4f}" for k, v in val_metrics.items()))
@@ -290,7 +282,7 @@ def _retrain(config, run, staging: pathlib.Path) -> dict:
               config.source.checkpoint), "step": run.step}}
   write_classifier_run(staging, run, best, last, meta, best_metric=h.best_metric)
   result = {
-      "stage": "retrain-head", "config": configs.to_dict(config),
+      "stage": kind.KIND, "config": configs.to_dict(config),
       "source": meta["source"], "val_split": val_split,
       "pool": {"train_examples": len(train_ds), "features": int(pool.shape[0]),
                "dim": int(pool.shape[1]), "flip": bool(h.flip)},
@@ -302,43 +294,44 @@ def _retrain(config, run, staging: pathlib.Path) -> dict:
   if vae is not None:
     result["vae"] = {"first_loss": vae.first_loss, "final_loss": vae.final_loss,
                      "curve": vae.curve}
-    result["neighbours"] = save_neighbours(config, vae, data["synthesis"], feature_plan, pool,
-                                           pool_labels, train_ds, staging)
+    result["neighbours"] = save_neighbours(config, vae, data, feature_plan, pool, pool_labels,
+                                           train_ds, staging)
   return result
 
 
 # =================================================================================================
 # The new workdir: a classifier run with the source backbone and the new head
 # =================================================================================================
-def classifier_state(run, head: dict, step: int) -> classifier_kind.TrainState:
+def classifier_state(run, head: dict, step: int, tx) -> classifier_kind.TrainState:
   """The classifier train state of the source's evaluation weights with `head`, a fresh
-  optimizer state, at `step`, replicated over the run's mesh (what open_classifier restores)."""
-  params = {**run.variables["params"], "head": jax.tree.map(jnp.asarray, head)}
-  batch_stats = run.variables["batch_stats"]
-  tx, _ = classifier_kind.make_optimizer(run.config)
-  ema = run.config.optim.ema_decay > 0
-  state = classifier_kind.TrainState(
-      step=jnp.asarray(step, jnp.int32), params=params, batch_stats=batch_stats,
-      opt_state=tx.init(params), ema_params=params if ema else None,
-      ema_batch_stats=batch_stats if ema else None)
-  return parallel.put_replicated(state, run.mesh)
+  optimizer state of `tx` (the source config's optimizer), at `step`, replicated over the run's
+  mesh (what open_classifier restores)."""
+  variables = {"params": {**run.variables["params"], "head": jax.tree.map(jnp.asarray, head)},
+               "batch_stats": run.variables["batch_stats"]}
+  ema = run.config.optim.ema_decay > 0  # with_weights reads only the step and whether EMA.
+  template = classifier_kind.TrainState(
+      step=jnp.asarray(step, jnp.int32), params=None, batch_stats=None, opt_state=None,
+      ema_params={} if ema else None, ema_batch_stats={} if ema else None)
+  return classifier_kind.with_weights(template, variables, tx, run.mesh)
 
 
 def write_classifier_run(folder: pathlib.Path, run, best, last, meta: dict, *,
                          best_metric: str) -> None:
   """run.json, config.json and checkpoints/ (best, then last) of the new classifier run."""
-  record = {"kind": classifier_kind.KIND, "stage": "retrain-head",
+  record = {"kind": classifier_kind.KIND, "stage": kind.KIND,
             "source": meta["source"]["workdir"]}
   fileio.write_atomic(folder / "run.json", json.dumps(record, indent=2) + "\n")
   configs.save_config(run.config, folder / "config.json")
+  tx, _ = classifier_kind.make_optimizer(run.config)
+  best_state = classifier_state(run, best[1], best[0], tx)
+  last_state = best_state if last[0] == best[0] else classifier_state(run, last[1], last[0], tx)
   with checkpoint_lib.Checkpoints(folder / "checkpoints", max_to_keep=1,
                                   best_metric=best_metric) as ckpt:
-    ckpt.save(best[0], classifier_state(run, best[1], best[0]), metrics=best[2], extra=meta,
-              last=False)
-    ckpt.save(last[0], classifier_state(run, last[1], last[0]), metrics=last[2], extra=meta)
+    ckpt.save(best[0], best_state, metrics=best[2], extra=meta, last=False)
+    ckpt.save(last[0], last_state, metrics=last[2], extra=meta)
 
 
-def save_neighbours(config, vae, aux, feature_plan, pool, pool_labels, train_ds,
+def save_neighbours(config, vae, data: dict, feature_plan, pool, pool_labels, train_ds,
                     folder: pathlib.Path) -> dict:
   """synthetic_neighbours.png: for each synthesized class a row of NEIGHBOURS_PER_CLASS pairs
   (the seed image of a synthetic feature, then the train image whose feature is nearest to that
@@ -347,7 +340,8 @@ def save_neighbours(config, vae, aux, feature_plan, pool, pool_labels, train_ds,
   s = config.synth
   classes = np.flatnonzero(feature_plan.synth_probs > 0)
   fake, wanted, seed_idx = features_lib.synthesize_per_class(
-      vae.model, aux, pool, pool_labels, classes, NEIGHBOURS_PER_CLASS,
+      vae.model, data["synthesis"], data["features"], data["class_index"], classes,
+      NEIGHBOURS_PER_CLASS,
       kind.rng_streams(config.seed).report, mode=s.perturb, alpha=float(s.alpha),
       residual=s.decode == "residual")
   near = features_lib.nearest(fake, pool, vae.variables["stats"])
