@@ -32,7 +32,6 @@ held-out predictions. `--out FILE.json` also writes FILE_confusion.png beside it
 
 import functools
 import json
-import os
 import pathlib
 import zipfile
 import zlib
@@ -45,9 +44,9 @@ import optax.tree_utils as otu
 
 from ferjax import fileio, plots
 from ferjax.errors import UserError
-from ferjax.evaluate import confusion_matrix, metrics_from_confusion
+from ferjax.core import workdir as workdir_lib
+from ferjax.evaluate import FEATURES_FORMAT_VERSION, confusion_matrix, metrics_from_confusion
 
-FORMAT_VERSION = 1
 DEFAULT_GRID = tuple(float(v) for v in np.logspace(-6, 1, 10))
 DEFAULT_STEPS = 100
 INNER_FOLDS = 3
@@ -126,8 +125,8 @@ def _check_field(path, key, value, kind, ndim) -> None:
 def _check_consistency(path, raw) -> None:
   """Row counts, class names, label range, finite features, format version."""
   version = int(raw["format_version"])
-  if version != FORMAT_VERSION:
-    raise UserError(f"{path}: key 'format_version': expected {FORMAT_VERSION}, got {version}")
+  if version != FEATURES_FORMAT_VERSION:
+    raise UserError(f"{path}: key 'format_version': expected {FEATURES_FORMAT_VERSION}, got {version}")
   n, dim = raw["features"].shape
   if n == 0 or dim == 0:
     raise UserError(f"{path}: key 'features': no examples or no feature dimensions (shape "
@@ -312,7 +311,8 @@ def select_l2(x, y, num_classes: int, *, groups=None, grid=DEFAULT_GRID, folds: 
 
   Only (x, y) is seen: pass the training part alone. Inner folds are stratified and grouped by
   `groups` when given; their number is min(folds, number of groups). Returns {"l2", "grid"
-  (ascending), "scores" (per grid value), "folds"}.
+  (ascending), "scores" (per grid value), "folds", "w", "b" (the fit on all of x at the chosen
+  L2, from the same compiled path as the inner fits: no second fit needed)}.
   """
   grid = sorted(float(v) for v in grid)
   units = len(np.unique(groups)) if groups is not None else len(y)
@@ -321,7 +321,7 @@ def select_l2(x, y, num_classes: int, *, groups=None, grid=DEFAULT_GRID, folds: 
     raise UserError(f"too few {'subjects' if groups is not None else 'examples'} ({units}) in "
                     f"the training part to choose L2 by cross-validation; give --l2")
   inner = stratified_folds(y, k, np.random.default_rng(seed), groups)
-  masks = np.stack([inner != f for f in range(k)])
+  masks = np.stack([inner != f for f in range(k)] + [np.ones(len(y), bool)])  # Last: all rows.
   descending = grid[::-1]
   w, b, _ = _fit_masked(x, y, num_classes, masks, descending, steps=steps, pad_to=pad_to)
   scores = np.zeros((k, len(grid)))
@@ -332,7 +332,8 @@ def select_l2(x, y, num_classes: int, *, groups=None, grid=DEFAULT_GRID, folds: 
       scores[f, j] = metrics_from_confusion(confusion)[SCORE]
   mean = scores.mean(0)
   best = int(np.argmax(mean))  # The first best of the descending grid: the larger L2 on ties.
-  return {"l2": descending[best], "grid": grid, "scores": mean[::-1].tolist(), "folds": k}
+  return {"l2": descending[best], "grid": grid, "scores": mean[::-1].tolist(), "folds": k,
+          "w": w[k, best], "b": b[k, best]}
 
 
 # --- Evaluation -----------------------------------------------------------------------------------
@@ -343,10 +344,11 @@ def evaluate_split(train, test, train_rows, test_rows, *, l2=None, grid=DEFAULT_
   x, y = train["features"][train_rows], train["labels"][train_rows]
   if l2 is not None:
     chosen = {"l2": float(l2), "grid": None, "scores": None, "folds": 0}
+    w, b = fit_logistic(x, y, num_classes, chosen["l2"], steps=steps, pad_to=pad_to)
   else:
     chosen = select_l2(x, y, num_classes, groups=_inner_groups(train, train_rows), grid=grid,
                        seed=seed, steps=steps, pad_to=pad_to)
-  w, b = fit_logistic(x, y, num_classes, chosen["l2"], steps=steps, pad_to=pad_to)
+    w, b = chosen["w"], chosen["b"]  # select_l2's full-data fit at the chosen L2.
   y_test = test["labels"][test_rows]
   confusion = confusion_matrix(y_test, predict(w, b, test["features"][test_rows]), num_classes)
   metrics = metrics_from_confusion(confusion, class_names=train["class_names"])
@@ -495,14 +497,10 @@ def write_outputs(result: dict, out) -> None:
   """The confusion PNG, then the JSON, each replaced atomically."""
   out = pathlib.Path(out)
   png = confusion_path(out)
-  partial = png.with_name(f".{png.stem}.partial.png")
-  try:
-    title = f"probe {result['dataset']} ({result['folds'] or 'train/test'}): pooled"
+  title = f"probe {result['dataset']} ({result['folds'] or 'train/test'}): pooled"
+  with fileio.atomic_path(png) as partial:
     plots.save_confusion(result["pooled"]["confusion"], result["class_names"], partial,
                          title=title)
-    os.replace(partial, png)
-  finally:
-    partial.unlink(missing_ok=True)
   fileio.write_atomic(out, json.dumps(result, indent=2) + "\n")
 
 
@@ -512,8 +510,7 @@ def _check_out(out) -> None:
     raise UserError(f"--out {out}: is a folder (expected a .json file path)")
   if not out.parent.is_dir():
     raise UserError(f"--out {out}: folder {out.parent} does not exist")
-  if not os.access(out.parent, os.W_OK):
-    raise UserError(f"--out {out}: folder {out.parent} is not writable")
+  workdir_lib.check_writable(out.parent, "--out")
 
 
 def cli_main(args) -> int:

@@ -94,6 +94,8 @@ def test_select_l2_reports_grid_and_prefers_regularisation_on_noise():
   chosen = probe.select_l2(x, y, 3, grid=(1e-6, 1e-3, 10.0))
   assert chosen["grid"] == [1e-6, 1e-3, 10.0] and len(chosen["scores"]) == 3
   assert chosen["l2"] in chosen["grid"] and chosen["folds"] == probe.INNER_FOLDS
+  w, b = probe.fit_logistic(x, y, 3, chosen["l2"])  # The returned fit is the full-data one.
+  assert np.mean(probe.predict(chosen["w"], chosen["b"], x) == probe.predict(w, b, x)) > 0.95
 
 
 # --- Folds --------------------------------------------------------------------------------------
@@ -132,10 +134,11 @@ def test_given_folds_are_respected_and_selection_sees_only_training_rows(tmp_pat
     monkeypatch.setattr(probe, name, spy)
   results = probe.cross_validate(data, "fold", grid=(1e-4, 1e-1), steps=30)
   assert [r["fold"] for r in results] == [0, 1, 2, 3]
-  assert len(seen["select"]) == 4 and len(seen["fit"]) == 4
+  # The final fit comes from select_l2's path (all training rows): no second fit.
+  assert len(seen["select"]) == 4 and seen["fit"] == []
   for f, r in enumerate(results):
     train_rows = set(np.flatnonzero(folds != f).tolist())
-    assert seen["select"][f] == train_rows and seen["fit"][f] == train_rows
+    assert seen["select"][f] == train_rows
     assert r["num_test"] == 15 and r["num_train"] == 45 and r["l2"] in (1e-4, 1e-1)
 
 
@@ -279,3 +282,29 @@ def test_bad_input_is_one_line(tmp_path, case):
   for word in words:
     assert word.lower() in message.lower(), f"{word!r} not in: {message}"
   assert sorted(p.name for p in tmp_path.iterdir()) == before  # Nothing written.
+
+
+def test_features_written_by_evaluate_are_read_by_probe(tmp_path):
+  import types
+  from ferjax import evaluate
+  from ferjax.data.dataset import Dataset
+  n, dim = 6, 4
+  labels = np.array([0, 1, 2, 0, 1, 2], np.int32)
+  dataset = Dataset(images=np.zeros((n, 2, 2, 1), np.uint8), labels=labels,
+                    class_names=("anger", "happy", "sad"), name="stub", split="test",
+                    extras={"subject": np.arange(n) // 2})
+  run = types.SimpleNamespace(class_names=("anger", "happy", "sad"), workdir=tmp_path / "run",
+                              step=7)
+  features = np.random.default_rng(0).normal(size=(n, dim)).astype(np.float32)
+  logits = np.random.default_rng(1).normal(size=(n, 3)).astype(np.float32)
+  path = tmp_path / "f.npz"
+  evaluate.write_features(path, dataset, features, logits, run, "test")
+  data = probe.read_features(path)
+  np.testing.assert_array_equal(data["features"], features)
+  np.testing.assert_array_equal(data["logits"], logits)
+  np.testing.assert_array_equal(data["labels"], labels)
+  np.testing.assert_array_equal(data["subject"], np.arange(n) // 2)
+  np.testing.assert_array_equal(data["fold"], -np.ones(n))
+  assert data["class_names"] == ("anger", "happy", "sad") and data["step"] == 7
+  assert data["dataset"] == "stub" and data["split"] == "test"
+  assert data["format_version"] == evaluate.FEATURES_FORMAT_VERSION

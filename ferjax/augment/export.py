@@ -12,11 +12,10 @@ that config's format and with its `augment.mode` / `augment.alpha`.
 
 import json
 import pathlib
-import shutil
 
 import numpy as np
 
-from ferjax import configs, plots, runs
+from ferjax import configs, fileio, plots, runs
 from ferjax.augment import synthesis
 from ferjax.core import workdir as workdir_lib
 from ferjax.data import folder, splits
@@ -64,18 +63,18 @@ def export(vaegan_workdir, out, per_class: int, *, config=None, seed: int = 0) -
   for name in ds.class_names:  # They become folder names under `out`: checked before writing.
     folder.check_class_name(name, f"dataset {ds.name!r}")
   # Written next to `out` and renamed into place: an interrupted export leaves no partial set.
-  staging = out.with_name(f".{out.name}.partial")
-  shutil.rmtree(staging, ignore_errors=True)
-  staging.mkdir(parents=True)
-  folder.write(staging, "train", fake, labels, ds.class_names)
-  save_seed_grid(staging / "grid.png", ds.images[seed_idx], fake, labels, ds.class_names)
-  provenance = {
-      "vaegan_workdir": str(vaegan_workdir), "vaegan_step": vae.step, **how, "seed": seed,
-      "per_class": per_class, "seed_dataset": ds.name, "class_names": list(ds.class_names),
-      "counts": np.bincount(labels, minlength=ds.num_classes).tolist(),
-  }
-  (staging / "synthesis.json").write_text(json.dumps(provenance, indent=2) + "\n")
-  staging.rename(out)
+  try:
+    with fileio.staged_folder(out, "--out") as staging:
+      folder.write(staging, "train", fake, labels, ds.class_names)
+      save_seed_grid(staging / "grid.png", ds.images[seed_idx], fake, labels, ds.class_names)
+      provenance = {
+          "vaegan_workdir": str(vaegan_workdir), "vaegan_step": vae.step, **how, "seed": seed,
+          "per_class": per_class, "seed_dataset": ds.name, "class_names": list(ds.class_names),
+          "counts": np.bincount(labels, minlength=ds.num_classes).tolist(),
+      }
+      (staging / "synthesis.json").write_text(json.dumps(provenance, indent=2) + "\n")
+  except OSError as e:
+    raise UserError(f"--out {out}: cannot write ({e.strerror or e})") from None
   return provenance
 
 

@@ -41,15 +41,14 @@ Decisions:
 
 import hashlib
 import json
-import os
 import pathlib
 import re
-import shutil
-import uuid
 import zipfile
 
 import numpy as np
+from flax import traverse_util
 
+from ferjax import fileio
 from ferjax.errors import UserError
 from ferjax.models import resnet
 
@@ -167,7 +166,7 @@ def convert_resnet(state_dict: dict, arch: str, *, channels: int, stem: str,
     if path[1] == "head" and not include_head:
       continue
     flat[path] = _convert_leaf(state[names[path]], path, names[path], shape, source, where)
-  return _unflatten(flat)
+  return traverse_util.unflatten_dict(flat)
 
 
 def infer_width(state: dict, source: str = "state dict") -> float:
@@ -187,7 +186,6 @@ def target_shapes(arch: str, *, channels: int, stem: str, width: float,
   """{('params'|'batch_stats', module..., leaf): shape} of the ferjax model, without computing."""
   import jax
   import jax.numpy as jnp
-  from flax import traverse_util
   model = resnet.create_model(arch, num_classes=num_classes, stem=stem, width=width)
   x = jax.ShapeDtypeStruct((1, 64, 64, channels), jnp.float32)
   tree = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
@@ -300,27 +298,6 @@ def _natural(name: str) -> tuple:
   return tuple(int(p) if i % 2 else p for i, p in enumerate(re.split(r"(\d+)", name)))
 
 
-def _unflatten(flat: dict) -> dict:
-  out = {}
-  for path, value in flat.items():
-    node = out
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return out
-
-
-def _flatten(tree, prefix=()) -> dict:
-  """{path tuple: leaf} of nested mappings (dicts or FrozenDicts)."""
-  out = {}
-  for key, value in tree.items():
-    if hasattr(value, "items"):
-      out.update(_flatten(value, prefix + (key,)))
-    else:
-      out[prefix + (key,)] = value
-  return out
-
-
 # =================================================================================================
 # The weights folder
 # =================================================================================================
@@ -328,22 +305,14 @@ def write_weights(out, variables: dict, meta: dict) -> pathlib.Path:
   """Writes DIR/weights.npz and DIR/import.json through a temporary folder renamed into place."""
   out = pathlib.Path(out)
   _refuse_existing(out)
-  arrays = {"/".join(path): np.asarray(v) for path, v in _flatten(variables).items()}
+  arrays = {"/".join(path): np.asarray(v)
+            for path, v in traverse_util.flatten_dict(variables).items()}
   try:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    partial.mkdir()
-  except OSError as e:
-    raise UserError(f"--out {out}: cannot create ({e.strerror or e})") from None
-  try:
-    np.savez(partial / WEIGHTS_FILE, **arrays)
-    (partial / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    _refuse_existing(out)
-    os.rename(partial, out)
+    with fileio.staged_folder(out, "--out") as partial:
+      np.savez(partial / WEIGHTS_FILE, **arrays)
+      (partial / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
   except OSError as e:
     raise UserError(f"--out {out}: cannot write ({e.strerror or e})") from None
-  finally:
-    shutil.rmtree(partial, ignore_errors=True)
   return out
 
 
@@ -373,7 +342,7 @@ def load_init(path) -> tuple[dict, dict]:
   if bad is not None or not flat:
     what = f"unexpected key {'/'.join(bad)}" if bad else "no arrays"
     raise UserError(f"{weights}: {what} (expected params/... and batch_stats/... arrays)")
-  return _unflatten(flat), meta
+  return traverse_util.unflatten_dict(flat), meta
 
 
 def _read_meta(path: pathlib.Path) -> dict:
@@ -404,7 +373,7 @@ def apply_init(variables, init, *, what: str):
   the first such path, both shapes and `what` (the init's source)."""
   import jax.numpy as jnp
   from flax import core
-  have, source = _flatten(variables), _flatten(init)
+  have, source = traverse_util.flatten_dict(variables), traverse_util.flatten_dict(init)
   keys = lambda paths: sorted(paths, key=lambda p: _natural("/".join(p)))
   head = lambda p: len(p) > 1 and p[1] == "head"
   head_fits = all(p in source and np.shape(source[p]) == tuple(have[p].shape)
@@ -427,7 +396,7 @@ def apply_init(variables, init, *, what: str):
   if extra:
     raise UserError(f"{what}: has {'/'.join(extra[0])} (shape {np.shape(source[extra[0]])}) that "
                     "the model lacks (model.name differs from the import?)")
-  result = _unflatten(out)
+  result = traverse_util.unflatten_dict(out)
   return core.freeze(result) if isinstance(variables, core.FrozenDict) else result
 
 
@@ -458,7 +427,7 @@ def cli_main(args) -> int:
 def _meta(state, variables, arch, channels, stem, num_classes, source) -> dict:
   file_classes = _head_classes(state, str(source))
   source_channels = int(state["conv1.weight"].shape[1])
-  params = _flatten(variables["params"])
+  params = traverse_util.flatten_dict(variables["params"])
   head_included = "head" in variables["params"]
   return {
       "format": FORMAT, "version": VERSION, "arch": arch, "stem": stem,
@@ -470,7 +439,7 @@ def _meta(state, variables, arch, channels, stem, num_classes, source) -> dict:
       "input_channels": ("as is" if source_channels == channels else
                          "rgb summed" if channels == 1 else "gray spread"),
       "num_parameters": int(sum(v.size for v in params.values())),
-      "num_arrays": len(_flatten(variables)),
+      "num_arrays": len(traverse_util.flatten_dict(variables)),
   }
 
 
