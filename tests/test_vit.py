@@ -60,7 +60,7 @@ def test_logits_and_features_shapes(readout, channels):
 
 def test_trainer_style_apply_with_empty_batch_stats():
   """The classifier step's call: {'params', 'batch_stats'}, train=True, mutable batch_stats;
-  deterministic with dropout 0 (no 'dropout' rng needed)."""
+  deterministic (no dropout: no 'dropout' rng needed)."""
   model = _tiny()
   variables = {"params": _init(model, (1, 32, 32, 1))["params"], "batch_stats": {}}
   x = _images((2, 32, 32, 1))

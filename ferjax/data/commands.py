@@ -3,7 +3,6 @@
 import json
 import math
 import pathlib
-import re
 import sys
 
 import numpy as np
@@ -14,7 +13,6 @@ from ferjax.data.dataset import Dataset
 from ferjax.errors import UserError
 
 SYNTHETIC_SPLITS = ("train", "validation", "test")
-FOLD_SPLIT = re.compile(r"^fold(\d+)_(train|test)$")
 
 
 def prepare(args) -> int:
@@ -33,7 +31,7 @@ def prepare(args) -> int:
   where = builders.default_data_dir() if args.data_dir is None else args.data_dir
   reused = not args.force and builders.prepared_dir(args.name, args.data_dir) is not None
   counts = builders.prepare(args.name, manual, data_dir=args.data_dir, force=args.force,
-                            wait=args.wait, progress=sys.stderr.isatty())
+                            wait=args.wait)
   if reused:
     print(_reused_note(args.name, where, manual, args.data_dir))
   else:
@@ -45,8 +43,8 @@ def prepare(args) -> int:
 
 def _reused_note(name: str, where, manual: pathlib.Path, data_dir) -> str:
   """What `data prepare` says when it reused an earlier preparation."""
-  from ferjax.data.builders import api
-  source = api.prepared_source(name, data_dir)
+  from ferjax.data import builders
+  source = builders.prepared_source(name, data_dir)
   if source is None:
     return (f"note: {name} was already prepared in {where}, before ferjax recorded what a "
             f"preparation is made from: reused it without checking that it came from "
@@ -114,21 +112,25 @@ def _stats_splits(args) -> tuple[tuple[str, ...], tuple[str, ...], list | None]:
   """
   name = args.name
   if name == "synthetic":
-    splits = listed = SYNTHETIC_SPLITS
-    folds = None
+    listed = SYNTHETIC_SPLITS
+    splits, folds = listed, None
   else:
-    from ferjax.data.builders import api
-    splits = api.available_splits(name, data_dir=args.data_dir)
-    listed = api.available_splits(name, data_dir=args.data_dir, folds=True)
-    if args.split is not None and args.split not in listed:
-      api.check_split(name, args.split, data_dir=args.data_dir)  # Names the accepted splits.
-    folds = api.fold_summary(name, data_dir=args.data_dir)
+    from ferjax.data import builders
+    listed = builders.available_splits(name, data_dir=args.data_dir, folds=True)
+    folds = builders.fold_summary(name, data_dir=args.data_dir)
+    splits = tuple(s for s in listed if s not in _fold_names(folds))
   if args.split is not None:
     if args.split not in listed:
       raise UserError(f"data stats {name}: no split {args.split!r} (available: "
-                      f"{_splits_text(listed)})")
+                      f"{_splits_text(listed, folds)})")
     splits = (args.split,)
   return splits, listed, folds
+
+
+def _fold_names(folds) -> set[str]:
+  """The per-fold split names (CK+'s fold<k>_train / fold<k>_test) of a fold summary (None:
+  no folds)."""
+  return {f"fold{row['fold']}_{side}" for row in folds or () for side in ("train", "test")}
 
 
 def _stats_dir(args) -> pathlib.Path:
@@ -167,12 +169,14 @@ def _load_for_stats(name: str, split: str, data_dir):
   return np.concatenate(labels), sample
 
 
-def _splits_text(splits) -> str:
-  """Split names for people: the per-fold ones (CK+) folded into one pattern."""
-  folds = sorted({int(m.group(1)) for m in map(FOLD_SPLIT.match, splits) if m})
-  text = ", ".join(s for s in splits if not FOLD_SPLIT.match(s))
-  if folds:
-    text += f", fold<k>_train / fold<k>_test (k = {folds[0]}..{folds[-1]})"
+def _splits_text(splits, folds) -> str:
+  """Split names for people: the per-fold ones (CK+, from the fold summary `folds`) folded
+  into one pattern."""
+  fold_names = _fold_names(folds)
+  text = ", ".join(s for s in splits if s not in fold_names)
+  if fold_names:
+    ks = [row["fold"] for row in folds]
+    text += f", fold<k>_train / fold<k>_test (k = {min(ks)}..{max(ks)})"
   return text
 
 
@@ -191,7 +195,7 @@ def _table(result: dict) -> str:
   width = max(10, *(len(n) for n in names))
   splits = list(result["splits"])
   lines = [f"{result['dataset']}: images {tuple(result['image_shape'])}, {len(names)} classes"]
-  lines.append(f"splits: {_splits_text(result['available_splits'])}")
+  lines.append(f"splits: {_splits_text(result['available_splits'], result.get('folds'))}")
   lines.append(f"{'class':<{width}}" + "".join(f"{s:>12}" for s in splits))
   for c in names:
     lines.append(f"{c:<{width}}" +

@@ -62,8 +62,6 @@ VARIANTS = {
 }
 MODEL_NAMES = tuple(VARIANTS)
 READOUTS = ("cls", "gap")
-DTYPES = resnet.DTYPES
-INPUT_NORMS = resnet.INPUT_NORMS
 
 # MAE / big_vision initialisation: xavier-uniform Dense kernels (and the patch embedding seen as
 # a Dense on flattened patches), zero biases, class token N(0, 0.02).
@@ -126,42 +124,37 @@ def unpatchify(patches, p: int, h: int, w: int, c: int):
 class MlpBlock(nn.Module):
   """Dense -> GELU (exact erf, as torch's nn.GELU in MAE / timm) -> Dense."""
   mlp_dim: int
-  dropout: float = 0.0
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x):
     out_dim = x.shape[-1]
     x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=dense_init, name="fc1")(x)
     x = nn.gelu(x, approximate=False)
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    x = nn.Dense(out_dim, dtype=self.dtype, kernel_init=dense_init, name="fc2")(x)
-    return nn.Dropout(self.dropout, deterministic=not train)(x)
+    return nn.Dense(out_dim, dtype=self.dtype, kernel_init=dense_init, name="fc2")(x)
 
 
 class EncoderBlock(nn.Module):
   """Pre-norm transformer block: x + MHSA(LN(x)), then x + MLP(LN(x)) (LayerNorm eps 1e-6)."""
   heads: int
   mlp_dim: int
-  dropout: float = 0.0
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x):
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.heads, dtype=self.dtype, kernel_init=dense_init,
-        dropout_rate=self.dropout, deterministic=not train, force_fp32_for_softmax=True,
-        name="attention")(y, y)
-    x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
+        deterministic=True, force_fp32_for_softmax=True, name="attention")(y, y)
+    x = x + y
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
-    return x + MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="mlp")(y, train)
+    return x + MlpBlock(self.mlp_dim, self.dtype, name="mlp")(y)
 
 
 class ViT(nn.Module):
   """Vision Transformer returning (logits, pooled features); see the module docstring.
 
-  `dropout` > 0 needs a 'dropout' rng in a train=True apply (rngs={'dropout': key}).
+  No dropout: `train` changes nothing (the trainer passes no 'dropout' rng).
   """
   num_classes: int
   patch_size: int
@@ -171,7 +164,6 @@ class ViT(nn.Module):
   mlp_dim: int
   readout: str = "cls"  # cls | gap
   input_norm: str = "none"
-  dropout: float = 0.0
   dtype: Any = jnp.float32
 
   @property
@@ -192,9 +184,8 @@ class ViT(nn.Module):
       # Shape [D] (not [1, 1, D]): a vector, like biases and LayerNorm scales, so ndim-based
       # weight-decay masks leave it alone, as MAE's no_weight_decay does.
       self.cls = self.param("cls", nn.initializers.normal(0.02), (self.hidden,))
-    self.blocks = [EncoderBlock(self.heads, self.mlp_dim, self.dropout, self.dtype,
-                                name=f"block{i + 1}") for i in range(self.depth)]
-    self.embedding_dropout = nn.Dropout(self.dropout)
+    self.blocks = [EncoderBlock(self.heads, self.mlp_dim, self.dtype, name=f"block{i + 1}")
+                   for i in range(self.depth)]
     self.encoder_norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="encoder_norm")
     self.head = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
                          name="head")
@@ -222,9 +213,8 @@ class ViT(nn.Module):
     if self.readout == "cls":
       cls = jnp.broadcast_to(self.cls.astype(self.dtype), (b, 1, self.hidden))
       x = jnp.concatenate([cls, x], axis=1)
-    x = self.embedding_dropout(x, deterministic=not train)
     for block in self.blocks:
-      x = block(x, train)
+      x = block(x)
     return self.encoder_norm(x)
 
   def patch_tokens(self, images, train: bool = False):
@@ -260,7 +250,7 @@ def variant_dims(name: str, width: float = 1.0, depth: Optional[int] = None) -> 
 
 def create_model(name: str, *, num_classes: int, image_size: int, patch_size: int = 0,
                  readout: str = "cls", width: float = 1.0, depth: Optional[int] = None,
-                 input_norm: str = "none", dropout: float = 0.0, dtype: str = "float32") -> ViT:
+                 input_norm: str = "none", dtype: str = "float32") -> ViT:
   """Builds a ViT by name (vit_ti / vit_s / vit_b); patch_size 0: `default_patch_size`."""
   hidden, depth, heads, mlp_dim = variant_dims(name, width, depth)
   patch_size = patch_size or default_patch_size(image_size)
@@ -269,7 +259,7 @@ def create_model(name: str, *, num_classes: int, image_size: int, patch_size: in
                     f"{patch_size} px patches (model.patch_size)")
   return ViT(num_classes=num_classes, patch_size=patch_size, hidden=hidden, depth=depth,
              heads=heads, mlp_dim=mlp_dim, readout=readout, input_norm=input_norm,
-             dropout=dropout, dtype=DTYPES[dtype])
+             dtype=resnet.DTYPES[dtype])
 
 
 def model_from_config(model_config, num_classes: int, image_size: int) -> ViT:

@@ -10,7 +10,6 @@ One module per dataset (`fer2013`, `ferplus`, `rafdb`, `affectnet`, `ckplus`), s
            drop_remainder=False) -> iterator of (images uint8 [B,H,W,C], labels int32 [B])
     available_splits(name, data_dir=None, *, folds=False) -> tuple of split names (UserError:
         not prepared); folds=True adds CK+'s fold<k>_train / fold<k>_test
-    check_split(name, split, data_dir=None): a UserError listing the valid splits if unknown
     fold_summary(name, data_dir=None) -> per-fold subjects and images (None without folds)
     prepared_source(name, data_dir=None, image_size=None) -> what a preparation was made from
     split_sizes(name, data_dir=None) -> {split: count}
@@ -25,13 +24,13 @@ contempt; both read one prepared AffectNet), ckplus. Importing this package is c
 tensorflow_datasets is imported on first use.
 """
 
-from ferjax.data.builders.api import (DATA_DIR_ENV, NAMES, available_splits, check_split,
+from ferjax.data.builders.api import (DATA_DIR_ENV, NAMES, available_splits,
                                       default_data_dir, fold_summary, info, is_prepared,
                                       load_prepared, prepare, prepare_command, prepared_dir,
                                       prepared_source, split_sizes, stream)
 
 __all__ = [
-    "DATA_DIR_ENV", "NAMES", "available_splits", "check_split", "default_data_dir",
+    "DATA_DIR_ENV", "NAMES", "available_splits", "default_data_dir",
     "fold_summary", "info", "is_prepared", "load_prepared", "prepare", "prepare_command",
     "prepared_dir", "prepared_source", "split_sizes", "stream",
 ]

@@ -189,8 +189,8 @@ class _Prepared:
     self.spec = _spec(name)
     self.cls = _builder_cls(name)
     self.dir = _variant_dir(self.cls, data_dir, config)
-    for meta in ("dataset_info.json", "features.json", MANIFEST, SOURCE):
-      self._check_json(self.dir / meta, required=meta not in (MANIFEST, SOURCE))
+    for meta in ("dataset_info.json", "features.json", MANIFEST):
+      self._check_json(self.dir / meta, required=meta != MANIFEST)
     try:
       self.builder = self.cls(data_dir=str(data_dir), file_format="array_record",
                               config=self.cls.config_named(config) if config else None)
@@ -216,7 +216,7 @@ class _Prepared:
 
   def _check_json(self, path: Path, required: bool) -> None:
     if not required and not path.exists():
-      return  # Prepared before ferjax recorded shard sizes (or its source).
+      return  # Prepared before ferjax recorded shard sizes.
     try:
       json.loads(path.read_bytes())
     except OSError as e:
@@ -360,12 +360,6 @@ def _num_folds(name: str) -> int:
   return int(getattr(_module(name), "NUM_FOLDS", 0))
 
 
-def check_split(name: str, split: str, data_dir=None) -> None:
-  """A `UserError` naming the accepted splits unless prepared dataset `name` has `split`."""
-  ds = _Prepared(name, _data_dir(data_dir))
-  ds.cls.select(name, split, ds.stored_splits)
-
-
 def fold_summary(name: str, data_dir=None) -> list[dict] | None:
   """Per fold of a dataset with subject-disjoint folds (CK+), from its prepared data:
   [{"fold", "subjects" (count), "images", "subject_ids"}] for every fold; None for others."""
@@ -407,32 +401,27 @@ def _dir_key(path) -> tuple[int, int] | None:
   return st.st_dev, st.st_ino
 
 
-def _hash_tree(folder: Path, prefix: bytes, digest, seen: set, ignored) -> int:
+def _hash_tree(folder: Path, prefix: bytes, digest, seen: set) -> int:
   """Adds `relative path NUL size` of every file under `folder` to `digest`, in sorted order;
-  returns how many. Hidden and `ignored` names are skipped, folders in `seen` (visited, or the
-  data dir) too, so symlinked folders are followed once."""
+  returns how many. Hidden files and OS droppings are skipped (`common.visible_entries`),
+  folders in `seen` (visited, or the data dir) too, so symlinked folders are followed once."""
+  from ferjax.data.builders import common
   key = _dir_key(folder)
   if key is None or key in seen:
     return 0
   seen.add(key)
-  try:
-    with os.scandir(folder) as it:
-      entries = sorted((e for e in it if not e.name.startswith(".")
-                        and e.name.lower() not in ignored), key=lambda e: e.name)
-  except OSError as e:
-    raise UserError(f"cannot read folder {files.shown(folder)}: {e.strerror or e}") from None
   count = 0
-  for entry in entries:
-    rel = prefix + os.fsencode(entry.name)
+  for path in common.visible_entries(folder):
+    rel = prefix + os.fsencode(path.name)
     try:
-      is_dir = entry.is_dir()
+      is_dir = path.is_dir()
     except OSError:
       is_dir = False
     if is_dir:
-      count += _hash_tree(Path(entry.path), rel + b"/", digest, seen, ignored)
+      count += _hash_tree(path, rel + b"/", digest, seen)
       continue
     try:
-      size = entry.stat().st_size
+      size = path.stat().st_size
     except OSError:
       size = -1  # A broken link: still part of the listing.
     digest.update(rel + b"\0" + str(size).encode() + b"\n")
@@ -448,7 +437,7 @@ def _source_record(name: str, manual_dir, data_dir: Path) -> dict:
   root = common.require_dir(Path(manual_dir), _spec(name))  # UserError: missing or empty.
   digest = hashlib.sha256()
   data_key = _dir_key(data_dir)
-  count = _hash_tree(root, b"", digest, {data_key} if data_key else set(), common.IGNORED_NAMES)
+  count = _hash_tree(root, b"", digest, {data_key} if data_key else set())
   return {"manual_dir": str(root), "files": count, "fingerprint": "sha256:" + digest.hexdigest()}
 
 
@@ -645,13 +634,13 @@ def _build(cls, config, plan, source: dict, data_dir: Path, final: Path,
   import tensorflow_datasets as tfds
   staging = data_dir / f".staging-{cls.name}-{uuid.uuid4().hex[:12]}"
   manual_root = Path(source["manual_dir"])
+  total = sum(len(items) for items in plan.values())
   try:
-    builder = cls(data_dir=str(staging), config=config, file_format="array_record",
-                  plan=plan, manual_root=manual_root,
-                  num_workers=num_workers or common.default_num_workers())
-    total = sum(len(items) for items in plan.values())
     with _small_shuffle_buffer(), _quiet_tfds(), files.strict_images(), \
-        _progress_bar(builder, total, progress):
+        _progress_bar(cls.name, total, progress) as on_example:
+      builder = cls(data_dir=str(staging), config=config, file_format="array_record",
+                    plan=plan, manual_root=manual_root, on_example=on_example,
+                    num_workers=num_workers or common.default_num_workers())
       builder.download_and_prepare(
           download_dir=str(staging / "downloads"),
           download_config=tfds.download.DownloadConfig(manual_dir=str(manual_root)))
@@ -691,25 +680,17 @@ def _quiet_tfds():
 
 
 @contextlib.contextmanager
-def _progress_bar(builder, total: int, enable: bool):
-  """One tqdm bar on stderr counting the examples `builder` generates (nothing unless
-  `enable`: the caller passes whether stderr is a terminal)."""
+def _progress_bar(name: str, total: int, enable: bool):
+  """One tqdm bar on stderr counting examples: yields the callback to call once per example
+  (None unless `enable`: `prepare` defaults it to whether stderr is a terminal)."""
   if not enable:
-    yield
+    yield None
     return
   from tqdm import tqdm
-  bar = tqdm(total=total, desc=builder.name, unit="img", file=sys.stderr, dynamic_ncols=True,
+  bar = tqdm(total=total, desc=name, unit="img", file=sys.stderr, dynamic_ncols=True,
              mininterval=0.5)
-  generate = builder._generate_examples
-
-  def counted(items):
-    for example in generate(items):
-      yield example
-      bar.update(1)
-
-  builder._generate_examples = counted  # This instance only: the builder class is untouched.
   try:
-    yield
+    yield lambda: bar.update(1)
   finally:
     bar.close()
 

@@ -296,6 +296,8 @@ Plan = dict[str, list[Any]]
 class FerBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base of the ferjax builders: features, manual-dir scan, and per-split generation.
 
+  `on_example`, when given, is called once per generated example (a progress bar's update).
+
   Subclasses set `SPEC`, `STORAGE` ("raw" or "jpeg"), `LABEL_INDEX`,
   `MANUAL_DOWNLOAD_INSTRUCTIONS`, and
   implement `scan(manual_dir) -> {split: items}` (validation only, nothing decoded or written)
@@ -309,8 +311,10 @@ class FerBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   LABEL_INDEX: ClassVar[int]  # Where the label sits in a plan item (the empty-class check).
 
   def __init__(self, *, plan: Plan | None = None, manual_root: Path | None = None,
-               num_workers: int = 1, **kwargs):
+               num_workers: int = 1, on_example: Callable[[], object] | None = None,
+               **kwargs):
     self._plan = plan
+    self._on_example = on_example
     self._manual_root = manual_root
     self._num_workers = num_workers
     super().__init__(**kwargs)
@@ -323,7 +327,8 @@ class FerBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return epath.Path(inspect.getfile(cls))
 
   # TFDS prints where it prepares (our staging dir, renamed afterwards): the caller reports the
-  # final location instead. Progress bars stay.
+  # final location instead. TFDS' progress bars are turned off by the caller, which shows its
+  # own through `on_example`.
   def _log_download_bytes(self) -> None:
     """Silenced (see above)."""
 
@@ -398,5 +403,14 @@ class FerBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     plan = self._plan
     if plan is None:
       plan = self.scan(self._manual_root or Path(dl_manager.manual_dir))
-    return {split: self._generate_examples(items) for split, items in plan.items()}
+    return {split: self._examples(items) for split, items in plan.items()}
+
+  def _examples(self, items):
+    """`_generate_examples(items)`, calling `on_example` (when given) after each example."""
+    if self._on_example is None:
+      yield from self._generate_examples(items)
+      return
+    for example in self._generate_examples(items):
+      yield example
+      self._on_example()
 
