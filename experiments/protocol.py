@@ -4,6 +4,10 @@
   python experiments/protocol.py --dataset fer2013 --out runs/protocol_fer2013      # GPU
   python experiments/protocol.py --dataset fer2013 --lt 100 --out runs/protocol_fer2013_lt100
 
+--noise R is the noisy-label protocol: that share of train labels flipped to another class
+(data.label_noise; seeded, the same flips for every method at a seed; validation and test
+clean; on the synthetic set the generator's own noise, the same for every seed).
+
 --lt R builds the *-LT variant (methods.md section 7): the train split subsampled per class to a
 geometric profile with max/min ratio R (fixed subset, classes in natural frequency order) for
 the VAE-GAN and every classifier; validation and test untouched.
@@ -22,6 +26,17 @@ Methods (each a set of config overrides on the same recipe):
                 LDAM with s = 1 and a largest margin of 0.5 logit, the same class weights
                 deferred to 3/4 of training, the batch mean (loss.weight_average=mean)
   logit_adj     logit-adjusted loss (Menon et al. 2021, tau = 1)
+  eac           erasing attention consistency (Zhang et al. 2022; github.com/zyh-uaiaaaa/
+                Erasing-Attention-Consistency): random erasing (p 0.5) and the CAM consistency
+                loss with its image's mirror, weight 5 as published
+  rul           relative uncertainty learning's head (Zhang et al. 2021; github.com/zyh-uaiaaaa/
+                Relative-Uncertainty-Learning): uncertainty-weighted feature mixing, add-up loss
+  rul_cw_cbam   the same with inverse-frequency class weights and CBAM in every block
+                (arXiv 2212.07751's combination)
+  dan           DAN (Wen et al. 2021; github.com/yaoing/DAN): 4 attention heads, affinity and
+                partition losses at weight 1 as published
+  coupling      coupling-regulation loss: focal (gamma 2) to LDAM (largest margin 0.5) on
+                BBN's schedule 1 - (t/T)^2 (ferjax.losses; no published code)
   semantic      semantic augmentation: every class topped up to the largest with VAE-GAN
                 faces (alpha = 1 posterior perturbation of real seeds; the config file's
                 augment.decode: residual for the synthetic set, chosen on validation)
@@ -63,6 +78,12 @@ def methods(num_steps: int, vaegan_workdir: pathlib.Path) -> dict:
       "ldam_drw_linear": ["config.loss.name=ldam", "config.loss.class_weights=effective",
                           f"config.loss.drw_start_step={int(0.75 * num_steps)}"],
       "logit_adj": ["config.loss.name=logit_adjusted"],
+      "eac": ["config.loss.eac_weight=5", "config.augment.erasing_prob=0.5"],
+      "rul": ["config.model.head=rul"],
+      "rul_cw_cbam": ["config.model.head=rul", "config.model.cbam=True",
+                      "config.loss.class_weights=inverse"],
+      "dan": ["config.model.head=dan"],
+      "coupling": ["config.loss.name=coupling"],
       "semantic": semantic,
       "semantic_la": [*semantic, "config.augment.fill=0.5", "config.loss.name=logit_adjusted"],
   }
@@ -77,6 +98,8 @@ def main() -> int:
   parser.add_argument("--vaegan-workdir", default=None, help="reuse a trained VAE-GAN")
   parser.add_argument("--lt", type=float, default=None, metavar="R",
                       help="long-tailed variant: train split subsampled to imbalance ratio R")
+  parser.add_argument("--noise", type=float, default=None, metavar="R",
+                      help="noisy-label protocol: that share of train labels flipped")
   parser.add_argument("--collect", action="store_true",
                       help="train nothing: tabulate the finished runs found in --out")
   runner.add_report_split_flag(parser)
@@ -86,6 +109,8 @@ def main() -> int:
   out.mkdir(parents=True, exist_ok=True)
   classifier_config, vaegan_config = runner.DATASETS[args.dataset]
   lt = [f"config.data.imbalance_ratio={args.lt}"] if args.lt else []
+  if args.noise:  # Train labels only: the VAE-GAN (unlabelled training) is unaffected.
+    args.overrides = [f"config.data.label_noise={args.noise}", *args.overrides]
   args.overrides = [*lt, *args.overrides]
   config = runner.load(classifier_config, args.overrides)
   num_steps = config.train.num_steps

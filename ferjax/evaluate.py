@@ -334,9 +334,13 @@ def evaluate_run(workdir, split: str = "test", *, checkpoint="best", tta: str | 
   if not (np.isfinite(tau_norm) and tau_norm >= 0):
     raise UserError(f"--tau-norm: expected a finite number >= 0, got {tau_norm}")
   run = runs.open_classifier(workdir, str(checkpoint))
-  if tau_norm and run.config.model.head == "cosine":
-    raise UserError(f"--tau-norm: {workdir} has model.head=cosine, whose class weights are "
-                    "normalised already (tau-normalisation is for a linear head)")
+  head = run.config.model.head
+  if tau_norm and head != "linear":
+    why = {"cosine": "whose class weights are normalised already",
+           "dan": "whose logits pass a BatchNorm after its class weights",
+           "rul": "whose classifier sits on its uncertainty-mixed embedding"}[head]
+    raise UserError(f"--tau-norm: {workdir} has model.head={head}, {why} (tau-normalisation "
+                    "is for model.head=linear)")
   if write and parallel.is_main_process():  # Before the work, not after it.
     workdir_lib.check_writable(workdir, "--workdir")
   config = run.config

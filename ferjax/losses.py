@@ -8,6 +8,7 @@ all of them the same way (the target distribution is smoothed):
   ldam              CE(s * (z - m_y e_y)), m_j = C / n_j^(1/4)              (Cao et al. 2019)
   balanced_softmax  CE(z + log pi)                                          (Ren et al. 2020)
   logit_adjusted    CE(z + tau log pi)                                      (Menon et al. 2021)
+  coupling          a(t) focal(z) + (1 - a(t)) LDAM(z),  a(t) = 1 - (t / T)^2
 
 with pi the training class prior. The last two are trained on adjusted logits and predict with
 the raw ones; `posthoc_adjust` is the evaluation-time variant for a model trained with plain CE.
@@ -31,6 +32,20 @@ step on. `normalized` divides by the class weights only, so the example weights 
 meaning (a synthetic sample of weight 0.5 counts half a real one) and, without class weights,
 both are the same.
 
+The coupling-regulation loss of the FER long-tail sources (methods.md section 4: "focal + LDAM
+terms, staged progressive schedule from representation to classifier") has no published code;
+ferjax reads it as the two terms coupled by BBN's cumulative-learning weight (Zhou et al. 2020,
+a = 1 - (t/T)^2 over the T = train.num_steps steps): early steps learn the representation under
+the focal term, late ones the re-balanced boundary under LDAM's margins (with loss.ldam_scale,
+loss.ldam_max_margin and loss.focal_gamma as for those losses alone).
+
+Terms that are not per-example classification losses (added to the batch loss by the trainer):
+
+  eac_consistency   EAC (Zhang et al. 2022): mean over b, k, h, w of (M(x) - flip_w(M(flip_w x)))^2
+                    with M the class activation maps [B, K, h, w] (`class_activation_maps`)
+  affinity_loss     DAN's feature clustering: sum_i ||f_i - c_{y_i}||^2 / sum_d var_k(c_kd) / B
+  partition_loss    DAN's: log(1 + H / mean_d var_h(heads_hd)), var unbiased (torch's .var)
+
 Classes with no training examples are counted as 1 for priors and margins, so logs stay finite.
 """
 
@@ -38,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-LOSS_NAMES = ("ce", "focal", "ldam", "balanced_softmax", "logit_adjusted")
+LOSS_NAMES = ("ce", "focal", "ldam", "balanced_softmax", "logit_adjusted", "coupling")
 CLASS_WEIGHTS = ("none", "inverse", "effective")
 WEIGHT_AVERAGES = ("mean", "normalized")
 
@@ -134,9 +149,54 @@ def logit_adjusted_loss(logits, labels, log_prior_, tau: float = 1.0, label_smoo
   return cross_entropy(logits + tau * log_prior_, labels, label_smoothing)
 
 
+def coupling_weight(step, num_steps: int):
+  """The focal term's weight a(t) = 1 - (t / T)^2 of the coupling-regulation loss (BBN's
+  cumulative-learning schedule): 1 at step 0, 0 at step T."""
+  return 1.0 - (jnp.asarray(step, jnp.float32) / num_steps) ** 2
+
+
+def coupling_loss(logits, labels, step, num_steps: int, margins, gamma: float = 2.0,
+                  scale: float = 1.0, label_smoothing: float = 0.0):
+  """Per-example coupling-regulation loss: a(t) focal + (1 - a(t)) LDAM (module docstring)."""
+  a = coupling_weight(step, num_steps)
+  return (a * focal_loss(logits, labels, gamma, label_smoothing)
+          + (1.0 - a) * ldam_loss(logits, labels, margins, scale, label_smoothing))
+
+
 def posthoc_adjust(logits, log_prior_, tau: float):
   """Post-hoc logit adjustment at evaluation: logits - tau * log prior (Menon et al. 2021)."""
   return logits - tau * log_prior_
+
+
+# --- Terms on more than the logits (EAC, DAN) ----------------------------------------------------
+def class_activation_maps(feature_map, kernel):
+  """CAMs [B, K, h, w] of a last map [B, h, w, D] under a linear head's kernel [D, K]: each
+  class's weighted sum of the map's channels (EAC's `hm`; the caller detaches the kernel, as
+  theirs uses `fc.weight.data`)."""
+  return jnp.einsum("bhwd,dk->bkhw", feature_map.astype(jnp.float32),
+                    kernel.astype(jnp.float32))
+
+
+def eac_consistency(cams, cams_of_flipped):
+  """EAC's attention consistency: MSE between the CAMs of the images and the mirrored CAMs of
+  their mirror images (mirrored along w, their exact flip grid with align_corners=True)."""
+  return jnp.mean((cams - cams_of_flipped[..., ::-1]) ** 2)
+
+
+def affinity_loss(features, labels, centers):
+  """DAN's feature-clustering loss of pooled features [B, D] around class centres [K, D]:
+  sum_i ||f_i - c_{y_i}||^2 / sum_d var_k(c_kd) / B (var over the classes, unbiased)."""
+  distances = jnp.sum((features - centers[labels]) ** 2, axis=-1)
+  return jnp.sum(distances) / jnp.sum(jnp.var(centers, axis=0, ddof=1)) / features.shape[0]
+
+
+def partition_loss(heads):
+  """DAN's partition loss of heads [B, H, D]: log(1 + H / mean over b, d of the unbiased
+  variance across the H heads); 0 with one head."""
+  num_heads = heads.shape[1]
+  if num_heads < 2:
+    return jnp.zeros((), jnp.float32)
+  return jnp.log1p(num_heads / jnp.mean(jnp.var(heads, axis=1, ddof=1)))
 
 
 # --- From the config ---------------------------------------------------------------------------
@@ -151,8 +211,9 @@ def make_class_weight(loss_config, class_counts):
   return weight_fn
 
 
-def make_loss(loss_config, class_counts):
-  """`config.loss` + training class counts -> `loss_fn(logits, labels, step) -> [B]`.
+def make_loss(loss_config, class_counts, num_steps: int | None = None):
+  """`config.loss` + training class counts -> `loss_fn(logits, labels, step) -> [B]`;
+  `num_steps` (train.num_steps) sets the coupling loss's schedule.
 
   The returned per-example losses already carry the class weights (switched on at
   `drw_start_step` when that is set, `make_class_weight`); the train step adds example weights and
@@ -176,6 +237,11 @@ def make_loss(loss_config, class_counts):
       losses = balanced_softmax_loss(logits, labels, prior, smoothing)
     elif name == "logit_adjusted":
       losses = logit_adjusted_loss(logits, labels, prior, loss_config.tau, smoothing)
+    elif name == "coupling":
+      if num_steps is None:
+        raise ValueError("the coupling loss needs num_steps")
+      losses = coupling_loss(logits, labels, step, num_steps, margins, loss_config.focal_gamma,
+                             loss_config.ldam_scale, smoothing)
     else:
       raise ValueError(f"unknown loss {name!r}")
     return losses * class_weight(labels, step)

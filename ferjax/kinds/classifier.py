@@ -27,7 +27,7 @@ SCHEDULES = ("cosine", "constant")
 BEST_METRICS = ("mean_class_accuracy", "accuracy", "macro_f1")
 TTA_MODES = ("none", "flip")
 # Losses that correct for the train class prior (margins or logit offsets from the counts).
-PRIOR_LOSSES = ("logit_adjusted", "balanced_softmax", "ldam")
+PRIOR_LOSSES = ("logit_adjusted", "balanced_softmax", "ldam", "coupling")
 
 
 # =================================================================================================
@@ -90,8 +90,15 @@ SPEC = {
         # normalize(f) @ normalize(W), no bias (ferjax.models.resnet). The scale rule: with
         # loss.name=ldam the loss scales (loss.ldam_scale > 1, 30 in the reference) and
         # cosine_scale is 1; with any other loss cosine_scale > 1 (e.g. 30); linear: 1.
+        # rul: relative uncertainty learning's embedding + uncertainty branches, features mixed
+        # by relative uncertainty in training (RUL, NeurIPS 2021; with class weights and cbam:
+        # arXiv 2212.07751) | dan: DAN's attention heads with its affinity and partition losses
+        # (Wen et al. 2021). Both ResNet only, on the last map (ferjax.models.resnet).
         "head": one_of("linear", resnet.HEADS),
         "cosine_scale": number(1.0, 0, lo_open=True),
+        "rul_dim": integer(64, 1),  # rul: embedding width (published 64)
+        "rul_dropout": number(0.4, 0, 1, hi_open=True),  # rul: before the embeddings (0.4)
+        "dan_heads": integer(4, 1, 16),  # dan: attention heads (published 4)
         # avg (global average) | app: APViT's attentive patch pooling, the mean of the last
         # map's app_keep share of positions with the largest L1 norm over channels (no params).
         "pooling": one_of("avg", resnet.POOLINGS),
@@ -130,6 +137,12 @@ SPEC = {
         # s in CE(s * (z - m)); the reference's 30 goes with model.head=cosine (z = cosines)
         "ldam_scale": number(1.0, 0, lo_open=True),
         "tau": number(1.0, 0),  # logit_adjusted
+        # EAC, erasing attention consistency (Zhang et al. 2022): > 0 adds this weight times the
+        # MSE between each image's class activation maps and the mirrored maps of its mirror
+        # image (a second forward pass; 5 published; with augment.erasing_prob > 0 as theirs).
+        "eac_weight": number(0.0, 0),
+        "affinity_weight": number(1.0, 0),  # model.head=dan: its feature-clustering loss
+        "partition_weight": number(1.0, 0),  # model.head=dan: its partition loss
     },
     "sampler": {
         "name": one_of("instance", pipeline.SAMPLERS),
@@ -212,9 +225,10 @@ def validate_config(config) -> None:
       check(value == default, f"model.{field}", f"{default!r} (a ResNet field) with a ViT", value)
   # The cosine head's scale: exactly one of model.cosine_scale and (LDAM) loss.ldam_scale
   # lifts the cosines out of [-1, 1] (ferjax.models.resnet's docstring).
-  if m.head == "linear":
+  if m.head != "cosine":
     check(m.cosine_scale == 1, "model.cosine_scale",
-          "1 when model.head is linear (it scales the cosine head's logits only)", m.cosine_scale)
+          f"1 when model.head is {m.head} (it scales the cosine head's logits only)",
+          m.cosine_scale)
   elif l.name == "ldam":
     check(m.cosine_scale == 1, "model.cosine_scale", "1 with model.head=cosine and "
           "loss.name=ldam (LDAM scales inside its loss: set loss.ldam_scale, 30 in LDAM-DRW)",
@@ -224,6 +238,14 @@ def validate_config(config) -> None:
   else:
     check(m.cosine_scale > 1, "model.cosine_scale", f"a scale > 1 with model.head=cosine and "
           f"loss.name={l.name} (its logits are cosines in [-1, 1]; e.g. 30)", m.cosine_scale)
+  if m.head in ("rul", "dan"):
+    check(m.pooling == "avg", "model.pooling", f"avg with model.head={m.head} (the {m.head} "
+          "head pools the last map its own way)", m.pooling)
+  check(l.eac_weight == 0 or m.head == "linear", "loss.eac_weight",
+        f"0 with model.head={m.head} (EAC's class activation maps are made with a linear "
+        "head's class weights)", l.eac_weight)
+  check(m.head != "rul" or a.mixup_alpha == 0, "augment.mixup_alpha",
+        "0 with model.head=rul (RUL mixes features itself)", a.mixup_alpha)
   check(o.warmup_steps < t.num_steps, "optim.warmup_steps",
         f"0 <= warmup_steps < train.num_steps ({t.num_steps})", o.warmup_steps)
   check(l.drw_start_step is None or l.class_weights != "none", "loss.class_weights",

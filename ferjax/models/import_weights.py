@@ -367,15 +367,15 @@ def _get(meta, key):
 
 def apply_init(variables, init, *, what: str):
   """`variables` ({'params', 'batch_stats'}, dicts or FrozenDicts of arrays or tracers) with
-  every leaf taken from `init` (cast to the leaf's dtype). The head (params/head) is taken only
-  when `init` has it with the same shapes; otherwise it stays as it is. A backbone leaf missing
+  every leaf taken from `init` (cast to the leaf's dtype). The head (params/head, and the rul /
+  dan heads' modules: resnet.HEAD_MODULES) is taken only when `init` has it with the same shapes; otherwise it stays as it is. A backbone leaf missing
   from `init`, a leaf of another shape, or an `init` leaf the model lacks is a UserError naming
   the first such path, both shapes and `what` (the init's source)."""
   import jax.numpy as jnp
   from flax import core
   have, source = traverse_util.flatten_dict(variables), traverse_util.flatten_dict(init)
   keys = lambda paths: sorted(paths, key=lambda p: _natural("/".join(p)))
-  head = lambda p: len(p) > 1 and p[1] == "head"
+  head = lambda p: len(p) > 1 and p[1] in resnet.HEAD_MODULES
   head_fits = all(p in source and np.shape(source[p]) == tuple(have[p].shape)
                   for p in have if head(p))
   out = {}

@@ -27,8 +27,12 @@ Pooling (`pooling`) of the last stage's map [B, h, w, D] into the features [B, D
        keeps 160 of 196 tokens (0.82) and feeds them to a ViT; here the mean of the kept
        positions replaces the global average.
 
-Head (`head`) on the features f [B, D]:
+Head (`head`) on the features f [B, D] (rul and dan: on the last map, with their own features):
   linear  Dense with a bias: logits = f W + b.
+  rul     RULHead: relative uncertainty learning's embedding and uncertainty branches; in
+          training the trainer passes `mix_with` and each logit row is the mixed embedding's.
+  dan     DANHead: DAN's attention heads, fused; the trainer adds its affinity and partition
+          losses (ferjax.losses) from what it sows.
   cosine  the normalised linear layer of LDAM-DRW (Cao et al. 2019; their code,
           github.com/kaidic/LDAM-DRW, models/resnet_cifar.py `NormedLinear`):
           logits = cosine_scale * normalize(f) @ normalize(W, columns), no bias, so each logit
@@ -61,7 +65,10 @@ MODEL_NAMES = tuple(ARCHITECTURES)
 STEMS = ("small", "standard")
 INPUT_NORMS = ("none", "per_image")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-HEADS = ("linear", "cosine")
+HEADS = ("linear", "cosine", "rul", "dan")
+# Top-level parameter groups on the classifier side of the features (class-specific): a new
+# class list re-initialises them (model.init_from, ferjax import-weights).
+HEAD_MODULES = ("head", "rul", "dan")
 POOLINGS = ("avg", "app")
 
 # He initialisation with fan-out, as torchvision's ResNet.
@@ -146,6 +153,104 @@ def attentive_patch_pool(x, keep: float):
   return jnp.mean(kept, axis=1)
 
 
+def sow(module: nn.Module, name: str, value) -> None:
+  """Stores `value` in the 'aux' collection for training objectives (read when the caller
+  applies with mutable=["aux"]); never at init, so variables hold only params and batch_stats."""
+  if not module.is_initializing():
+    module.sow("aux", name, value)
+
+
+class RULHead(nn.Module):
+  """Relative uncertainty learning's head (Zhang et al., NeurIPS 2021; their code,
+  github.com/zyh-uaiaaaa/Relative-Uncertainty-Learning, src/rul.py and utils.py), on the last
+  map x [B, h, w, D]. Two branches, each BatchNorm (no scale or bias, eps 2e-5) -> dropout ->
+  flatten -> Dense(dim) -> BatchNorm (eps 2e-5): `mu`, the embedding, and `log_var`, whose
+  exp averaged over its dim units is the sample's scalar s_i (the paper's uncertainty value).
+  In training, with a partner j = mix_with[i] per example, the head classifies the mixed
+  embedding  w_i mu_i + (1 - w_i) mu_j,  w_i = s_i / (s_i + s_j)  (their `mixup_data`), and the
+  trainer scores it against both labels, 1/2 each (their add-up loss); otherwise it classifies
+  mu. Features = mu [B, dim]; the classifier is a Dense named `head` as in the other heads."""
+  num_classes: int
+  dim: int
+  dropout: float
+  norm: Callable
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool, mix_with=None):
+    def embedding(name):
+      y = self.norm(use_scale=False, use_bias=False, epsilon=2e-5, name=f"{name}_map_norm")(x)
+      y = nn.Dropout(self.dropout, deterministic=not train)(y)
+      y = nn.Dense(self.dim, dtype=self.dtype, name=f"{name}_fc")(y.reshape(y.shape[0], -1))
+      return self.norm(epsilon=2e-5, name=f"{name}_norm")(y).astype(jnp.float32)
+
+    mu, log_var = embedding("mu"), embedding("log_var")  # log_var: always, so init makes it.
+    features = mu
+    if mix_with is not None:
+      s = jnp.mean(jnp.exp(log_var), axis=-1)
+      w = (s / (s + s[mix_with]))[:, None]
+      features = w * mu + (1.0 - w) * mu[mix_with]
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(features)
+    return logits, mu
+
+
+class DANAttention(nn.Module):
+  """One cross-attention head of DAN (Wen et al. 2021; github.com/yaoing/DAN, networks/dan.py):
+  spatial attention (1x1 conv to D/2 + BN, then relu of the sum of 3x3, 1x3 and 3x1 convs back
+  to D, each + BN, summed over channels into one map that multiplies x), global average
+  pooling, then channel attention (Dense D/16 + BN + relu, Dense D + sigmoid, times the pooled
+  vector) -> [B, D]. Convs with biases, He fan-out init, Dense N(0, 0.001), as theirs."""
+  norm: Callable
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    conv = functools.partial(nn.Conv, dtype=self.dtype, kernel_init=conv_init)
+    dense = functools.partial(nn.Dense, dtype=self.dtype,
+                              kernel_init=nn.initializers.normal(0.001))
+    y = self.norm(name="reduce_norm")(conv(max(d // 2, 1), (1, 1), name="reduce")(x))
+    y = nn.relu(
+        self.norm(name="conv3x3_norm")(conv(d, (3, 3), padding=1, name="conv3x3")(y))
+        + self.norm(name="conv1x3_norm")(conv(d, (1, 3), padding=((0, 0), (1, 1)),
+                                              name="conv1x3")(y))
+        + self.norm(name="conv3x1_norm")(conv(d, (3, 1), padding=((1, 1), (0, 0)),
+                                              name="conv3x1")(y)))
+    pooled = jnp.mean(x * jnp.sum(y, axis=-1, keepdims=True), axis=(1, 2))
+    gate = nn.relu(self.norm(name="channel_norm")(dense(max(d // 16, 4), name="channel_fc1")(pooled)))
+    return pooled * nn.sigmoid(dense(d, name="channel_fc2")(gate))
+
+
+class DANHead(nn.Module):
+  """DAN's heads and fusion on the last map x [B, h, w, D]: `num_heads` DANAttention heads
+  [B, H, D], log-softmax across the heads (when H > 1), summed -> features [B, D], then
+  Dense(K) and BatchNorm -> logits (their `fc` + `bn`). For the trainer's affinity and
+  partition losses (ferjax.losses) it sows, when applied with mutable=["aux"], the globally
+  pooled map `dan_pooled` [B, D], the fused heads `dan_heads` [B, H, D] (after the
+  log-softmax, as their forward returns them) and the class centres `dan_centers` [K, D], a
+  parameter (N(0, 1) init, as torch.randn) that only the affinity loss uses."""
+  num_classes: int
+  num_heads: int
+  norm: Callable
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    heads = jnp.stack([DANAttention(self.norm, self.dtype, name=f"attention{i + 1}")(x)
+                       for i in range(self.num_heads)], axis=1).astype(jnp.float32)
+    if self.num_heads > 1:
+      heads = jax.nn.log_softmax(heads, axis=1)
+    features = jnp.sum(heads, axis=1)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(features)
+    logits = self.norm(name="fc_norm")(logits)
+    centers = self.param("centers", nn.initializers.normal(1.0),
+                         (self.num_classes, x.shape[-1]), jnp.float32)
+    sow(self, "dan_pooled", jnp.mean(x.astype(jnp.float32), axis=(1, 2)))
+    sow(self, "dan_heads", heads)
+    sow(self, "dan_centers", centers)
+    return logits, features
+
+
 class BasicBlock(nn.Module):
   """Two 3x3 convs (ResNet-10/18/34)."""
   filters: int
@@ -207,9 +312,14 @@ class ResNet(nn.Module):
   cosine_scale: float = 1.0   # cosine head: logits = cosine_scale * cos
   pooling: str = "avg"        # avg | app (module docstring)
   app_keep: float = 0.8       # app: share of the last map's positions kept
+  rul_dim: int = 64           # rul: embedding width
+  rul_dropout: float = 0.4    # rul: dropout before the embeddings (train only)
+  dan_heads: int = 4          # dan: cross-attention heads
 
   @nn.compact
-  def __call__(self, x, train: bool = True):
+  def __call__(self, x, train: bool = True, mix_with=None):
+    """(logits, features). `mix_with` (int [B], rul head in training only): each example's
+    partner for RUL's uncertainty-weighted feature mixing; the logits are then the mixed ones."""
     if self.input_norm == "per_image":
       x = standardize_per_image(x)
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_init)
@@ -233,6 +343,17 @@ class ResNet(nn.Module):
         x = block(widths[stage], strides, conv, norm, self.cbam, self.dtype,
                   name=f"stage{stage + 1}_block{i + 1}")(x)
 
+    # The last map, for training objectives that look at it (EAC's class activation maps):
+    # stored only when the caller applies with mutable=["aux"].
+    sow(self, "feature_map", x)
+    if self.head == "rul":
+      logits, features = RULHead(self.num_classes, self.rul_dim, self.rul_dropout, norm,
+                                 self.dtype, name="rul")(x, train, mix_with)
+      return logits.astype(jnp.float32), features.astype(jnp.float32)
+    if self.head == "dan":
+      logits, features = DANHead(self.num_classes, self.dan_heads, norm, self.dtype,
+                                 name="dan")(x)
+      return logits.astype(jnp.float32), features.astype(jnp.float32)
     if self.pooling == "app":
       features = attentive_patch_pool(x, self.app_keep)
     else:
@@ -264,22 +385,24 @@ def stage_widths(width: float) -> tuple[int, ...]:
 def create_model(name: str, *, num_classes: int, stem: str = "small", width: float = 1.0,
                  cbam: bool = False, input_norm: str = "none", dtype: str = "float32",
                  head: str = "linear", cosine_scale: float = 1.0, pooling: str = "avg",
-                 app_keep: float = 0.8) -> ResNet:
+                 app_keep: float = 0.8, rul_dim: int = 64, rul_dropout: float = 0.4,
+                 dan_heads: int = 4) -> ResNet:
   """Builds a ResNet by name (resnet10 / resnet18 / resnet34 / resnet50)."""
   stage_sizes, block = ARCHITECTURES[name]
   return ResNet(stage_sizes=stage_sizes, block=block, num_classes=num_classes, width=width,
                 stem=stem, cbam=cbam, input_norm=input_norm, dtype=DTYPES[dtype], head=head,
-                cosine_scale=float(cosine_scale), pooling=pooling, app_keep=float(app_keep))
+                cosine_scale=float(cosine_scale), pooling=pooling, app_keep=float(app_keep),
+                rul_dim=int(rul_dim), rul_dropout=float(rul_dropout), dan_heads=int(dan_heads))
 
 
 def model_from_config(model_config, num_classes: int) -> ResNet:
   """`config.model` (name, stem, width, cbam, input_norm, dtype, head, cosine_scale, pooling,
-  app_keep) -> ResNet."""
-  return create_model(model_config.name, num_classes=num_classes, stem=model_config.stem,
-                      width=model_config.width, cbam=model_config.cbam,
-                      input_norm=model_config.input_norm, dtype=model_config.dtype,
-                      head=model_config.head, cosine_scale=model_config.cosine_scale,
-                      pooling=model_config.pooling, app_keep=model_config.app_keep)
+  app_keep, rul_dim, rul_dropout, dan_heads) -> ResNet."""
+  m = model_config
+  return create_model(m.name, num_classes=num_classes, stem=m.stem, width=m.width, cbam=m.cbam,
+                      input_norm=m.input_norm, dtype=m.dtype, head=m.head,
+                      cosine_scale=m.cosine_scale, pooling=m.pooling, app_keep=m.app_keep,
+                      rul_dim=m.rul_dim, rul_dropout=m.rul_dropout, dan_heads=m.dan_heads)
 
 
 def smallest_feature_map(image_size: int, stem: str) -> int:

@@ -230,7 +230,13 @@ class ViT(nn.Module):
     return jnp.mean(tokens.astype(jnp.float32), axis=1).astype(tokens.dtype)
 
   def __call__(self, images, train: bool = True):
-    features = self.pool(self.encode(images, train=train))
+    tokens = self.encode(images, train=train)
+    # The patch tokens as a map, for objectives on class activation maps (EAC), stored only
+    # when applied with mutable=["aux"] (as the ResNets' last map).
+    grid_h, grid_w = self._grid(images)
+    resnet.sow(self, "feature_map", tokens[:, self.num_prefix_tokens:].reshape(
+        tokens.shape[0], grid_h, grid_w, self.hidden))
+    features = self.pool(tokens)
     logits = self.head(features)
     return logits.astype(jnp.float32), features.astype(jnp.float32)
 

@@ -43,7 +43,7 @@ from ferjax.data import pipeline, splits
 from ferjax.errors import UserError
 from ferjax.kinds import classifier as kind
 from ferjax.kinds.classifier import BEST_METRICS, TrainState
-from ferjax.models import import_weights
+from ferjax.models import import_weights, resnet
 
 
 # =================================================================================================
@@ -75,7 +75,8 @@ def initial_weights(config, state, class_names) -> dict:
     run = runs.open_classifier(source, "best")
     init = dict(run.variables)
     if tuple(run.class_names) != tuple(class_names):
-      init["params"] = {k: v for k, v in init["params"].items() if k != "head"}
+      init["params"] = {k: v for k, v in init["params"].items()
+                        if k not in resnet.HEAD_MODULES}
   else:
     init, _ = import_weights.load_init(source)
   return import_weights.apply_init(fresh, init, what=f"model.init_from {source}")
@@ -151,36 +152,73 @@ def make_train_step(config, model, tx, class_counts, num_steps: int, mesh, *,
   partners y' when mixup is on (lam = 1 otherwise). With loss.weight_average=normalized the sum is
   divided by sum_i [lam_i w(y_i) + (1 - lam_i) w(y'_i)] (the class weights, mixed as the losses
   are) instead of the batch size (`losses.weighted_average`).
+
+  Methods that add to it (each a config switch; formulas in ferjax.losses):
+    model.head=rul     the model mixes each example's embedding with a random partner's by
+                       their relative uncertainty; the partner's label is y' and lam = 1/2
+                       (RUL's add-up loss);
+    model.head=dan     + affinity_weight * DAN's affinity loss + partition_weight * its
+                       partition loss, from what the model sows;
+    loss.eac_weight>0  + eac_weight * EAC's consistency between the class activation maps of
+                       the batch and of its mirror image (a second forward pass, which also
+                       updates the BatchNorm statistics, as EAC's two passes do).
   """
-  loss_fn = losses.make_loss(config.loss, class_counts)
+  loss_fn = losses.make_loss(config.loss, class_counts, num_steps)
   class_weight = losses.make_class_weight(config.loss, class_counts)
   weight_average = config.loss.weight_average
   _, schedule = kind.make_optimizer(config, num_steps)
   train_key = kind.rng_streams(config.seed).train
   ema_decay = config.optim.ema_decay
   mixup_alpha = config.augment.mixup_alpha
+  l = config.loss
+  rul, dan, eac = config.model.head == "rul", config.model.head == "dan", l.eac_weight > 0
+  mutable = ["batch_stats", "aux"] if (dan or eac) else ["batch_stats"]
 
   def train_step(state: TrainState, data: dict):
     step = state.step
     batch_key, mixup_key = jax.random.split(jax.random.fold_in(train_key, step))
     make_batch = batch_maker(config, data, num_steps=num_steps, synthesize=synthesize, mesh=mesh)
     images, labels, example_weights = make_batch(batch_key, step)
+    model_args = {}
     if mixup_alpha > 0:
       images, partner_labels, lam = pipeline.mixup(mixup_key, images, labels, mixup_alpha)
+    elif rul:  # RUL: feature mixing inside the model, half the loss on each label.
+      model_args["mix_with"] = jax.random.permutation(mixup_key, labels.shape[0])
+      partner_labels, lam = labels[model_args["mix_with"]], jnp.full_like(example_weights, 0.5)
     else:
       partner_labels, lam = labels, jnp.ones_like(example_weights)
+    dropout_key = jax.random.fold_in(mixup_key, 1)  # RUL's dropout; no other model has any.
+
+    def forward(params, batch_stats, x):
+      return model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                         mutable=mutable, rngs={"dropout": dropout_key}, **model_args)
 
     def objective(params):
-      variables = {"params": params, "batch_stats": state.batch_stats}
-      (logits, _), updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+      (logits, _), updates = forward(params, state.batch_stats, images)
       per_example = (lam * loss_fn(logits, labels, step)
                      + (1.0 - lam) * loss_fn(logits, partner_labels, step))
       mixed_weights = (lam * class_weight(labels, step)
                        + (1.0 - lam) * class_weight(partner_labels, step))
       loss = losses.weighted_average(example_weights * per_example, mixed_weights, weight_average)
-      return loss, (logits, updates["batch_stats"])
+      batch_stats, terms = updates["batch_stats"], {}
+      if eac:  # The mirror images' pass; the head's kernel is held fixed in the maps.
+        _, flipped = forward(params, batch_stats, images[:, :, ::-1, :])
+        batch_stats = flipped["batch_stats"]
+        kernel = jax.lax.stop_gradient(params["head"]["kernel"])
+        cams = lambda aux: losses.class_activation_maps(aux["feature_map"][0], kernel)
+        terms["eac_loss"] = losses.eac_consistency(cams(updates["aux"]), cams(flipped["aux"]))
+        loss = loss + l.eac_weight * terms["eac_loss"]
+      if dan:
+        aux = updates["aux"]["dan"]
+        terms["affinity_loss"] = losses.affinity_loss(aux["dan_pooled"][0], labels,
+                                                      aux["dan_centers"][0])
+        terms["partition_loss"] = losses.partition_loss(aux["dan_heads"][0])
+        loss = (loss + l.affinity_weight * terms["affinity_loss"]
+                + l.partition_weight * terms["partition_loss"])
+      return loss, (logits, batch_stats, terms)
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    (loss, (logits, batch_stats, terms)), grads = jax.value_and_grad(
+        objective, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=step + 1, params=params, batch_stats=batch_stats,
@@ -195,6 +233,7 @@ def make_train_step(config, model, tx, class_counts, num_steps: int, mesh, *,
         "train_accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
         "lr": schedule(step),
         "grad_norm": optax.tree.norm(grads),
+        **terms,
     }
     return new_state, metrics
 
