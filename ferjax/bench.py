@@ -29,10 +29,12 @@ from ferjax.core import parallel
 from ferjax.data import synthetic
 from ferjax.errors import UserError
 from ferjax.kinds import classifier as classifier_kind
+from ferjax.kinds import pretrain as pretrain_kind
 from ferjax.kinds import vaegan as vaegan_kind
 from ferjax.models import vaegan as vaegan_models
 from ferjax.runs import VAEGANRun, open_vaegan
 from ferjax.train import classifier as classifier_trainer
+from ferjax.train import pretrain as pretrain_trainer
 from ferjax.train import vaegan as vaegan_trainer
 
 # Dense peak FLOP/s by device kind (bf16 / fp32). The H200 figure is the one measured on our card.
@@ -135,7 +137,9 @@ def bench_classifier(config, batch_size=None, steps: int = 20, what=("classifier
   num_steps = config.train.num_steps
   model = classifier_kind.build_model(config, num_classes)
   setup = dict(model=config.model.name, stem=config.model.stem, width=config.model.width,
-               cbam=config.model.cbam, image_size=size, channels=channels)
+               cbam=config.model.cbam, head=config.model.head, pooling=config.model.pooling,
+               loss=config.loss.name, eac_weight=config.loss.eac_weight, image_size=size,
+               channels=channels)
 
   tx, _ = classifier_kind.make_optimizer(config, num_steps)
   state = classifier_kind.init_state(config, model, tx, mesh)
@@ -267,6 +271,38 @@ def bench_vaegan(config, batch_size=None, steps: int = 20) -> dict:
                           "channels": d.channels, "widths": list(widths)})
 
 
+# --- MAE pre-training ---------------------------------------------------------------------------
+def bench_pretrain(config, batch_size=None, steps: int = 20) -> dict:
+  """Images/s of the real MAE pre-training step (on-device sampling, flip, masking, encoder on
+  the visible patches, decoder, update) on random data of the configured shape."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  if batch_size is not None:
+    config.train.batch_size = int(batch_size)
+  pretrain_kind.validate_config(config)
+  mesh = parallel.make_mesh(config.train.num_devices)
+  d = config.data
+  num_examples = max(4 * config.train.batch_size, 256)
+  images = np.random.default_rng(0).integers(
+      0, 256, (num_examples, d.image_size, d.image_size, d.channels), dtype=np.uint8)
+  models = pretrain_kind.build_models(config)
+  state = pretrain_kind.init_state(config, models, mesh)
+  train_step = pretrain_trainer.make_train_step(models, config, mesh, num_examples, jit=False)
+
+  def step_fn(carry):
+    state, images = carry
+    state, _ = train_step(state, images)
+    return state, images
+
+  carry = (state, parallel.put_rows(images, mesh))
+  m, a = config.model, config.mae
+  return time_step(step_fn, carry, what="pretrain", batch=config.train.batch_size,
+                   dtype=m.dtype, steps=steps,
+                   extra={"model": m.name, "width": m.width, "depth": models.encoder.depth,
+                          "patch_size": models.encoder.patch_size, "image_size": d.image_size,
+                          "channels": d.channels, "mask_ratio": a.mask_ratio,
+                          "decoder": [a.decoder_width, a.decoder_depth, a.decoder_heads]})
+
+
 # --- `ferjax predict` -----------------------------------------------------------------------------
 def untrained_predictor(config, num_classes: int = 7) -> inference.Predictor:
   """A freshly initialised classifier of `config` as an inference.Predictor (same cost as a
@@ -330,14 +366,15 @@ def bench_predict(config, batch_size=None, steps: int = 1, repeats: int = 3) -> 
 
 
 # --- `ferjax bench` -------------------------------------------------------------------------------
-BENCH_TARGETS = ("classifier", "vaegan", "sampler", "evaluate", "predict")
+BENCH_TARGETS = ("classifier", "vaegan", "pretrain", "sampler", "evaluate", "predict")
 
 
 def _config_for(what: str, path, overrides):
   """The config under measurement: a file (as for training) or the run kind's defaults."""
   if path is not None:
     return configs.load_config(path, overrides)
-  config = (vaegan_kind if what == "vaegan" else classifier_kind).default_config()
+  kinds = {"vaegan": vaegan_kind, "pretrain": pretrain_kind}
+  config = kinds.get(what, classifier_kind).default_config()
   configs.apply_overrides(config, overrides)
   return config
 
@@ -351,6 +388,8 @@ def cli_main(args) -> int:
   steps = args.steps or (1 if args.what == "predict" else 20)
   if args.what == "vaegan":
     records = [bench_vaegan(config, batch_size=args.batch, steps=steps)]
+  elif args.what == "pretrain":
+    records = [bench_pretrain(config, batch_size=args.batch, steps=steps)]
   elif args.what == "sampler":
     records = bench_sampler(config, batch_size=args.batch, steps=steps)
   elif args.what == "predict":

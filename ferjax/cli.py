@@ -105,6 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
                  "checkpoints/, PNG grids")
   _add_distributed_args(p)
 
+  p = _verb(verbs, "pretrain", "ferjax.train.pretrain:cli_main",
+            "Pre-train a ViT encoder as a masked autoencoder (MAE) on unlabeled faces (the "
+            "synthetic set, prepared datasets with labels ignored, folders of images); resumes "
+            "from the workdir's latest checkpoint. A classifier starts from it with "
+            "--config.model.init_from=WORKDIR.",
+            "ferjax pretrain --config experiments/configs/pretrain_synthetic_tiny.py "
+            "--workdir runs/pretrain_tiny", epilog=EPILOG_CONFIG)
+  _add_config_args(p)
+  p.add_argument("--workdir", required=True, help="run folder: config.json, metrics.jsonl, "
+                 "checkpoints/, reconstruction grids")
+  _add_distributed_args(p)
+
   p = _verb(verbs, "train", "ferjax.train.classifier:cli_main",
             "Train a classifier (ResNet or ViT, long-tail losses and samplers, optional semantic "
             "augmentation); keeps the last checkpoints and the best one on the validation split.",
@@ -267,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
             "ferjax bench classifier --config.model.name=resnet18 --config.model.stem=small "
             "--config.data.image_size=48 --config.data.channels=1 --batch 64",
             epilog=EPILOG_CONFIG + " Without --config, the trainer's default config is measured.")
-  p.add_argument("what", choices=("classifier", "vaegan", "sampler", "evaluate", "predict"))
+  p.add_argument("what", choices=("classifier", "vaegan", "pretrain", "sampler", "evaluate",
+                                  "predict"))
   _add_config_args(p, required=False)
   p.add_argument("--batch", type=int, default=None, help="global batch size (default: config's; "
                  "predict: photos per pass, default 64)")

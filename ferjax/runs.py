@@ -4,9 +4,10 @@
     logits = run.model.apply(run.variables, images, train=False)[0]
     vae = open_vaegan("runs/vaegan", which="last")
     images = vae.decode(vae.encode(images)[0])
+    mae = open_pretrain("runs/pretrain")            # its ViT encoder: mae.encoder_variables
 
-`which` is "best" (chosen on the validation split), "last" / "latest", or a step number. Both
-kinds are restored the same way: the run's config.json laid over its kind's defaults, the model
+`which` is "best" (chosen on the validation split), "last" / "latest", or a step number. Every
+kind is restored the same way: the run's config.json laid over its kind's defaults, the model
 built from it, and the checkpoint restored into the train state's abstract shapes, replicated
 over the mesh (all devices, or `mesh`). Nothing here imports a trainer.
 """
@@ -22,8 +23,10 @@ from ferjax.core import checkpoint as checkpoint_lib
 from ferjax.core import parallel
 from ferjax.core import workdir as workdir_lib
 from ferjax.kinds import classifier as classifier_kind
+from ferjax.kinds import pretrain as pretrain_kind
 from ferjax.kinds import vaegan as vaegan_kind
-from ferjax.models import resnet
+from ferjax.models import mae as mae_models
+from ferjax.models import resnet, vit
 from ferjax.models import vaegan as vaegan_models
 
 
@@ -137,3 +140,49 @@ def open_vaegan(workdir, which="best", *, mesh=None) -> VAEGANRun:
   config, model, state, meta = restore_vaegan_state(workdir, which, mesh=mesh)
   return VAEGANRun(config=config, model=model, step=int(meta["step"]),
                    encoder=state.ema["encoder"], generator=state.ema["generator"])
+
+
+# --- MAE pre-training ---------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class PretrainRun:
+  """A masked-autoencoder pre-training run: its ViT encoder and MAE decoder with their params.
+
+  `encoder_variables` ({'params'}, no head) are what a ViT classifier of the same shape starts
+  from (`model.init_from`); `encoder.apply(encoder_variables, images, method=vit.ViT.encode)`
+  gives the final tokens.
+  """
+  workdir: pathlib.Path
+  config: ml_collections.ConfigDict
+  encoder: vit.ViT
+  decoder: mae_models.MAEDecoder
+  params: dict  # {"encoder", "decoder"}
+  meta: dict
+
+  @property
+  def step(self) -> int:
+    return int(self.meta["step"])
+
+  @property
+  def encoder_variables(self) -> dict:
+    return {"params": self.params["encoder"]}
+
+
+def pretrain_checkpoints(workdir, config) -> checkpoint_lib.Checkpoints:
+  return checkpoint_lib.Checkpoints(
+      pathlib.Path(workdir) / "checkpoints", best_mode="min", read_only=True,
+      best_metric=pretrain_kind.BEST_METRIC if config.data.val_fraction > 0 else None)
+
+
+def open_pretrain(workdir, which="best", *, mesh=None) -> PretrainRun:
+  """The pre-training run in `workdir` at checkpoint `which` ("best": the lowest validation
+  loss; a run without validation has none, so "best" gives its last step)."""
+  workdir = pathlib.Path(workdir)
+  workdir_lib.check_kind(workdir, pretrain_kind.KIND, "pass a `ferjax pretrain` workdir")
+  config = pretrain_kind.read_config(workdir)
+  mesh = mesh or parallel.make_mesh(config.train.num_devices)
+  models = pretrain_kind.build_models(config)
+  with pretrain_checkpoints(workdir, config) as ckpt:
+    if which == "best" and ckpt.best_step() is None:
+      which = "latest"
+    state, meta = ckpt.restore(pretrain_kind.abstract_state(config, models, mesh), which)
+  return PretrainRun(workdir, config, models.encoder, models.decoder, state.params, meta)

@@ -33,6 +33,7 @@ def config_file(t, body: str, name="c.py"):
 
 
 TINY = "from ferjax.kinds import classifier\n\ndef get_config():\n  c = classifier.default_config()\n"
+PRETRAIN = "from ferjax.kinds import pretrain\n\ndef get_config():\n  return pretrain.default_config()\n"
 
 
 def folder_dataset(t, counts: dict, size=32):
@@ -193,6 +194,9 @@ CASES = {
     "vaegan-bad-override": (lambda t, r: (["train-vaegan", "--config", r.vaegan_config,
                                            "--workdir", t / "v", "--config.model.latent_dim=0"],
                                           []), "model.latent_dim"),
+    "pretrain-bad-override": (lambda t, r: (["pretrain", "--config", config_file(t, PRETRAIN),
+                                             "--workdir", t / "p", "--config.mae.mask_ratio=1"],
+                                            [t]), "mae.mask_ratio"),
     # --- data named by the config ---------------------------------------------------------------
     "folder-without-manual-dir": (lambda t, r: (train(r, t, "--config.data.name=folder"), []),
                                   "manual_dir"),

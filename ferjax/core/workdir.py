@@ -28,7 +28,8 @@ from ferjax.errors import UserError
 # (a preempted job resumed on another slice). Everything else defines the run.
 MAY_CHANGE_ON_RESUME = ("data.data_dir", "data.manual_dir", "train.num_devices")
 KIND_NAMES = {"classifier": "a classifier run (ferjax train)",
-              "vaegan": "a VAE-GAN run (ferjax train-vaegan)"}
+              "vaegan": "a VAE-GAN run (ferjax train-vaegan)",
+              "pretrain": "a pre-training run (ferjax pretrain)"}
 
 
 def _read_json(path: pathlib.Path, what: str) -> dict:
@@ -71,6 +72,12 @@ def check_kind(workdir, kind: str, advice: str) -> None:
     if stored != kind:
       raise UserError(f"{workdir} holds {KIND_NAMES.get(stored, repr(stored))}, not "
                       f"{KIND_NAMES[kind]}: {advice}")
+
+
+def run_kind(workdir) -> str | None:
+  """The kind of run `workdir` records in run.json (None: no record)."""
+  run_file = pathlib.Path(workdir) / "run.json"
+  return _read_json(run_file, "run record").get("kind") if run_file.exists() else None
 
 
 def check_writable(folder, what: str) -> pathlib.Path:

@@ -66,12 +66,20 @@ def device_data(config, images, labels, num_classes: int, mesh) -> dict:
 
 def initial_weights(config, state, class_names) -> dict:
   """The {'params', 'batch_stats'} that `model.init_from` names laid over the fresh state's:
-  a `ferjax import-weights` folder, or a finished classifier workdir (its best checkpoint).
-  The head comes along only when its classes are the run's; any other parameter that is
-  missing or shaped differently is one line naming it."""
+  a `ferjax import-weights` folder, a finished classifier workdir (its best checkpoint), or a
+  `ferjax pretrain` workdir (its ViT encoder at the best checkpoint; the fresh head kept). The
+  head comes along only when its classes are the run's; any other parameter that is missing or
+  shaped differently is one line naming it."""
   source = pathlib.Path(config.model.init_from).expanduser()
   fresh = {"params": state.params, "batch_stats": state.batch_stats}
-  if (source / "config.json").is_file():  # A ferjax train workdir.
+  what = f"model.init_from {source}"
+  if (source / "config.json").is_file() and workdir_lib.run_kind(source) == "pretrain":
+    if config.model.name in resnet.MODEL_NAMES:
+      raise UserError(f"{what}: a ViT pre-training run cannot start model.name="
+                      f"{config.model.name!r} (a ResNet): set model.name to the run's ViT")
+    init = runs.open_pretrain(source, "best").encoder_variables
+    what += " (pre-trained encoder)"
+  elif (source / "config.json").is_file():  # A ferjax train workdir.
     run = runs.open_classifier(source, "best")
     init = dict(run.variables)
     if tuple(run.class_names) != tuple(class_names):
@@ -79,7 +87,7 @@ def initial_weights(config, state, class_names) -> dict:
                         if k not in resnet.HEAD_MODULES}
   else:
     init, _ = import_weights.load_init(source)
-  return import_weights.apply_init(fresh, init, what=f"model.init_from {source}")
+  return import_weights.apply_init(fresh, init, what=what)
 
 
 # =================================================================================================

@@ -1,0 +1,212 @@
+"""What a pre-training run is: masked-autoencoder (MAE) pre-training of a ViT on unlabeled faces.
+Its config (defaults and rules together), models, optimizer, train state and random streams. The
+trainer (ferjax.train.pretrain), benchmarks and ferjax.runs (which reopens a finished run, e.g.
+for a classifier's `model.init_from`) build on this module, never on the trainer.
+
+The encoder is the classifier's own ViT (`model` fields as the classifier's, `vit.model_from_
+config`), initialised through `ViT.encode` so its parameters are exactly a ViT classifier's minus
+the head; the decoder is ferjax.models.mae's. Values follow MAE (He et al. 2022) unless a comment
+says "ours": mask ratio 0.75, AdamW (0.9, 0.95) with weight decay 0.05, normalised-pixel targets.
+"""
+
+import pathlib
+from typing import Any, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from ferjax import configs
+from ferjax.configs import check, custom, flag, integer, number, one_of, text
+from ferjax.core import parallel
+from ferjax.data import unlabeled
+from ferjax.models import mae, resnet, vit
+
+KIND = "pretrain"
+BEST_METRIC = "val_loss"  # Lower is better.
+SCHEDULES = ("cosine", "constant")
+
+
+# ================================================================================================
+# Config: every field the trainer reads, its default and what a valid value is
+# ================================================================================================
+SPEC = {
+    "seed": integer(0, 0),  # Parameters, masks, batches and the hold-out all derive from it.
+    "data": {
+        # Unlabeled images: "synthetic", a prepared dataset's name (every split, labels
+        # ignored), "folder:PATH" (recursive), several joined by commas with an optional
+        # ":weight" each (ferjax.data.unlabeled).
+        "sources": custom("synthetic", unlabeled.EXPECTED,
+                          lambda v: isinstance(v, str) and bool(v.strip())),
+        "image_size": integer(48, 16, 1024),  # pixels (square); every image is resized to it
+        "channels": custom(1, "1 or 3", lambda v: configs.is_int(v) and v in (1, 3)),
+        # Held out of every source (seeded) for the validation loss; 0: no validation.
+        "val_fraction": number(0.05, 0, 1, hi_open=True),
+        # A named dataset's test split too. Off: a classifier later tested on that split would
+        # otherwise have seen its test images (labels are never read either way).
+        "include_test": flag(False),
+        "data_dir": text(None),  # Prepared datasets (None: $FERJAX_DATA_DIR, ~/.ferjax/datasets).
+        "manual_dir": text(None),  # Raw files, to prepare a named dataset on first use.
+        "num_examples": integer(None, 1, optional=True),  # The synthetic source's size.
+    },
+    "model": {  # The encoder: the classifier's ViT fields (ferjax.kinds.classifier).
+        "name": one_of("vit_ti", vit.MODEL_NAMES),
+        "patch_size": integer(0, 0),  # 0: vit.default_patch_size (4 px up to 48 px images)
+        "readout": one_of("cls", vit.READOUTS),  # The class token is pre-trained too (MAE).
+        "depth": integer(None, 1, optional=True),  # None: the preset's 12 blocks
+        "width": number(1.0, 0, 8, lo_open=True),  # width multiplier (heads kept)
+        "input_norm": one_of("none", resnet.INPUT_NORMS),
+        "dtype": one_of("float32", tuple(resnet.DTYPES)),  # compute dtype; params stay float32
+    },
+    "mae": {
+        "mask_ratio": number(0.75, 0, 1, lo_open=True, hi_open=True),  # share of patches masked
+        # MAE's decoder is 512 wide, 8 blocks, 16 heads for 224 px; faces at 48 px have 144
+        # patches, so ours is lighter.
+        "decoder_width": integer(256, 4),
+        "decoder_depth": integer(4, 1),
+        "decoder_heads": integer(8, 1),
+        "norm_pix_loss": flag(True),  # targets: each patch's pixels standardised
+    },
+    "optim": {  # AdamW, linear warm-up, then cosine to 0 (or constant).
+        "lr": number(1e-3, 0, lo_open=True),  # peak learning rate (ours: MAE scales 1.5e-4 * B/256)
+        "b1": number(0.9, 0, 1, hi_open=True),
+        "b2": number(0.95, 0, 1, hi_open=True),
+        "weight_decay": number(0.05, 0),  # on Dense and patch-embedding kernels only
+        "warmup_steps": integer(0, 0),  # < train.num_steps
+        "schedule": one_of("cosine", SCHEDULES),
+    },
+    "train": {
+        "num_steps": integer(10000, 1),
+        "batch_size": integer(256, 1),  # global batch; a multiple of the device count
+        "num_devices": integer(None, 1, optional=True, meaning=" (all devices)"),
+        "log_every": integer(50, 1),  # metrics.jsonl (means over the interval), TensorBoard
+        "eval_every": integer(1000, 1),  # validation loss and a reconstruction grid
+        "checkpoint_every": integer(1000, 1),  # resume points
+        "keep_checkpoints": integer(2, 1),
+    },
+}
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field the trainer reads, with defaults, locked: experiment configs start from this,
+  and setting a field it does not have is an error."""
+  return configs.from_spec(SPEC)
+
+
+def patch_size(config) -> int:
+  return config.model.patch_size or vit.default_patch_size(config.data.image_size)
+
+
+def num_patches(config) -> int:
+  return (config.data.image_size // patch_size(config)) ** 2
+
+
+def validate_config(config) -> None:
+  """Field rules (SPEC), then the rules that tie fields together; a UserError names the field."""
+  configs.check_spec(config, SPEC)
+  d, a, o, t = config.data, config.mae, config.optim, config.train
+  unlabeled.parse_sources(d.sources)
+  patch = patch_size(config)
+  check(d.image_size % patch == 0, "model.patch_size",
+        f"a patch size dividing data.image_size ({d.image_size})", patch)
+  n = num_patches(config)
+  kept = mae.num_kept(n, a.mask_ratio)
+  check(1 <= kept < n, "mae.mask_ratio", f"a ratio in (0, 1) that keeps at least one of the {n} "
+        f"patches and masks at least one (it keeps {kept})", a.mask_ratio)
+  check(a.decoder_width % 4 == 0 and a.decoder_width % a.decoder_heads == 0,
+        "mae.decoder_width", f"a multiple of 4 and of mae.decoder_heads ({a.decoder_heads})",
+        a.decoder_width)
+  check(o.warmup_steps < t.num_steps, "optim.warmup_steps",
+        f"0 <= warmup_steps < train.num_steps ({t.num_steps})", o.warmup_steps)
+  parallel.check_train_devices(t)
+
+
+def read_config(workdir) -> ml_collections.ConfigDict:
+  """A finished (or started) run's config.json laid over the defaults."""
+  return configs.read_saved(default_config(), pathlib.Path(workdir) / "config.json",
+                            "ferjax pretrain")
+
+
+# ================================================================================================
+# Models, optimizer, random streams, train state
+# ================================================================================================
+class Models(NamedTuple):
+  encoder: vit.ViT  # the classifier's ViT, applied through ViT.encode
+  decoder: mae.MAEDecoder
+
+
+def build_models(config) -> Models:
+  encoder = vit.model_from_config(config.model, 1, config.data.image_size)  # The head is unused.
+  a, p = config.mae, encoder.patch_size
+  grid = config.data.image_size // p
+  decoder = mae.MAEDecoder(grid=(grid, grid), patch_dim=p * p * config.data.channels,
+                           width=a.decoder_width, depth=a.decoder_depth, heads=a.decoder_heads,
+                           num_prefix_tokens=encoder.num_prefix_tokens, dtype=encoder.dtype)
+  return Models(encoder, decoder)
+
+
+def make_optimizer(config):
+  """(optax transform, learning-rate schedule): AdamW with warm-up, then cosine or constant."""
+  o, num_steps = config.optim, config.train.num_steps
+  if o.schedule == "cosine":
+    schedule = optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, num_steps, 0.0)
+  else:
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, o.lr, o.warmup_steps), optax.constant_schedule(o.lr)],
+        [o.warmup_steps])
+  # Kernels only: biases, LayerNorms, the class token and the mask token are not decayed, as
+  # MAE's param groups leave them.
+  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, p: getattr(path[-1], "key", None) == "kernel", params)
+  tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask)
+  return tx, schedule
+
+
+class RngStreams(NamedTuple):
+  init: jax.Array   # parameters
+  train: jax.Array  # per-step randomness: fold_in(train, step)
+  val: jax.Array    # the validation masks: the same at every evaluation
+
+
+def rng_streams(seed: int) -> RngStreams:
+  """The run's random streams, all derived from `seed` (raw uint32 threefry keys)."""
+  init, train, val = jax.random.split(jax.random.PRNGKey(seed), 3)
+  return RngStreams(init=init, train=train, val=val)
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Encoder and decoder parameters with one optimizer state, in one pytree."""
+  step: jax.Array
+  params: Any     # {"encoder": ViT params (no head), "decoder": MAEDecoder params}
+  opt_state: Any
+
+
+def _init_fn(config, models: Models):
+  tx, _ = make_optimizer(config)
+
+  def init():
+    encoder_key, decoder_key = jax.random.split(rng_streams(config.seed).init)
+    s, c = config.data.image_size, config.data.channels
+    n = num_patches(config)
+    kept = mae.num_kept(n, config.mae.mask_ratio)
+    encoder = models.encoder.init(encoder_key, jnp.zeros((1, s, s, c), jnp.float32),
+                                  method=vit.ViT.encode)["params"]
+    tokens = jnp.zeros((1, models.encoder.num_prefix_tokens + kept, models.encoder.hidden))
+    decoder = models.decoder.init(decoder_key, tokens,
+                                  jnp.arange(n, dtype=jnp.int32)[None])["params"]
+    params = {"encoder": encoder, "decoder": decoder}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return init
+
+
+def init_state(config, models: Models, mesh) -> TrainState:
+  """The whole train state, compiled fast (it runs once) straight into replicated arrays."""
+  return parallel.init_replicated(_init_fn(config, models), mesh, fast_compile=True)
+
+
+def abstract_state(config, models: Models, mesh) -> TrainState:
+  """Shapes, dtypes and shardings of the train state, without computing it (for restoring)."""
+  return parallel.abstract_replicated(_init_fn(config, models), mesh)
