@@ -12,7 +12,8 @@ untrained DCGAN-64 VAE-GAN of the same cost, crop/flip/erasing); the target is a
 speed moving with the machine and its load, measures its references in the same run:
 experiments/reference_resnet18.py for plain Flax, and for PyTorch eager with the interpreter
 given by --torch-python (torch is not a ferjax dependency; without it that column stays empty).
-Writes bench.jsonl and bench.md.
+A second table times the train step with each toolbox method (METHOD_ROWS) against the plain
+linear head on the same backbone and batch. Writes bench.jsonl and bench.md.
 """
 
 import argparse
@@ -46,6 +47,20 @@ CPU_ROWS = [  # References measured in the same run (measure_cpu_references).
      ["classifier", *SMALL, "--batch", "64", "--steps", "3"], "classifier", None, None),
 ]
 REFERENCE = pathlib.Path(__file__).with_name("reference_resnet18.py")
+# The toolbox's cost on the train step: each method against the plain linear head, same
+# backbone and batch (GPU: SMALL + bf16, batch 512; --cpu: SMALL, batch 64). Target: at most
+# 15% slower; EAC's second (mirror) forward and backward pass is the stated exception.
+METHOD_ROWS = [
+    ("linear head (baseline)", []),
+    ("cosine head", ["--config.model.head=cosine", "--config.model.cosine_scale=30"]),
+    ("attentive patch pooling", ["--config.model.pooling=app"]),
+    ("CBAM", ["--config.model.cbam=True"]),
+    ("RUL head", ["--config.model.head=rul"]),
+    ("DAN head (4)", ["--config.model.head=dan"]),
+    ("coupling-regulation loss", ["--config.loss.name=coupling"]),
+    ("EAC (exception: 2 passes)", ["--config.loss.eac_weight=5",
+                                   "--config.augment.erasing_prob=0.5"]),
+]
 
 
 def measure_cpu_references(torch_python, log) -> tuple:
@@ -74,6 +89,32 @@ def run_row(args: list, log) -> list:
     print(f"  failed (exit {result.returncode}): {result.stderr.strip().splitlines()[-1:]}")
     return []
   return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def method_table(cpu: bool, jsonl, log, devices) -> list:
+  """Markdown rows: each METHOD_ROWS entry's train step against the linear head's."""
+  base_args = ([*SMALL, "--batch", "64", "--steps", "3"] if cpu
+               else [*SMALL, *BF16, "--batch", "512"])
+  lines = [f"Train step per method (ResNet-18 small stem, 48 px gray, "
+           f"{'batch 64, f32' if cpu else 'batch 512, bf16'}; target: at most 15% slower than "
+           "the linear head, EAC excepted):", "",
+           "| method | images/s | step ms | slower than linear |", "|---|---|---|---|"]
+  base = None
+  for name, overrides in METHOD_ROWS:
+    records = [r for r in run_row(["classifier", *base_args, *overrides], log)
+               if r["what"] == "classifier"]
+    if not records:
+      lines.append(f"| {name} | failed | | see bench.log |")
+      continue
+    record = records[0]
+    jsonl.write(json.dumps({"row": f"method: {name}", **record}) + "\n")
+    devices.add(record["device"])
+    if not overrides:  # The linear head: what the others are compared with.
+      base = record["step_ms"]
+    slower = "" if base is None else f"{100 * (record['step_ms'] / base - 1):+.1f}%"
+    lines.append(f"| {name} | {record['images_per_s']:,.1f} | {record['step_ms']} | {slower} |")
+    print(lines[-1], flush=True)
+  return lines
 
 
 def main() -> int:
@@ -118,7 +159,9 @@ def main() -> int:
           f"{record['compile_s']} | {'' if flops is None else f'{flops / 1e9:.2f}'} | "
           f"{'' if mfu is None else f'{100 * mfu:.1f}%'} | {'; '.join(notes)} |")
       print(lines[-1], flush=True)
-  table = f"Device: {', '.join(sorted(devices)) or 'none measured'}\n\n" + "\n".join(lines) + "\n"
+    method_lines = method_table(args.cpu, jsonl, log, devices)
+  table = (f"Device: {', '.join(sorted(devices)) or 'none measured'}\n\n" + "\n".join(lines)
+           + "\n\n" + "\n".join(method_lines) + "\n")
   (out / "bench.md").write_text(table)
   print("\n" + table)
   return 0

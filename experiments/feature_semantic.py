@@ -19,6 +19,13 @@ Methods (backbone / head stage):
                             features (posterior perturbation, alpha) from a VAE on the features
   feat_la_a{0.5,1,2}        the same with instance sampling and the logit-adjusted loss
   la_crt, la_feat_a1        logit_adj's backbone, then cRT / feature synthesis (class-balanced)
+  tau_norm                  none's classifier tau-normalised (Kang et al. 2020; post-hoc, no
+                            training), tau in {0.5, 1, 1.5, 2} chosen per seed on validation
+  wd                        weight balancing's first stage (Alshammari et al. 2022): the recipe
+                            with a strong weight decay, optim.weight_decay=0.05 (AdamW; one
+                            value, not tuned: the recipe's own is 1e-4)
+  wd_crt, wb                wd's backbone, then cRT / weight balancing's second stage (cRT with
+                            every class's weights held in an L2 ball, head.max_norm=1.0)
 
 "feat_best" and "feat_la_best" pick, per seed, the alpha with the best validation mean class
 accuracy (test never selects). Writes results.md / results.json / per_class_recall.png.
@@ -33,6 +40,9 @@ import runner
 from ferjax import evaluate, report
 
 ALPHAS = (0.5, 1.0, 2.0)
+TAUS = (0.5, 1.0, 1.5, 2.0)
+BACKBONES = {"none": [], "logit_adj": ["config.loss.name=logit_adjusted"],
+             "wd": ["config.optim.weight_decay=0.05"]}
 FAST = []  # Extra overrides for every head (tests pass tiny sizes).
 
 
@@ -48,7 +58,22 @@ def heads() -> dict:
                                        "config.head.loss=logit_adjusted"])
   out["la_crt"] = ("logit_adj", [])
   out["la_feat_a1"] = ("logit_adj", ["config.synth.mode=feature", "config.synth.alpha=1"])
+  out["wd_crt"] = ("wd", [])
+  out["wb"] = ("wd", ["config.head.max_norm=1.0"])
   return out
+
+
+def tau_norm(backbone: pathlib.Path, report_split: str = "test") -> dict:
+  """The backbone's own classifier tau-normalised, tau chosen on validation mean class accuracy
+  from TAUS; {report split metrics..., "val": ..., "tau": ...} (evaluations written, tagged)."""
+  best = None
+  for tau in TAUS:
+    val = evaluate.evaluate_run(backbone, "val", tta="none", tau_norm=tau, quiet=True)
+    if best is None or val["mean_class_accuracy"] > best[1]["mean_class_accuracy"]:
+      best = (tau, val)
+  tau, val = best
+  test = evaluate.evaluate_run(backbone, report_split, tta="none", tau_norm=tau, quiet=True)
+  return {**test, "val": val, "tau": tau}
 
 
 def run_head(backbone: pathlib.Path, out: pathlib.Path, overrides,
@@ -80,15 +105,18 @@ def main(argv=None) -> int:
   base, out = pathlib.Path(args.base), pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   config_name = runner.DATASETS[args.dataset][0]
-  backbones = {"none": [], "logit_adj": ["config.loss.name=logit_adjusted"]}
+  chosen = runner.select(heads(), args.variants, "--variants")
+  needed = {"none", "logit_adj", *(heads()[name][0] for name in chosen)}
   evals = {}
   for seed in args.seeds:
-    for method, extra in backbones.items():
+    for method in [m for m in BACKBONES if m in needed]:
+      extra = BACKBONES[method]
       evals.setdefault(method, []).append(runner.train_and_test(
           config_name, base / f"{method}_seed{seed}",
           [*args.overrides, *extra, f"config.seed={seed}"], report_split=args.report_split))
-  chosen = runner.select(heads(), args.variants, "--variants")
   for seed in args.seeds:
+    evals.setdefault("tau_norm", []).append(
+        tau_norm(base / f"none_seed{seed}", args.report_split))
     for name in chosen:
       method, overrides = heads()[name]
       print(f"=== {name}, seed {seed} ===", flush=True)
@@ -102,7 +130,8 @@ def main(argv=None) -> int:
           max((evals[n][i] for n in names), key=lambda e: e["val"]["mean_class_accuracy"])
           for i in range(len(args.seeds))]
   notes = (f"Backbones: `python experiments/protocol.py --dataset {args.dataset} --methods none "
-           f"logit_adj --out {base}` (checkpoints chosen on validation). Heads: `python "
+           f"logit_adj --out {base}` (checkpoints chosen on validation; `wd`, when a head needs "
+           f"it, trained into the same folder). Heads: `python "
            f"experiments/feature_semantic.py --base {base} --out {out}`; each head re-trained on "
            f"the frozen backbone's features (`ferjax retrain-head`), chosen on validation mean "
            f"class accuracy; *_best: alpha chosen per seed on validation. Seeds "
