@@ -54,6 +54,22 @@ def test_another_config_is_refused_naming_the_fields_before_anything_is_written(
   assert digest(workdir) == before
 
 
+def test_a_field_added_after_the_run_was_made_resumes_at_its_default_only(recorded):
+  """An older run's config.json lacks a field ferjax added since (e.g. loss.eac_weight): at its
+  default it is the same run; set to anything else it is another run."""
+  workdir, config = recorded
+  saved = json.loads((workdir / "config.json").read_text())
+  del saved["loss"]["eac_weight"]
+  (workdir / "config.json").write_text(json.dumps(saved))
+  defaults = classifier_kind.default_config()
+  workdir_lib.open_for_training(workdir, config, "classifier", defaults)
+  with pytest.raises(UserError, match=r"loss\.eac_weight \(None -> 0\.0\)"):
+    workdir_lib.open_for_training(workdir, config, "classifier")  # Without the defaults.
+  config.loss.eac_weight = 5.0
+  with pytest.raises(UserError, match=r"loss\.eac_weight \(0\.0 -> 5\.0\)"):
+    workdir_lib.open_for_training(workdir, config, "classifier", defaults)
+
+
 def test_more_steps_extend_the_run_and_are_recorded(recorded, capsys):
   workdir, config = recorded
   config.train.num_steps = 60

@@ -29,7 +29,8 @@ from ferjax.errors import UserError
 MAY_CHANGE_ON_RESUME = ("data.data_dir", "data.manual_dir", "train.num_devices")
 KIND_NAMES = {"classifier": "a classifier run (ferjax train)",
               "vaegan": "a VAE-GAN run (ferjax train-vaegan)",
-              "pretrain": "a pre-training run (ferjax pretrain)"}
+              "pretrain": "a pre-training run (ferjax pretrain)",
+              "semisup": "a semi-supervised classifier run (ferjax train-semisup)"}
 
 
 def _read_json(path: pathlib.Path, what: str) -> dict:
@@ -40,15 +41,19 @@ def _read_json(path: pathlib.Path, what: str) -> dict:
                     "damaged: choose another --workdir") from None
 
 
-def check_same_run(workdir: pathlib.Path, config, kind: str) -> int | None:
+def check_same_run(workdir: pathlib.Path, config, kind: str, defaults=None) -> int | None:
   """The train.num_steps `workdir` was recorded with when it holds this run (None: a new
   workdir). Raises a one-line UserError when it holds another kind of run or a config that
-  differs (more steps are allowed: an extension)."""
+  differs (more steps are allowed: an extension). `defaults` (the kind's default config):
+  a field the saved config lacks counts as its default, so a field added to ferjax after the
+  run was made, left at its default (which keeps the old behaviour), does not block resuming."""
   check_kind(workdir, kind, "choose another --workdir")
   config_file = workdir / "config.json"
   if not config_file.exists():
     return None
   stored = configs.flatten(_read_json(config_file, "saved config"))
+  if defaults is not None:
+    stored = {**configs.flatten(configs.to_dict(defaults)), **stored}
   new = configs.flatten(configs.to_dict(config))
   differing = sorted(k for k in set(stored) | set(new)
                      if stored.get(k) != new.get(k) and k not in MAY_CHANGE_ON_RESUME)
@@ -121,17 +126,18 @@ def disk_errors(workdir):
                     "space and run the same command again to resume") from None
 
 
-def open_for_training(workdir, config, kind: str) -> tuple[pathlib.Path, bool]:
+def open_for_training(workdir, config, kind: str, defaults=None) -> tuple[pathlib.Path, bool]:
   """(workdir as a Path, whether this process writes files) after checking that `workdir` is
-  new or holds this same run (see the module docstring). Process 0 records the kind and config
-  of a new run; the other processes of a multi-process run only read."""
+  new or holds this same run (see the module docstring; `defaults`: `check_same_run`). Process 0
+  records the kind and config of a new run; the other processes of a multi-process run only
+  read."""
   workdir = check_writable(workdir, "--workdir")  # "" would be the current folder to pathlib.
   run_file = workdir / "run.json"
   stage = _read_json(run_file, "run record").get("stage") if run_file.exists() else None
   if stage is not None:  # E.g. a head re-trained on a frozen backbone: not a resumable run.
     raise UserError(f"{workdir} was written by `ferjax {stage}`, not by a trainer: it cannot be "
                     f"resumed or extended; choose another --workdir (nothing was written)")
-  recorded_steps = check_same_run(workdir, config, kind)
+  recorded_steps = check_same_run(workdir, config, kind, defaults)
   check_resumable(workdir)
   is_main = parallel.is_main_process()
   extended = recorded_steps is not None and config.train.num_steps != recorded_steps

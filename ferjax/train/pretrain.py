@@ -149,7 +149,8 @@ def train_and_evaluate(config, workdir, *, stop_after: int | None = None) -> dic
   `stop_after` ends this call after that step (checkpointed), as a preemption would; calling
   again resumes."""
   kind.validate_config(config)
-  workdir, is_main = workdir_lib.open_for_training(workdir, config, kind.KIND)
+  workdir, is_main = workdir_lib.open_for_training(workdir, config, kind.KIND,
+                                                    kind.default_config())
   # is_main: this process writes the files.
   with workdir_lib.training_lock(workdir, is_main), workdir_lib.disk_errors(workdir):
     return _train(config, workdir, is_main, stop_after)

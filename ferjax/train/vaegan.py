@@ -264,7 +264,8 @@ def save_sample_grids(sample_fn, ema, fixed, out_dir: pathlib.Path, step: int) -
 def train_and_evaluate(config, workdir) -> dict:
   """Trains (or resumes from the latest checkpoint in `workdir`) and returns a summary dict."""
   kind.validate_config(config)
-  workdir, is_main = workdir_lib.open_for_training(workdir, config, kind.KIND)
+  workdir, is_main = workdir_lib.open_for_training(workdir, config, kind.KIND,
+                                                    kind.default_config())
   # is_main: this process writes the files.
   with workdir_lib.training_lock(workdir, is_main), workdir_lib.disk_errors(workdir):
     return _train(config, workdir, is_main)
