@@ -168,6 +168,20 @@ def posthoc_adjust(logits, log_prior_, tau: float):
   return logits - tau * log_prior_
 
 
+# --- SSFER's face mixup ---------------------------------------------------------------------------
+def face_mixup_loss(mixed_own, mixed_partner, real, lam, iou, partner):
+  """Per-example terms [B] of SSFER's IoU-weighted face mixup (arXiv 2410.17622); their mean is
+
+      [sum_i CE(mixed_i) + sum_i (1 - IoU_i) (CE(real_i) + CE(real_partner(i)))] / B,
+
+  CE(mixed_i) = lam_i L(mixed_i, y_i) + (1 - lam_i) L(mixed_i, y_partner(i)). mixed_own and
+  mixed_partner [B]: per-example losses of the mixed images against their own and their
+  partner's labels; real [B]: of the unmixed images against their labels; partner [B] int; iou
+  [B] of the two faces' boxes: the less they overlap, the more each real image is trained on.
+  """
+  return lam * mixed_own + (1.0 - lam) * mixed_partner + (1.0 - iou) * (real + real[partner])
+
+
 # --- Terms on more than the logits (EAC, DAN) ----------------------------------------------------
 def class_activation_maps(feature_map, kernel):
   """CAMs [B, K, h, w] of a last map [B, h, w, D] under a linear head's kernel [D, K]: each

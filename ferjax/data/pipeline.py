@@ -59,6 +59,12 @@ def flip_one(key, image):
   return jnp.where(jax.random.bernoulli(key), image[:, ::-1, :], image)
 
 
+def _flip_box(box, width, flipped):
+  """The box [x0, y0, x1, y1] (pixel edges) of a horizontally flipped image, where `flipped`."""
+  x0, y0, x1, y1 = box
+  return jnp.where(flipped, jnp.stack([width - x1, y0, width - x0, y1]), box)
+
+
 def random_flip(key, images):
   """Per-example horizontal flip of a batch [B, H, W, C]."""
   keys = jax.random.split(key, images.shape[0])
@@ -153,14 +159,41 @@ def sample_indices(key, step, *, sampler: str, index, class_counts, batch_size: 
 CROPS = ("none", "pad", "resized")
 
 
+# Boxes: [x0, y0, x1, y1] float in pixel edges (the whole H x W frame is [0, 0, W, H]). Each
+# geometric stage below draws its parameters once (`_*_params`) and applies them to the image
+# and, in `augment_one_with_box`, to a box, clipped to the frame.
+
+
+def _clip_box(box, height, width):
+  x0, y0, x1, y1 = box
+  return jnp.stack([jnp.clip(x0, 0, width), jnp.clip(y0, 0, height), jnp.clip(x1, 0, width),
+                    jnp.clip(y1, 0, height)])
+
+
+def _pad_crop_params(key, padding: int):
+  """(dy, dx): the crop's offset in the padded image, each uniform in 0..2 * padding."""
+  dy, dx = jax.random.randint(key, (2,), 0, 2 * padding + 1)
+  return dy, dx
+
+
+def _pad_crop(image, dy, dx, padding: int, mode: str = "reflect"):
+  h, w, c = image.shape
+  padded = jnp.pad(image, ((padding, padding), (padding, padding), (0, 0)), mode=mode)
+  return jax.lax.dynamic_slice(padded, (dy, dx, 0), (h, w, c))
+
+
+def _pad_crop_box(box, dy, dx, padding: int, height, width):
+  """Output pixel j shows input pixel j + dx - padding: the box moves by padding - dx."""
+  shift = jnp.stack([padding - dx, padding - dy, padding - dx, padding - dy])
+  return _clip_box(box + shift.astype(box.dtype), height, width)
+
+
 def random_crop_one(key, image, padding: int, mode: str = "reflect"):
   """Pads by `padding` on each side (reflect) and crops back to H x W at a random offset."""
   if padding <= 0:
     return image
-  h, w, c = image.shape
-  padded = jnp.pad(image, ((padding, padding), (padding, padding), (0, 0)), mode=mode)
-  dy, dx = jax.random.randint(key, (2,), 0, 2 * padding + 1)
-  return jax.lax.dynamic_slice(padded, (dy, dx, 0), (h, w, c))
+  dy, dx = _pad_crop_params(key, padding)
+  return _pad_crop(image, dy, dx, padding, mode)
 
 
 def _resample(image, src_y, src_x):
@@ -177,6 +210,11 @@ def random_resized_crop_one(key, image, scale=(0.6, 1.0), ratio=(3 / 4, 4 / 3)):
   it instead of being redrawn (no loop in a jitted step).
   """
   h, w, _ = image.shape
+  return _resized_crop(image, *_resized_crop_params(key, h, w, scale, ratio))
+
+
+def _resized_crop_params(key, h: int, w: int, scale, ratio=(3 / 4, 4 / 3)):
+  """(y0, x0, box_h, box_w): the crop box in input pixel edges."""
   area_key, ratio_key, y_key, x_key = jax.random.split(key, 4)
   area = h * w * jax.random.uniform(area_key, (), minval=scale[0], maxval=scale[1])
   log_ratio = jax.random.uniform(ratio_key, (), minval=np.log(ratio[0]), maxval=np.log(ratio[1]))
@@ -185,11 +223,24 @@ def random_resized_crop_one(key, image, scale=(0.6, 1.0), ratio=(3 / 4, 4 / 3)):
   box_w = jnp.clip(jnp.sqrt(area * aspect), 1.0, w)
   y0 = jax.random.uniform(y_key, (), maxval=h - box_h)
   x0 = jax.random.uniform(x_key, (), maxval=w - box_w)
+  return y0, x0, box_h, box_w
+
+
+def _resized_crop(image, y0, x0, box_h, box_w):
+  h, w, _ = image.shape
   # Output pixel centres mapped into the box (half-pixel convention, as image resizing does).
   src_y = y0 + (jnp.arange(h) + 0.5) * box_h / h - 0.5
   src_x = x0 + (jnp.arange(w) + 0.5) * box_w / w - 0.5
   grid_y, grid_x = jnp.meshgrid(src_y, src_x, indexing="ij")
   return _resample(image, grid_y, grid_x)
+
+
+def _resized_crop_box(box, y0, x0, box_h, box_w, height, width):
+  """Output edge u shows input edge y0 + u * box_h / H: input s goes to (s - y0) * H / box_h."""
+  x_a, y_a, x_b, y_b = box
+  sx, sy = width / box_w, height / box_h
+  return _clip_box(jnp.stack([(x_a - x0) * sx, (y_a - y0) * sy, (x_b - x0) * sx,
+                              (y_b - y0) * sy]).astype(box.dtype), height, width)
 
 
 def rotate(image, angle):
@@ -206,12 +257,31 @@ def rotate(image, angle):
   return _resample(image, src_y, src_x)
 
 
+def _rotate_box(box, angle, height, width):
+  """The axis-aligned bounding box of the rotated box's corners, clipped to the frame.
+
+  `rotate` reads output (x, y) from source R(angle) (x, y) about the centre, so a source point
+  goes to R(-angle) of it; in pixel edges the centre is (W/2, H/2)."""
+  x0, y0, x1, y1 = box
+  cx, cy = width / 2.0, height / 2.0
+  xs = jnp.stack([x0, x1, x1, x0]) - cx
+  ys = jnp.stack([y0, y0, y1, y1]) - cy
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
+  out_x = cos * xs + sin * ys + cx
+  out_y = -sin * xs + cos * ys + cy
+  return _clip_box(jnp.stack([out_x.min(), out_y.min(), out_x.max(), out_y.max()])
+                   .astype(box.dtype), height, width)
+
+
+def _rotation_angle(key, max_degrees: float):
+  return jax.random.uniform(key, (), minval=-max_degrees, maxval=max_degrees) * (np.pi / 180.0)
+
+
 def random_rotation_one(key, image, max_degrees: float):
   """Rotation by an angle drawn uniformly from [-max_degrees, max_degrees]."""
   if max_degrees <= 0:
     return image
-  angle = jax.random.uniform(key, (), minval=-max_degrees, maxval=max_degrees) * (np.pi / 180.0)
-  return rotate(image, angle)
+  return rotate(image, _rotation_angle(key, max_degrees))
 
 
 def random_erasing_one(key, image, prob: float, scale=(0.02, 0.33), ratio=(0.3, 3.3),
@@ -252,10 +322,81 @@ def augment_one(key, image, augment_config):
   return random_erasing_one(erase_key, image, cfg.erasing_prob)
 
 
+def augment_one_with_box(key, image, box, augment_config):
+  """`augment_one` (the same keys, draws and image) that also moves a face box with the image.
+
+  box: float [4], [x0, y0, x1, y1] in pixel edges of the input image. Returns (image, box): the
+  box after each geometric stage with that stage's parameters (crop shift or crop-and-resize,
+  flip, rotation: the axis-aligned box of the rotated corners), clipped to the frame; erasing
+  does not move it. For SSFER's face mixup (`face_mixup_pairs`): SSFER found the faces with a
+  YOLO face detector, which ferjax has no weights for; ferjax's datasets are aligned face crops
+  (AffectNet's CSV face box is cropped to at preparation and not kept), so the box passed in is
+  the whole frame and what varies is where each image's augmentation moved it.
+  """
+  crop_key, flip_key, rotate_key, erase_key = jax.random.split(key, 4)
+  cfg = augment_config
+  h, w, _ = image.shape
+  box = jnp.asarray(box, jnp.float32)
+  if cfg.crop == "pad" and cfg.crop_padding > 0:
+    dy, dx = _pad_crop_params(crop_key, cfg.crop_padding)
+    image = _pad_crop(image, dy, dx, cfg.crop_padding)
+    box = _pad_crop_box(box, dy, dx, cfg.crop_padding, h, w)
+  elif cfg.crop == "resized":
+    params = _resized_crop_params(crop_key, h, w, tuple(cfg.resized_crop_scale))
+    image = _resized_crop(image, *params)
+    box = _resized_crop_box(box, *params, h, w)
+  if cfg.flip:
+    flipped = jax.random.bernoulli(flip_key)
+    image = jnp.where(flipped, image[:, ::-1, :], image)
+    box = _flip_box(box, w, flipped)
+  if cfg.rotation_deg > 0:
+    angle = _rotation_angle(rotate_key, cfg.rotation_deg)
+    image = rotate(image, angle)
+    box = _rotate_box(box, angle, h, w)
+  return random_erasing_one(erase_key, image, cfg.erasing_prob), box
+
+
 def augment_batch(key, images, augment_config):
   """Per-example augmentation of a batch [B, H, W, C] (one key per example)."""
   keys = jax.random.split(key, images.shape[0])
   return jax.vmap(lambda k, x: augment_one(k, x, augment_config))(keys, images)
+
+
+def augment_batch_with_boxes(key, images, boxes, augment_config):
+  """`augment_batch` (same keys, same images) that also moves each example's box [B, 4]."""
+  keys = jax.random.split(key, images.shape[0])
+  return jax.vmap(lambda k, x, b: augment_one_with_box(k, x, b, augment_config))(
+      keys, images, boxes)
+
+
+def frame_boxes(images):
+  """The whole frame [0, 0, W, H] of each image of a batch [B, H, W, C], as boxes [B, 4]."""
+  b, h, w, _ = images.shape
+  return jnp.broadcast_to(jnp.asarray([0.0, 0.0, w, h], jnp.float32), (b, 4))
+
+
+def box_iou(a, b):
+  """Intersection over union of boxes [..., 4] ([x0, y0, x1, y1]); 0 where the union is empty."""
+  width = jnp.maximum(jnp.minimum(a[..., 2], b[..., 2]) - jnp.maximum(a[..., 0], b[..., 0]), 0)
+  height = jnp.maximum(jnp.minimum(a[..., 3], b[..., 3]) - jnp.maximum(a[..., 1], b[..., 1]), 0)
+  area = lambda x: (jnp.maximum(x[..., 2] - x[..., 0], 0) * jnp.maximum(x[..., 3] - x[..., 1], 0))
+  inter = width * height
+  union = area(a) + area(b) - inter
+  return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
+
+
+def mixup_pairs(key, batch_size: int, alpha: float, dtype=jnp.float32):
+  """(partner [B], lam [B]): each example's mixup partner perm(i) and its lam ~ Beta(alpha,
+  alpha), the draws `mixup` and `face_mixup_pairs` make."""
+  perm_key, lam_key = jax.random.split(key)
+  partner = jax.random.permutation(perm_key, batch_size)
+  lam = jax.random.beta(lam_key, alpha, alpha, (batch_size,)).astype(dtype)
+  return partner, lam
+
+
+def _mix(images, partner, lam):
+  mix_one = lambda l, x, y: l * x + (1.0 - l) * y
+  return jax.vmap(mix_one)(lam, images, images[partner])
 
 
 def mixup(key, images, labels, alpha: float):
@@ -264,9 +405,17 @@ def mixup(key, images, labels, alpha: float):
   Each example i is mixed with example perm(i) of the batch; returns (mixed images, partner
   labels [B], lam [B]); the loss is lam * L(labels) + (1 - lam) * L(partner labels).
   """
-  perm_key, lam_key = jax.random.split(key)
-  partner = jax.random.permutation(perm_key, images.shape[0])
-  lam = jax.random.beta(lam_key, alpha, alpha, (images.shape[0],)).astype(images.dtype)
-  mix_one = lambda l, x, y: l * x + (1.0 - l) * y
-  mixed = jax.vmap(mix_one)(lam, images, images[partner])
-  return mixed, labels[partner], lam
+  partner, lam = mixup_pairs(key, images.shape[0], alpha, images.dtype)
+  return _mix(images, partner, lam), labels[partner], lam
+
+
+def face_mixup_pairs(key, images, boxes, alpha: float):
+  """SSFER's face mixup draws (arXiv 2410.17622): (mixed images, partner [B], lam [B], iou [B]).
+
+  As `mixup` (lam ~ Beta(alpha, alpha) per example, partner a random permutation), made out of
+  place: `images` stay the unmixed ones for the loss's real branch. iou_i is the IoU of example
+  i's face box and its partner's, both after their own augmentation (`augment_one_with_box`);
+  the loss is `ferjax.losses.face_mixup_loss`.
+  """
+  partner, lam = mixup_pairs(key, images.shape[0], alpha, images.dtype)
+  return _mix(images, partner, lam), partner, lam, box_iou(boxes, boxes[partner])

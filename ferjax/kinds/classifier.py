@@ -156,6 +156,10 @@ SPEC = {
         "rotation_deg": number(0.0, 0, 180),  # max rotation, degrees (0: off)
         "erasing_prob": number(0.0, 0, 1),  # random erasing probability (0: off)
         "mixup_alpha": number(0.0, 0),  # Beta(alpha, alpha) mixup (0: off)
+        # SSFER's IoU-weighted face mixup (0: off; SSFER's published value is 1.0): mixup
+        # with Beta(alpha, alpha) plus the unmixed images' loss weighted by 1 - IoU of the
+        # two faces' boxes after augmentation (ferjax.train.classifier.make_train_step).
+        "face_mixup_alpha": number(0.0, 0),
         # Semantic augmentation (ferjax.augment.synthesis), on when vaegan_workdir is set: each
         # batch gets synthesized minority-class faces from a trained, frozen VAE-GAN. These
         # fields are checked by ferjax.augment.synthesis, which knows the modes.
@@ -246,6 +250,11 @@ def validate_config(config) -> None:
         "head's class weights)", l.eac_weight)
   check(m.head != "rul" or a.mixup_alpha == 0, "augment.mixup_alpha",
         "0 with model.head=rul (RUL mixes features itself)", a.mixup_alpha)
+  check(a.face_mixup_alpha == 0 or a.mixup_alpha == 0, "augment.face_mixup_alpha",
+        f"0 when augment.mixup_alpha is set ({a.mixup_alpha}; one mixup at a time)",
+        a.face_mixup_alpha)
+  check(a.face_mixup_alpha == 0 or m.head != "rul", "augment.face_mixup_alpha",
+        "0 with model.head=rul (RUL mixes features itself)", a.face_mixup_alpha)
   check(o.warmup_steps < t.num_steps, "optim.warmup_steps",
         f"0 <= warmup_steps < train.num_steps ({t.num_steps})", o.warmup_steps)
   check(l.drw_start_step is None or l.class_weights != "none", "loss.class_weights",

@@ -110,7 +110,7 @@ Synthesize = Callable[..., tuple]
 
 
 def batch_maker(config, data: dict, *, num_steps: int, synthesize: Synthesize | None = None,
-                mesh=None):
+                mesh=None, with_boxes: bool = False):
   """Returns `make_batch(key, step) -> (images, labels, example_weights)` over `data`.
 
   Call inside the jitted step (data holds its traced device arrays). Stages:
@@ -119,6 +119,9 @@ def batch_maker(config, data: dict, *, num_steps: int, synthesize: Synthesize | 
     3. synthesis, when given (see `Synthesize` above);
     4. per-example augmentation (config.augment: crop, flip, rotation, erasing).
   Mixup, which mixes pairs across the batch, is applied by the train step afterwards.
+  `with_boxes` (face mixup) adds a fourth output, each image's face box [B, 4] moved by its own
+  augmentation (`pipeline.augment_one_with_box`; the same images): the whole frame before it,
+  as no dataset keeps a face box (AffectNet's is cropped to at preparation).
   """
   batch_size = config.train.batch_size
   epoch_key = kind.rng_streams(config.seed).epoch
@@ -142,6 +145,10 @@ def batch_maker(config, data: dict, *, num_steps: int, synthesize: Synthesize | 
     if synthesize is not None:
       images, labels, weights = synthesize(synth_key, step, images, labels, weights, data)
     # 4. Augmentation.
+    if with_boxes:
+      images, boxes = pipeline.augment_batch_with_boxes(
+          augment_key, images, pipeline.frame_boxes(images), config.augment)
+      return constrain(images), constrain(labels), constrain(weights), constrain(boxes)
     images = pipeline.augment_batch(augment_key, images, config.augment)
     return constrain(images), constrain(labels), constrain(weights)
 
@@ -170,6 +177,13 @@ def make_train_step(config, model, tx, class_counts, num_steps: int, mesh, *,
     loss.eac_weight>0  + eac_weight * EAC's consistency between the class activation maps of
                        the batch and of its mirror image (a second forward pass, which also
                        updates the BatchNorm statistics, as EAC's two passes do).
+
+  augment.face_mixup_alpha>0 (SSFER's face mixup) replaces the per-example loss: one forward
+  pass of the unmixed batch and one of its mixup (made out of place; BatchNorm statistics
+  threaded through both), e_i [lam_i L(mix_i, y_i) + (1 - lam_i) L(mix_i, y'_i)] + (1 - IoU_i)
+  (e_i L(x_i, y_i) + e_p L(x_p, y_p)) with p the partner and IoU_i that of the two faces' boxes
+  after augmentation (`losses.face_mixup_loss`), averaged as above; EAC and DAN read the unmixed
+  pass, and train_accuracy is of the unmixed images. Metric face_mixup_iou: the batch mean IoU.
   """
   loss_fn = losses.make_loss(config.loss, class_counts, num_steps)
   class_weight = losses.make_class_weight(config.loss, class_counts)
@@ -178,6 +192,7 @@ def make_train_step(config, model, tx, class_counts, num_steps: int, mesh, *,
   train_key = kind.rng_streams(config.seed).train
   ema_decay = config.optim.ema_decay
   mixup_alpha = config.augment.mixup_alpha
+  face_alpha = config.augment.face_mixup_alpha
   l = config.loss
   rul, dan, eac = config.model.head == "rul", config.model.head == "dan", l.eac_weight > 0
   mutable = ["batch_stats", "aux"] if (dan or eac) else ["batch_stats"]
@@ -185,10 +200,15 @@ def make_train_step(config, model, tx, class_counts, num_steps: int, mesh, *,
   def train_step(state: TrainState, data: dict):
     step = state.step
     batch_key, mixup_key = jax.random.split(jax.random.fold_in(train_key, step))
-    make_batch = batch_maker(config, data, num_steps=num_steps, synthesize=synthesize, mesh=mesh)
-    images, labels, example_weights = make_batch(batch_key, step)
+    make_batch = batch_maker(config, data, num_steps=num_steps, synthesize=synthesize, mesh=mesh,
+                             with_boxes=face_alpha > 0)
+    images, labels, example_weights, *boxes = make_batch(batch_key, step)
     model_args = {}
-    if mixup_alpha > 0:
+    if face_alpha > 0:  # SSFER: the mixed batch beside the unmixed one, weighted by face IoU.
+      mixed_images, partner, lam, iou = pipeline.face_mixup_pairs(mixup_key, images, boxes[0],
+                                                                  face_alpha)
+      partner_labels = labels[partner]
+    elif mixup_alpha > 0:
       images, partner_labels, lam = pipeline.mixup(mixup_key, images, labels, mixup_alpha)
     elif rul:  # RUL: feature mixing inside the model, half the loss on each label.
       model_args["mix_with"] = jax.random.permutation(mixup_key, labels.shape[0])
@@ -201,13 +221,26 @@ def make_train_step(config, model, tx, class_counts, num_steps: int, mesh, *,
       return model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
                          mutable=mutable, rngs={"dropout": dropout_key}, **model_args)
 
+    def face_mixup_losses(params, real_logits, batch_stats):
+      """SSFER's weighted per-example losses [B] and the batch statistics after the mixed pass."""
+      (mixed_logits, _), mixed = forward(params, batch_stats, mixed_images)
+      e = example_weights
+      weighted = losses.face_mixup_loss(
+          e * loss_fn(mixed_logits, labels, step), e * loss_fn(mixed_logits, partner_labels, step),
+          e * loss_fn(real_logits, labels, step), lam, iou, partner)
+      return weighted, mixed["batch_stats"]
+
     def objective(params):
       (logits, _), updates = forward(params, state.batch_stats, images)
-      per_example = (lam * loss_fn(logits, labels, step)
-                     + (1.0 - lam) * loss_fn(logits, partner_labels, step))
+      if face_alpha > 0:
+        weighted, mixed_stats = face_mixup_losses(params, logits, updates["batch_stats"])
+        updates = {**updates, "batch_stats": mixed_stats}
+      else:
+        weighted = example_weights * (lam * loss_fn(logits, labels, step)
+                                      + (1.0 - lam) * loss_fn(logits, partner_labels, step))
       mixed_weights = (lam * class_weight(labels, step)
                        + (1.0 - lam) * class_weight(partner_labels, step))
-      loss = losses.weighted_average(example_weights * per_example, mixed_weights, weight_average)
+      loss = losses.weighted_average(weighted, mixed_weights, weight_average)
       batch_stats, terms = updates["batch_stats"], {}
       if eac:  # The mirror images' pass; the head's kernel is held fixed in the maps.
         _, flipped = forward(params, batch_stats, images[:, :, ::-1, :])
@@ -243,6 +276,8 @@ def make_train_step(config, model, tx, class_counts, num_steps: int, mesh, *,
         "grad_norm": optax.tree.norm(grads),
         **terms,
     }
+    if face_alpha > 0:
+      metrics["face_mixup_iou"] = jnp.mean(iou)
     return new_state, metrics
 
   if not jit:  # The caller jits it (e.g. ferjax.bench, inside its own timed loop).
@@ -266,7 +301,8 @@ def train_and_evaluate(config, workdir, *, stop_after: int | None = None,
   (train, validation) pair of Datasets, replaces config.data's (e.g. synthetic faces only).
   """
   kind.validate_config(config)
-  workdir, is_main = workdir_lib.open_for_training(workdir, config, kind.KIND)
+  workdir, is_main = workdir_lib.open_for_training(workdir, config, kind.KIND,
+                                                    kind.default_config())
   # is_main: this process writes the files.
   with workdir_lib.training_lock(workdir, is_main), workdir_lib.disk_errors(workdir):
     return _train(config, workdir, is_main, stop_after, synthesize, synthesis_data, datasets)
