@@ -127,6 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
                  "checkpoints/, curves")
   _add_distributed_args(p)
 
+  p = _verb(verbs, "train-semisup", "ferjax.train.semisup:cli_main",
+            "Train a classifier semi-supervised (FixMatch with an EMA teacher, optionally "
+            "FlexMatch thresholds): data.label_fraction of train keeps its labels, the rest is an "
+            "unlabeled pool; resumes from the workdir's latest checkpoint; evaluate it with "
+            "ferjax evaluate (the teacher's weights).",
+            "ferjax train-semisup --config experiments/configs/semisup_synthetic_tiny.py "
+            "--workdir runs/semisup_tiny", epilog=EPILOG_CONFIG)
+  _add_config_args(p)
+  p.add_argument("--workdir", required=True, help="run folder: config.json, metrics.jsonl, "
+                 "checkpoints/, curves")
+  _add_distributed_args(p)
+
   p = _verb(verbs, "evaluate", "ferjax.evaluate:cli_main",
             "Evaluate a trained classifier's checkpoint on a split of its dataset or, with "
             "--dataset, of another one (classes matched by emotion name): writes eval_<tag>.json "

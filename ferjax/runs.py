@@ -1,6 +1,7 @@
 """Reopen a finished (or started) run from its workdir: config, model and restored variables.
 
     run = open_classifier("runs/baseline")          # the validation-chosen checkpoint
+                                                    # (a train-semisup run: its EMA teacher)
     logits = run.model.apply(run.variables, images, train=False)[0]
     vae = open_vaegan("runs/vaegan", which="last")
     images = vae.decode(vae.encode(images)[0])
@@ -24,6 +25,7 @@ from ferjax.core import parallel
 from ferjax.core import workdir as workdir_lib
 from ferjax.kinds import classifier as classifier_kind
 from ferjax.kinds import pretrain as pretrain_kind
+from ferjax.kinds import semisup as semisup_kind
 from ferjax.kinds import vaegan as vaegan_kind
 from ferjax.models import mae as mae_models
 from ferjax.models import resnet, vit
@@ -74,14 +76,20 @@ def open_classifier(workdir, which="best", *, config=None, mesh=None) -> Classif
   `config` replaces the run's saved config (restoring into another config's shapes fails with
   one line naming the first parameter that differs)."""
   workdir = pathlib.Path(workdir)
-  workdir_lib.check_kind(workdir, classifier_kind.KIND, "pass a classifier workdir")
-  config = config or classifier_kind.read_config(workdir)
+  # A semi-supervised run is a classifier too: its teacher's weights are the ones evaluated.
+  semisup = workdir_lib.run_kind(workdir) == semisup_kind.KIND
+  kind = semisup_kind if semisup else classifier_kind
+  if not semisup:
+    workdir_lib.check_kind(workdir, classifier_kind.KIND, "pass a classifier workdir")
+  config = config or kind.read_config(workdir)
   mesh = mesh or parallel.make_mesh(config.train.num_devices)
   with classifier_checkpoints(workdir, config) as ckpt:
     meta = ckpt.read_meta(which)
-    model = classifier_kind.build_model(config, len(meta["class_names"]))
-    state, meta = ckpt.restore(classifier_kind.abstract_state(config, model, mesh), which)
-  return ClassifierRun(workdir, config, model, classifier_kind.eval_variables(state), meta, mesh)
+    model = kind.build_model(config, len(meta["class_names"]))
+    target = (semisup_kind.abstract_state(config, model, mesh, meta["pool_size"]) if semisup
+              else classifier_kind.abstract_state(config, model, mesh))
+    state, meta = ckpt.restore(target, which)
+  return ClassifierRun(workdir, config, model, kind.eval_variables(state), meta, mesh)
 
 
 # --- VAE-GAN ------------------------------------------------------------------------------------

@@ -302,7 +302,7 @@ def load_joint(data, seed: int) -> tuple[Dataset, tuple[Dataset, ...] | None]:
   return joint, tuple(vals)
 
 
-def load_splits(data, seed: int) -> tuple[Dataset, Dataset | None]:
+def load_splits(data, seed: int, *, with_pool: bool = False):
   """(train, validation) Datasets of `data`: the named data.val_split, or (when it is None and
   the group has `val_fraction`) a stratified `val_fraction` of train held out with `seed`, read
   into memory once. Validation is None when the group has neither. The train split is
@@ -317,9 +317,12 @@ def load_splits(data, seed: int) -> tuple[Dataset, Dataset | None]:
 
   Label fraction (data.label_fraction < 1): after the hold-out, only a stratified, seeded
   subset of the train split keeps its labels and trains (`labelled_subset`, at least one image
-  per class); the same subset for every method at one seed."""
+  per class); the same subset for every method at one seed. With `with_pool` the result is
+  (train, validation, pool): the rest of train, the unlabeled pool of a semi-supervised run
+  (None without a label fraction below 1). Its `labels` are the hidden true labels (clean ones
+  under label noise), for diagnostics only: a trainer must not learn from them."""
   if data.name == "joint":
-    return load_joint(data, seed)
+    return (*load_joint(data, seed), None) if with_pool else load_joint(data, seed)
   train = load_split(data, data.get("split", "train"), train=True)
   val = None
   if data.val_split is not None:
@@ -337,6 +340,7 @@ def load_splits(data, seed: int) -> tuple[Dataset, Dataset | None]:
       val = val.replace(labels=val.extras["clean_label"].astype(np.int32))
     train = train.take(train_idx)
   fraction = data.get("label_fraction")
+  unlabeled = None
   if fraction is not None and fraction < 1:  # After the hold-out: validation keeps its size.
     labelled, pool = labelled_subset(train.extras.get("clean_label", train.labels), fraction,
                                      seed)
@@ -344,6 +348,10 @@ def load_splits(data, seed: int) -> tuple[Dataset, Dataset | None]:
       print(f"data.label_fraction={fraction:g}: {data.name} {train.split}: {len(labelled)} of "
             f"{len(train)} train images keep their labels (stratified, seed {seed}); "
             f"{len(pool)} left unlabeled")
+    if with_pool:
+      unlabeled = train.take(pool, f"{train.split}-unlabeled")
+      if "clean_label" in unlabeled.extras:
+        unlabeled = unlabeled.replace(labels=unlabeled.extras["clean_label"].astype(np.int32))
     train = train.take(labelled)
   rate = data.get("label_noise")
   if rate and data.name != "synthetic":
@@ -353,4 +361,4 @@ def load_splits(data, seed: int) -> tuple[Dataset, Dataset | None]:
     source = "the generator's own" if data.name == "synthetic" else f"symmetric, seed {seed}"
     print(f"data.label_noise={rate:g}: {data.name} {train.split}: {flipped} of {len(train)} "
           f"train labels flipped ({source}); validation clean")
-  return train, val
+  return (train, val, unlabeled) if with_pool else (train, val)
