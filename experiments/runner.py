@@ -38,6 +38,16 @@ def train_vaegan(config_name, workdir, overrides=()) -> pathlib.Path:
   return workdir
 
 
+def train_pretrain(config_name, workdir, overrides=()) -> pathlib.Path:
+  """Trains (or resumes) an MAE pre-training run (`ferjax pretrain`) unless it is finished."""
+  from ferjax.train import pretrain
+  workdir = pathlib.Path(workdir)
+  config = load(config_name, overrides)
+  if not (workdir / "checkpoints").is_dir() or _unfinished(workdir, config.train.num_steps):
+    pretrain.train_and_evaluate(config, workdir)
+  return workdir
+
+
 def _unfinished(workdir, num_steps) -> bool:
   from ferjax.core import monitor
   records = monitor.read_metrics(workdir)
@@ -53,12 +63,14 @@ def add_report_split_flag(parser) -> None:
 
 
 def train_and_test(config_name, workdir, overrides=(), *, logit_adjust: float = 0.0,
-                   report_split: str = "test") -> dict:
-  """Trains (or resumes) a classifier and evaluates its validation-chosen checkpoint on the
-  validation split and on `report_split`; returns the latter's evaluation with the validation
-  one under "val" (choices between runs are made on "val", never on the reported split)."""
+                   report_split: str = "test", semisup: bool = False) -> dict:
+  """Trains (or resumes) a classifier (`ferjax train-semisup` when `semisup`) and evaluates its
+  validation-chosen checkpoint on the validation split and on `report_split`; returns the
+  latter's evaluation with the validation one under "val" (choices between runs are made on
+  "val", never on the reported split)."""
   from ferjax import evaluate
-  from ferjax.train import classifier
+  from ferjax.train import classifier, semisup as semisup_trainer
+  trainer = semisup_trainer if semisup else classifier
   workdir = pathlib.Path(workdir)
   config = load(config_name, overrides)
   if config.data.val_split == report_split:
@@ -68,7 +80,7 @@ def train_and_test(config_name, workdir, overrides=(), *, logit_adjust: float = 
   outs = {split: workdir / f"eval_{evaluate.output_tag(split, logit_adjust=logit_adjust)}.json"
           for split in ("val", report_split)}
   if not all(out.exists() for out in outs.values()):
-    classifier.train_and_evaluate(config, workdir)  # Resumes if begun.
+    trainer.train_and_evaluate(config, workdir)  # Resumes if begun.
     for split in outs:
       evaluate.evaluate_run(workdir, split, checkpoint="best", tta="none",
                             logit_adjust=logit_adjust)

@@ -154,8 +154,9 @@ def abstract_state(config, model, mesh, pool_size: int, tx=None) -> TrainState:
 def with_weights(state: TrainState, variables: dict, tx, mesh) -> TrainState:
   """`state` with student and teacher both starting from `variables` and a fresh optimizer."""
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
+  copy_ = lambda tree: jax.tree.map(jnp.copy, tree)  # Distinct buffers: the step donates both.
   fresh = state.replace(params=params, batch_stats=batch_stats, opt_state=tx.init(params),
-                        teacher_params=params, teacher_batch_stats=batch_stats)
+                        teacher_params=copy_(params), teacher_batch_stats=copy_(batch_stats))
   return parallel.put_replicated(fresh, mesh)
 
 
