@@ -327,20 +327,30 @@ class TrainState:
   ema_batch_stats: Any = None
 
 
+def learning_rate_schedule(optim_config, num_steps: int):
+  """Linear warm-up over optim.warmup_steps to optim.lr, then cosine to 0 at `num_steps` or
+  constant (optim.schedule)."""
+  o = optim_config
+  if o.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, num_steps, 0.0)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, o.lr, o.warmup_steps), optax.constant_schedule(o.lr)],
+      [o.warmup_steps])
+
+
+def kernel_decay_mask(params):
+  """Weight decay on conv and dense kernels only: BatchNorm and LayerNorm scales, biases and
+  tokens are left alone (the same leaves as ndim > 1 for the ResNets; a ViT's q/k/v biases
+  are 2-D, hence the name test)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: getattr(path[-1], "key", None) == "kernel", params)
+
+
 def make_optimizer(config, num_steps: int | None = None):
   """(optax transform, learning-rate schedule): SGD (Nesterov) or AdamW, warm-up + cosine."""
   o = config.optim
-  num_steps = num_steps or config.train.num_steps
-  if o.schedule == "cosine":
-    schedule = optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, num_steps, 0.0)
-  else:
-    schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, o.lr, o.warmup_steps), optax.constant_schedule(o.lr)],
-        [o.warmup_steps])
-  # Decay conv and dense kernels only; BatchNorm scales and biases are left alone (our choice).
-  # Kernels only (the same leaves as ndim > 1 for the ResNets; a ViT's q/k/v biases are 2-D).
-  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, p: getattr(path[-1], "key", None) == "kernel", params)
+  schedule = learning_rate_schedule(o, num_steps or config.train.num_steps)
+  decay_mask = kernel_decay_mask
   if o.name == "sgd":
     tx = optax.chain(optax.add_decayed_weights(o.weight_decay, decay_mask),
                      optax.sgd(schedule, momentum=o.momentum or None, nesterov=o.nesterov))

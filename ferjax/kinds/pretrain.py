@@ -22,6 +22,7 @@ from ferjax import configs
 from ferjax.configs import check, custom, flag, integer, number, one_of, text
 from ferjax.core import parallel
 from ferjax.data import unlabeled
+from ferjax.kinds import classifier
 from ferjax.models import mae, resnet, vit
 
 KIND = "pretrain"
@@ -148,18 +149,12 @@ def build_models(config) -> Models:
 
 
 def make_optimizer(config):
-  """(optax transform, learning-rate schedule): AdamW with warm-up, then cosine or constant."""
-  o, num_steps = config.optim, config.train.num_steps
-  if o.schedule == "cosine":
-    schedule = optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, num_steps, 0.0)
-  else:
-    schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, o.lr, o.warmup_steps), optax.constant_schedule(o.lr)],
-        [o.warmup_steps])
-  # Kernels only: biases, LayerNorms, the class token and the mask token are not decayed, as
-  # MAE's param groups leave them.
-  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, p: getattr(path[-1], "key", None) == "kernel", params)
+  """(optax transform, learning-rate schedule): AdamW with warm-up, then cosine or constant;
+  kernels only are decayed (biases, LayerNorms, the class and mask tokens are not, as MAE's
+  param groups leave them)."""
+  o = config.optim
+  schedule = classifier.learning_rate_schedule(o, config.train.num_steps)
+  decay_mask = classifier.kernel_decay_mask
   tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask)
   return tx, schedule
 
