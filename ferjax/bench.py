@@ -242,65 +242,63 @@ def bench_sampler(config, batch_size=None, steps: int = 20) -> list[dict]:
   return [pipeline, full, plain]
 
 
-# --- VAE-GAN ------------------------------------------------------------------------------------
-def bench_vaegan(config, batch_size=None, steps: int = 20) -> dict:
-  """Images/s of the real VAE-GAN train step (on-device sampling included) on random data."""
+# --- VAE-GAN and MAE pre-training: steps over a device-resident image pool ---------------------
+def _sized(config, batch_size):
+  """A copy of `config` with train.batch_size set to `batch_size` (when given)."""
   config = ml_collections.ConfigDict(config.to_dict())
   if batch_size is not None:
     config.train.batch_size = int(batch_size)
-  vaegan_kind.validate_config(config)
-  mesh = parallel.make_mesh(config.train.num_devices)
+  return config
+
+
+def _time_pool_step(make_step, state, config, mesh, *, what: str, steps: int, extra: dict):
+  """Times `make_step(num_examples)`'s `(state, images) -> (state, metrics)` over a random
+  uint8 pool of the configured shape (at least 4 batches), split by rows over the mesh."""
   d = config.data
   num_examples = max(4 * config.train.batch_size, 256)
   images = np.random.default_rng(0).integers(
       0, 256, (num_examples, d.image_size, d.image_size, d.channels), dtype=np.uint8)
-  model = vaegan_kind.build_model(config)
-  state = vaegan_kind.init_state(config, model, mesh)
-  train_step = vaegan_trainer.make_train_step(model, config, mesh, num_examples, jit=False)
+  train_step = make_step(num_examples)
 
   def step_fn(carry):
     state, images = carry
     state, _ = train_step(state, images)
     return state, images
 
-  carry = (state, parallel.put_rows(images, mesh))
-  widths = config.model.widths or vaegan_models.default_widths(d.image_size)
-  return time_step(step_fn, carry, what="vaegan", batch=config.train.batch_size,
-                   dtype=config.model.dtype, steps=steps,
-                   extra={"arch": config.model.arch, "image_size": d.image_size,
-                          "channels": d.channels, "widths": list(widths)})
+  return time_step(step_fn, (state, parallel.put_rows(images, mesh)), what=what,
+                   batch=config.train.batch_size, dtype=config.model.dtype, steps=steps,
+                   extra={"image_size": d.image_size, "channels": d.channels, **extra})
 
 
-# --- MAE pre-training ---------------------------------------------------------------------------
+def bench_vaegan(config, batch_size=None, steps: int = 20) -> dict:
+  """Images/s of the real VAE-GAN train step (on-device sampling included) on random data."""
+  config = _sized(config, batch_size)
+  vaegan_kind.validate_config(config)
+  mesh = parallel.make_mesh(config.train.num_devices)
+  model = vaegan_kind.build_model(config)
+  state = vaegan_kind.init_state(config, model, mesh)
+  widths = config.model.widths or vaegan_models.default_widths(config.data.image_size)
+  return _time_pool_step(
+      lambda n: vaegan_trainer.make_train_step(model, config, mesh, n, jit=False), state, config,
+      mesh, what="vaegan", steps=steps,
+      extra={"arch": config.model.arch, "widths": list(widths)})
+
+
 def bench_pretrain(config, batch_size=None, steps: int = 20) -> dict:
   """Images/s of the real MAE pre-training step (on-device sampling, flip, masking, encoder on
   the visible patches, decoder, update) on random data of the configured shape."""
-  config = ml_collections.ConfigDict(config.to_dict())
-  if batch_size is not None:
-    config.train.batch_size = int(batch_size)
+  config = _sized(config, batch_size)
   pretrain_kind.validate_config(config)
   mesh = parallel.make_mesh(config.train.num_devices)
-  d = config.data
-  num_examples = max(4 * config.train.batch_size, 256)
-  images = np.random.default_rng(0).integers(
-      0, 256, (num_examples, d.image_size, d.image_size, d.channels), dtype=np.uint8)
   models = pretrain_kind.build_models(config)
   state = pretrain_kind.init_state(config, models, mesh)
-  train_step = pretrain_trainer.make_train_step(models, config, mesh, num_examples, jit=False)
-
-  def step_fn(carry):
-    state, images = carry
-    state, _ = train_step(state, images)
-    return state, images
-
-  carry = (state, parallel.put_rows(images, mesh))
   m, a = config.model, config.mae
-  return time_step(step_fn, carry, what="pretrain", batch=config.train.batch_size,
-                   dtype=m.dtype, steps=steps,
-                   extra={"model": m.name, "width": m.width, "depth": models.encoder.depth,
-                          "patch_size": models.encoder.patch_size, "image_size": d.image_size,
-                          "channels": d.channels, "mask_ratio": a.mask_ratio,
-                          "decoder": [a.decoder_width, a.decoder_depth, a.decoder_heads]})
+  return _time_pool_step(
+      lambda n: pretrain_trainer.make_train_step(models, config, mesh, n, jit=False), state,
+      config, mesh, what="pretrain", steps=steps,
+      extra={"model": m.name, "width": m.width, "depth": models.encoder.depth,
+             "patch_size": models.encoder.patch_size, "mask_ratio": a.mask_ratio,
+             "decoder": [a.decoder_width, a.decoder_depth, a.decoder_heads]})
 
 
 # --- `ferjax predict` -----------------------------------------------------------------------------
