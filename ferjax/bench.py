@@ -251,27 +251,35 @@ def _sized(config, batch_size):
   return config
 
 
-def _time_pool_step(make_step, state, config, mesh, *, what: str, steps: int, extra: dict):
+def _time_pool_step(make_step, state, config, mesh, *, what: str, steps: int, extra: dict,
+                    num_classes: int = 0):
   """Times `make_step(num_examples)`'s `(state, images) -> (state, metrics)` over a random
-  uint8 pool of the configured shape (at least 4 batches), split by rows over the mesh."""
+  uint8 pool of the configured shape (at least 4 batches), split by rows over the mesh; with
+  `num_classes`, `(state, images, labels)` with random labels."""
   d = config.data
   num_examples = max(4 * config.train.batch_size, 256)
-  images = np.random.default_rng(0).integers(
-      0, 256, (num_examples, d.image_size, d.image_size, d.channels), dtype=np.uint8)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (num_examples, d.image_size, d.image_size, d.channels),
+                        dtype=np.uint8)
+  pool = (parallel.put_rows(images, mesh),)
+  if num_classes:
+    pool += (parallel.put_rows(rng.integers(0, num_classes, num_examples, dtype=np.int32), mesh),)
   train_step = make_step(num_examples)
 
   def step_fn(carry):
-    state, images = carry
-    state, _ = train_step(state, images)
-    return state, images
+    state, pool = carry
+    state, _ = train_step(state, *pool)
+    return state, pool
 
-  return time_step(step_fn, (state, parallel.put_rows(images, mesh)), what=what,
+  return time_step(step_fn, (state, pool), what=what,
                    batch=config.train.batch_size, dtype=config.model.dtype, steps=steps,
                    extra={"image_size": d.image_size, "channels": d.channels, **extra})
 
 
 def bench_vaegan(config, batch_size=None, steps: int = 20) -> dict:
-  """Images/s of the real VAE-GAN train step (on-device sampling included) on random data."""
+  """Images/s of the real VAE-GAN train step (on-device sampling included) on random data (a
+  class-conditional model on random labels; the class-consistency terms' frozen classifier is
+  not part of the timed step)."""
   config = _sized(config, batch_size)
   vaegan_kind.validate_config(config)
   mesh = parallel.make_mesh(config.train.num_devices)
@@ -280,8 +288,9 @@ def bench_vaegan(config, batch_size=None, steps: int = 20) -> dict:
   widths = config.model.widths or vaegan_models.default_widths(config.data.image_size)
   return _time_pool_step(
       lambda n: vaegan_trainer.make_train_step(model, config, mesh, n, jit=False), state, config,
-      mesh, what="vaegan", steps=steps,
-      extra={"arch": config.model.arch, "widths": list(widths)})
+      mesh, what="vaegan", steps=steps, num_classes=model.num_classes,
+      extra={"arch": config.model.arch, "widths": list(widths),
+             "num_classes": model.num_classes})
 
 
 def bench_pretrain(config, batch_size=None, steps: int = 20) -> dict:

@@ -107,23 +107,37 @@ class VAEGANRun:
   encoder: dict  # {"params", "batch_stats"}
   generator: dict
 
-  def encode(self, images):
-    """images uint8 (0..255) or float in [-1, 1], [B, S, S, C] -> (mu, logvar) [B, latent_dim]."""
-    return _encode(self.model, self.encoder, jax.numpy.asarray(images))
+  def encode(self, images, labels=None):
+    """images uint8 (0..255) or float in [-1, 1], [B, S, S, C] -> (mu, logvar) [B, latent_dim].
+    `labels` [B]: the images' classes, needed by a class-conditional run (`conditional`)."""
+    return _encode(self.model, self.encoder, jax.numpy.asarray(images), _labels(self, labels))
 
-  def decode(self, z):
-    """latents [B, latent_dim] -> float32 images in [-1, 1]."""
-    return _decode(self.model, self.generator, jax.numpy.asarray(z))
+  def decode(self, z, labels=None):
+    """latents [B, latent_dim] -> float32 images in [-1, 1]; `labels` [B]: the classes to draw,
+    needed by a class-conditional run."""
+    return _decode(self.model, self.generator, jax.numpy.asarray(z), _labels(self, labels))
+
+  @property
+  def conditional(self) -> bool:
+    return self.model.num_classes > 0
+
+
+def _labels(run: VAEGANRun, labels):
+  if not run.conditional:
+    return None
+  if labels is None:
+    raise ValueError("this VAE-GAN is class-conditional: encode and decode need labels")
+  return jax.numpy.asarray(labels, jax.numpy.int32)
 
 
 @jax.jit(static_argnums=0)
-def _encode(model, variables, images):
-  return model.encode(variables["params"], variables["batch_stats"], images)
+def _encode(model, variables, images, labels):
+  return model.encode(variables["params"], variables["batch_stats"], images, labels)
 
 
 @jax.jit(static_argnums=0)
-def _decode(model, variables, z):
-  return model.decode(variables["params"], variables["batch_stats"], z)
+def _decode(model, variables, z, labels):
+  return model.decode(variables["params"], variables["batch_stats"], z, labels)
 
 
 def vaegan_checkpoints(workdir, config) -> checkpoint_lib.Checkpoints:

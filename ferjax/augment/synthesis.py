@@ -76,6 +76,8 @@ def build(config, train_images: np.ndarray, train_labels: np.ndarray, num_classe
     raise UserError(f"config field 'augment.start_step': expected 0..train.num_steps - 1, got "
                     f"{a.start_step!r}")
   vae = runs.open_vaegan(a.vaegan_workdir, a.vaegan_checkpoint)
+  check_classes(vae, num_classes,
+                f"config field 'augment.vaegan_workdir' ({a.vaegan_workdir})")
   plan = plan_for(config, train_labels, num_classes)
   data = stage_data(vae, plan, a.mode, train_images, train_labels, num_classes)
   filter_model = None
@@ -88,6 +90,15 @@ def build(config, train_images: np.ndarray, train_labels: np.ndarray, num_classe
                                filter_threshold=float(a.filter_threshold),
                                filtered_weight=float(a.filtered_weight))
   return Stage(synthesize, data, plan, vae.step)
+
+
+def check_classes(vae, num_classes: int, where: str) -> None:
+  """A class-conditional VAE-GAN draws only the classes it was trained on: its class count must
+  be the dataset's. `where` starts the message (the field or flag naming the VAE-GAN)."""
+  if vae.conditional and vae.model.num_classes != num_classes:
+    raise UserError(f"{where}: a class-conditional VAE-GAN of {vae.model.num_classes} classes; "
+                    f"expected one of this dataset's {num_classes} classes or an unconditional "
+                    "one")
 
 
 def plan_for(config, train_labels, num_classes: int) -> semantic.BatchPlan:
@@ -167,12 +178,14 @@ def generate(vae_model, aux, seeds_uint8, classes, key, *, mode: str, alpha: flo
   image_size = image_size or vae_model.image_size
   channels = channels or vae_model.channels
 
-  def encode(images_uint8):
+  def encode(images_uint8):  # Seeds and partners are of the slot's class.
     images = to_format(pipeline.to_float(images_uint8), vae_model.image_size, vae_model.channels)
-    return vae_model.encode(aux["encoder"]["params"], aux["encoder"]["batch_stats"], images)
+    return vae_model.encode(aux["encoder"]["params"], aux["encoder"]["batch_stats"], images,
+                            classes)
 
+  # A class-conditional generator is told the slot's class: the latent carries the rest.
   decode = lambda z: vae_model.decode(aux["generator"]["params"],
-                                      aux["generator"]["batch_stats"], z)
+                                      aux["generator"]["batch_stats"], z, classes)
   mu, logvar = encode(seeds_uint8)
   partner_mu = encode(partners)[0] if partners is not None else None
   z = semantic.perturb_latents(key, mode, alpha, mu, logvar, partner_mu, classes,
@@ -190,8 +203,8 @@ def class_latent_stats(vae, images: np.ndarray, labels: np.ndarray, num_classes:
   mus = []
   for start in range(0, len(images), batch_size):
     batch = pipeline.to_float(jnp.asarray(images[start:start + batch_size]))
-    mus.append(np.asarray(vae.encode(to_format(batch, vae.model.image_size,
-                                               vae.model.channels))[0]))
+    mus.append(np.asarray(vae.encode(to_format(batch, vae.model.image_size, vae.model.channels),
+                                     labels[start:start + batch_size])[0]))
   mu = np.concatenate(mus)
   return semantic.class_stats(mu, labels, num_classes)
 
@@ -229,6 +242,7 @@ def synthesize_per_class(vae, images: np.ndarray, labels: np.ndarray, num_classe
     raise UserError(f"alpha: expected >= 0, got {alpha!r}")
   image_size = image_size or vae.model.image_size
   channels = channels or vae.model.channels
+  check_classes(vae, num_classes, "the VAE-GAN")
   rng = np.random.default_rng(seed)
   seed_idx, partner_idx, classes = [], [], []
   for k in range(num_classes):

@@ -63,6 +63,10 @@ SPEC = {
         "widths": custom(None, "None or a tuple of positive integers",
                          lambda v: v is None or isinstance(v, (tuple, list))),
         "dtype": one_of("float32", ("float32", "bfloat16")),  # Compute dtype; params stay f32.
+        # Class-conditional E, G and projection D (ferjax.models.vaegan; ours, for
+        # class-preserving synthesis): the dataset's class count, checked against it; None:
+        # unconditional (the paper's VAE-GAN).
+        "num_classes": integer(None, 1, optional=True),
     },
     "loss": {
         # KL per example (summed over latent dims) against reconstruction terms that are means
@@ -74,6 +78,15 @@ SPEC = {
         "adv_weight": number(0.1, 0),  # G's hinge loss (weight ours).
         # Whether G's adversarial loss also trains E. Off as in Larsen et al.
         "adversarial_to_encoder": flag(False),
+        # Class consistency (ours): a frozen classifier run (`classifier_workdir`, trained on real
+        # faces of the same dataset; its best checkpoint) judges G's decodings of posterior
+        # samples; G is trained on its cross-entropy against the seed's label (weight
+        # `class_consistency_weight`) and on the squared distance between its penultimate
+        # features of the decoding and of the real image (`perceptual_weight`, a perceptual
+        # term in a face-expression feature space). 0: off; a weight > 0 needs the workdir.
+        "classifier_workdir": text(None),
+        "class_consistency_weight": number(0.0, 0),
+        "perceptual_weight": number(0.0, 0),
     },
     "optim": {
         "lr": number(2e-4, 0, lo_open=True),  # Adam for each of E, G, D (DCGAN's settings).
@@ -112,6 +125,14 @@ def validate_config(config) -> None:
         "model.widths", f"None or {stages} positive integers ({d.image_size} px has {stages} "
         f"stride-2 stages, e.g. {vaegan_models.default_widths(d.image_size)})", m.widths)
   parallel.check_train_devices(t)
+  lo = config.loss
+  judged = lo.class_consistency_weight > 0 or lo.perceptual_weight > 0
+  check(not judged or bool(lo.classifier_workdir), "loss.classifier_workdir",
+        "a finished classifier run's workdir when loss.class_consistency_weight or "
+        "loss.perceptual_weight is > 0", lo.classifier_workdir)
+  check(judged or not lo.classifier_workdir, "loss.classifier_workdir",
+        "None when loss.class_consistency_weight and loss.perceptual_weight are 0 (it would be "
+        "read for nothing)", lo.classifier_workdir)
 
 
 def read_config(workdir) -> ml_collections.ConfigDict:
@@ -127,7 +148,7 @@ def build_model(config) -> vaegan_models.VAEGAN:
   m = config.model
   return vaegan_models.build(arch=m.arch, image_size=config.data.image_size,
                              channels=config.data.channels, latent_dim=m.latent_dim,
-                             widths=m.widths, dtype=m.dtype)
+                             widths=m.widths, dtype=m.dtype, num_classes=m.num_classes or 0)
 
 
 def make_optimizers(config) -> dict:

@@ -17,6 +17,13 @@ The number of stride-2 stages follows from the resolution: halve while the size 
 the map stays >= 3x3 (XLA on CPU is ~100x slower on convs over smaller maps). 64 px -> 4 stages
 (4x4), 48 px -> 4 (3x3), 32 px -> 3 (4x4), 128 px -> 5 (4x4). `widths` gives one width per stage.
 
+Class conditioning (`num_classes` > 0; ours, for class-preserving synthesis): E and G see the
+label through a learned embedding (concatenated to E's flattened features before its dense layer,
+and to G's input latent), as a conditional VAE does, so the latent is free to code what the label
+does not (identity, pose, lighting) and G is told the class; D is a projection discriminator
+(Miyato & Koyama 2018): logit = psi(phi(x)) + <embed(y), sum_hw phi(x)>, phi its last map.
+Every call then takes `labels` [B] (int).
+
 Parameters are float32; `dtype` is the compute dtype (bfloat16 on accelerators). Outputs the
 losses see (mu, logvar, images, logits, features) are float32. BatchNorm statistics and
 spectral-norm power-iteration vectors live in the `batch_stats` collection.
@@ -52,6 +59,23 @@ def smallest_map(image_size: int) -> int:
 def default_widths(image_size: int) -> tuple[int, ...]:
   """DCGAN widths: 64, 128, 256, 512, 512, ... one per stage."""
   return tuple(min(64 * 2 ** i, 512) for i in range(num_stages(image_size)))
+
+
+def _check_labels(num_classes: int, labels):
+  if num_classes and labels is None:
+    raise ValueError("a class-conditional VAE-GAN needs labels")
+
+
+def _embed(num_classes: int, features: int, labels, name: str, dtype):
+  """The learned class embedding [B, features] of int labels [B]."""
+  return nn.Embed(num_classes, features, dtype=dtype, name=name)(labels.astype(jnp.int32))
+
+
+def _project(num_classes: int, x, labels, dtype):
+  """The projection discriminator's class term <embed(y), sum_hw x> [B] (x [B, H, W, C])."""
+  pooled = jnp.sum(x.astype(jnp.float32), axis=(1, 2))
+  embedding = _embed(num_classes, x.shape[-1], labels, "class_projection", dtype)
+  return jnp.sum(embedding.astype(jnp.float32) * pooled, axis=-1)
 
 
 def _batch_norm(train: bool, dtype):
@@ -106,9 +130,11 @@ class DCGANEncoder(nn.Module):
   widths: Sequence[int]
   latent_dim: int
   dtype: Any = jnp.float32
+  num_classes: int = 0
 
   @nn.compact
-  def __call__(self, images, train: bool):
+  def __call__(self, images, train: bool, labels=None):
+    _check_labels(self.num_classes, labels)
     x = images.astype(self.dtype)
     for i, width in enumerate(self.widths):
       # No bias where BatchNorm follows (it would cancel it).
@@ -116,9 +142,27 @@ class DCGANEncoder(nn.Module):
       if i > 0:
         x = _batch_norm(train, self.dtype)(x)
       x = nn.leaky_relu(x, 0.2)
-    x = nn.Dense(2 * self.latent_dim, dtype=self.dtype)(x.reshape(x.shape[0], -1))
+    x = _to_latent(self, x, labels)
     mu, logvar = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return mu, logvar
+
+
+def _to_latent(encoder, x, labels):
+  """E's last layer: flattened map (+ the class embedding) -> 2 * latent_dim."""
+  x = x.reshape(x.shape[0], -1)
+  if encoder.num_classes:
+    x = jnp.concatenate([x, _embed(encoder.num_classes, encoder.latent_dim, labels,
+                                   "class_embedding", encoder.dtype)], axis=-1)
+  return nn.Dense(2 * encoder.latent_dim, dtype=encoder.dtype)(x)
+
+
+def _generator_input(generator, z, labels):
+  """G's input: the latent (+ the class embedding, as wide as the latent)."""
+  z = z.astype(generator.dtype)
+  if generator.num_classes:
+    z = jnp.concatenate([z, _embed(generator.num_classes, z.shape[-1], labels,
+                                   "class_embedding", generator.dtype)], axis=-1)
+  return z
 
 
 class DCGANGenerator(nn.Module):
@@ -126,12 +170,14 @@ class DCGANGenerator(nn.Module):
   base: int  # Side of the smallest map.
   channels: int
   dtype: Any = jnp.float32
+  num_classes: int = 0
 
   @nn.compact
-  def __call__(self, z, train: bool):
+  def __call__(self, z, train: bool, labels=None):
+    _check_labels(self.num_classes, labels)
     widths = tuple(self.widths)
     x = nn.Dense(self.base * self.base * widths[-1], use_bias=False, dtype=self.dtype)(
-        z.astype(self.dtype))
+        _generator_input(self, z, labels))
     x = x.reshape(z.shape[0], self.base, self.base, widths[-1])
     x = nn.relu(_batch_norm(train, self.dtype)(x))
     for width in reversed(widths[:-1]):
@@ -144,9 +190,11 @@ class DCGANGenerator(nn.Module):
 class DCGANDiscriminator(nn.Module):
   widths: Sequence[int]
   dtype: Any = jnp.float32
+  num_classes: int = 0
 
   @nn.compact
-  def __call__(self, images, train: bool):
+  def __call__(self, images, train: bool, labels=None):
+    _check_labels(self.num_classes, labels)
     x = images.astype(self.dtype)
     features = None
     for i, width in enumerate(self.widths):
@@ -156,8 +204,10 @@ class DCGANDiscriminator(nn.Module):
       x = nn.leaky_relu(x, 0.2)
       if i == len(self.widths) - 2:
         features = x
-    logit = nn.Dense(1, dtype=self.dtype)(x.reshape(x.shape[0], -1))
-    return logit[:, 0].astype(jnp.float32), features.astype(jnp.float32)
+    logit = nn.Dense(1, dtype=self.dtype)(x.reshape(x.shape[0], -1))[:, 0].astype(jnp.float32)
+    if self.num_classes:
+      logit = logit + _project(self.num_classes, x, labels, self.dtype)
+    return logit, features.astype(jnp.float32)
 
 
 # ================================================================================================
@@ -218,14 +268,16 @@ class ResNetEncoder(nn.Module):
   widths: Sequence[int]
   latent_dim: int
   dtype: Any = jnp.float32
+  num_classes: int = 0
 
   @nn.compact
-  def __call__(self, images, train: bool):
+  def __call__(self, images, train: bool, labels=None):
+    _check_labels(self.num_classes, labels)
     x = images.astype(self.dtype)
     for i, width in enumerate(self.widths):
       x = DownBlock(width, "batch", first=i == 0, dtype=self.dtype)(x, train)
     x = nn.leaky_relu(_batch_norm(train, self.dtype)(x), 0.2)
-    x = nn.Dense(2 * self.latent_dim, dtype=self.dtype)(x.reshape(x.shape[0], -1))
+    x = _to_latent(self, x, labels)
     mu, logvar = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return mu, logvar
 
@@ -235,11 +287,14 @@ class ResNetGenerator(nn.Module):
   base: int
   channels: int
   dtype: Any = jnp.float32
+  num_classes: int = 0
 
   @nn.compact
-  def __call__(self, z, train: bool):
+  def __call__(self, z, train: bool, labels=None):
+    _check_labels(self.num_classes, labels)
     widths = tuple(self.widths)
-    x = nn.Dense(self.base * self.base * widths[-1], dtype=self.dtype)(z.astype(self.dtype))
+    x = nn.Dense(self.base * self.base * widths[-1], dtype=self.dtype)(
+        _generator_input(self, z, labels))
     x = x.reshape(z.shape[0], self.base, self.base, widths[-1])
     for width in tuple(reversed(widths[:-1])) + (widths[0],):
       x = UpBlock(width, dtype=self.dtype)(x, train)
@@ -251,18 +306,24 @@ class ResNetGenerator(nn.Module):
 class ResNetDiscriminator(nn.Module):
   widths: Sequence[int]
   dtype: Any = jnp.float32
+  num_classes: int = 0
 
   @nn.compact
-  def __call__(self, images, train: bool):
+  def __call__(self, images, train: bool, labels=None):
+    _check_labels(self.num_classes, labels)
     x = images.astype(self.dtype)
     features = None
     for i, width in enumerate(self.widths):
       x = DownBlock(width, "spectral", first=i == 0, dtype=self.dtype)(x, train)
       if i == len(self.widths) - 2:
         features = x
-    x = nn.leaky_relu(x, 0.2).reshape(x.shape[0], -1)
-    logit = nn.SpectralNorm(nn.Dense(1, dtype=self.dtype))(x, update_stats=train)
-    return logit[:, 0].astype(jnp.float32), features.astype(jnp.float32)
+    x = nn.leaky_relu(x, 0.2)
+    logit = nn.SpectralNorm(nn.Dense(1, dtype=self.dtype))(x.reshape(x.shape[0], -1),
+                                                           update_stats=train)
+    logit = logit[:, 0].astype(jnp.float32)
+    if self.num_classes:
+      logit = logit + _project(self.num_classes, x, labels, self.dtype)
+    return logit, features.astype(jnp.float32)
 
 
 # ================================================================================================
@@ -276,40 +337,51 @@ class VAEGAN(NamedTuple):
   image_size: int
   channels: int
   latent_dim: int
+  num_classes: int = 0  # > 0: class-conditional (every call takes labels)
 
   def init(self, key):
     """Variables {'encoder'|'generator'|'discriminator': {'params', 'batch_stats'}} from a key."""
     e_key, g_key, d_key = jax.random.split(key, 3)
     images = jnp.zeros((1, self.image_size, self.image_size, self.channels), jnp.float32)
     z = jnp.zeros((1, self.latent_dim), jnp.float32)
+    labels = jnp.zeros((1,), jnp.int32) if self.num_classes else None
     variables = {
-        "encoder": self.encoder.init(e_key, images, train=False),
-        "generator": self.generator.init(g_key, z, train=False),
-        "discriminator": self.discriminator.init(d_key, images, train=False),
+        "encoder": self.encoder.init(e_key, images, train=False, labels=labels),
+        "generator": self.generator.init(g_key, z, train=False, labels=labels),
+        "discriminator": self.discriminator.init(d_key, images, train=False, labels=labels),
     }
     # Every network gets a batch_stats entry (possibly empty) so the train state has one shape.
     return {name: {"params": v["params"], "batch_stats": v.get("batch_stats", {})}
             for name, v in variables.items()}
 
-  def encode(self, params_E, state_E, images):
-    """Eval-mode encoder: images (uint8 0..255, or float in [-1, 1]) [B,H,W,C] -> (mu, logvar)."""
+  def encode(self, params_E, state_E, images, labels=None):
+    """Eval-mode encoder: images (uint8 0..255, or float in [-1, 1]) [B,H,W,C] -> (mu, logvar).
+    `labels` [B]: the images' classes (read only by a class-conditional model)."""
     if images.dtype == jnp.uint8:
       images = pipeline.to_float(images)
-    return self.encoder.apply({"params": params_E, "batch_stats": state_E}, images, train=False)
+    return self.encoder.apply({"params": params_E, "batch_stats": state_E}, images, train=False,
+                              labels=self.labels(labels))
 
-  def decode(self, params_G, state_G, z):
-    """Eval-mode generator: latents [B, latent_dim] -> float32 images in [-1, 1]."""
-    return self.generator.apply({"params": params_G, "batch_stats": state_G}, z, train=False)
+  def decode(self, params_G, state_G, z, labels=None):
+    """Eval-mode generator: latents [B, latent_dim] -> float32 images in [-1, 1]. `labels` [B]:
+    the classes to draw (read only by a class-conditional model)."""
+    return self.generator.apply({"params": params_G, "batch_stats": state_G}, z, train=False,
+                                labels=self.labels(labels))
 
-  def discriminate(self, params_D, state_D, images):
+  def discriminate(self, params_D, state_D, images, labels=None):
     """Eval-mode discriminator: images in [-1, 1] -> (logits [B], features)."""
     return self.discriminator.apply({"params": params_D, "batch_stats": state_D}, images,
-                                    train=False)
+                                    train=False, labels=self.labels(labels))
+
+  def labels(self, labels):
+    """The labels a call passes on: None for an unconditional model (it has no embedding)."""
+    return labels if self.num_classes else None
 
 
 def build(*, arch: str = "dcgan", image_size: int = 64, channels: int = 1, latent_dim: int = 128,
-          widths=None, dtype="float32") -> VAEGAN:
-  """The VAE-GAN for `image_size` px, `channels` channels; widths default to DCGAN's."""
+          widths=None, dtype="float32", num_classes: int = 0) -> VAEGAN:
+  """The VAE-GAN for `image_size` px, `channels` channels; widths default to DCGAN's;
+  `num_classes` > 0 makes E, G and D class-conditional (see the module docstring)."""
   if arch not in ARCHS:
     raise ValueError(f"arch: expected one of {ARCHS}, got {arch!r}")
   stages = num_stages(image_size)
@@ -318,15 +390,17 @@ def build(*, arch: str = "dcgan", image_size: int = 64, channels: int = 1, laten
     raise ValueError(f"widths: {image_size} px has {stages} stages, got {len(widths)} widths")
   dtype = jnp.dtype(dtype)
   base = smallest_map(image_size)
+  k = int(num_classes or 0)
   if arch == "dcgan":
-    encoder = DCGANEncoder(widths, latent_dim, dtype)
-    generator = DCGANGenerator(widths, base, channels, dtype)
-    discriminator = DCGANDiscriminator(widths, dtype)
+    encoder = DCGANEncoder(widths, latent_dim, dtype, k)
+    generator = DCGANGenerator(widths, base, channels, dtype, k)
+    discriminator = DCGANDiscriminator(widths, dtype, k)
   else:
-    encoder = ResNetEncoder(widths, latent_dim, dtype)
-    generator = ResNetGenerator(widths, base, channels, dtype)
-    discriminator = ResNetDiscriminator(widths, dtype)
-  return VAEGAN(encoder, generator, discriminator, int(image_size), int(channels), int(latent_dim))
+    encoder = ResNetEncoder(widths, latent_dim, dtype, k)
+    generator = ResNetGenerator(widths, base, channels, dtype, k)
+    discriminator = ResNetDiscriminator(widths, dtype, k)
+  return VAEGAN(encoder, generator, discriminator, int(image_size), int(channels), int(latent_dim),
+                k)
 
 
 # ================================================================================================

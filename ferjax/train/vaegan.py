@@ -32,10 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ferjax import configs, plots
+from ferjax import configs, plots, runs
+from ferjax.augment import synthesis
 from ferjax.core import checkpoint, interrupt, monitor, parallel
 from ferjax.core import workdir as workdir_lib
 from ferjax.data import pipeline, splits
+from ferjax.errors import UserError
 from ferjax.kinds import vaegan as kind
 from ferjax.kinds.vaegan import EMA_NETS, NETS, TrainState
 from ferjax.models import vaegan as vaegan_models
@@ -55,29 +57,38 @@ def kl_weight_at(step, loss_config):
   return loss_config.beta * ramp
 
 
-def compute_losses(model, params, batch_stats, images, key, loss_config, kl_weight):
+def compute_losses(model, params, batch_stats, images, key, loss_config, kl_weight, labels=None,
+                   judge=None):
   """One train-mode forward pass of E, G and D on a batch of images in [-1, 1].
 
+  `labels` [B]: the images' classes (read by a class-conditional model and the judge; prior
+  samples are drawn for the same classes). `judge`: (apply, variables) of the frozen classifier
+  for the class-consistency and perceptual terms (`make_judge`), or None.
   Returns (losses, (new_batch_stats, metrics)); `losses` maps each network to its own loss.
   """
   eps_key, prior_key = jax.random.split(key)
   batch = images.shape[0]
+  conditional = model.num_classes > 0
 
-  def apply(net, *args):
+  def apply(net, *args, labels=None):
     variables = {"params": params[net], "batch_stats": batch_stats[net]}
-    out, updates = getattr(model, net).apply(variables, *args, train=True, mutable=["batch_stats"])
+    out, updates = getattr(model, net).apply(variables, *args, train=True, labels=labels,
+                                             mutable=["batch_stats"])
     return out, updates["batch_stats"]
 
-  (mu, logvar), encoder_stats = apply("encoder", images)
+  cond = lambda *parts: jnp.concatenate(parts) if conditional else None
+  (mu, logvar), encoder_stats = apply("encoder", images, labels=cond(labels))
   eps = jax.random.normal(eps_key, mu.shape)
   z = vaegan_models.perturb(mu, logvar, eps, 1.0)
   z_prior = jax.random.normal(prior_key, mu.shape)
   # One G pass and one D pass over everything: BatchNorm normalises real and fake together,
   # so D cannot tell them apart by batch statistics.
-  fakes, generator_stats = apply("generator", jnp.concatenate([z, z_prior]))
+  fakes, generator_stats = apply("generator", jnp.concatenate([z, z_prior]),
+                                 labels=cond(labels, labels))
   recon = fakes[:batch]
   (logits, features), discriminator_stats = apply("discriminator",
-                                                  jnp.concatenate([images, fakes]))
+                                                  jnp.concatenate([images, fakes]),
+                                                  labels=cond(labels, labels, labels))
   logits_real, logits_fake = logits[:batch], logits[batch:]
   logits_recon = logits[batch:2 * batch]
   features_real, features_recon = features[:batch], features[batch:2 * batch]
@@ -89,10 +100,22 @@ def compute_losses(model, params, batch_stats, images, key, loss_config, kl_weig
   kl = jnp.mean(vaegan_models.kl_divergence(mu, logvar))
   d_loss = vaegan_models.hinge_discriminator_loss(logits_real, logits_fake)
   g_adv = vaegan_models.hinge_generator_loss(logits_fake)
+  judged, judge_metrics = jnp.float32(0.0), {}
+  if judge is not None:  # The frozen classifier's view of the decodings (G's loss only).
+    judge_apply, judge_variables = judge
+    judge_logits, judge_features = judge_apply(judge_variables, jnp.concatenate([images, recon]))
+    consistency = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+        judge_logits[batch:], labels))
+    perceptual = jnp.mean(jnp.square(judge_features[batch:]
+                                     - jax.lax.stop_gradient(judge_features[:batch])))
+    judged = (loss_config.class_consistency_weight * consistency
+              + loss_config.perceptual_weight * perceptual)
+    judge_metrics = {"class_consistency": consistency, "perceptual": perceptual,
+                     "judge_acc_recon": jnp.mean(jnp.argmax(judge_logits[batch:], -1) == labels)}
 
   losses = {
       "discriminator": d_loss,
-      "generator": loss_config.adv_weight * g_adv + recon_loss,
+      "generator": loss_config.adv_weight * g_adv + recon_loss + judged,
       "encoder": kl_weight * kl + recon_loss + (
           loss_config.adv_weight * g_adv if loss_config.adversarial_to_encoder else 0.0),
   }
@@ -106,11 +129,13 @@ def compute_losses(model, params, batch_stats, images, key, loss_config, kl_weig
       "d_acc_real": jnp.mean(logits_real > 0), "d_acc_fake": jnp.mean(logits_fake < 0),
       "d_acc_recon": jnp.mean(logits_recon < 0),
       "sigma_mean": jnp.mean(jnp.exp(0.5 * logvar)),
+      **judge_metrics,
   }
   return losses, (new_batch_stats, metrics)
 
 
-def compute_grads(model, params, batch_stats, images, key, loss_config, kl_weight):
+def compute_grads(model, params, batch_stats, images, key, loss_config, kl_weight, labels=None,
+                  judge=None):
   """Gradient of each network's own loss w.r.t. its own parameters, from one forward pass.
 
   D's gradient comes from the hinge loss only (none from G's loss), G's from its adversarial
@@ -119,7 +144,8 @@ def compute_grads(model, params, batch_stats, images, key, loss_config, kl_weigh
   stop_gradient on everything else; XLA prunes the parts of each pass that are not kept.
   """
   def forward(params):
-    return compute_losses(model, params, batch_stats, images, key, loss_config, kl_weight)
+    return compute_losses(model, params, batch_stats, images, key, loss_config, kl_weight,
+                          labels, judge)
 
   losses, backward, (new_batch_stats, metrics) = jax.vjp(forward, params, has_aux=True)
   grads = {}
@@ -132,12 +158,16 @@ def compute_grads(model, params, batch_stats, images, key, loss_config, kl_weigh
 # ================================================================================================
 # Train step (jitted once, data-parallel)
 # ================================================================================================
-def make_train_step(model, config, mesh, num_examples: int, *, jit: bool = True):
-  """`train_step(state, images) -> (state, metrics)`: pure; jitted with the state donated.
+def make_train_step(model, config, mesh, num_examples: int, *, jit: bool = True,
+                    judge_apply=None):
+  """`train_step(state, images, labels=None, judge_variables=None) -> (state, metrics)`: pure;
+  jitted with the state donated.
 
   `images` is the resident uint8 train set (`parallel.put_rows`: split by rows over the mesh,
-  padded; its first `num_examples` rows are real); the batch is drawn, flipped and converted
-  on the device, then split along the mesh's `data` axis.
+  padded; its first `num_examples` rows are real) and `labels` its int32 labels, placed the same
+  way (needed by a class-conditional model and the judge); the batch is drawn, flipped and
+  converted on the device, then split along the mesh's `data` axis. `judge_apply` and
+  `judge_variables`: the frozen classifier of the class-consistency terms (`make_judge`).
   """
   optimizers = kind.make_optimizers(config)
   loss_config = config.loss
@@ -145,7 +175,7 @@ def make_train_step(model, config, mesh, num_examples: int, *, jit: bool = True)
   batch_sharding = parallel.batch_sharding(mesh)
   train_key = kind.rng_streams(config.seed).train
 
-  def train_step(state: TrainState, images):
+  def train_step(state: TrainState, images, labels=None, judge_variables=None):
     step = state.step
     index_key, flip_key, loss_key = jax.random.split(jax.random.fold_in(train_key, step), 3)
 
@@ -154,11 +184,14 @@ def make_train_step(model, config, mesh, num_examples: int, *, jit: bool = True)
     index = jax.lax.with_sharding_constraint(index, batch_sharding)
     batch = pipeline.random_flip(flip_key, images[index])
     batch = jax.lax.with_sharding_constraint(pipeline.to_float(batch), batch_sharding)
+    batch_labels = labels[index] if labels is not None else None
+    judge = (judge_apply, judge_variables) if judge_apply is not None else None
 
     # --- gradients and updates ---
     kl_weight = kl_weight_at(step, loss_config)
     grads, batch_stats, metrics = compute_grads(
-        model, state.params, state.batch_stats, batch, loss_key, loss_config, kl_weight)
+        model, state.params, state.batch_stats, batch, loss_key, loss_config, kl_weight,
+        batch_labels, judge)
     params, opt_state = {}, {}
     for net in NETS:
       updates, opt_state[net] = optimizers[net].update(grads[net], state.opt_state[net],
@@ -183,31 +216,58 @@ def make_train_step(model, config, mesh, num_examples: int, *, jit: bool = True)
   return parallel.jit_once(train_step, donate_argnums=0, out_shardings=(replicated, replicated))
 
 
+def make_judge(config, num_classes: int):
+  """(apply, variables) of the frozen classifier in loss.classifier_workdir, or (None, None).
+
+  `apply(variables, images)` takes float images in [-1, 1] in the VAE-GAN's format and returns
+  the classifier's (logits, penultimate features), eval mode, the images converted to its own
+  size and channels first.
+  """
+  lo = config.loss
+  if not (lo.class_consistency_weight > 0 or lo.perceptual_weight > 0):
+    return None, None
+  judge = runs.open_classifier(lo.classifier_workdir, "best")
+  judge_classes = len(judge.meta["class_names"])
+  if judge_classes != num_classes:
+    raise UserError(f"config field 'loss.classifier_workdir': expected a classifier of this "
+                    f"dataset's {num_classes} classes, got {lo.classifier_workdir} with "
+                    f"{judge_classes}")
+  size, channels = judge.config.data.image_size, judge.config.data.channels
+
+  def apply(variables, images):
+    return judge.model.apply(variables, synthesis.to_format(images, size, channels), train=False)
+
+  return apply, judge.variables
+
+
 # ================================================================================================
 # Validation and sample grids (EMA parameters, eval-mode BatchNorm)
 # ================================================================================================
 def make_eval_step(model, mesh):
-  """`eval_step(ema, images uint8) -> (squared error [B], KL [B])`, reconstructing from mu."""
-  def eval_step(ema, images):
+  """`eval_step(ema, images uint8, labels) -> (squared error [B], KL [B])`, reconstructing from
+  mu (labels are read by a class-conditional model only)."""
+  def eval_step(ema, images, labels):
     x = pipeline.to_float(images)
-    mu, logvar = model.encode(ema["encoder"]["params"], ema["encoder"]["batch_stats"], x)
-    recon = model.decode(ema["generator"]["params"], ema["generator"]["batch_stats"], mu)
+    mu, logvar = model.encode(ema["encoder"]["params"], ema["encoder"]["batch_stats"], x, labels)
+    recon = model.decode(ema["generator"]["params"], ema["generator"]["batch_stats"], mu, labels)
     squared_error = jnp.mean(jnp.square((recon - x) / 2), axis=(1, 2, 3))  # [0, 1] pixel scale.
     return squared_error, vaegan_models.kl_divergence(mu, logvar)
 
   return jax.jit(eval_step, out_shardings=parallel.replicated(mesh))
 
 
-def evaluate(eval_step, ema, images: np.ndarray, batch_size: int, mesh) -> dict:
+def evaluate(eval_step, ema, images: np.ndarray, batch_size: int, mesh, labels=None) -> dict:
   """Reconstruction MSE, PSNR (dB, pixels in [0, 1]) and KL over a whole split."""
   n = len(images)
   padded = -(-n // batch_size) * batch_size
   images = np.concatenate([images, np.zeros((padded - n, *images.shape[1:]), np.uint8)])
+  labels = np.zeros(n, np.int32) if labels is None else np.asarray(labels, np.int32)
+  labels = np.concatenate([labels, np.zeros(padded - n, np.int32)])
   sharding = parallel.batch_sharding(mesh)
   errors, kls = [], []
   for start in range(0, padded, batch_size):
     batch = jax.device_put(images[start:start + batch_size], sharding)
-    error, kl = eval_step(ema, batch)
+    error, kl = eval_step(ema, batch, jax.device_put(labels[start:start + batch_size], sharding))
     errors.append(error)
     kls.append(kl)
   mse = float(np.mean(np.concatenate(jax.device_get(errors))[:n]))
@@ -216,17 +276,22 @@ def evaluate(eval_step, ema, images: np.ndarray, batch_size: int, mesh) -> dict:
 
 
 def make_sample_fn(model):
-  """`sample(ema, real uint8 [R], prior_z [P, d], eps [E, d]) -> (recon, prior, perturbed)`.
+  """`sample(ema, real uint8 [R], real_labels [R], prior_z [P, d], prior_labels [P], eps [E, d])
+  -> (recon, prior, perturbed)`.
 
-  perturbed[e, a] decodes the first real image's latent mu + alpha_a * sigma * eps_e.
+  perturbed[e, a] decodes the first real image's latent mu + alpha_a * sigma * eps_e (labels are
+  read by a class-conditional model only).
   """
-  def sample(ema, real, prior_z, eps):
-    mu, logvar = model.encode(ema["encoder"]["params"], ema["encoder"]["batch_stats"], real)
-    decode = lambda z: model.decode(ema["generator"]["params"], ema["generator"]["batch_stats"], z)
+  def sample(ema, real, real_labels, prior_z, prior_labels, eps):
+    mu, logvar = model.encode(ema["encoder"]["params"], ema["encoder"]["batch_stats"], real,
+                              real_labels)
+    decode = lambda z, y: model.decode(ema["generator"]["params"],
+                                       ema["generator"]["batch_stats"], z, y)
     alphas = jnp.asarray(PERTURB_ALPHAS)[None, :, None]
     z = vaegan_models.perturb(mu[0], logvar[0], eps[:, None, :], alphas)
-    perturbed = decode(z.reshape(-1, z.shape[-1])).reshape(*z.shape[:2], *real.shape[1:])
-    return decode(mu), decode(prior_z), perturbed
+    first = jnp.full((z.shape[0] * z.shape[1],), real_labels[0])
+    perturbed = decode(z.reshape(-1, z.shape[-1]), first).reshape(*z.shape[:2], *real.shape[1:])
+    return decode(mu, real_labels), decode(prior_z, prior_labels), perturbed
 
   return jax.jit(sample)
 
@@ -234,7 +299,9 @@ def make_sample_fn(model):
 def save_sample_grids(sample_fn, ema, fixed, out_dir: pathlib.Path, step: int) -> dict:
   """Writes the three grids for `step`; returns {kind: path}."""
   real = fixed["real"]
-  recon, prior, perturbed = jax.device_get(sample_fn(ema, real, fixed["prior_z"], fixed["eps"]))
+  recon, prior, perturbed = jax.device_get(sample_fn(ema, real, fixed["real_labels"],
+                                                     fixed["prior_z"], fixed["prior_labels"],
+                                                     fixed["eps"]))
   real = np.asarray(jax.device_get(real))
   ncol = 8
   # Rows alternate: 8 real images, then their 8 reconstructions.
@@ -281,6 +348,10 @@ def _train(config, workdir, is_main) -> dict:
   train_ds, val_ds = splits.load_splits(config.data, config.seed)
   train_images = train_ds.images
   val_images = val_ds.images if val_ds is not None else None
+  num_classes = len(train_ds.class_names)
+  if config.model.num_classes not in (None, num_classes):
+    raise UserError(f"config field 'model.num_classes': expected {num_classes} (the classes of "
+                    f"{config.data.name}) or None (unconditional), got {config.model.num_classes}")
   model = kind.build_model(config)
   state = kind.init_state(config, model, mesh)
   ckpts = checkpoint.Checkpoints(
@@ -294,10 +365,15 @@ def _train(config, workdir, is_main) -> dict:
     monitor.drop_metrics_after(workdir, start_step)
 
   images = parallel.put_rows(train_images, mesh)
-  train_step = make_train_step(model, config, mesh, len(train_images))
+  labels = parallel.put_rows(np.asarray(train_ds.labels, np.int32), mesh)
+  judge_apply, judge_variables = make_judge(config, num_classes)
+  if judge_variables is not None:
+    judge_variables = parallel.put_replicated(judge_variables, mesh)
+  train_step = make_train_step(model, config, mesh, len(train_images), judge_apply=judge_apply)
   eval_step = make_eval_step(model, mesh)
   sample_fn = make_sample_fn(model)
-  fixed = _fixed_sample_inputs(config, val_images if val_images is not None else train_images)
+  shown = val_ds if val_ds is not None else train_ds
+  fixed = _fixed_sample_inputs(config, shown.images, shown.labels, num_classes)
   # A resumed run hides the events an earlier run logged after its checkpoint.
   writer = (monitor.MetricWriter(workdir, purge_step=start_step + 1 if start_step else None)
             if is_main else None)
@@ -310,7 +386,7 @@ def _train(config, workdir, is_main) -> dict:
   with ckpts, monitor.progress(t.num_steps, initial=start_step, desc="vaegan") as bar, \
       interrupt.StopRequests() as stop:
     while step < t.num_steps:
-      state, metrics = train_step(state, images)
+      state, metrics = train_step(state, images, labels, judge_variables)
       logged.add(metrics)  # Device arrays: fetched only at logging points.
       step += 1
       bar.update(1)
@@ -324,7 +400,7 @@ def _train(config, workdir, is_main) -> dict:
         bar.set_postfix(d=f"{train_metrics['d_loss']:.2f}", l1=f"{train_metrics['pixel_l1']:.3f}",
                         kl=f"{train_metrics['kl']:.1f}", refresh=False)
       if val_images is not None and (step % t.eval_every == 0 or last):
-        val_metrics = evaluate(eval_step, state.ema, val_images, t.batch_size, mesh)
+        val_metrics = evaluate(eval_step, state.ema, val_images, t.batch_size, mesh, val_ds.labels)
         if writer:
           writer.write(step, val_metrics)
       if is_main and (step % t.sample_every == 0 or last):
@@ -356,11 +432,16 @@ CURVE_KEYS = ("d_loss", "g_adv", "feature_recon", "pixel_l1", "kl", "d_acc_real"
               "val_mse", "val_psnr", "val_kl")
 
 
-def _fixed_sample_inputs(config, images: np.ndarray) -> dict:
-  """The same images and noise at every sampling point, so grids compare across steps."""
+def _fixed_sample_inputs(config, images: np.ndarray, labels: np.ndarray,
+                        num_classes: int) -> dict:
+  """The same images and noise at every sampling point, so grids compare across steps. A
+  class-conditional model draws its prior samples for classes 0, 1, 2, 3 (one per grid row of
+  8), wrapping around."""
   prior_key, eps_key = jax.random.split(jax.random.PRNGKey(config.seed + 1))
   d = config.model.latent_dim
-  return {"real": jnp.asarray(images[:16]), "prior_z": jax.random.normal(prior_key, (32, d)),
+  return {"real": jnp.asarray(images[:16]), "real_labels": jnp.asarray(labels[:16], jnp.int32),
+          "prior_z": jax.random.normal(prior_key, (32, d)),
+          "prior_labels": jnp.arange(32, dtype=jnp.int32) // 8 % num_classes,
           "eps": jax.random.normal(eps_key, (4, d))}
 
 
