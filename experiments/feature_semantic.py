@@ -6,6 +6,20 @@
       --out runs/fer_lt100_heads --report-split validation config.data.val_split=None \
       config.data.imbalance_ratio=100        # GPU; the shared FER-2013 copy (PublicTest only)
 
+The dosage sweep (issue item 4) and the pixel-space heads are off by default; `--sweep` adds
+all of them (SWEEP below) to the default variants, `--variants` names any subset:
+
+  python experiments/feature_semantic.py --base runs/fsa_base --out runs/fsa --sweep
+  python experiments/feature_semantic.py --base runs/fsa_base --out runs/fsa \
+      --variants feat_la_a1 feat_la_res pix_la_res pix_la_full pix_res --vaegan runs/vaegan
+
+The pix_* heads need a VAE-GAN: `--vaegan DIR` (a finished `ferjax train-vaegan` run, used as
+it is), by default BASE/vaegan, trained there if missing (runner.DATASETS' VAE-GAN config, with
+the backbone overrides' config.data.{imbalance_ratio, num_examples, data_dir, manual_dir}; with
+config.data.val_split=None it keeps no validation split either and the heads use its last
+checkpoint, as experiments/protocol.py does). Finished heads in --out are reused, so adding
+--sweep later trains only the new ones.
+
 Takes the protocol's finished runs (`none` and `logit_adj`, one per seed; trained if missing)
 and, on each run's frozen backbone, re-trains the classifier head with `ferjax retrain-head`
 under every variant below (ferjax.train.head; nothing of the backbone changes). Each variant is
@@ -18,6 +32,18 @@ Methods (backbone / head stage):
   feat_a{0.5,1,2}           none's backbone, class-balanced real features + synthetic tail
                             features (posterior perturbation, alpha) from a VAE on the features
   feat_la_a{0.5,1,2}        the same with instance sampling and the logit-adjusted loss
+  (--sweep) the feat_la family at alpha 1 with one dosage / synthesis setting changed:
+  feat_la_all               every class below the largest synthesized (synth.tail_only=False)
+  feat_la_share25           at most a quarter of each batch synthetic (synth.max_share=0.25)
+  feat_la_fill50            half of each class's gap filled (synth.fill=0.5)
+  feat_la_interp            interpolation towards a second seed (synth.perturb=interpolate)
+  feat_la_cg                class-conditional Gaussian latents (synth.perturb=class_gaussian)
+  feat_la_res               residual decoding, seed + D(z') - D(mu) (synth.decode=residual)
+  (--sweep) pixel-space synthesis used decoupled (synth.mode=pixel): synthetic tail faces of a
+  trained VAE-GAN (alpha 1 posterior, synth.pool_per_class per class) through none's frozen
+  backbone, their features filling the synthetic slots:
+  pix_la_res, pix_la_full   instance sampling, logit-adjusted loss; residual / full decoding
+  pix_res                   class-balanced sampling, cross-entropy (cRT's); residual decoding
   la_crt, la_feat_a1        logit_adj's backbone, then cRT / feature synthesis (class-balanced)
   tau_norm                  none's classifier tau-normalised (Kang et al. 2020; post-hoc, no
                             training), tau in {0.5, 1, 1.5, 2} chosen per seed on validation
@@ -27,13 +53,17 @@ Methods (backbone / head stage):
   wd_crt, wb                wd's backbone, then cRT / weight balancing's second stage (cRT with
                             every class's weights held in an L2 ball, head.max_norm=1.0)
 
-"feat_best" and "feat_la_best" pick, per seed, the alpha with the best validation mean class
-accuracy (test never selects). Writes results.md / results.json / per_class_recall.png.
-Expected time on a 2-core CPU: about 30 s per head (3 seeds x 11 heads: ~20 minutes).
+Selections, per seed on validation mean class accuracy (test never selects): "feat_best"
+among the feat_a* alphas, "feat_la_best" among every feat_la_* variant that ran (alphas and,
+with --sweep, the dosage settings), "pix_best" among the pix_* variants that ran. Writes
+results.md / results.json / per_class_recall.png. Expected time on a 2-core CPU: about 30 s per
+head (3 seeds x 11 heads: ~20 minutes; --sweep adds 9 heads per seed and, for the pix_* heads,
+the VAE-GAN when it is trained here).
 """
 
 import argparse
 import pathlib
+import re
 
 import runner
 
@@ -44,23 +74,60 @@ TAUS = (0.5, 1.0, 1.5, 2.0)
 BACKBONES = {"none": [], "logit_adj": ["config.loss.name=logit_adjusted"],
              "wd": ["config.optim.weight_decay=0.05"]}
 FAST = []  # Extra overrides for every head (tests pass tiny sizes).
+LA = ["config.head.sampler=instance", "config.head.loss=logit_adjusted"]
+# The dosage sweep and the pixel heads (--sweep), each a change to feat_la_a1 / the pixel mode.
+SWEEP_FEATURE = {"feat_la_all": ["config.synth.tail_only=False"],
+                 "feat_la_share25": ["config.synth.max_share=0.25"],
+                 "feat_la_fill50": ["config.synth.fill=0.5"],
+                 "feat_la_interp": ["config.synth.perturb=interpolate"],
+                 "feat_la_cg": ["config.synth.perturb=class_gaussian"],
+                 "feat_la_res": ["config.synth.decode=residual"]}
+SWEEP_PIXEL = {"pix_la_res": ["config.synth.decode=residual", *LA],
+               "pix_la_full": ["config.synth.decode=full", *LA],
+               "pix_res": ["config.synth.decode=residual"]}
+SWEEP = (*SWEEP_FEATURE, *SWEEP_PIXEL)
+# Chosen per seed on validation: selection -> which variants it chooses among.
+SELECTIONS = {"feat_best": lambda n: re.fullmatch(r"feat_a[0-9.]+", n),
+              "feat_la_best": lambda n: n.startswith("feat_la_"),
+              "pix_best": lambda n: n.startswith("pix_")}
+# Backbone overrides that also shape the VAE-GAN's data (the same train images).
+VAEGAN_DATA = ("imbalance_ratio", "num_examples", "data_dir", "manual_dir")
 
 
-def heads() -> dict:
-  """variant -> (backbone method, retrain-head overrides)."""
-  out = {"crt": ("none", []),
-         "crt_la": ("none", ["config.head.sampler=instance",
-                             "config.head.loss=logit_adjusted"])}
+def heads(pixel=()) -> dict:
+  """variant -> (backbone method, retrain-head overrides). `pixel`: the pix_* heads' VAE-GAN
+  overrides (config.synth.vaegan_workdir=..., maybe its checkpoint)."""
+  out = {"crt": ("none", []), "crt_la": ("none", LA)}
   for a in ALPHAS:
     feat = ["config.synth.mode=feature", f"config.synth.alpha={a:g}"]
     out[f"feat_a{a:g}"] = ("none", feat)
-    out[f"feat_la_a{a:g}"] = ("none", [*feat, "config.head.sampler=instance",
-                                       "config.head.loss=logit_adjusted"])
+    out[f"feat_la_a{a:g}"] = ("none", [*feat, *LA])
   out["la_crt"] = ("logit_adj", [])
   out["la_feat_a1"] = ("logit_adj", ["config.synth.mode=feature", "config.synth.alpha=1"])
   out["wd_crt"] = ("wd", [])
   out["wb"] = ("wd", ["config.head.max_norm=1.0"])
+  for name, change in SWEEP_FEATURE.items():
+    out[name] = ("none", ["config.synth.mode=feature", "config.synth.alpha=1", *LA, *change])
+  for name, change in SWEEP_PIXEL.items():
+    out[name] = ("none", ["config.synth.mode=pixel", "config.synth.alpha=1", *pixel, *change])
   return out
+
+
+DEFAULT_VARIANTS = tuple(name for name in heads() if name not in SWEEP)
+
+
+def vaegan_setup(dataset: str, base: pathlib.Path, vaegan, overrides):
+  """(VAE-GAN workdir, whether to train it here, its overrides, the pix_* heads' overrides)."""
+  config = runner.load(runner.DATASETS[dataset][0], overrides)
+  fields = {f"config.data.{f}" for f in VAEGAN_DATA}
+  vaegan_overrides = [o for o in overrides if o.split("=", 1)[0] in fields]
+  head_overrides = []
+  if config.data.val_split is None:  # The reported split must select nothing (protocol.py).
+    vaegan_overrides.append("config.data.val_split=None")
+    head_overrides.append("config.synth.vaegan_checkpoint=last")
+  workdir = pathlib.Path(vaegan) if vaegan else base / "vaegan"
+  head_overrides.insert(0, f"config.synth.vaegan_workdir={workdir}")
+  return workdir, vaegan is None, vaegan_overrides, head_overrides
 
 
 def tau_norm(backbone: pathlib.Path, report_split: str = "test") -> dict:
@@ -97,16 +164,26 @@ def main(argv=None) -> int:
   parser.add_argument("--out", required=True, help="output folder for the heads and tables")
   parser.add_argument("--dataset", default="synthetic", choices=sorted(runner.DATASETS))
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-  parser.add_argument("--variants", nargs="+", default=None, help="subset of the head variants")
+  parser.add_argument("--variants", nargs="+", default=None, help="head variants (default: "
+                      "all but the --sweep ones)")
+  parser.add_argument("--sweep", action="store_true", help="add the dosage sweep and the "
+                      f"pixel heads: {', '.join(SWEEP)}")
+  parser.add_argument("--vaegan", default=None, help="VAE-GAN workdir of the pix_* heads, used "
+                      "as it is (default BASE/vaegan, trained there if missing)")
   runner.add_report_split_flag(parser)
   parser.add_argument("overrides", nargs="*", help="config.field=value for the backbone runs "
                       "(e.g. config.data.imbalance_ratio=100 for FER-2013-LT)")
   args = parser.parse_args(argv)
   base, out = pathlib.Path(args.base), pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  config_name = runner.DATASETS[args.dataset][0]
-  chosen = runner.select(heads(), args.variants, "--variants")
-  needed = {"none", "logit_adj", *(heads()[name][0] for name in chosen)}
+  config_name, vaegan_config = runner.DATASETS[args.dataset]
+  vaegan, train_vaegan, vaegan_overrides, pixel = vaegan_setup(args.dataset, base, args.vaegan,
+                                                               args.overrides)
+  grid = heads(pixel)
+  names = list(args.variants or DEFAULT_VARIANTS)
+  names += [n for n in SWEEP if args.sweep and n not in names]
+  chosen = runner.select(grid, names, "--variants")
+  needed = {"none", "logit_adj", *(grid[name][0] for name in chosen)}
   evals = {}
   for seed in args.seeds:
     for method in [m for m in BACKBONES if m in needed]:
@@ -114,28 +191,37 @@ def main(argv=None) -> int:
       evals.setdefault(method, []).append(runner.train_and_test(
           config_name, base / f"{method}_seed{seed}",
           [*args.overrides, *extra, f"config.seed={seed}"], report_split=args.report_split))
+  if train_vaegan and any(name in SWEEP_PIXEL for name in chosen):
+    runner.train_vaegan(vaegan_config, vaegan, vaegan_overrides)
   for seed in args.seeds:
     evals.setdefault("tau_norm", []).append(
         tau_norm(base / f"none_seed{seed}", args.report_split))
     for name in chosen:
-      method, overrides = heads()[name]
+      method, overrides = grid[name]
       print(f"=== {name}, seed {seed} ===", flush=True)
       evals.setdefault(name, []).append(run_head(
           base / f"{method}_seed{seed}", out / f"{name}_seed{seed}",
           [*overrides, f"config.seed={seed}"], args.report_split))
-  for family in ("feat", "feat_la"):  # Alpha chosen per seed on validation, never on test.
-    names = [f"{family}_a{a:g}" for a in ALPHAS if f"{family}_a{a:g}" in evals]
+  ran = list(evals)
+  for best, among in SELECTIONS.items():  # Chosen per seed on validation, never on test.
+    names = [n for n in ran if among(n)]
     if names:
-      evals[f"{family}_best"] = [
+      evals[best] = [
           max((evals[n][i] for n in names), key=lambda e: e["val"]["mean_class_accuracy"])
           for i in range(len(args.seeds))]
+  command = (f"python experiments/feature_semantic.py --dataset {args.dataset} --base {base} "
+             f"--out {out}" + (" --variants " + " ".join(args.variants) if args.variants else "")
+             + (" --sweep" if args.sweep else "") + (f" --vaegan {vaegan}" if args.vaegan else ""))
+  pixel_note = (f"; the pix_* heads' faces from the VAE-GAN {vaegan}"
+                if any(n in SWEEP_PIXEL for n in chosen) else "")
   notes = (f"Backbones: `python experiments/protocol.py --dataset {args.dataset} --methods none "
            f"logit_adj --out {base}` (checkpoints chosen on validation; `wd`, when a head needs "
-           f"it, trained into the same folder). Heads: `python "
-           f"experiments/feature_semantic.py --base {base} --out {out}`; each head re-trained on "
+           f"it, trained into the same folder). Heads: `{command}`; each head re-trained on "
            f"the frozen backbone's features (`ferjax retrain-head`), chosen on validation mean "
-           f"class accuracy; *_best: alpha chosen per seed on validation. Seeds "
-           f"{', '.join(map(str, args.seeds))}; numbers on {args.report_split}.")
+           f"class accuracy{pixel_note}; *_best: chosen per seed on validation mean class "
+           f"accuracy (feat_best among the feat_a* alphas, feat_la_best among every feat_la_*, "
+           f"pix_best among every pix_*). Seeds {', '.join(map(str, args.seeds))}; numbers on "
+           f"{args.report_split}.")
   print(runner.write_results(out, evals, f"Feature-space semantic augmentation on {args.dataset}",
                              notes, args.report_split))
   return 0

@@ -1,7 +1,8 @@
 """Head re-training (cRT) and feature-space semantic augmentation on the shared tiny run: the
 feature VAE learns, perturbations are shaped and deterministic, synthetic features land only in
 the planned slots, the new workdir is a classifier run with the source backbone, and mistakes
-are one line."""
+are one line. The pixel mode (synthetic faces of the shared tiny VAE-GAN run through the frozen
+backbone) runs end to end, deterministically, and fills only the planned slots."""
 
 import argparse
 import errno
@@ -186,6 +187,42 @@ def test_synthetic_features_fill_only_the_planned_slots(pool, vae):
   np.testing.assert_array_equal(batch(key)[0], f)  # Same key, same batch.
 
 
+def test_pixel_pool_features_fill_only_the_planned_slots(pool):
+  """Pixel mode: each synthetic slot holds a row of the synthetic-face pool of its own class,
+  the classes are the planned ones, the real slots are untouched."""
+  _, features, labels = pool
+  config = head_kind.default_config()
+  config.head.update(batch_size=48, sampler="instance")
+  config.synth.update(mode="pixel", weight=0.5)
+  rng = np.random.default_rng(0)
+  fake_labels = np.repeat(np.array([1, 4], np.int32), 10)  # Only classes 1 and 4 were made.
+  fake = (rng.normal(size=(20, features.shape[1])) + 100.0).astype(np.float32)
+  probs = np.zeros(K)
+  probs[[1, 4]] = [0.25, 0.75]
+  plan = features_lib.FeaturePlan(12, probs, np.full(K, 1 / K), np.zeros(K), np.zeros(K),
+                                  np.ones(K))
+  data = {"features": jnp.asarray(features), "labels": jnp.asarray(labels),
+          "class_index": pipeline.class_index(jnp.asarray(labels), K),
+          "synthesis": head_lib.pool_stage_data(plan, {"features": fake, "labels": fake_labels},
+                                                K)}
+  synthesize = head_lib.make_pool_synthesize(12, weight=0.5)
+  key = jax.random.key(3)
+  batch = jax.jit(lambda key, step: head_lib.make_batch(config, data, key, step, synthesize))
+  plain = jax.jit(lambda key: head_lib.make_batch(config, data, key, 7))
+  (f, y, w), (f0, y0, _) = batch(key, 7), plain(key)
+  np.testing.assert_array_equal(f[:36], f0[:36])
+  np.testing.assert_array_equal(y[:36], y0[:36])
+  np.testing.assert_array_equal(w, np.r_[np.ones(36), np.full(12, 0.5)])
+  seen = []
+  for step in range(5):  # Over a few batches: both planned classes, each from its own pool.
+    f, y, _ = batch(jax.random.key(step), step)
+    rows = [int(np.flatnonzero(np.all(fake == np.asarray(v), axis=1))[0]) for v in f[36:]]
+    np.testing.assert_array_equal(fake_labels[rows], np.asarray(y[36:]))
+    seen += np.asarray(y[36:]).tolist()
+  assert set(seen) == {1, 4}
+  np.testing.assert_array_equal(batch(key, 7)[0], batch(key, 7)[0])  # Same key, same batch.
+
+
 def train_heads(max_norm, steps=25, d=16):
   """The kernel [D, K] after `steps` head steps on random separable features, head.max_norm set."""
   config = head_kind.default_config()
@@ -277,6 +314,58 @@ def test_feature_mode_end_to_end_and_deterministic(tiny_runs, tmp_path):
       new.prior_counts)
 
 
+def pixel_options(tiny_runs, *extra):
+  return [*FAST, "--config.synth.mode=pixel", f"--config.synth.vaegan_workdir={tiny_runs.vaegan}",
+          "--config.synth.pool_per_class=6", *extra]
+
+
+def test_pixel_mode_end_to_end_and_deterministic(tiny_runs, tmp_path):
+  options = pixel_options(tiny_runs, "--config.head.loss=logit_adjusted",
+                          "--config.head.sampler=instance", "--config.synth.decode=residual")
+  retrain(tiny_runs.classifier, tmp_path / "a", *options)
+  out = tmp_path / "a"
+  info = json.loads((out / "head.json").read_text())
+  assert info["config"]["synth"]["mode"] == "pixel" and "vae" not in info
+  assert info["plan"]["num_synthetic"] > 0
+  synthesized = sorted(n for n, v in info["plan"]["synthetic_per_batch"].items() if v > 0)
+  assert 0 < len(synthesized) < K  # tail_only
+  pixel = info["pixel"]
+  assert sorted(pixel["faces_per_class"]) == synthesized  # Faces of the planned classes only,
+  assert set(pixel["faces_per_class"].values()) == {6}  # synth.pool_per_class each,
+  assert pixel["features"] == 2 * 6 * len(synthesized)  # and their mirrors (head.flip).
+  assert 0 <= pixel["source_head_accuracy"] <= 1 and pixel["vaegan_step"] == 2
+  assert (out / "synthetic_faces.png").is_file() and not (out / "synthetic_neighbours.png").exists()
+  new = runs.open_classifier(out)
+  assert new.prior_counts[[new.class_names.index(n) for n in synthesized]].min() > min(
+      new.prior_counts)
+  result = evaluate_lib.evaluate_run(out, "test")
+  assert 0 <= result["mean_class_accuracy"] <= 1
+  # The same command gives the same head.
+  retrain(tiny_runs.classifier, tmp_path / "b", *options)
+  heads = [runs.open_classifier(tmp_path / n, "last").variables["params"]["head"] for n in "ab"]
+  np.testing.assert_array_equal(heads[0]["kernel"], heads[1]["kernel"])
+  np.testing.assert_array_equal(heads[0]["bias"], heads[1]["bias"])
+
+
+def test_pixel_pool_is_the_backbone_features_of_the_synthetic_faces(tiny_runs):
+  """The pool: synth.pool_per_class faces per planned class, in the classifier's format, whose
+  features are the frozen backbone's (as the real train images'), mirrored ones after."""
+  run = runs.open_classifier(tiny_runs.classifier)
+  train_ds, _, _ = head_lib.load_data(run)
+  config = head_kind.default_config()
+  config.synth.update(mode="pixel", vaegan_workdir=str(tiny_runs.vaegan), pool_per_class=4,
+                      perturb="interpolate")
+  plan = features_lib.plan_for(config, train_ds.class_counts())
+  made = head_lib.synthetic_pool(config, run, head_lib.open_vaegan(config), train_ds, plan)
+  classes = np.flatnonzero(plan.synth_probs > 0)
+  np.testing.assert_array_equal(made["face_labels"], np.repeat(classes, 4))
+  assert made["faces"].shape == (4 * len(classes), 32, 32, 1)
+  assert made["faces"].dtype == np.uint8 and made["seeds"].shape == made["faces"].shape
+  np.testing.assert_array_equal(made["labels"], np.tile(made["face_labels"], 2))
+  np.testing.assert_allclose(made["features"][:len(classes) * 4],
+                             head_lib.extract_features(run, made["faces"]), rtol=1e-5)
+
+
 # --- Mistakes: one line, nothing written ----------------------------------------------------------
 @pytest.mark.parametrize("overrides, needle", [
     (["--config.synth.mode=feature", "--config.synth.fill=0"], "synth.fill"),
@@ -290,6 +379,14 @@ def test_feature_mode_end_to_end_and_deterministic(tiny_runs, tmp_path):
     (["--config.synth.mode=feature", "--config.synth.fill=0.001"], "synth.fill"),
     (["--config.synth.mode=feature", "--config.synth.target=uniform",
       "--config.synth.tail_only=False", "--config.synth.max_share=0.001"], "synth.max_share"),
+    (["--config.synth.mode=pixel"], "synth.vaegan_workdir"),
+    (["--config.synth.mode=pixel", "--config.synth.vaegan_workdir=x",
+      "--config.synth.max_share=0"], "synth.max_share"),
+    (["--config.synth.mode=feature", "--config.synth.vaegan_workdir=runs/vaegan"],
+     ["synth.vaegan_workdir", "only read with synth.mode=pixel"]),
+    (["--config.synth.vaegan_workdir=runs/vaegan"], "synth.vaegan_workdir"),
+    (["--config.synth.mode=pixel", "--config.synth.vaegan_workdir=x",
+      "--config.synth.pool_per_class=0"], "synth.pool_per_class"),
 ])
 def test_bad_options_are_one_line(tiny_runs, tmp_path, capsys, overrides, needle):
   refused(tiny_runs.classifier, tmp_path / "out", overrides, needle, capsys,
@@ -308,6 +405,16 @@ def test_bad_workdirs_are_one_line(tiny_runs, tmp_path, capsys):
       shutil.rmtree(step)
   refused(empty, tmp_path / "out", [], "no checkpoint", capsys)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "exists"]
+
+
+def test_bad_vaegan_workdirs_are_one_line(tiny_runs, tmp_path, capsys):
+  """synth.vaegan_workdir that is a classifier run or missing: one line naming the field and the
+  path, before any feature is extracted, nothing written."""
+  for bad, why in ((tiny_runs.classifier, "not a VAE-GAN"), (tmp_path / "missing", "not found")):
+    refused(tiny_runs.classifier, tmp_path / "out",
+            ["--config.synth.mode=pixel", f"--config.synth.vaegan_workdir={bad}"],
+            ["synth.vaegan_workdir", str(bad), why], capsys, protect=[tiny_runs.classifier])
+  assert not any(tmp_path.iterdir())
 
 
 def test_training_into_a_retrained_head_is_refused(tiny_runs, tmp_path, capsys):

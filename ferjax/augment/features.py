@@ -102,10 +102,11 @@ def plan(train_counts, *, batch_size: int, sampler: str, synthesize: bool, targe
 
 
 def plan_for(config, train_counts) -> FeaturePlan:
-  """`plan` from a head config (ferjax.kinds.head)."""
+  """`plan` from a head config (ferjax.kinds.head): the feature and pixel modes share it (S
+  synthetic slots, their class distribution, the batches' prior); synth.mode=none: no slot."""
   s = config.synth
   return plan(train_counts, batch_size=config.head.batch_size, sampler=config.head.sampler,
-              synthesize=s.mode == "feature", target=s.target, fill=s.fill,
+              synthesize=s.mode != "none", target=s.target, fill=s.fill,
               tail_only=s.tail_only, max_share=s.max_share)
 
 

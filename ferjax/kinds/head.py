@@ -5,8 +5,25 @@ itself is ferjax.train.head; its feature-space synthesis is ferjax.augment.featu
 A head-retraining run takes a finished classifier run, freezes its backbone, and trains only the
 final Dense layer (`head`) on the backbone's penultimate features: classifier re-training
 (cRT, Kang et al. 2020, "Decoupling representation and classifier"), optionally with synthetic
-minority-class features made by perturbing the latents of a small VAE trained on those features.
-Its output is a regular classifier workdir (the source backbone, the new head).
+minority-class features made by perturbing the latents of a small VAE trained on those features
+(`synth.mode=feature`), or with the features of synthetic minority-class faces made beforehand by
+a trained VAE-GAN (`synth.mode=pixel`, the decoupled use of pixel-space synthesis: the faces
+reach only the head, never the representation). Its output is a regular classifier workdir (the
+source backbone, the new head).
+
+Pixel mode: before training, `synth.pool_per_class` faces are synthesized for each class the
+plan synthesizes (ferjax.augment.synthesis.synthesize_per_class with the `synth.vaegan_workdir`
+run at `synth.vaegan_checkpoint`, `synth.perturb`, `synth.alpha`, `synth.decode`, in the
+classifier's image format) and passed through the frozen backbone exactly as the real train
+images are (eval mode; mirrored too with head.flip). The batches follow the same plan as the
+feature mode (ferjax.augment.features.plan: synth.target, fill, tail_only, max_share, weight);
+each synthetic slot takes a random feature of its class's synthetic pool. No feature VAE is
+trained (synth.vae is not read).
+
+    ferjax retrain-head --workdir runs/baseline --out runs/baseline_pix \
+        --config.synth.mode=pixel --config.synth.vaegan_workdir=runs/vaegan \
+        --config.synth.decode=residual --config.head.loss=logit_adjusted \
+        --config.head.sampler=instance
 
 Defaults are ours unless a comment names a source. cRT re-trains the head with class-balanced
 sampling and a cosine schedule (Kang et al.: 10 epochs, lr 0.2 at batch 512; here lr 0.1 at
@@ -40,7 +57,7 @@ import numpy as np
 import optax
 
 from ferjax import configs
-from ferjax.configs import check, custom, flag, integer, number, one_of
+from ferjax.configs import check, custom, flag, integer, number, one_of, text
 from ferjax.data import pipeline
 from ferjax.kinds.classifier import BEST_METRICS  # The head selects as the classifier does.
 
@@ -49,7 +66,7 @@ KIND = "retrain-head"  # The stage's own name (its command, head.json, run.json'
 SAMPLERS = ("instance", "class_balanced", "sqrt")  # fixed-distribution policies of data.pipeline
 LOSSES = ("ce", "logit_adjusted")
 INITS = ("source", "zero")
-SYNTH_MODES = ("none", "feature")
+SYNTH_MODES = ("none", "feature", "pixel")
 # ferjax.augment.semantic.MODES and the fixed targets of semantic.TARGETS (kinds sit below
 # augment, so they are written here; tests/test_retrain_head.py checks that they agree).
 PERTURBATIONS = ("posterior", "interpolate", "class_gaussian")
@@ -61,7 +78,8 @@ DECODES = ("full", "residual")
 # Config: every field the stage reads, its default and what a valid value is
 # =================================================================================================
 SPEC = {
-    "seed": integer(0, 0),  # The VAE, the batches, the synthetic features: same seed, same head.
+    # The VAE, the batches, the synthetic features (and faces): same seed, same head.
+    "seed": integer(0, 0),
     "source": {
         # The source run's checkpoint whose backbone is kept (best: chosen on validation).
         "checkpoint": custom("best", "best, last or a step number",
@@ -88,7 +106,9 @@ SPEC = {
         "best_metric": one_of("mean_class_accuracy", BEST_METRICS),  # on the run's validation set
     },
     "synth": {
-        "mode": one_of("none", SYNTH_MODES),  # feature: synthetic features for minority classes
+        # feature: synthetic minority-class features from a feature VAE; pixel: the features of
+        # synthetic minority-class faces from a trained VAE-GAN (synth.vaegan_workdir).
+        "mode": one_of("none", SYNTH_MODES),
         "vae": {  # The feature VAE (ferjax.models.feature_vae), trained on the train features.
             "latent_dim": integer(32, 1),
             "hidden": integer(256, 1),
@@ -97,7 +117,7 @@ SPEC = {
             "batch_size": integer(256, 1),
             "kl_weight": number(1.0, 0),  # beta
         },
-        # As the pixel mode (ferjax.augment.semantic): posterior | interpolate | class_gaussian.
+        # As the classifier's semantic augmentation: posterior | interpolate | class_gaussian.
         "perturb": one_of("posterior", PERTURBATIONS),
         "alpha": number(1.0, 0),  # perturbation scale
         "target": one_of("largest", TARGETS),  # the per-class counts synthesis fills towards
@@ -106,8 +126,19 @@ SPEC = {
         "max_share": number(0.5, 0, 1, hi_open=True),  # cap on the synthetic slots of a batch
         "weight": number(1.0, 0),  # loss weight of a synthetic feature
         # full: D(z') | residual: seed + D(z') - D(mu) (the change the perturbation makes, added
-        # to the real seed feature, as the pixel mode's residual decoding).
+        # to the real seed feature, as the classifier's augment.decode=residual). Pixel mode: the
+        # faces' decoding (synthesis.synthesize_per_class's residual), in pixels.
         "decode": one_of("full", DECODES),
+        # Pixel mode only: the `ferjax train-vaegan` workdir whose VAE-GAN makes the faces, its
+        # checkpoint (as the classifier's augment.vaegan_checkpoint), and how many faces are made
+        # per synthesized class (their features, plus the mirrored ones with head.flip, are
+        # the pool the synthetic slots draw from).
+        "vaegan_workdir": text(None),
+        "vaegan_checkpoint": custom("best", "best, last or a step number",
+                                    lambda v: v in ("best", "last", "latest")
+                                    or configs.is_int(v)
+                                    or (isinstance(v, str) and v.isdigit())),
+        "pool_per_class": integer(500, 1),
     },
 }
 
@@ -121,11 +152,17 @@ def validate_config(config) -> None:
   """Field rules (SPEC), then the rules that tie fields together; a UserError names the field."""
   configs.check_spec(config, SPEC)
   s = config.synth
-  if s.mode == "feature":
-    check(s.fill > 0, "synth.fill", "a share > 0 with synth.mode=feature (0 synthesizes nothing; "
-          "use synth.mode=none)", s.fill)
-    check(s.max_share > 0, "synth.max_share", "a share > 0 with synth.mode=feature (0 leaves no "
-          "synthetic slot; use synth.mode=none)", s.max_share)
+  if s.mode != "none":
+    check(s.fill > 0, "synth.fill", f"a share > 0 with synth.mode={s.mode} (0 synthesizes "
+          "nothing; use synth.mode=none)", s.fill)
+    check(s.max_share > 0, "synth.max_share", f"a share > 0 with synth.mode={s.mode} (0 leaves "
+          "no synthetic slot; use synth.mode=none)", s.max_share)
+  if s.mode == "pixel":
+    check(bool(s.vaegan_workdir), "synth.vaegan_workdir", "a `ferjax train-vaegan` workdir with "
+          "synth.mode=pixel (its VAE-GAN makes the synthetic faces)", s.vaegan_workdir)
+  else:
+    check(not s.vaegan_workdir, "synth.vaegan_workdir", "None: it is only read with "
+          f"synth.mode=pixel (synth.mode is {s.mode!r})", s.vaegan_workdir)
 
 
 # =================================================================================================

@@ -3,6 +3,9 @@
     ferjax retrain-head --workdir runs/baseline --out runs/baseline_crt
     ferjax retrain-head --workdir runs/baseline --out runs/baseline_feat \\
         --config.synth.mode=feature --config.head.loss=logit_adjusted
+    ferjax retrain-head --workdir runs/baseline --out runs/baseline_pix \\
+        --config.synth.mode=pixel --config.synth.vaegan_workdir=runs/vaegan \\
+        --config.synth.decode=residual --config.head.loss=logit_adjusted
 
 Decoupled classifier re-training (cRT, Kang et al. 2020): the representation is learned on real
 data only (the source run); here only the final Dense layer is trained again, on the backbone's
@@ -10,13 +13,20 @@ penultimate features, with class-balanced batches by default. One trained backbo
 sweep of heads without retraining it. With `synth.mode=feature`, semantic augmentation happens in
 feature space (ferjax.augment.features): a small VAE is trained on the train features, and the
 last S slots of each batch hold synthetic minority-class features made by perturbing its
-latents, where no decoder blur can reach the backbone. The config (defaults and rules) is
+latents, where no decoder blur can reach the backbone. With `synth.mode=pixel`, the decoupled
+use of pixel-space synthesis: a trained VAE-GAN (`synth.vaegan_workdir`) makes
+`synth.pool_per_class` synthetic faces of each class the plan synthesizes before training
+(ferjax.augment.synthesis.synthesize_per_class), the frozen backbone turns them into features
+exactly as it does the real train images, and the same last S slots of each batch draw from
+that pool of synthetic-face features, by class (the feature mode's plan; no feature VAE). The
+faces reach the head only, never the representation. The config (defaults and rules) is
 ferjax.kinds.head.
 
-One readable file, top to bottom: the features (extracted once, eval mode), the batch and the
-pure train step `train_step(state, data) -> (state, metrics)` (jitted once, state donated, its
-randomness fold_in(key(seed), step)), the loop (validation every head.eval_every steps on the
-run's own validation set; the best head is kept), and the new workdir.
+One readable file, top to bottom: the features (extracted once, eval mode; in pixel mode those
+of the synthetic faces too), the batch and the pure train step `train_step(state, data) ->
+(state, metrics)` (jitted once, state donated, its randomness fold_in(key(seed), step)), the loop
+(validation every head.eval_every steps on the run's own validation set; the best head is kept),
+and the new workdir.
 
 The output (`--out`, which must not exist) is a regular classifier workdir, so `ferjax evaluate`,
 `ferjax predict`, `ferjax export` and ferjax.runs.open_classifier use it unchanged: config.json
@@ -25,8 +35,10 @@ The output (`--out`, which must not exist) is a regular classifier workdir, so `
 a fresh optimizer state, step = head steps; their meta holds class_names, train_counts,
 prior_counts: the class distribution of the head's batches, for post-hoc logit adjustment), plus
 head.json (this stage's config and results), metrics.jsonl, curves.png and, in feature mode,
-synthetic_neighbours.png. It is written into a hidden folder beside `--out` and renamed into
-place when complete: a failed or interrupted stage leaves nothing half-written.
+synthetic_neighbours.png (in pixel mode synthetic_faces.png: real seeds beside the synthetic
+faces made from them, a row per synthesized class). It is written into a hidden folder beside
+`--out` and renamed into place when complete: a failed or interrupted stage leaves nothing
+half-written.
 """
 
 import json
@@ -40,7 +52,9 @@ import optax
 
 from ferjax import configs, fileio, losses, plots, runs
 from ferjax import evaluate as evaluate_lib
+from ferjax.augment import export
 from ferjax.augment import features as features_lib
+from ferjax.augment import synthesis
 from ferjax.core import checkpoint as checkpoint_lib
 from ferjax.core import monitor, parallel
 from ferjax.core import workdir as workdir_lib
@@ -51,6 +65,7 @@ from ferjax.kinds import head as kind
 from ferjax.kinds.head import HeadState
 
 NEIGHBOURS_PER_CLASS = 6  # synthetic features per class in synthetic_neighbours.png
+FACES_PER_ROW = 6  # (seed, synthetic face) pairs per class in synthetic_faces.png (pixel mode)
 
 
 # =================================================================================================
@@ -108,12 +123,89 @@ def load_features(config, run, train_ds, val_sets):
 
 
 # =================================================================================================
+# Pixel mode: the features of synthetic faces, made once before training
+# =================================================================================================
+def open_vaegan(config):
+  """The synth.vaegan_workdir run at synth.vaegan_checkpoint (ferjax.runs.VAEGANRun); a workdir
+  that is missing or not a VAE-GAN's (or lacks that checkpoint) is refused in one line naming
+  the fields."""
+  s = config.synth
+  try:
+    return runs.open_vaegan(s.vaegan_workdir, str(s.vaegan_checkpoint))
+  except UserError as e:
+    raise UserError(f"config field 'synth.vaegan_workdir' (at synth.vaegan_checkpoint="
+                    f"{s.vaegan_checkpoint}): {e}") from None
+
+
+def synthetic_pool(config, run, vae, train_ds, feature_plan) -> dict:
+  """synth.pool_per_class synthetic faces of each class the plan synthesizes, from real seeds of
+  that class (ferjax.augment.synthesis.synthesize_per_class, in the classifier's image format),
+  and their eval-mode features, extracted as the real pool's (`load_features`: the mirrored
+  faces' too with head.flip). Returns {"faces" uint8 [M, H, W, C], "face_labels" [M], "seeds"
+  (each face's real seed image) [M, H, W, C], "features" [P, D], "labels" [P]}."""
+  s = config.synth
+  classes = np.flatnonzero(feature_plan.synth_probs > 0)
+  labels = np.asarray(train_ds.labels, np.int32)
+  rows = np.flatnonzero(np.isin(labels, classes))  # Only those classes' images are read.
+  images = np.asarray(train_ds.images[rows])
+  faces, face_labels, seed_idx = synthesis.synthesize_per_class(
+      vae, images, labels[rows], len(run.class_names), int(s.pool_per_class), mode=s.perturb,
+      alpha=float(s.alpha), seed=int(config.seed), image_size=run.config.data.image_size,
+      channels=run.config.data.channels, residual=s.decode == "residual")
+  faces, face_labels = np.asarray(faces), np.asarray(face_labels, np.int32)
+  features = [extract_features(run, faces)]
+  if config.head.flip:
+    features.append(extract_features(run, faces, flip=True))
+  return {"faces": faces, "face_labels": face_labels, "seeds": images[np.asarray(seed_idx)],
+          "features": np.concatenate(features),
+          "labels": np.tile(face_labels, len(features))}
+
+
+def pool_stage_data(feature_plan, pool: dict, num_classes: int) -> dict:
+  """The pixel stage's device arrays (the train step's data["synthesis"]): the synthetic slots'
+  class distribution and the synthetic-face features with their class index."""
+  labels = jnp.asarray(pool["labels"])
+  return {"synth_probs": jnp.asarray(feature_plan.synth_probs, jnp.float32),
+          "features": jnp.asarray(pool["features"], jnp.float32),
+          "class_index": pipeline.class_index(labels, num_classes)}
+
+
+def make_pool_synthesize(num_synthetic: int, *, weight: float = 1.0):
+  """The pixel stage, with the feature stage's signature (features_lib.make_synthesize):
+  `synthesize(key, features, labels, weights, data)` -> the same with the last `num_synthetic`
+  slots overwritten, each by a uniformly drawn synthetic-face feature of a class drawn from the
+  plan (data["synthesis"]: `pool_stage_data`), carrying weight `weight`."""
+  def synthesize(key, features, labels, weights, data):
+    aux = data["synthesis"]
+    class_key, pick_key = jax.random.split(key)
+    classes = jax.random.categorical(class_key, jnp.log(jnp.maximum(aux["synth_probs"], 1e-30)),
+                                     shape=(num_synthetic,))
+    fake = aux["features"][pipeline.sample_by_class(pick_key, aux["class_index"], classes)]
+    first = features.shape[0] - num_synthetic
+    return (features.at[first:].set(fake.astype(features.dtype)),
+            labels.at[first:].set(classes.astype(labels.dtype)),
+            weights.at[first:].set(jnp.asarray(weight, weights.dtype)))
+
+  return synthesize
+
+
+def save_faces(pool: dict, class_names, folder: pathlib.Path) -> str:
+  """synthetic_faces.png: a row per synthesized class, FACES_PER_ROW real seeds then the faces
+  made from them; returns the file's name."""
+  classes = np.unique(pool["face_labels"])
+  rows = np.searchsorted(classes, pool["face_labels"])
+  export.save_seed_grid(folder / "synthetic_faces.png", pool["seeds"], pool["faces"], rows,
+                        [class_names[k] for k in classes], per_row=FACES_PER_ROW)
+  return "synthetic_faces.png"
+
+
+# =================================================================================================
 # The batch and the train step
 # =================================================================================================
 def make_batch(config, data: dict, key, step, synthesize=None):
   """(features [B, D], labels [B], example weights [B]) of batch `step`: real features drawn by
-  head.sampler, then (feature mode) the last S slots overwritten by the synthesis stage
-  (`features_lib.make_synthesize`)."""
+  head.sampler, then (feature or pixel mode) the last S slots overwritten by the synthesis stage
+  (`features_lib.make_synthesize`, `make_pool_synthesize`)."""
   h = config.head
   sample_key, synth_key = jax.random.split(key)
   indices = pipeline.sample_indices(sample_key, step, sampler=h.sampler,
@@ -228,6 +320,7 @@ def _retrain(config, run, staging: pathlib.Path) -> dict:
   num_classes = len(run.class_names)
   train_counts = train_ds.class_counts()
   feature_plan = features_lib.plan_for(config, train_counts)  # A plan with no slot: one line.
+  vaegan = open_vaegan(config) if s.mode == "pixel" else None  # Refused before any work.
   pool, pool_labels, val = load_features(config, run, train_ds, val_sets)
   source_head = jax.device_get(run.variables["params"]["head"])
   before, _ = validate(run.config, source_head, val, train_counts)
@@ -247,6 +340,13 @@ def _retrain(config, run, staging: pathlib.Path) -> dict:
     synthesize = features_lib.make_synthesize(
         vae.model, feature_plan.num_synthetic, mode=s.perturb, alpha=float(s.alpha),
         residual=s.decode == "residual", weight=float(s.weight))
+
+  # --- Synthetic faces and their features (pixel mode) -------------------------------------------
+  faces = None
+  if s.mode == "pixel":
+    faces = synthetic_pool(config, run, vaegan, train_ds, feature_plan)
+    data["synthesis"] = pool_stage_data(feature_plan, faces, num_classes)
+    synthesize = make_pool_synthesize(feature_plan.num_synthetic, weight=float(s.weight))
 
   # --- Loop -------------------------------------------------------------------------------------
   tx, _ = kind.make_optimizer(config)
@@ -296,6 +396,19 @@ def _retrain(config, run, staging: pathlib.Path) -> dict:
                      "curve": vae.curve}
     result["neighbours"] = save_neighbours(config, vae, data, feature_plan, pool, pool_labels,
                                            train_ds, staging)
+  if faces is not None:
+    m = len(faces["face_labels"])
+    intended = np.argmax(np.asarray(kind.apply_head(source_head, faces["features"][:m])), -1)
+    result["pixel"] = {
+        "vaegan_workdir": str(pathlib.Path(s.vaegan_workdir).absolute()),
+        "vaegan_checkpoint": str(s.vaegan_checkpoint), "vaegan_step": vaegan.step,
+        "vaegan_format": [vaegan.model.image_size, vaegan.model.channels],
+        "faces_per_class": {run.class_names[k]: int(c) for k, c in zip(
+            *np.unique(faces["face_labels"], return_counts=True))},
+        "features": int(faces["features"].shape[0]),
+        # How often the source head already assigns a synthetic face its intended class.
+        "source_head_accuracy": float(np.mean(intended == faces["face_labels"])),
+        "png": save_faces(faces, run.class_names, staging)}
   return result
 
 
