@@ -18,6 +18,11 @@ Losses (weights in `config.loss`; see ferjax.kinds.vaegan for which choices are 
   G: hinge generator loss + reconstruction (D-feature MSE, Larsen et al. 2016, + pixel L1).
   E: beta * KL(q(z|x) || N(0, I)) with a linear warm-up + the same reconstruction terms
      (+ G's adversarial loss only when loss.adversarial_to_encoder).
+  G, with loss.classifier_workdir (class-preserving synthesis, ours): + a frozen classifier's
+     cross-entropy of G's decodings of posterior samples against their seeds' labels, and the
+     squared distance between its penultimate features of decoding and seed.
+A class-conditional model (model.num_classes) sees each image's label in E and D, and G draws
+reconstructions and prior samples for the batch's labels.
 One forward pass feeds all three; each network then takes the gradient of its own loss only.
 """
 
