@@ -182,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
   p = _verb(verbs, "retrain-head", "ferjax.train.head:cli_main",
             "Re-train a finished classifier's head on its frozen backbone's penultimate features "
             "(cRT: class-balanced batches by default), optionally with synthetic minority-class "
-            "features from a small VAE trained on those features (--config.synth.mode=feature); "
-            "writes a new classifier workdir that evaluate, predict and export use unchanged.",
+            "features from a small VAE trained on those features (--config.synth.mode=feature) "
+            "or the features of a VAE-GAN's synthetic faces (--config.synth.mode=pixel "
+            "--config.synth.vaegan_workdir=DIR); writes a new classifier workdir that evaluate, predict and export use unchanged.",
             "ferjax retrain-head --workdir runs/classifier_tiny --out runs/classifier_tiny_crt "
             "--config.synth.mode=feature",
             epilog=EPILOG_CONFIG + " Without --config, the stage's defaults (ferjax.kinds.head).")
@@ -275,9 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0)
 
   p = _verb(verbs, "demo", "ferjax.demo:cli_main",
-            "The main job, no download: synthetic long-tailed faces, a small VAE-GAN, a baseline "
-            "and a semantically augmented classifier, both tested; writes report.md (about 5 "
-            "minutes on an idle 2-core CPU; finished stages are reused when run again).",
+            "The main job, no download: synthetic long-tailed faces, a small VAE-GAN, a baseline, "
+            "logit adjustment and semantic augmentation in pixels and in feature space (the one "
+            "chosen on validation reported beside the other two), all tested; writes report.md "
+            "(about 8 minutes on an idle 2-core CPU; finished stages are reused when run again).",
             "ferjax demo --workdir runs/demo")
   p.add_argument("--workdir", default="runs/demo", help="output folder (default runs/demo)")
   p.add_argument("--quick", action="store_true",

@@ -1,16 +1,27 @@
 """`ferjax demo`: the whole method on the embedded synthetic faces, in minutes on a CPU.
 
 1. the synthetic long-tailed train split (RAF-DB proportions), balanced validation and test;
-2. a small VAE-GAN trained on the train split;
-3. a baseline classifier (instance sampling, cross-entropy);
-4. the same classifier recipe with semantic augmentation: minority-class slots of each batch
-   filled with faces decoded from perturbed latents of real seed images;
-5. both evaluated on the balanced test split (checkpoints chosen on validation), and
-   `report.md` with the comparison, per-class recall, synthetic samples and the class
-   distribution before and after rebalancing.
+   a small VAE-GAN trained on the train split;
+2. a baseline classifier (instance sampling, cross-entropy);
+3. the same recipe with the logit-adjusted loss (Menon et al. 2021, tau 1): the one-line
+   long-tail baseline semantic augmentation has to beat;
+4. semantic augmentation in pixels: the same recipe with minority-class slots of each batch
+   filled with faces decoded (residual decoding) from perturbed VAE-GAN latents of real seeds;
+5. semantic augmentation in feature space, used decoupled (`ferjax retrain-head`): on the
+   baseline's frozen backbone, the head re-trained with instance sampling, the logit-adjusted
+   loss and synthetic tail-class features from a small VAE on the backbone's features (alpha 2;
+   the variant the 3-seed protocol, `experiments/feature_semantic.py`, found best on validation);
+6. the semantic variant used is the one with the better VALIDATION mean class accuracy (the test
+   split never selects); all four runs are evaluated on the balanced test split (checkpoints
+   chosen on validation);
+7. synthetic samples: the pixel variant's seed/synthetic grid judged by the baseline, the
+   feature variant's nearest real neighbours of synthetic features, and the class distribution
+   before and after rebalancing;
+8. `report.md` with the comparison, the choice, per-class recall and the pictures.
 
-The configs are the repository's experiment files (`experiments/configs/*_synthetic.py`), so the
-demo runs exactly what those files document.
+The configs are the repository's experiment files (`experiments/configs/*_synthetic.py`) and
+retrain-head's defaults (ferjax.kinds.head), so the demo runs exactly what they document.
+Running it again reuses finished stages (the trainers resume; a finished head is kept).
 """
 
 import json
@@ -24,10 +35,23 @@ from ferjax.augment import export, quality, synthesis
 from ferjax.core import workdir as workdir_lib
 from ferjax.data import splits
 from ferjax.errors import UserError
-from ferjax.train import classifier, vaegan
+from ferjax.kinds import head as head_kind
+from ferjax.train import classifier, head, vaegan
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "experiments" / "configs"
+STAGES = 8
+
+BASELINE, LOGIT_ADJ = "baseline", "logit adjustment"
+PIXELS, FEATURES = "semantic augmentation (pixels)", "semantic augmentation (features)"
+CHOSEN = " (chosen on validation)"
+# method -> its folder under the demo's workdir (the pixel run keeps the folder it always had).
+FOLDERS = {BASELINE: "baseline", LOGIT_ADJ: "logit_adjustment", PIXELS: "semantic_augmentation",
+           FEATURES: "semantic_features"}
+# The feature variant: retrain-head on the baseline, as `experiments/feature_semantic.py`'s
+# feat_la_a2 (the best variant on validation over 3 seeds).
+FEATURE_OVERRIDES = ["config.synth.mode=feature", "config.head.sampler=instance",
+                     "config.head.loss=logit_adjusted", "config.synth.alpha=2"]
 
 
 def _config(name: str, overrides=()):
@@ -38,60 +62,100 @@ def _config(name: str, overrides=()):
   return configs.load_config(path, overrides)
 
 
-def _banner(text: str) -> None:
-  print(f"\n=== {text} ===", flush=True)
+def _banner(k: int, text: str) -> None:
+  print(f"\n=== {k}/{STAGES} {text} ===", flush=True)
 
 
 def run(workdir, *, quick: bool = False, seed: int = 0) -> dict:
-  """Runs the demo into `workdir`; returns the two test evaluations. Steps already done resume."""
+  """Runs the demo into `workdir`; returns the test evaluations (method -> eval). Steps already
+  done resume."""
   workdir = workdir_lib.check_writable(workdir, "--workdir")
   workdir.mkdir(parents=True, exist_ok=True)
   start = time.time()
   shrink = ["config.train.num_steps=60", "config.train.eval_every=30",
             "config.train.checkpoint_every=30", "config.train.log_every=10"] if quick else []
   seed_override = [f"config.seed={seed}"]
+  dirs = {m: workdir / f for m, f in FOLDERS.items()}
 
-  _banner("1/5 VAE-GAN on the synthetic train split")
+  _banner(1, "VAE-GAN on the synthetic train split")
   vae_config = _config("vaegan_synthetic.py", [*seed_override, *shrink])
   if quick:
     configs.apply_overrides(vae_config, ["config.train.sample_every=30"])
   vaegan.train_and_evaluate(vae_config, workdir / "vaegan")
 
-  runs = {
-      "baseline": _config("classifier_synthetic.py", [*seed_override, *shrink]),
-      "semantic augmentation": _config("classifier_synthetic.py", [
+  recipes = {
+      BASELINE: _config("classifier_synthetic.py", [*seed_override, *shrink]),
+      LOGIT_ADJ: _config("classifier_synthetic.py", [*seed_override, *shrink,
+                                                     "config.loss.name=logit_adjusted"]),
+      PIXELS: _config("classifier_synthetic.py", [
           *seed_override, *shrink, f"config.augment.vaegan_workdir={workdir / 'vaegan'}"]),
   }
-  evals = {}
-  for i, (method, config) in enumerate(runs.items()):
-    _banner(f"{2 + i}/5 classifier: {method}")
-    run_dir = workdir / method.replace(" ", "_")
-    classifier.train_and_evaluate(config, run_dir)
-    evals[method] = evaluate.evaluate_run(run_dir, "test", checkpoint="best", tta="none")
+  for i, (method, config) in enumerate(recipes.items()):
+    _banner(2 + i, f"classifier: {method}")
+    classifier.train_and_evaluate(config, dirs[method])
 
-  _banner("4/5 synthetic samples and class distributions")
-  train_config = runs["semantic augmentation"]
+  _banner(5, "semantic augmentation in feature space: head re-trained on the baseline's backbone")
+  head_result = _feature_head(dirs[BASELINE], dirs[FEATURES], seed, quick)
+
+  _banner(6, "choosing the semantic variant on validation; testing")
+  val = {m: evaluate.evaluate_run(dirs[m], "val", checkpoint="best", tta="none")
+         for m in (PIXELS, FEATURES)}
+  chosen = max(val, key=lambda m: val[m]["mean_class_accuracy"])  # A tie keeps the pixels.
+  other = FEATURES if chosen == PIXELS else PIXELS
+  choice = {"chosen": chosen, "other": other, "metric": "mean_class_accuracy", "split": "val",
+            "val": {m: val[m]["mean_class_accuracy"] for m in val},
+            "folder": FOLDERS[chosen]}
+  (workdir / "choice.json").write_text(json.dumps(choice, indent=2) + "\n")
+  print(f"chosen on validation: {chosen} (mean class accuracy "
+        f"{100 * val[chosen]['mean_class_accuracy']:.2f}% vs {other} "
+        f"{100 * val[other]['mean_class_accuracy']:.2f}%)", flush=True)
+  evals = {m: evaluate.evaluate_run(dirs[m], "test", checkpoint="best", tta="none")
+           for m in FOLDERS}
+
+  _banner(7, "synthetic samples and class distributions")
+  train_config = recipes[PIXELS]
   train_ds = splits.load_split(train_config.data, "train", train=True)
-  grid, judged = _synthetic_samples(train_config, train_ds, workdir / "baseline", workdir)
+  grid, judged = _synthetic_samples(train_config, train_ds, dirs[BASELINE], workdir)
   plan = synthesis.plan_for(train_config, train_ds.labels, train_ds.num_classes)
   hist = plots.save_class_histogram(
       {"real train": train_ds.class_counts(),
        "rebalanced (real)": np.round(plan.real_counts).astype(int),
        "rebalanced (synthetic)": np.round(plan.synthetic_counts).astype(int)},
       train_ds.class_names, workdir / "class_distribution.png",
-      title="train class distribution before / after rebalancing")
+      title="train class distribution before / after rebalancing (pixel variant)")
 
-  _banner("5/5 report")
-  summary = report.summarize({m: [e] for m, e in evals.items()})
+  _banner(8, "report")
+  summary = report.summarize({m + (CHOSEN if m == chosen else ""): [e] for m, e in evals.items()})
   recall_png = report.recall_plot(summary, workdir / "per_class_recall.png",
                                   title="test recall per class")
-  text = _report_text(summary, evals, judged, train_ds, plan, train_config.train.batch_size,
-                      time.time() - start,
-                      [grid, hist, recall_png], workdir)
+  pngs = {"grid": grid, "hist": hist, "recall": recall_png,
+          "neighbours": dirs[FEATURES] / head_result["neighbours"]["png"]}
+  text = _report_text(summary, choice, judged, head_result, train_ds, plan,
+                      train_config.train.batch_size, time.time() - start, pngs, workdir)
   (workdir / "report.md").write_text(text)
   print(text)
   print(f"\nwrote {workdir / 'report.md'} in {time.time() - start:.0f} s")
   return evals
+
+
+def _feature_head(baseline_dir, out, seed: int, quick: bool) -> dict:
+  """Re-trains the baseline's head with feature-space semantic augmentation into `out` unless
+  a finished one is there (retrain-head writes `out` whole, head.json last); returns head.json.
+  A finished head with another config (e.g. from --quick) is refused, as the trainers do."""
+  config = head_kind.default_config()
+  shrink = (["config.head.steps=40", "config.head.eval_every=20", "config.synth.vae.steps=50"]
+            if quick else [])
+  configs.apply_overrides(config, [*FEATURE_OVERRIDES, *shrink, f"config.seed={seed}"])
+  done = out / "head.json"
+  if not done.exists():
+    return head.retrain_head(config, baseline_dir, out)
+  result = json.loads(done.read_text())
+  if result.get("config") != json.loads(json.dumps(configs.to_dict(config))):
+    raise UserError(f"{out} holds a head re-trained with another config (a --quick run?): "
+                    "choose another --workdir, or remove that folder to re-train it")
+  print(f"{out}: finished head reused (validation mean class accuracy "
+        f"{result['best']['mean_class_accuracy']:.4f} at step {result['best_step']})")
+  return result
 
 
 def _synthetic_samples(config, train_ds, baseline_dir, workdir, per_class: int = 100):
@@ -116,7 +180,7 @@ def _synthetic_samples(config, train_ds, baseline_dir, workdir, per_class: int =
   return grid, judged
 
 
-def _report_text(summary, evals, judged, train_ds, plan, batch_size, seconds, pngs,
+def _report_text(summary, choice, judged, head_result, train_ds, plan, batch_size, seconds, pngs,
                  workdir) -> str:
   names = train_ds.class_names
   counts = train_ds.class_counts()
@@ -125,13 +189,31 @@ def _report_text(summary, evals, judged, train_ds, plan, batch_size, seconds, pn
   for k, n in enumerate(names):
     dist.append(f"| {n} | {counts[k]} | {plan.real_counts[k]:.0f} | {plan.synthetic_counts[k]:.0f} |")
   rel = lambda p: pathlib.Path(p).relative_to(workdir).as_posix()
+  chosen, other = choice["chosen"], choice["other"]
+  won, lost = 100 * choice["val"][chosen], 100 * choice["val"][other]
+  neighbours = head_result["neighbours"]
+  feat_plan = head_result["plan"]
+  h = head_result["config"]["head"]
   return "\n".join([
       "# ferjax demo: semantic augmentation on long-tailed synthetic faces",
       "",
       f"Train split long-tailed (imbalance ratio {counts.max() / counts.min():.1f}); validation "
-      "and test balanced. Checkpoints chosen on validation mean class accuracy; numbers below are "
-      "on the test split, one seed (`experiments/protocol.py` runs 3 seeds and all baselines). "
+      "and test balanced. Four methods on one recipe: the baseline (cross-entropy); logit "
+      "adjustment (`loss.name=logit_adjusted`); semantic augmentation in pixels (minority-class "
+      "slots of each batch filled with VAE-GAN faces decoded from perturbed latents of real "
+      "seeds, residual decoding); semantic augmentation in feature space, used decoupled (the "
+      "baseline's backbone frozen, its head re-trained with instance sampling, the "
+      "logit-adjusted loss and synthetic tail-class features from a VAE on the backbone's "
+      "features, alpha 2: `ferjax retrain-head`). Checkpoints and heads chosen on validation "
+      "mean class accuracy; numbers below are on the test split, one seed "
+      "(`experiments/protocol.py` and `experiments/feature_semantic.py` run 3 seeds). "
       f"Total time {seconds / 60:.1f} min.",
+      "",
+      "## Which semantic augmentation",
+      "",
+      f"Chosen on validation: **{chosen}**, validation mean class accuracy {won:.2f}% vs "
+      f"{lost:.2f}% for {other} ({won - lost:+.2f} points). The test split never selects; "
+      "the choice is in `choice.json`.",
       "",
       "## Test results (%)",
       "",
@@ -141,14 +223,14 @@ def _report_text(summary, evals, judged, train_ds, plan, batch_size, seconds, pn
       "",
       report.recall_table(summary),
       "",
-      f"![per-class recall]({rel(pngs[2])})",
+      f"![per-class recall]({rel(pngs['recall'])})",
       "",
-      "## Synthetic samples",
+      "## Synthetic samples: pixels",
       "",
       "Each row: real seed faces of a class, then faces synthesized from them (z = mu + "
       "alpha * sigma * eps).",
       "",
-      f"![synthetic samples]({rel(pngs[0])})",
+      f"![synthetic samples]({rel(pngs['grid'])})",
       "",
       "Judged by the baseline (trained on real faces only; `synthetic_quality.json`): "
       "consistency = share assigned to the intended class; Frechet distance of its features to "
@@ -157,16 +239,32 @@ def _report_text(summary, evals, judged, train_ds, plan, batch_size, seconds, pn
       "",
       *_quality_rows(judged),
       "",
-      "## Class distribution before and after rebalancing",
+      "## Synthetic samples: feature space",
+      "",
+      "Synthetic features have no image, so each row pairs, for a synthesized class, the real "
+      "seed face whose feature was perturbed with the train face whose backbone feature is "
+      "nearest to the synthetic one; a neighbour of the intended expression that is not the seed "
+      "means the synthetic feature is new yet still of its class "
+      f"({100 * neighbours['nearest_same_class']:.0f}% of "
+      f"nearest neighbours have the intended class, {100 * neighbours['nearest_is_seed']:.0f}% "
+      "are the seed itself or its mirror).",
+      "",
+      f"![nearest real neighbours of synthetic features]({rel(pngs['neighbours'])})",
+      "",
+      f"Each head batch of {h['batch_size']} holds {feat_plan['num_synthetic']} synthetic "
+      f"features ({h['steps']} steps; `{FOLDERS[FEATURES]}/head.json`).",
+      "",
+      "## Class distribution before and after rebalancing (pixels)",
       "",
       *dist,
       "",
       f"Each training batch of {batch_size} holds {plan.num_synthetic} synthetic faces, drawn "
       "fresh every step.",
       "",
-      f"![class distribution]({rel(pngs[1])})",
+      f"![class distribution]({rel(pngs['hist'])})",
       "",
-      "Evaluations: " + ", ".join(f"`{m.replace(' ', '_')}/eval_test.json`" for m in evals),
+      "Evaluations: " + ", ".join(f"`{f}/eval_test.json`" for f in FOLDERS.values()) +
+      " (validation: `eval_val.json` of the two semantic variants).",
       "",
   ])
 
