@@ -19,9 +19,11 @@ recipe (classifier_<dataset>_vit.py, the shape of the pre-trained encoder) train
 
 Stage 1 (`ferjax pretrain`, MAE, labels ignored) is trained once per dataset (seed 0, as the
 protocol's shared VAE-GAN) into <out>/pretrain on all train images (pretrain_<dataset>.py:
-synthetic faces / FER-2013's train and PublicTest images; with --report-split validation those
-include the reported images, unlabelled: transductive) and shared by every run;
---pretrain-workdir reuses one, --pretrain-set config.field=value (repeatable) changes it.
+synthetic faces / FER-2013's train and PublicTest images, never the test split) and shared by
+every run; with --report-split validation the validation split (PublicTest) is left out too
+(config.data.include_validation=False), so stage 1 never sees the reported images either.
+--pretrain-workdir reuses one (refused when it pre-trained on the report split),
+--pretrain-set config.field=value (repeatable, after those) changes it.
 Positional overrides apply to every classifier and semi-supervised run. Runs live in
 <out>/frac<f>/<method>_seed<s>; finished ones (eval_*.json) are not trained again, so an
 interrupted run resumes; --collect tabulates what is there without training. Checkpoints are
@@ -81,6 +83,28 @@ def overrides_for(method, fraction, seed, pretrain, out) -> list:
   return {"supervised": common, "mae": [*common, *mae],
           "mae_mixup": [*common, *mae, "config.augment.face_mixup_alpha=1.0"],
           "ssfer": [*common, f"config.model.init_from={out / f'mae_mixup_seed{seed}'}"]}[method]
+
+
+def pretrain_overrides(report_split: str, pretrain_set) -> list:
+  """Stage 1's overrides: the report split is never pre-trained on (test is left out by default;
+  validation is left out here), then --pretrain-set, then the shared seed."""
+  own = ["config.data.include_validation=False"] if report_split == "validation" else []
+  return [*own, *pretrain_set, "config.seed=0"]
+
+
+def check_pretrain_split(pretrain_config, report_split: str) -> None:
+  """A reused stage 1 must not have pre-trained on the split the numbers are reported on (a
+  named dataset's; the synthetic source is its train split only, a folder has no splits)."""
+  from ferjax.data import unlabeled
+  d = pretrain_config.data
+  seen = {"test": d.get("include_test", False),
+          "validation": d.get("include_validation", True)}.get(report_split, False)
+  named = [str(s) for s in unlabeled.parse_sources(d.sources)
+           if s.name not in ("synthetic", "folder")]
+  if seen and named:
+    raise UserError(f"--pretrain-workdir: it pre-trained on {', '.join(named)}'s "
+                    f"{report_split} split (config.data.include_{report_split}=True), the split "
+                    "reported on: train stage 1 without it")
 
 
 def finished(workdir: pathlib.Path, report_split: str):
@@ -165,17 +189,19 @@ def main(argv=None) -> int:
   pretrain = pathlib.Path(args.pretrain_workdir or out / "pretrain")
   evals = {f: {} for f in args.fractions}
   if not args.collect:
+    stage1_overrides = pretrain_overrides(args.report_split, args.pretrain_set)
     if args.pretrain_workdir is None:
-      pretrain_cfg = runner.load(pretrain_config, [*args.pretrain_set, "config.seed=0"])
+      pretrain_cfg = runner.load(pretrain_config, stage1_overrides)
     else:
       from ferjax.kinds import pretrain as pretrain_kind
       if not (pretrain / "config.json").is_file():
         raise UserError(f"--pretrain-workdir {pretrain}: not a `ferjax pretrain` workdir")
       pretrain_cfg = pretrain_kind.read_config(pretrain)
+      check_pretrain_split(pretrain_cfg, args.report_split)
     check_shapes(runner.load(classifier_config, args.overrides), pretrain_cfg)
     if args.pretrain_workdir is None and set(methods) - {"supervised"}:
       print("\n=== stage 1: MAE pre-training ===", flush=True)
-      runner.train_pretrain(pretrain_config, pretrain, [*args.pretrain_set, "config.seed=0"])
+      runner.train_pretrain(pretrain_config, pretrain, stage1_overrides)
   for seed in args.seeds:
     for fraction in args.fractions:
       folder = out / f"frac{fraction:g}"

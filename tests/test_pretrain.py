@@ -100,6 +100,26 @@ def test_reconstruction_keeps_the_visible_patches():
   np.testing.assert_array_equal(patches[mask == 1], 0.5)
 
 
+# --- Random-resized crop (augment.crop_scale) -----------------------------------------------------
+def test_random_resized_crop_keeps_shape_is_keyed_and_crops():
+  from ferjax.data import pipeline
+  images = jax.random.uniform(jax.random.PRNGKey(0), (4, 16, 16, 1), minval=-1, maxval=1)
+  crop = jax.jit(pipeline.random_resized_crop, static_argnums=(2, 3))
+  mae_crop = ((0.2, 1.0), (3 / 4, 4 / 3))
+  a = crop(jax.random.PRNGKey(1), images, *mae_crop)
+  assert a.shape == images.shape and a.dtype == images.dtype
+  np.testing.assert_array_equal(a, crop(jax.random.PRNGKey(1), images, *mae_crop))
+  assert not np.allclose(a, crop(jax.random.PRNGKey(2), images, *mae_crop))
+  assert all(not np.allclose(a[i], images[i], atol=1e-3) for i in range(4))  # Each one cropped.
+  assert float(jnp.abs(a).max()) <= 1.0 + 1e-6  # Bilinear: inside the input's range.
+  whole = crop(jax.random.PRNGKey(1), images, (1.0, 1.0), (1.0, 1.0))
+  np.testing.assert_allclose(whole, images, atol=1e-6)  # The whole image, unscaled.
+  # A quarter of the area, square: the crop is a smooth 2x upsampling (ratio 1 keeps 8x8).
+  small = crop(jax.random.PRNGKey(1), images, (0.25, 0.25), (1.0, 1.0))
+  roughness = lambda x: float(jnp.abs(jnp.diff(x, axis=1)).mean())  # noqa: E731
+  assert roughness(small) < roughness(images)
+
+
 # --- Unlabeled sources ----------------------------------------------------------------------------
 def test_sources_parse_names_folders_and_weights():
   parsed = unlabeled.parse_sources("synthetic:2, folder:/data/a:b/faces:0.5,folder:/x:3:1")
@@ -143,6 +163,23 @@ def test_pool_holds_out_distinct_images_and_weights_sources(tmp_path):
   assert not any(np.array_equal(pool.val[0], image) for image in pool.train)
 
 
+def test_pool_leaves_out_the_validation_split_when_asked(tmp_path):
+  """data.include_validation=False (ssfer.py --report-split validation): FER-2013's PublicTest
+  images stay out of the pool; the test split is out either way (data.include_test)."""
+  from test_builders import make_fer_folders
+  values = make_fer_folders(tmp_path / "raw", per_class=1)  # Constant images, value = identity.
+  config = kind.default_config()
+  config.data.update(sources="fer2013", image_size=48, val_fraction=0.0,
+                     manual_dir=str(tmp_path / "raw"), data_dir=str(tmp_path / "data"))
+  seen = lambda pool: sorted(int(round(float(image.mean()))) for image in pool.train)  # noqa: E731
+  split_values = lambda split: sorted(v for (s, _), vs in values.items() if s == split  # noqa: E731
+                                      for v in vs)
+  assert seen(unlabeled.load_pool(config.data, seed=0)) == sorted(
+      split_values("train") + split_values("validation"))
+  config.data.include_validation = False
+  assert seen(unlabeled.load_pool(config.data, seed=0)) == split_values("train")
+
+
 # --- Training -------------------------------------------------------------------------------------
 def test_pretraining_loss_falls_and_writes_its_files(pretrained):
   _, workdir = pretrained
@@ -180,6 +217,7 @@ def test_resume_equals_uninterrupted(pretrained, tmp_path):
 
 def test_one_and_eight_devices_agree(pretrained):
   config = configs.load_config(pretrained[0])
+  config.augment.crop_scale = (0.2, 1.0)  # The crops too: keyed per image, not per shard.
   images = np.random.default_rng(0).integers(0, 256, (100, 32, 32, 1), dtype=np.uint8)
   results = []
   for n in (1, 8):

@@ -1,6 +1,6 @@
 """`ferjax train-semisup`: RandAugment ops, FlexMatch thresholds and the pseudo-label loss against
 their formulas, a tiny end-to-end run (pseudo-label metrics, evaluation of its teacher), exact
-resume, and bad input as one line."""
+resume, 1 and 8 devices agreeing, and bad input as one line."""
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +13,7 @@ from ferjax.core import checkpoint, monitor, parallel
 from ferjax.data import randaugment
 from ferjax.errors import UserError
 from ferjax.kinds import semisup as kind
+from ferjax.train import classifier as classifier_trainer
 from ferjax.train import semisup
 
 TINY = '''"""A 6-step semi-supervised ResNet-10 (width 1/8) on 32 px synthetic faces."""
@@ -170,6 +171,42 @@ def test_resume_equals_uninterrupted(trained, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, states[0], states[1])
   logged = lambda w: [r for r in monitor.read_metrics(w) if "val_accuracy" in r]
   assert logged(whole) == logged(tmp_path)
+
+
+def test_one_and_eight_devices_agree():
+  """Same labelled and unlabeled batches, augmentations, pseudo-labels (FlexMatch record) and
+  update on 1 and 8 devices, for 4 steps of the tiny run (batch 8 + 16 unlabeled)."""
+  config = _tiny_config()
+  train, _, pool, truth = semisup.load_data(config)
+  counts = kind.sampled_counts(config, train.class_counts())
+  results = {}
+  for n in (1, 8):
+    config.train.num_devices = n
+    mesh = parallel.make_mesh(n)
+    model = kind.build_model(config, 7)
+    tx, _ = kind.make_optimizer(config, config.train.num_steps)
+    state = kind.init_state(config, model, tx, mesh, len(truth))
+    labelled = classifier_trainer.device_data(config, train.images, train.labels, 7, mesh)
+    data = {"labelled": labelled, "pool": parallel.put_rows(pool, mesh),
+            "pool_truth": parallel.put_replicated(truth, mesh)}
+    step = semisup.make_train_step(config, model, tx, counts, 7, len(truth),
+                                   config.train.num_steps, mesh)
+    history = []
+    for _ in range(4):
+      state, metrics, pseudo = step(state, data)
+      history.append({k: float(v) for k, v in metrics.items()})
+    results[n] = (history, jax.device_get(state), jax.device_get(pseudo))
+  (one, one_state, one_pseudo), (eight, eight_state, eight_pseudo) = results[1], results[8]
+  for a, b in zip(one, eight):
+    for key in ("loss", "sup_loss", "unlabeled_loss", "teacher_confidence"):
+      np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert a["mask_rate"] == b["mask_rate"]
+  assert all(h["mask_rate"] > 0 for h in one)  # The unlabeled loss takes part.
+  np.testing.assert_array_equal(one_state.pseudo_record, eight_state.pseudo_record)
+  jax.tree.map(np.testing.assert_array_equal, one_pseudo, eight_pseudo)
+  for name in ("params", "teacher_params", "batch_stats", "teacher_batch_stats"):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4),
+                 getattr(one_state, name), getattr(eight_state, name))
 
 
 # --- Bad input ------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """ViT: presets, shapes for both readouts, sin-cos embeddings, other input sizes, MAE's visible
-subset, patchify, bf16, and the empty 'batch_stats' the classifier trainer passes."""
+subset, patchify, bf16, the empty 'batch_stats' the classifier trainer passes, and layer-wise
+learning-rate decay (optim.layer_decay)."""
 
 import json
 import types
@@ -169,15 +170,16 @@ def test_bfloat16_compute_keeps_float32_params():
 
 
 def test_the_classifier_trainer_trains_and_evaluates_a_vit(tiny_runs, tmp_path, capsys):
-  """A ViT through `ferjax train` / `ferjax evaluate` (no BatchNorm: empty batch_stats), and
-  the fields that belong to the other family refused in one line."""
+  """A ViT through `ferjax train` (with layer-wise lr decay) / `ferjax evaluate` (no BatchNorm:
+  empty batch_stats), and the fields that belong to the other family refused in one line."""
   from badinput import expect_one_line
   from ferjax import cli
   vit_flags = ["--config.model.name=vit_ti", "--config.model.width=0.25",
                "--config.model.depth=2", "--config.optim.name=adamw", "--config.optim.lr=1e-3"]
   base = ["--config", str(tiny_runs.classifier_config)]
   workdir = tmp_path / "vit"
-  assert cli.main(["train", *base, "--workdir", str(workdir), *vit_flags]) == 0
+  assert cli.main(["train", *base, "--workdir", str(workdir), *vit_flags,
+                   "--config.optim.layer_decay=0.75"]) == 0  # Layer-wise lr decay end to end.
   assert cli.main(["evaluate", "--workdir", str(workdir)]) == 0
   result = json.loads((workdir / "eval_test.json").read_text())
   assert result["step"] in (2, 4) and 0 <= result["mean_class_accuracy"] <= 1
@@ -187,3 +189,51 @@ def test_the_classifier_trainer_trains_and_evaluates_a_vit(tiny_runs, tmp_path, 
                    "--config.model.stem=standard"], "model.stem", capsys)
   expect_one_line(["train", *base, "--workdir", tmp_path / "c", "--config.model.readout=gap"],
                   "model.readout", capsys)
+
+
+def test_layer_decay_scales_per_layer():
+  """Embedding and class token are layer 0, block j layer j, norm and head L = depth + 1."""
+  from ferjax.kinds import classifier
+  params = _init(_tiny(depth=3), (1, 16, 16, 1))["params"]
+  scales = classifier.layer_decay_scales(params, 0.5)
+  assert set(scales) == {"embedding", "cls", "block1", "block2", "block3", "encoder_norm", "head"}
+  want = {"embedding": 0.5 ** 4, "cls": 0.5 ** 4, "block1": 0.5 ** 3, "block2": 0.5 ** 2,
+          "block3": 0.5, "encoder_norm": 1.0, "head": 1.0}
+  for name, tree in scales.items():
+    for value in jax.tree_util.tree_leaves(tree):
+      assert value == pytest.approx(want[name]), name
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_layer_decay_scales_one_optimizer_step(optimizer):
+  """Same gradients, one step: with layer_decay 0.5 the patch embedding moves 0.5^3 as far as
+  with 1.0 (depth 2), the head the same."""
+  from ferjax.kinds import classifier
+  params = _init(_tiny(), (1, 16, 16, 1))["params"]
+  grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.3), params)
+  updates = {}
+  for decay in (1.0, 0.5):
+    config = classifier.default_config()
+    config.model.update(name="vit_ti", depth=2)
+    config.optim.update(name=optimizer, lr=1e-2, schedule="constant", layer_decay=decay)
+    tx, _ = classifier.make_optimizer(config, 10)
+    updates[decay], _ = tx.update(grads, tx.init(params), params)
+  full, half = updates[1.0], updates[0.5]
+  moved = lambda u: float(jnp.abs(u["embedding"]["kernel"]).sum())  # noqa: E731
+  assert 0 < moved(half) < moved(full)
+  np.testing.assert_allclose(half["embedding"]["kernel"], 0.125 * full["embedding"]["kernel"],
+                             rtol=1e-6)
+  np.testing.assert_allclose(half["block2"]["mlp"]["fc1"]["kernel"],
+                             0.5 * full["block2"]["mlp"]["fc1"]["kernel"], rtol=1e-6)
+  np.testing.assert_array_equal(half["head"]["kernel"], full["head"]["kernel"])
+
+
+def test_layer_decay_is_refused_with_a_resnet():
+  from ferjax.kinds import classifier
+  config = classifier.default_config()
+  config.optim.layer_decay = 0.75
+  with pytest.raises(UserError, match="optim.layer_decay") as error:
+    classifier.validate_config(config)
+  assert "\n" not in str(error.value)
+  config.model.update(name="vit_ti", depth=2)
+  classifier.validate_config(config)  # A ViT takes it.

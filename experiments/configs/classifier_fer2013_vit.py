@@ -11,6 +11,8 @@ that experiments/configs/pretrain_fer2013.py pre-trains: ViT-S (384 wide, 12 blo
 compute, so `model.init_from` lays the encoder over it unchanged. SGD at lr 0.1 does not suit a
 ViT: AdamW at lr 5e-4 (MAE fine-tuning's 1e-3 x 256 / 512, no layer decay here), weight decay
 0.05, 5 warm-up epochs, cosine decay (ours, not tuned). Used by experiments/ssfer.py.
+Layer-wise lr decay is off (optim.layer_decay=1.0); MAE's fine-tuning recipe is the override
+`--config.optim.layer_decay=0.75` (ViT-S; MAE used 0.65 for ViT-B).
 
 Expected run time: not measured (no accelerator during development); the ResNet-18 recipe takes
 95 s on one H200, a ViT-S at 144 tokens more. Not meant for a CPU.

@@ -10,7 +10,9 @@ checkpoint chosen on validation) with its ResNet swapped for the ViT that
 experiments/configs/pretrain_synthetic.py pre-trains: ViT-Ti at width 0.5 (96 wide, 3 heads),
 4 blocks, 4 px patches (64 patches), class-token readout, no input normalisation (as the
 pre-training saw its images), so `model.init_from` lays the encoder over it unchanged. Ours, not
-tuned: lr 1e-3 with 50 warm-up steps, weight decay 0.05 (the usual ViT value).
+tuned: lr 1e-3 with 50 warm-up steps, weight decay 0.05 (the usual ViT value). No layer-wise lr
+decay here; fine-tuning the pre-trained encoder MAE's way adds it as an override,
+`--config.optim.layer_decay=0.75` (ferjax.kinds.classifier: block j's lr x 0.75^(L - j)).
 
 Used by experiments/ssfer.py (every method, with data.label_fraction). Expected: about 5 min on
 a 2-core CPU (estimate: `ferjax bench classifier` measured 0.34 s a train step on a busy CPU,

@@ -213,6 +213,15 @@ def random_resized_crop_one(key, image, scale=(0.6, 1.0), ratio=(3 / 4, 4 / 3)):
   return _resized_crop(image, *_resized_crop_params(key, h, w, scale, ratio))
 
 
+def random_resized_crop(key, images, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+  """`random_resized_crop_one` on every image of float images [B, H, W, C], each with its own
+  key (split from `key` by position, so the values do not depend on how the batch is sharded).
+  MAE's pre-training crop is scale (0.2, 1.0); the dtype and shape are kept."""
+  keys = jax.random.split(key, images.shape[0])
+  crop = lambda k, image: random_resized_crop_one(k, image, tuple(scale), tuple(ratio))
+  return jax.vmap(crop)(keys, images).astype(images.dtype)
+
+
 def _resized_crop_params(key, h: int, w: int, scale, ratio=(3 / 4, 4 / 3)):
   """(y0, x0, box_h, box_w): the crop box in input pixel edges."""
   area_key, ratio_key, y_key, x_key = jax.random.split(key, 4)

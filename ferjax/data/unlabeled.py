@@ -3,7 +3,8 @@
     synthetic                      the synthetic train split's faces (data.num_examples of them)
     fer2013                        every image of a prepared dataset (any name `ferjax.data.load`
                                    knows but `folder`), labels ignored; its test split only with
-                                   data.include_test
+                                   data.include_test, its validation split unless
+                                   data.include_validation is False
     folder:/data/faces             every image file under a folder, searched recursively
     fer2013,folder:/data/faces:2   several sources joined by commas, each with an optional
                                    ":weight" (default 1)
@@ -158,8 +159,14 @@ def read_source(source: Source, data) -> np.ndarray:
                                        channels=channels, lazy=False).images)
   if not builders.is_prepared(source.name, data.data_dir):
     read("train")  # Prepares it from data.manual_dir, or names the command that would.
-  names = [s for s in builders.available_splits(source.name, data.data_dir)
-           if data.include_test or s != "test"]
+  left_out = {"test"} if not data.include_test else set()
+  if not data.get("include_validation", True):
+    left_out.add("validation")
+  names = [s for s in builders.available_splits(source.name, data.data_dir) if s not in left_out]
+  if not names:
+    raise UserError(f"data.sources: {source.name} has no split left to pre-train on "
+                    f"(it has {', '.join(builders.available_splits(source.name, data.data_dir))};"
+                    " data.include_test / data.include_validation leave them out)")
   return np.concatenate([read(split) for split in names])
 
 

@@ -119,6 +119,11 @@ SPEC = {
         "schedule": one_of("cosine", SCHEDULES),  # cosine (to 0 at num_steps) | constant
         "warmup_steps": integer(0, 0),  # linear warm-up; < train.num_steps
         "ema_decay": number(0.0, 0, 1, hi_open=True),  # > 0: EMA weights for validation, eval
+        # ViTs only: layer-wise learning-rate decay for fine-tuning (BEiT, Bao et al. 2022; MAE,
+        # He et al. 2022, Table 11: 0.65 for ViT-B, 0.75 for ViT-L; ViT-S recipes commonly use
+        # 0.75): layer i's lr is lr * layer_decay^(L - i), the patch embedding and class token
+        # being layer 0, block j layer j, the final norm and head L = depth + 1. 1.0: off.
+        "layer_decay": number(1.0, 0, 1, lo_open=True),
     },
     "loss": {
         "name": one_of("ce", losses.LOSS_NAMES),
@@ -255,6 +260,8 @@ def validate_config(config) -> None:
         a.face_mixup_alpha)
   check(a.face_mixup_alpha == 0 or m.head != "rul", "augment.face_mixup_alpha",
         "0 with model.head=rul (RUL mixes features itself)", a.face_mixup_alpha)
+  check(o.layer_decay == 1 or m.name in vit.MODEL_NAMES, "optim.layer_decay",
+        f"1.0 with model.name={m.name} (layer-wise lr decay is for ViTs)", o.layer_decay)
   check(o.warmup_steps < t.num_steps, "optim.warmup_steps",
         f"0 <= warmup_steps < train.num_steps ({t.num_steps})", o.warmup_steps)
   check(l.drw_start_step is None or l.class_weights != "none", "loss.class_weights",
@@ -346,8 +353,41 @@ def kernel_decay_mask(params):
       lambda path, p: getattr(path[-1], "key", None) == "kernel", params)
 
 
+def vit_layer_id(path, depth: int) -> int:
+  """The layer of a ViT parameter for layer-wise lr decay (BEiT / MAE's get_layer_id_for_vit):
+  0 for the patch embedding and class token, j for block j (named block<j>, 1-based), and
+  depth + 1 for everything after the blocks (the final LayerNorm, the head)."""
+  name = str(getattr(path[0], "key", path[0]))
+  if name in ("embedding", "cls"):
+    return 0
+  if name.startswith("block") and name[len("block"):].isdigit():
+    return int(name[len("block"):])
+  return depth + 1
+
+
+def layer_decay_scales(params, decay: float):
+  """Per-leaf lr multipliers (a tree like `params`): decay^(L - layer), L = depth + 1 with the
+  depth read from the tree's block<j> names; the head and final norm get 1.0."""
+  depth = sum(1 for name in params if str(name).startswith("block")
+              and str(name)[len("block"):].isdigit())
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: float(decay) ** (depth + 1 - vit_layer_id(path, depth)), params)
+
+
+def scale_by_layer_decay(decay: float) -> optax.GradientTransformation:
+  """Multiplies each ViT update by its `layer_decay_scales` factor. Placed last in the chain it
+  scales that leaf's learning rate (and, as in BEiT / MAE's param groups, its decoupled weight
+  decay); with SGD momentum, being linear, the same holds."""
+  def scale(updates, params=None):
+    del params
+    scales = layer_decay_scales(updates, decay)
+    return jax.tree_util.tree_map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales)
+  return optax.stateless(scale)
+
+
 def make_optimizer(config, num_steps: int | None = None):
-  """(optax transform, learning-rate schedule): SGD (Nesterov) or AdamW, warm-up + cosine."""
+  """(optax transform, learning-rate schedule): SGD (Nesterov) or AdamW, warm-up + cosine, and
+  for ViTs with optim.layer_decay < 1 layer-wise lr decay (`scale_by_layer_decay`)."""
   o = config.optim
   schedule = learning_rate_schedule(o, num_steps or config.train.num_steps)
   decay_mask = kernel_decay_mask
@@ -356,6 +396,8 @@ def make_optimizer(config, num_steps: int | None = None):
                      optax.sgd(schedule, momentum=o.momentum or None, nesterov=o.nesterov))
   else:
     tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask)
+  if o.get("layer_decay", 1.0) != 1.0:
+    tx = optax.chain(tx, scale_by_layer_decay(o.layer_decay))
   return tx, schedule
 
 

@@ -6,7 +6,8 @@ for a classifier's `model.init_from`) build on this module, never on the trainer
 The encoder is the classifier's own ViT (`model` fields as the classifier's, `vit.model_from_
 config`), initialised through `ViT.encode` so its parameters are exactly a ViT classifier's minus
 the head; the decoder is ferjax.models.mae's. Values follow MAE (He et al. 2022) unless a comment
-says "ours": mask ratio 0.75, AdamW (0.9, 0.95) with weight decay 0.05, normalised-pixel targets.
+says "ours": mask ratio 0.75, AdamW (0.9, 0.95) with weight decay 0.05, normalised-pixel targets,
+flips and (augment.crop_scale, off by default) random-resized crops.
 """
 
 import pathlib
@@ -48,6 +49,9 @@ SPEC = {
         # A named dataset's test split too. Off: a classifier later tested on that split would
         # otherwise have seen its test images (labels are never read either way).
         "include_test": flag(False),
+        # A named dataset's validation split (FER-2013's PublicTest). Off when a classifier
+        # reports its numbers on that split (experiments/ssfer.py --report-split validation).
+        "include_validation": flag(True),
         "data_dir": text(None),  # Prepared datasets (None: $FERJAX_DATA_DIR, ~/.ferjax/datasets).
         "manual_dir": text(None),  # Raw files, to prepare a named dataset on first use.
         "num_examples": integer(None, 1, optional=True),  # The synthetic source's size.
@@ -69,6 +73,13 @@ SPEC = {
         "decoder_depth": integer(4, 1),
         "decoder_heads": integer(8, 1),
         "norm_pix_loss": flag(True),  # targets: each patch's pixels standardised
+    },
+    "augment": {  # Every image is flipped at random; more is set here.
+        # Random-resized crop, MAE's pre-training augmentation (RandomResizedCrop, scale
+        # (0.2, 1.0), aspect 3/4..4/3): a box of this (min, max) share of the image's area is
+        # cut and resized back to the image (bilinear; MAE's is bicubic). None: off.
+        "crop_scale": custom(None, "None or (min, max) with 0 < min <= max <= 1",
+                             lambda v: v is None or classifier._crop_scale(v)),
     },
     "optim": {  # AdamW, linear warm-up, then cosine to 0 (or constant).
         "lr": number(1e-3, 0, lo_open=True),  # peak learning rate (ours: MAE scales 1.5e-4 * B/256)

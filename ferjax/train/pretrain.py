@@ -3,7 +3,8 @@
   ferjax pretrain --config experiments/configs/pretrain_synthetic_tiny.py --workdir runs/mae_tiny
 
 The unlabeled images (`data.sources`, ferjax.data.unlabeled) live on the devices as uint8 (split
-by rows over them, `parallel.put_rows`); each step draws its batch there, flips it, masks
+by rows over them, `parallel.put_rows`); each step draws its batch there, flips it (and, with
+`augment.crop_scale`, cuts a random-resized crop of each image as MAE does), masks
 `mae.mask_ratio` of every image's patches at random, encodes the visible ones with the ViT and
 predicts the pixels of the masked ones with the MAE decoder. All of its randomness is folded from
 the step number, so a resumed run replays the uninterrupted one exactly. The step is
@@ -61,20 +62,27 @@ def make_train_step(models, config, mesh, num_examples: int, *, jit: bool = True
   """`train_step(state, images) -> (state, metrics)`: pure; jitted with the state donated.
 
   `images` is the resident uint8 pool (`parallel.put_rows`; its first `num_examples` rows are
-  real); the batch is drawn, flipped and converted on the device, then split along `data`.
+  real); the batch is drawn, flipped, converted and (augment.crop_scale) random-resized-cropped
+  on the device, split along `data`.
   """
   tx, schedule = kind.make_optimizer(config)
   batch_size = config.train.batch_size
   batch_sharding = parallel.batch_sharding(mesh)
   train_key = kind.rng_streams(config.seed).train
+  crop_scale = config.augment.crop_scale
+  crop_scale = None if crop_scale is None else tuple(crop_scale)
 
   def train_step(state: TrainState, images):
     step = state.step
-    index_key, flip_key, mask_key = jax.random.split(jax.random.fold_in(train_key, step), 3)
+    step_key = jax.random.fold_in(train_key, step)
+    index_key, flip_key, mask_key = jax.random.split(step_key, 3)
     index = pipeline.sample_uniform(index_key, num_examples, batch_size)
     index = jax.lax.with_sharding_constraint(index, batch_sharding)
     batch = pipeline.random_flip(flip_key, images[index])
     batch = jax.lax.with_sharding_constraint(pipeline.to_float(batch), batch_sharding)
+    if crop_scale is not None:  # Its own key, so runs without crops keep their numbers.
+      batch = pipeline.random_resized_crop(jax.random.fold_in(step_key, 3), batch, crop_scale)
+      batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
 
     loss_fn = lambda params: masked_loss(models, params, batch, mask_key, config)[0]
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
