@@ -274,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="train steps of the synthetic-only classifier (default: the real "
                       "classifier's; 0 skips the accuracy score)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--decode", choices=("full", "residual"), default=None,
+                 help="full: the generator's own decodings G(z'); residual: seed + G(z') - "
+                      "G(mu) (default: the classifier config's augment.decode)")
 
   p = _verb(verbs, "demo", "ferjax.demo:cli_main",
             "The main job, no download: synthetic long-tailed faces, a small VAE-GAN, a baseline, "

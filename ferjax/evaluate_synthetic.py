@@ -22,7 +22,7 @@ from ferjax.train import classifier
 
 
 def evaluate_synthetic(vaegan_workdir, classifier_workdir, out, *, per_class: int = 200,
-                       cas_steps=None, seed: int = 0) -> dict:
+                       cas_steps=None, seed: int = 0, decode=None) -> dict:
   out = workdir_lib.check_writable(out, "--out")
   judge = runs.open_classifier(classifier_workdir, "best")
   config, mesh = judge.config, judge.mesh
@@ -38,6 +38,8 @@ def evaluate_synthetic(vaegan_workdir, classifier_workdir, out, *, per_class: in
   test_ds = splits.load_split(config.data, "test", train=False)
   vae = runs.open_vaegan(vaegan_workdir, "latest")
   how = synthesis.options(config)  # The judge's augment fields: the trainer's defaults.
+  if decode is not None:  # full: the generator's own faces; residual: seed + their change.
+    how["residual"] = decode == "residual"
   fake, fake_labels, _ = synthesis.synthesize_per_class(
       vae, train_ds.images, train_ds.labels, train_ds.num_classes, per_class, seed=seed, **how)
   fake_logits, fake_features = predict(fake)
@@ -82,7 +84,8 @@ def cli_main(args) -> int:
   if args.cas_steps is not None and args.cas_steps < 0:
     raise UserError(f"--cas-steps: expected >= 0, got {args.cas_steps}")
   result = evaluate_synthetic(args.vaegan, args.classifier, args.out, per_class=args.per_class,
-                              cas_steps=args.cas_steps, seed=args.seed)
+                              cas_steps=args.cas_steps, seed=args.seed,
+                              decode=getattr(args, "decode", None))
   print(quality.markdown(result), end="")
   print(f"-> {pathlib.Path(args.out) / 'synthetic_quality.json'}")
   return 0

@@ -181,6 +181,11 @@ def test_evaluate_synthetic_writes_every_measure(runs, tmp_path, capsys):
     assert v["frechet"] >= -1e-6 and v["diversity"] > 0 and v["diversity_real"] > 0
   assert 0 <= result["cas"]["mean_class_accuracy"] <= 1 and result["cas"]["steps"] == 6
   assert "Classification accuracy score" in (tmp_path / "synthetic_quality.md").read_text()
+  for decode in ("full", "residual"):  # --decode overrides the judge config's augment.decode.
+    assert cli.main([*argv[:-2], "--cas-steps", "0", "--decode", decode, "--out",
+                     str(tmp_path / decode)]) == 0
+    judged = json.loads((tmp_path / decode / "synthetic_quality.json").read_text())
+    assert judged["residual"] == (decode == "residual") and "cas" not in judged
   capsys.readouterr()
   # The judge must be a real-data classifier.
   argv[4] = str(root / "semantic")
