@@ -28,6 +28,9 @@ def test_every_method_tested(quick_demo):
     assert 0 <= evals[method]["mean_class_accuracy"] <= 1
   config = json.loads((workdir / "logit_adjustment" / "config.json").read_text())
   assert config["loss"]["name"] == "logit_adjusted"
+  config = json.loads((workdir / "semantic_pixels" / "config.json").read_text())
+  assert config["loss"]["name"] == "logit_adjusted" and config["augment"]["fill"] == 0.5
+  assert config["augment"]["filter_workdir"] == str(workdir / "baseline")
 
 
 def test_feature_head_is_a_retrained_baseline(quick_demo):
