@@ -97,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
   # --- training and evaluation ----------------------------------------------------------------
   p = _verb(verbs, "train-vaegan", "ferjax.train.vaegan:cli_main",
             "Train the VAE-GAN (encoder, generator, discriminator) on a dataset's train split; "
-            "resumes from the workdir's latest checkpoint.",
+            "resumes from the workdir's latest checkpoint. --config.model.num_classes=K makes it "
+            "class-conditional; --config.loss.classifier_workdir=RUN with "
+            "loss.class_consistency_weight / loss.perceptual_weight trains the generator against "
+            "a frozen classifier's judgement.",
             "ferjax train-vaegan --config experiments/configs/vaegan_synthetic_tiny.py "
             "--workdir runs/vaegan_tiny", epilog=EPILOG_CONFIG)
   _add_config_args(p)

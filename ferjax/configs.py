@@ -223,6 +223,13 @@ def custom(default, expected: str, valid: Callable[[Any], bool]) -> Field:
   return Field(default, expected, valid)
 
 
+def checkpoint(default="best") -> Field:
+  """Which checkpoint of a run to read: best (chosen on validation), last/latest or a step."""
+  return Field(default, "best, last or a step number",
+               lambda v: v in ("best", "last", "latest") or is_int(v)
+               or (isinstance(v, str) and v.isdigit()))
+
+
 def from_spec(spec: dict) -> ml_collections.ConfigDict:
   """The defaults of a spec as a locked ConfigDict: setting a field it does not have (a typo in
   a config file or flag) raises instead of adding it."""

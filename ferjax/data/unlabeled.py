@@ -160,7 +160,7 @@ def read_source(source: Source, data) -> np.ndarray:
   if not builders.is_prepared(source.name, data.data_dir):
     read("train")  # Prepares it from data.manual_dir, or names the command that would.
   left_out = {"test"} if not data.include_test else set()
-  if not data.get("include_validation", True):
+  if not data.include_validation:
     left_out.add("validation")
   names = [s for s in builders.available_splits(source.name, data.data_dir) if s not in left_out]
   if not names:

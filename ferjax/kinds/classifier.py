@@ -16,7 +16,7 @@ import optax
 
 from ferjax import configs, losses
 from ferjax import data as fer_data
-from ferjax.configs import check, custom, flag, integer, number, one_of, text
+from ferjax.configs import check, checkpoint, custom, flag, integer, number, one_of, text
 from ferjax.core import parallel
 from ferjax.data import pipeline
 from ferjax.models import resnet, vit
@@ -169,10 +169,7 @@ SPEC = {
         # batch gets synthesized minority-class faces from a trained, frozen VAE-GAN. These
         # fields are checked by ferjax.augment.synthesis, which knows the modes.
         "vaegan_workdir": text(""),  # a `ferjax train-vaegan` workdir ("": off)
-        "vaegan_checkpoint": custom("best", "best, last or a step number",
-                                    lambda v: v in ("best", "last", "latest")
-                                    or configs.is_int(v)
-                                    or (isinstance(v, str) and v.isdigit())),
+        "vaegan_checkpoint": checkpoint(),
         "mode": text("posterior", optional=False),  # posterior | interpolate | class_gaussian
         "alpha": number(1.0, 0),  # perturbation scale
         "target": text("largest", optional=False),  # uniform | sqrt | largest | explicit

@@ -57,7 +57,7 @@ import numpy as np
 import optax
 
 from ferjax import configs
-from ferjax.configs import check, custom, flag, integer, number, one_of, text
+from ferjax.configs import check, checkpoint, flag, integer, number, one_of, text
 from ferjax.data import pipeline
 from ferjax.kinds.classifier import BEST_METRICS  # The head selects as the classifier does.
 
@@ -82,9 +82,7 @@ SPEC = {
     "seed": integer(0, 0),
     "source": {
         # The source run's checkpoint whose backbone is kept (best: chosen on validation).
-        "checkpoint": custom("best", "best, last or a step number",
-                             lambda v: v in ("best", "last", "latest") or configs.is_int(v)
-                             or (isinstance(v, str) and v.isdigit())),
+        "checkpoint": checkpoint(),
     },
     "head": {
         "sampler": one_of("class_balanced", SAMPLERS),  # cRT's choice
@@ -134,10 +132,7 @@ SPEC = {
         # per synthesized class (their features, plus the mirrored ones with head.flip, are
         # the pool the synthetic slots draw from).
         "vaegan_workdir": text(None),
-        "vaegan_checkpoint": custom("best", "best, last or a step number",
-                                    lambda v: v in ("best", "last", "latest")
-                                    or configs.is_int(v)
-                                    or (isinstance(v, str) and v.isdigit())),
+        "vaegan_checkpoint": checkpoint(),
         "pool_per_class": integer(500, 1),
     },
 }

@@ -101,7 +101,8 @@ def extra_sources_data(config):
   d = config.data
   return ml_collections.ConfigDict({
       "image_size": d.image_size, "channels": d.channels, "num_examples": d.num_examples,
-      "data_dir": d.data_dir, "manual_dir": d.manual_dir, "include_test": False})
+      "data_dir": d.data_dir, "manual_dir": d.manual_dir, "include_test": False,
+      "include_validation": True})
 
 
 # =================================================================================================
