@@ -24,7 +24,9 @@ every run; with --report-split validation the validation split (PublicTest) is l
 (config.data.include_validation=False), so stage 1 never sees the reported images either.
 --pretrain-workdir reuses one (refused when it pre-trained on the report split),
 --pretrain-set config.field=value (repeatable, after those) changes it.
-Positional overrides apply to every classifier and semi-supervised run. Runs live in
+Positional overrides apply to every classifier and semi-supervised run; --semisup-set
+config.field=value (repeatable, after those) to the semi-supervised runs only (e.g.
+config.semisup.ratio=2, a field the classifier does not have). Runs live in
 <out>/frac<f>/<method>_seed<s>; finished ones (eval_*.json) are not trained again, so an
 interrupted run resumes; --collect tabulates what is there without training. Checkpoints are
 chosen on validation; every number is on --report-split. Writes results.md (mean ± std over
@@ -173,6 +175,9 @@ def main(argv=None) -> int:
   parser.add_argument("--pretrain-workdir", default=None, help="reuse a `ferjax pretrain` run")
   parser.add_argument("--pretrain-set", action="append", default=[], metavar="FIELD=VALUE",
                       help="an override for stage 1 (repeatable), e.g. config.train.num_steps=500")
+  parser.add_argument("--semisup-set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="an override for the semi-supervised runs only (repeatable), e.g. "
+                      "config.semisup.ratio=2")
   parser.add_argument("--collect", action="store_true",
                       help="train nothing: tabulate the finished runs found in --out")
   runner.add_report_split_flag(parser)
@@ -218,9 +223,10 @@ def main(argv=None) -> int:
                                   [*args.overrides, *overrides_for("mae_mixup", fraction, seed,
                                                                    pretrain, folder)],
                                   report_split=args.report_split)
+          own = args.semisup_set if method == "ssfer" else []
           result = runner.train_and_test(
               semisup_config if method == "ssfer" else classifier_config, workdir,
-              [*args.overrides, *overrides_for(method, fraction, seed, pretrain, folder)],
+              [*args.overrides, *own, *overrides_for(method, fraction, seed, pretrain, folder)],
               report_split=args.report_split, semisup=method == "ssfer")
         if result is not None:
           evals[fraction].setdefault(method, []).append(result)
@@ -233,6 +239,7 @@ def main(argv=None) -> int:
   figure = plot(summary, methods, out / "mca_vs_fraction.png", title)
   extra = "".join(" " + o for o in args.overrides)
   stage1 = "".join(" --pretrain-set=" + o for o in args.pretrain_set)
+  stage1 += "".join(" --semisup-set=" + o for o in args.semisup_set)
   notes = (f"Classifier `{classifier_config}`, semi-supervised `{semisup_config}`, stage 1 "
            f"`{pretrain_config}` in `{pretrain}` (seed 0, shared). Checkpoints chosen on "
            f"validation; numbers on the {args.report_split} split, mean ± std over seeds "

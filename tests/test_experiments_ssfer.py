@@ -34,7 +34,8 @@ PRETRAIN = [*SHAPE, *STEPS, "config.data.num_examples=128", "config.data.val_fra
 def test_ssfer_every_method_one_fraction_then_collect(tmp_path, monkeypatch):
   out = tmp_path / "ssfer"
   argv = ["--out", str(out), "--fractions", "0.25", "--seeds", "0",
-          *(f"--pretrain-set={o}" for o in PRETRAIN), *TINY]
+          *(f"--pretrain-set={o}" for o in PRETRAIN), "--semisup-set=config.semisup.ratio=1",
+          *TINY]
   assert ssfer.main(argv) == 0
   summary = json.loads((out / "results.json").read_text())
   assert list(summary) == ["0.25"] and set(summary["0.25"]) == set(ssfer.METHODS)
@@ -50,6 +51,7 @@ def test_ssfer_every_method_one_fraction_then_collect(tmp_path, monkeypatch):
   config = json.loads((runs / "ssfer_seed0" / "config.json").read_text())
   assert config["model"]["init_from"] == str(runs / "mae_mixup_seed0")
   assert config["data"]["label_fraction"] == 0.25
+  assert config["semisup"]["ratio"] == 1  # --semisup-set reaches stage 3 only.
   mixup = json.loads((runs / "mae_mixup_seed0" / "config.json").read_text())
   assert mixup["model"]["init_from"] == str(out / "pretrain")
   assert mixup["augment"]["face_mixup_alpha"] == 1.0
