@@ -2,12 +2,13 @@ r"""MAE pre-training on the synthetic faces, CPU-sized: a 4-block ViT-Ti at widt
 
   ferjax pretrain --config experiments/configs/pretrain_synthetic.py --workdir runs/mae_synthetic
 
-Expected: 422 s measured on a 2-core CPU shared with another job (2000 steps of 64 images over
-the 7000-face synthetic train split, 350 held out; compile and 4 validations included); less on
-an idle one. The validation loss (normalised pixels of the masked patches; 1.0 is predicting
-each patch's mean) went 0.82, 0.78, 0.76, 0.75 at steps 500..2000 (the faces' pixel noise keeps
-it from going much lower); reconstructions.png fills in head shape, hair and lighting from a
-quarter of the patches, eyes and mouth blurry.
+Expected: 224 s measured on an idle 2-core Intel Xeon VM, 2026-12 (2000 steps of 64 images over
+the 7000-face synthetic train split, 350 held out; compile and 4 validations included; the stage 1
+of experiments/ssfer.py's synthetic table). The validation loss (normalised pixels of the masked
+patches; 1.0 is predicting each patch's mean) went 0.846, 0.819, 0.805, 0.798 at steps
+500..2000 (the faces' pixel noise keeps it from going much lower); reconstructions.png fills in
+head shape, hair and lighting from a quarter of the patches, eyes and mouth blurry. (Before the
+random-resized crops were added, flips only: 422 s on a busy CPU, losses 0.82 .. 0.75.)
 
 A ViT classifier of the same shape starts from the encoder with
   ferjax train --config experiments/configs/classifier_synthetic.py --workdir runs/clf_mae \
@@ -18,8 +19,7 @@ A ViT classifier of the same shape starts from the encoder with
 Choices (ours, for a CPU): 32 px with 4 px patches (64 patches, 16 visible), a 64-wide 2-block
 decoder, lr 1.5e-3 with 100 warm-up steps; the rest is MAE's (mask ratio 0.75, AdamW 0.9 / 0.95,
 weight decay 0.05, normalised-pixel targets, flips and random-resized crops of 0.2..1 of the area,
-augment.crop_scale). The time and losses above were measured with flips only, before the crops
-were added; not re-measured (`--config.augment.crop_scale=None` is that run).
+augment.crop_scale; `--config.augment.crop_scale=None` is the flips-only run).
 """
 
 from ferjax.kinds import pretrain
