@@ -38,9 +38,11 @@ Measured time, synthetic, idle 2-core Intel Xeon, one process per seed (3 at onc
 config.train.checkpoint_every=125, --semisup-set=config.semisup.ratio=2
 --semisup-set=config.train.num_steps=250): stage 1 3.7 min, then about 26 min per fraction
 (5 min supervised, 5 min mae, 8 min mae_mixup, 8 min ssfer for the 3 seeds), 1 h 41 min in all;
-the configs' own 1000 steps and ratio 3 need about twice that. The README has that table: at
-this size the supervised ViT stays at the class prior, so it is a check of the pipeline more
-than of SSFER. FER-2013 on one H200: unmeasured; guessing from the ResNet-18 recipe's 95 s a
+the configs' own 1000 steps and ratio 3 should need 4-5 h (estimate: twice the classifier
+time, about 6x the semi-supervised). The README has that table: 500 steps end before the
+supervised ViT leaves the class prior (at lr 1e-3 it starts learning near step 400 of a
+2,000-step run), so use the configs' 1,000 steps or more where time allows.
+FER-2013 on one H200: unmeasured; guessing from the ResNet-18 recipe's 95 s a
 run, a few minutes per classifier run, 10+ min per semisup run, stage 1 (30k steps of 512)
 under an hour: 3-6 h.
 """
