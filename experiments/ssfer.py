@@ -41,7 +41,10 @@ config.train.checkpoint_every=125, --semisup-set=config.semisup.ratio=2
 the configs' own 1000 steps and ratio 3 should need 4-5 h (estimate: twice the classifier
 time, about 6x the semi-supervised). The README has that table: 500 steps end before the
 supervised ViT leaves the class prior (at lr 1e-3 it starts learning near step 400 of a
-2,000-step run), so use the configs' 1,000 steps or more where time allows.
+2,000-step run), so use the configs' 1,000 steps or more where time allows. To shorten or
+split: --seeds 0 or --fractions; one process per seed (--seeds S, same --out) runs them side
+by side (start the others once the first has finished stage 1, which they share) or on other
+machines (--pretrain-workdir), then --collect with every seed.
 FER-2013 on one H200: unmeasured; guessing from the ResNet-18 recipe's 95 s a
 run, a few minutes per classifier run, 10+ min per semisup run, stage 1 (30k steps of 512)
 under an hour: 3-6 h.
