@@ -79,17 +79,20 @@ def run(workdir, *, quick: bool = False, seed: int = 0) -> dict:
   workdir = workdir_lib.check_writable(workdir, "--workdir")
   workdir.mkdir(parents=True, exist_ok=True)
   start = time.time()
-  shrink = ["config.train.num_steps=60", "config.train.eval_every=30",
-            "config.train.checkpoint_every=30", "config.train.log_every=10"] if quick else []
+  # --quick: a smoke run of every stage (20 steps each, two validations), numbers meaningless.
+  shrink = ["config.train.num_steps=20", "config.train.eval_every=10",
+            "config.train.checkpoint_every=10", "config.train.log_every=5"] if quick else []
   seed_override = [f"config.seed={seed}"]
   dirs = {m: workdir / f for m, f in FOLDERS.items()}
 
   _banner(1, "VAE-GAN on the synthetic train split")
   vae_config = _config("vaegan_synthetic.py", [*seed_override, *shrink])
   if quick:
-    configs.apply_overrides(vae_config, ["config.train.sample_every=30"])
+    configs.apply_overrides(vae_config, ["config.train.sample_every=10"])
   vaegan.train_and_evaluate(vae_config, workdir / "vaegan")
 
+  if quick:
+    shrink.append("config.optim.warmup_steps=5")  # The classifier's warm-up (50) must be shorter.
   recipes = {
       BASELINE: _config("classifier_synthetic.py", [*seed_override, *shrink]),
       LOGIT_ADJ: _config("classifier_synthetic.py", [*seed_override, *shrink,
@@ -152,7 +155,7 @@ def _feature_head(baseline_dir, out, seed: int, quick: bool) -> dict:
   a finished one is there (retrain-head writes `out` whole, head.json last); returns head.json.
   A finished head with another config (e.g. from --quick) is refused, as the trainers do."""
   config = head_kind.default_config()
-  shrink = (["config.head.steps=40", "config.head.eval_every=20", "config.synth.vae.steps=50"]
+  shrink = (["config.head.steps=20", "config.head.eval_every=10", "config.synth.vae.steps=20"]
             if quick else [])
   configs.apply_overrides(config, [*FEATURE_OVERRIDES, *shrink, f"config.seed={seed}"])
   done = out / "head.json"

@@ -1,12 +1,23 @@
-"""Test setup: 8 fake CPU devices (for the 1-vs-8 device tests) and the real-data locator."""
+"""Test setup: 8 fake CPU devices (for the 1-vs-8 device tests), a shared compilation cache and
+the real-data locator."""
 
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 # Must be set before jax is imported anywhere: tests then see 8 CPU devices. Trainers default to
 # all devices, so single-device tests pass num_devices=1 explicitly.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for this session's tests and the CLI processes they start:
+# many tests train the same tiny programs, and loading an executable is cheaper than compiling
+# it again (the values are the same either way). Removed when the session ends.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix="ferjax-tests-jax-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 import pytest  # noqa: E402
 
