@@ -106,7 +106,6 @@ def main() -> int:
   parser.add_argument("overrides", nargs="*", help="config.field=value for every classifier run")
   args = parser.parse_args()
   out = pathlib.Path(args.out or f"runs/protocol_{args.dataset}")
-  out.mkdir(parents=True, exist_ok=True)
   classifier_config, vaegan_config = runner.DATASETS[args.dataset]
   lt = [f"config.data.imbalance_ratio={args.lt}"] if args.lt else []
   if args.noise:  # Train labels only: the VAE-GAN (unlabelled training) is unaffected.
@@ -122,6 +121,7 @@ def main() -> int:
     args.overrides = [*args.overrides, "config.augment.vaegan_checkpoint=last"]
   all_methods = methods(num_steps, pathlib.Path(args.vaegan_workdir or out / "vaegan"))
   chosen = runner.select(all_methods, args.methods, "--methods")
+  out.mkdir(parents=True, exist_ok=True)  # Only once the arguments are known to be good.
   if args.collect:
     evals = runner.collect(out, chosen, args.seeds, args.report_split)
   else:

@@ -171,3 +171,21 @@ def test_protocol_reports_the_published_ldam_drw_and_labels_the_linear_variant()
     for section, fields in expected.items():
       assert {k: config[section][k] for k in fields} == fields, name
     assert name in protocol.__doc__
+
+
+def test_protocol_refuses_an_unknown_method_before_making_its_out_folder(tmp_path, monkeypatch,
+                                                                         capsys):
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
+  try:
+    import protocol
+    import runner
+  finally:
+    sys.path.pop(0)
+  out = tmp_path / "protocol_out"
+  monkeypatch.setattr(sys, "argv", ["protocol.py", "--out", str(out), "--methods", "nosuch"])
+  with pytest.raises(SystemExit) as info:
+    runner.main_guard(protocol.main)
+  assert info.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "--methods: unknown ['nosuch']" in err[0], err
+  assert not out.exists()
