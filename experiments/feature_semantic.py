@@ -175,7 +175,6 @@ def main(argv=None) -> int:
                       "(e.g. config.data.imbalance_ratio=100 for FER-2013-LT)")
   args = parser.parse_args(argv)
   base, out = pathlib.Path(args.base), pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
   config_name, vaegan_config = runner.DATASETS[args.dataset]
   vaegan, train_vaegan, vaegan_overrides, pixel = vaegan_setup(args.dataset, base, args.vaegan,
                                                                args.overrides)
@@ -183,6 +182,7 @@ def main(argv=None) -> int:
   names = list(args.variants or DEFAULT_VARIANTS)
   names += [n for n in SWEEP if args.sweep and n not in names]
   chosen = runner.select(grid, names, "--variants")
+  out.mkdir(parents=True, exist_ok=True)  # Only once the arguments are known to be good.
   needed = {"none", "logit_adj", *(grid[name][0] for name in chosen)}
   evals = {}
   for seed in args.seeds:
@@ -211,11 +211,13 @@ def main(argv=None) -> int:
           for i in range(len(args.seeds))]
   command = (f"python experiments/feature_semantic.py --dataset {args.dataset} --base {base} "
              f"--out {out}" + (" --variants " + " ".join(args.variants) if args.variants else "")
-             + (" --sweep" if args.sweep else "") + (f" --vaegan {vaegan}" if args.vaegan else ""))
+             + (" --sweep" if args.sweep else "") + (f" --vaegan {vaegan}" if args.vaegan else "")
+             + ("" if args.report_split == "test" else f" --report-split {args.report_split}")
+             + "".join(f" {o}" for o in args.overrides))
   pixel_note = (f"; the pix_* heads' faces from the VAE-GAN {vaegan}"
                 if any(n in SWEEP_PIXEL for n in chosen) else "")
   notes = (f"Backbones: `python experiments/protocol.py --dataset {args.dataset} --methods none "
-           f"logit_adj --out {base}` (checkpoints chosen on validation; `wd`, when a head needs "
+           f"logit_adj --out {base}{''.join(' ' + o for o in args.overrides)}` (checkpoints chosen on validation; `wd`, when a head needs "
            f"it, trained into the same folder). Heads: `{command}`; each head re-trained on "
            f"the frozen backbone's features (`ferjax retrain-head`), chosen on validation mean "
            f"class accuracy{pixel_note}; *_best: chosen per seed on validation mean class "

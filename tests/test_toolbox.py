@@ -189,3 +189,17 @@ def test_protocol_refuses_an_unknown_method_before_making_its_out_folder(tmp_pat
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "--methods: unknown ['nosuch']" in err[0], err
   assert not out.exists()
+
+
+def test_feature_semantic_refuses_an_unknown_variant_before_making_its_out_folder(tmp_path,
+                                                                                   capsys):
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
+  try:
+    import feature_semantic
+  finally:
+    sys.path.pop(0)
+  out = tmp_path / "heads"
+  with pytest.raises(UserError, match=r"--variants: unknown \['nosuch'\]"):
+    feature_semantic.main(["--base", str(tmp_path / "base"), "--out", str(out),
+                           "--variants", "crt", "nosuch"])
+  assert not out.exists() and not (tmp_path / "base").exists()
