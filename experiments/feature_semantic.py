@@ -210,10 +210,11 @@ def main(argv=None) -> int:
           max((evals[n][i] for n in names), key=lambda e: e["val"]["mean_class_accuracy"])
           for i in range(len(args.seeds))]
   command = (f"python experiments/feature_semantic.py --dataset {args.dataset} --base {base} "
-             f"--out {out}" + (" --variants " + " ".join(args.variants) if args.variants else "")
-             + (" --sweep" if args.sweep else "") + (f" --vaegan {vaegan}" if args.vaegan else "")
+             f"--out {out}" + (" --sweep" if args.sweep else "")
+             + (f" --vaegan {vaegan}" if args.vaegan else "")
              + ("" if args.report_split == "test" else f" --report-split {args.report_split}")
-             + "".join(f" {o}" for o in args.overrides))
+             + "".join(f" {o}" for o in args.overrides)  # Before --variants, which takes a list.
+             + (" --variants " + " ".join(args.variants) if args.variants else ""))
   pixel_note = (f"; the pix_* heads' faces from the VAE-GAN {vaegan}"
                 if any(n in SWEEP_PIXEL for n in chosen) else "")
   notes = (f"Backbones: `python experiments/protocol.py --dataset {args.dataset} --methods none "
