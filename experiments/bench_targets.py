@@ -1,15 +1,18 @@
 """Every speed target of the project in one go: `ferjax bench` per target, one Markdown table.
 
   python experiments/bench_targets.py --out runs/bench_h200          # one H200: a few minutes
-  python experiments/bench_targets.py --out runs/bench_cpu --cpu     # 2-core CPU: ~3 minutes
+  python experiments/bench_targets.py --out runs/bench_cpu --cpu     # 2-core CPU: ~6 minutes
 
 Each row runs `ferjax bench` in its own process (so one failure or out-of-memory does not end
 the rest) and compares images/s with the plain-Flax and PyTorch-eager references measured on
 one H200 (docs/design.md). The augmentation row is the share of the FER-2013 recipe's train
 step taken by its batch pipeline (sampling, gather, synthesis of a quarter of the batch with an
 untrained DCGAN-64 VAE-GAN of the same cost, crop/flip/erasing); the target is at most 15%.
---cpu measures the CPU row instead (small-stem ResNet-18, 48 px gray, batch 64, f32) and, CPU
-speed moving with the machine and its load, measures its references in the same run:
+The MAE rows time SSFER's stage 1 (pretrain_fer2013.py: ViT-S, 75% of the patches masked) at
+48 px with 4 px patches and at 112 px with 16 px patches; the target is MFU >= 40% in bf16.
+--cpu measures the CPU rows instead (small-stem ResNet-18, 48 px gray, batch 64, f32; the MAE
+rows at batch 16, f32) and, CPU speed moving with the machine and its load, measures the
+ResNet's references in the same run:
 experiments/reference_resnet18.py for plain Flax, and for PyTorch eager with the interpreter
 given by --torch-python (torch is not a ferjax dependency; without it that column stays empty).
 A second table times the train step with each toolbox method (METHOD_ROWS) against the plain
@@ -27,6 +30,8 @@ SMALL = ["--config.model.name=resnet18", "--config.model.stem=small",
 STANDARD = ["--config.model.name=resnet18", "--config.model.stem=standard",
             "--config.data.image_size=112", "--config.data.channels=3"]
 BF16 = ["--config.model.dtype=bfloat16"]
+PRETRAIN = "experiments/configs/pretrain_fer2013.py"  # ViT-S/4 at 48 px gray, bf16, batch 512.
+VIT_112 = ["--config.data.image_size=112", "--config.model.patch_size=16"]  # 49 patches.
 
 # (row name, `ferjax bench` arguments, record "what", plain-Flax reference, PyTorch reference)
 GPU_ROWS = [
@@ -41,10 +46,21 @@ GPU_ROWS = [
     ("Evaluation (flip TTA), FER-2013 recipe, batch 512, bf16",
      ["evaluate", "--config", "experiments/configs/classifier_fer2013.py", "--batch", "512"],
      "evaluate", None, None),
+    # SSFER stage 1 (target: MFU >= 40% in bf16 on the H200).
+    ("MAE pre-training, ViT-S/4, 48 px gray, batch 512, bf16",
+     ["pretrain", "--config", PRETRAIN], "pretrain", None, None),
+    ("MAE pre-training, ViT-S/16, 112 px gray, batch 512, bf16",
+     ["pretrain", "--config", PRETRAIN, *VIT_112], "pretrain", None, None),
 ]
-CPU_ROWS = [  # References measured in the same run (measure_cpu_references).
+CPU_ROWS = [  # The ResNet row's references are measured in the same run (measure_cpu_references).
     ("ResNet-18 small stem, 48 px gray, batch 64, f32",
      ["classifier", *SMALL, "--batch", "64", "--steps", "3"], "classifier", None, None),
+    ("MAE pre-training, ViT-S/4, 48 px gray, batch 16, f32",
+     ["pretrain", "--config", PRETRAIN, "--config.model.dtype=float32", "--batch", "16",
+      "--steps", "2"], "pretrain", None, None),
+    ("MAE pre-training, ViT-S/16, 112 px gray, batch 16, f32",
+     ["pretrain", "--config", PRETRAIN, *VIT_112, "--config.model.dtype=float32", "--batch",
+      "16", "--steps", "2"], "pretrain", None, None),
 ]
 REFERENCE = pathlib.Path(__file__).with_name("reference_resnet18.py")
 # The toolbox's cost on the train step: each method against the plain linear head, same
@@ -132,7 +148,8 @@ def main() -> int:
     rows = GPU_ROWS
     if args.cpu:
       flax_speed, torch_speed = measure_cpu_references(args.torch_python, log)
-      rows = [(name, bench_args, what, flax_speed, torch_speed)
+      rows = [(name, bench_args, what, *((flax_speed, torch_speed) if what == "classifier"
+                                          else (None, None)))
               for name, bench_args, what, _, _ in CPU_ROWS]
     for name, bench_args, what, target, torch in rows:
       records = run_row(bench_args, log)
