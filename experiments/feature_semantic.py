@@ -209,22 +209,23 @@ def main(argv=None) -> int:
       evals[best] = [
           max((evals[n][i] for n in names), key=lambda e: e["val"]["mean_class_accuracy"])
           for i in range(len(args.seeds))]
+  overrides = "".join(f" {o}" for o in args.overrides)
   command = (f"python experiments/feature_semantic.py --dataset {args.dataset} --base {base} "
              f"--out {out}" + (" --sweep" if args.sweep else "")
              + (f" --vaegan {vaegan}" if args.vaegan else "")
              + ("" if args.report_split == "test" else f" --report-split {args.report_split}")
-             + "".join(f" {o}" for o in args.overrides)  # Before --variants, which takes a list.
+             + overrides  # Before --variants, which takes a list.
              + (" --variants " + " ".join(args.variants) if args.variants else ""))
   pixel_note = (f"; the pix_* heads' faces from the VAE-GAN {vaegan}"
                 if any(n in SWEEP_PIXEL for n in chosen) else "")
   notes = (f"Backbones: `python experiments/protocol.py --dataset {args.dataset} --methods none "
-           f"logit_adj --out {base}{''.join(' ' + o for o in args.overrides)}` (checkpoints chosen on validation; `wd`, when a head needs "
-           f"it, trained into the same folder). Heads: `{command}`; each head re-trained on "
-           f"the frozen backbone's features (`ferjax retrain-head`), chosen on validation mean "
-           f"class accuracy{pixel_note}; *_best: chosen per seed on validation mean class "
-           f"accuracy (feat_best among the feat_a* alphas, feat_la_best among every feat_la_*, "
-           f"pix_best among every pix_*). Seeds {', '.join(map(str, args.seeds))}; numbers on "
-           f"{args.report_split}.")
+           f"logit_adj --out {base}{overrides}` (checkpoints chosen on validation; `wd`, when a "
+           f"head needs it, trained into the same folder). Heads: `{command}`; each head "
+           f"re-trained on the frozen backbone's features (`ferjax retrain-head`), chosen on "
+           f"validation mean class accuracy{pixel_note}; *_best: chosen per seed on validation "
+           f"mean class accuracy (feat_best among the feat_a* alphas, feat_la_best among every "
+           f"feat_la_*, pix_best among every pix_*). Seeds {', '.join(map(str, args.seeds))}; "
+           f"numbers on {args.report_split}.")
   print(runner.write_results(out, evals, f"Feature-space semantic augmentation on {args.dataset}",
                              notes, args.report_split))
   return 0
