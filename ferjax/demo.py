@@ -91,8 +91,8 @@ def run(workdir, *, quick: bool = False, seed: int = 0) -> dict:
     configs.apply_overrides(vae_config, ["config.train.sample_every=10"])
   vaegan.train_and_evaluate(vae_config, workdir / "vaegan")
 
-  if quick:
-    shrink.append("config.optim.warmup_steps=5")  # The classifier's warm-up (50) must be shorter.
+  if quick:  # The classifier's warm-up (50 steps) must end before the run does.
+    shrink = [*shrink, "config.optim.warmup_steps=5"]
   recipes = {
       BASELINE: _config("classifier_synthetic.py", [*seed_override, *shrink]),
       LOGIT_ADJ: _config("classifier_synthetic.py", [*seed_override, *shrink,

@@ -2,7 +2,9 @@
 the real-data locator."""
 
 import atexit
+import importlib
 import os
+import sys
 import pathlib
 import shutil
 import tempfile
@@ -23,6 +25,18 @@ import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_FER2013 = REPO.parent / "shared" / "data" / "fer2013"
+
+
+@pytest.fixture
+def experiment():
+  """Imports a module of experiments/ by name (they import each other as top-level modules)."""
+  def load(name: str):
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+      return importlib.import_module(name)
+    finally:
+      sys.path.pop(0)
+  return load
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ config rules as one line, and resume of a RUL run (dropout + feature mixing) equ
 uninterrupted run."""
 
 import pathlib
-import sys
 import types
 
 import jax
@@ -234,12 +233,8 @@ def test_resume_of_a_rul_run_equals_the_uninterrupted_run(tmp_path, monkeypatch)
   jax.tree.map(np.testing.assert_array_equal, states[0], states[1])
 
 
-def test_protocol_has_every_toolbox_method_and_each_validates():
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
-  try:
-    import protocol
-  finally:
-    sys.path.pop(0)
+def test_protocol_has_every_toolbox_method_and_each_validates(experiment):
+  protocol = experiment("protocol")
   methods = protocol.methods(1000, pathlib.Path("vaegan"))
   assert {"eac", "rul", "dan", "coupling"} <= set(methods)
   for name in ("eac", "rul", "dan", "coupling"):

@@ -4,7 +4,6 @@ cosine head (model.head, LDAM-DRW's NormedLinear) and attentive patch pooling (m
 APViT's APP): their config rules, a real train step each, the protocol's LDAM-DRW methods and
 the refusal of --tau-norm on a cosine head."""
 
-import importlib
 import pathlib
 import sys
 import types
@@ -152,16 +151,7 @@ def test_tau_norm_is_refused_on_a_cosine_head(monkeypatch, tmp_path):
     evaluate.evaluate_run(tmp_path, tau_norm=1.0)
 
 
-def experiment(name: str):
-  """A module of experiments/ (they import each other as top-level modules)."""
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
-  try:
-    return importlib.import_module(name)
-  finally:
-    sys.path.pop(0)
-
-
-def test_protocol_reports_the_published_ldam_drw_and_labels_the_linear_variant():
+def test_protocol_reports_the_published_ldam_drw_and_labels_the_linear_variant(experiment):
   protocol = experiment("protocol")
   methods = protocol.methods(1000, pathlib.Path("vaegan"))
   for name, expected in (
@@ -180,7 +170,7 @@ def test_protocol_reports_the_published_ldam_drw_and_labels_the_linear_variant()
 
 
 def test_protocol_refuses_an_unknown_method_before_making_its_out_folder(tmp_path, monkeypatch,
-                                                                         capsys):
+                                                                         capsys, experiment):
   protocol, runner = experiment("protocol"), experiment("runner")
   out = tmp_path / "protocol_out"
   monkeypatch.setattr(sys, "argv", ["protocol.py", "--out", str(out), "--methods", "nosuch"])
@@ -193,7 +183,7 @@ def test_protocol_refuses_an_unknown_method_before_making_its_out_folder(tmp_pat
 
 
 def test_feature_semantic_refuses_an_unknown_variant_before_making_its_out_folder(tmp_path,
-                                                                                   capsys):
+                                                                                   experiment):
   feature_semantic = experiment("feature_semantic")
   out = tmp_path / "heads"
   with pytest.raises(UserError, match=r"--variants: unknown \['nosuch'\]"):
