@@ -17,6 +17,11 @@ recipe (classifier_<dataset>_vit.py, the shape of the pre-trained encoder) train
                 `ferjax train-semisup` (semisup_<dataset>_vit.py, FixMatch + EMA teacher) on the
                 same fraction, the rest of train its unlabeled pool; not run at 100% (no pool)
 
+and, as the reference the issue's targets compare against, the dataset's own ResNet recipe
+(classifier_<dataset>.py, from scratch) on the same labelled subset:
+
+  resnet        given the positional overrides except config.model.* (those shape the ViT)
+
 Stage 1 (`ferjax pretrain`, MAE, labels ignored) is trained once per dataset (seed 0, as the
 protocol's shared VAE-GAN) into <out>/pretrain on all train images (pretrain_<dataset>.py:
 synthetic faces / FER-2013's train and PublicTest images, never the test split) and shared by
@@ -59,13 +64,15 @@ import runner
 from ferjax import report
 from ferjax.errors import UserError
 
-# dataset -> (classifier config, semisup config, pretrain config); the ViTs match the encoder.
+# dataset -> (classifier config, semisup config, pretrain config, the dataset's ResNet recipe);
+# the ViTs match the encoder.
 DATASETS = {
     "synthetic": ("classifier_synthetic_vit.py", "semisup_synthetic_vit.py",
-                  "pretrain_synthetic.py"),
-    "fer2013": ("classifier_fer2013_vit.py", "semisup_fer2013_vit.py", "pretrain_fer2013.py"),
+                  "pretrain_synthetic.py", "classifier_synthetic.py"),
+    "fer2013": ("classifier_fer2013_vit.py", "semisup_fer2013_vit.py", "pretrain_fer2013.py",
+                "classifier_fer2013.py"),
 }
-METHODS = ("supervised", "mae", "mae_mixup", "ssfer")
+METHODS = ("supervised", "mae", "mae_mixup", "ssfer", "resnet")
 SHAPE = ("data.image_size", "data.channels", "model.name", "model.width", "model.depth",
          "model.patch_size", "model.readout", "model.input_norm")
 
@@ -89,7 +96,7 @@ def overrides_for(method, fraction, seed, pretrain, out) -> list:
   fraction_ = [] if fraction >= 1 else [f"config.data.label_fraction={fraction:g}"]
   common = [*fraction_, f"config.seed={seed}"]
   mae = [f"config.model.init_from={pretrain}"]
-  return {"supervised": common, "mae": [*common, *mae],
+  return {"supervised": common, "resnet": common, "mae": [*common, *mae],
           "mae_mixup": [*common, *mae, "config.augment.face_mixup_alpha=1.0"],
           "ssfer": [*common, f"config.model.init_from={out / f'mae_mixup_seed{seed}'}"]}[method]
 
@@ -197,7 +204,9 @@ def main(argv=None) -> int:
   methods = runner.select(dict.fromkeys(METHODS), args.methods, "--methods")
   out = pathlib.Path(args.out or f"runs/ssfer_{args.dataset}")
   out.mkdir(parents=True, exist_ok=True)
-  classifier_config, semisup_config, pretrain_config = DATASETS[args.dataset]
+  classifier_config, semisup_config, pretrain_config, resnet_config = DATASETS[args.dataset]
+  # The ResNet reference takes the positional overrides except the ViT's shape (config.model.*).
+  resnet_overrides = [o for o in args.overrides if not o.startswith("config.model.")]
   pretrain = pathlib.Path(args.pretrain_workdir or out / "pretrain")
   evals = {f: {} for f in args.fractions}
   if not args.collect:
@@ -211,7 +220,7 @@ def main(argv=None) -> int:
       pretrain_cfg = pretrain_kind.read_config(pretrain)
       check_pretrain_split(pretrain_cfg, args.report_split)
     check_shapes(runner.load(classifier_config, args.overrides), pretrain_cfg)
-    if args.pretrain_workdir is None and set(methods) - {"supervised"}:
+    if args.pretrain_workdir is None and set(methods) - {"supervised", "resnet"}:
       print("\n=== stage 1: MAE pre-training ===", flush=True)
       runner.train_pretrain(pretrain_config, pretrain, stage1_overrides)
   for seed in args.seeds:
@@ -230,11 +239,16 @@ def main(argv=None) -> int:
                                   [*args.overrides, *overrides_for("mae_mixup", fraction, seed,
                                                                    pretrain, folder)],
                                   report_split=args.report_split)
-          own = args.semisup_set if method == "ssfer" else []
-          result = runner.train_and_test(
-              semisup_config if method == "ssfer" else classifier_config, workdir,
-              [*args.overrides, *own, *overrides_for(method, fraction, seed, pretrain, folder)],
-              report_split=args.report_split, semisup=method == "ssfer")
+          if method == "ssfer":
+            config_name, overrides = semisup_config, [*args.overrides, *args.semisup_set]
+          elif method == "resnet":
+            config_name, overrides = resnet_config, resnet_overrides
+          else:
+            config_name, overrides = classifier_config, args.overrides
+          overrides = [*overrides, *overrides_for(method, fraction, seed, pretrain, folder)]
+          result = runner.train_and_test(config_name, workdir, overrides,
+                                         report_split=args.report_split,
+                                         semisup=method == "ssfer")
         if result is not None:
           evals[fraction].setdefault(method, []).append(result)
   evals = {f: by_method for f, by_method in evals.items() if by_method}
@@ -248,7 +262,8 @@ def main(argv=None) -> int:
   stage1 = "".join(" --pretrain-set=" + o for o in args.pretrain_set)
   stage1 += "".join(" --semisup-set=" + o for o in args.semisup_set)
   notes = (f"Classifier `{classifier_config}`, semi-supervised `{semisup_config}`, stage 1 "
-           f"`{pretrain_config}` in `{pretrain}` (seed 0, shared). Checkpoints chosen on "
+           f"`{pretrain_config}` in `{pretrain}` (seed 0, shared), reference `{resnet_config}` "
+           "(resnet: the dataset's ResNet recipe on the same labels). Checkpoints chosen on "
            f"validation; numbers on the {args.report_split} split, mean ± std over seeds "
            f"{', '.join(map(str, args.seeds))}. ssfer is not run at 100% (no unlabeled pool). "
            f"Command: `python experiments/ssfer.py --dataset {args.dataset} --out {out} "

@@ -55,6 +55,10 @@ def test_ssfer_every_method_one_fraction_then_collect(tmp_path, monkeypatch):
   mixup = json.loads((runs / "mae_mixup_seed0" / "config.json").read_text())
   assert mixup["model"]["init_from"] == str(out / "pretrain")
   assert mixup["augment"]["face_mixup_alpha"] == 1.0
+  resnet = json.loads((runs / "resnet_seed0" / "config.json").read_text())
+  assert resnet["model"]["name"] == "resnet10" and not resnet["model"]["init_from"]
+  assert resnet["model"]["depth"] is None  # SHAPE (config.model.*) shapes the ViTs only.
+  assert resnet["data"]["label_fraction"] == 0.25 and resnet["train"]["num_steps"] == 3
 
   for module in (classifier_trainer, semisup_trainer, pretrain_trainer):  # Resumes: no training.
     monkeypatch.setattr(module, "train_and_evaluate",
