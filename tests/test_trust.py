@@ -4,7 +4,8 @@ checkpoint, read nothing with pickle, and give the same result on 1 process or 2
 The subprocess tests run the real CLI (`python -m ferjax.cli train ...`) on the real synthetic
 set, with the environment of this test process (conftest: 8 fake CPU devices), so they compile
 the same programs as the in-process reference runs and must match them bit for bit. Kill points
-are random; a failure names the one it used. About 2-4 minutes on a 2-core CPU.
+are random; a failure names the one it used. Every trainer (classifier, VAE-GAN, MAE
+pre-training, semi-supervised) is killed and resumed. About 3-6 minutes on a 2-core CPU.
 """
 
 import json
@@ -30,8 +31,10 @@ from ferjax import runs
 from ferjax.core import parallel
 from ferjax.data import splits
 from ferjax.kinds import classifier as classifier_kind
+from ferjax.kinds import pretrain as pretrain_kind
+from ferjax.kinds import semisup as semisup_kind
 from ferjax.kinds import vaegan as vaegan_kind
-from ferjax.train import classifier, vaegan
+from ferjax.train import classifier, pretrain, semisup, vaegan
 from ferjax.core.checkpoint import Checkpoints
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -63,9 +66,36 @@ VAEGAN = {
     "train.eval_every": 4, "train.sample_every": 8, "train.checkpoint_every": 2,
     "train.keep_checkpoints": 100,
 }
+# tests/test_pretrain.py's tiny MAE (one block), on 2 devices, every step logged, a checkpoint
+# every 2 steps (all kept).
+PRETRAIN = {
+    "data.sources": "synthetic", "data.image_size": 32, "data.channels": 1,
+    "data.num_examples": 128, "data.val_fraction": 0.125,
+    "model.name": "vit_ti", "model.width": 0.25, "model.depth": 1, "model.patch_size": 4,
+    "mae.decoder_width": 32, "mae.decoder_depth": 1, "mae.decoder_heads": 4,
+    "optim.lr": 1e-3, "optim.warmup_steps": 2,
+    "train.num_steps": 8, "train.batch_size": 16, "train.num_devices": 2, "train.log_every": 1,
+    "train.eval_every": 4, "train.checkpoint_every": 2, "train.keep_checkpoints": 100,
+}
+# tests/test_semisup.py's tiny FlexMatch run (its per-image record is part of the state), on 2
+# devices, every step logged, a checkpoint every 2 steps (all kept).
+SEMISUP = {
+    "data.name": "synthetic", "data.image_size": 32, "data.channels": 1, "data.num_examples": 210,
+    "data.label_fraction": 0.2,
+    "model.name": "resnet10", "model.width": 0.125,
+    "augment.crop": "pad", "augment.crop_padding": 2,
+    "optim.name": "adamw", "optim.lr": 1e-3, "optim.warmup_steps": 1,
+    "semisup.threshold_mode": "flexmatch", "semisup.ratio": 2, "semisup.ema_decay": 0.9,
+    "semisup.randaugment_ops": 1,
+    "train.num_steps": 8, "train.batch_size": 8, "train.num_devices": 2, "train.log_every": 1,
+    "train.eval_every": 4, "train.checkpoint_every": 2, "train.keep_checkpoints": 100,
+    "eval.batch_size": 64,
+}
 # trainer module, the run kind's module (its default_config), overrides, CLI verb
 TRAINERS = {"classifier": (classifier, classifier_kind, CLASSIFIER, "train"),
-            "vaegan": (vaegan, vaegan_kind, VAEGAN, "train-vaegan")}
+            "vaegan": (vaegan, vaegan_kind, VAEGAN, "train-vaegan"),
+            "pretrain": (pretrain, pretrain_kind, PRETRAIN, "pretrain"),
+            "semisup": (semisup, semisup_kind, SEMISUP, "train-semisup")}
 
 
 # =================================================================================================
@@ -201,23 +231,37 @@ def metric_records(workdir) -> list[dict]:
   return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in lines]
 
 
-def classifier_state(workdir, which="latest"):
-  """The full train state (parameters, BatchNorm statistics, optimizer, EMA) on the host."""
-  config = classifier_kind.read_config(workdir)
+def restore_state(workdir, which, target_from_meta):
+  """The state at `which` on the host, its target built by target_from_meta(meta)."""
   ckpt = Checkpoints(pathlib.Path(workdir) / "checkpoints")
   try:
-    num_classes = len(ckpt.read_meta(which)["class_names"])
-    model = resnet.model_from_config(config.model, num_classes)
-    target = classifier_kind.abstract_state(config, model, parallel.make_mesh(1))
-    state, meta = ckpt.restore(target, which)
+    state, meta = ckpt.restore(target_from_meta(ckpt.read_meta(which)), which)
   finally:
     ckpt.close()
   return jax.device_get(state), meta
 
 
+def classifier_state(workdir, which="latest"):
+  """The full train state (parameters, BatchNorm statistics, optimizer, EMA) on the host."""
+  config = classifier_kind.read_config(workdir)
+  return restore_state(workdir, which, lambda meta: classifier_kind.abstract_state(
+      config, resnet.model_from_config(config.model, len(meta["class_names"])),
+      parallel.make_mesh(1)))
+
+
 def trainer_state(trainer: str, workdir, which="latest"):
   if trainer == "classifier":
     return classifier_state(workdir, which)
+  mesh = parallel.make_mesh(1)
+  if trainer == "pretrain":
+    config = pretrain_kind.read_config(workdir)
+    return restore_state(workdir, which, lambda meta: pretrain_kind.abstract_state(
+        config, pretrain_kind.build_models(config), mesh))
+  if trainer == "semisup":  # Student, teacher, optimizer and FlexMatch's record.
+    config = semisup_kind.read_config(workdir)
+    return restore_state(workdir, which, lambda meta: semisup_kind.abstract_state(
+        config, semisup_kind.build_model(config, len(meta["class_names"])), mesh,
+        meta["pool_size"]))
   _, _, state, meta = runs.restore_vaegan_state(workdir, which)
   return jax.device_get(state), meta
 
@@ -257,7 +301,17 @@ def vaegan_reference(tmp_path_factory):
   return uninterrupted("vaegan", tmp_path_factory)
 
 
-REFERENCES = {"classifier": "classifier_reference", "vaegan": "vaegan_reference"}
+@pytest.fixture(scope="module")
+def pretrain_reference(tmp_path_factory):
+  return uninterrupted("pretrain", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def semisup_reference(tmp_path_factory):
+  return uninterrupted("semisup", tmp_path_factory)
+
+
+REFERENCES = {trainer: f"{trainer}_reference" for trainer in TRAINERS}
 
 
 # =================================================================================================
@@ -323,7 +377,7 @@ def kill_and_resume(trainer, reference_dir, tmp_path, env, *, during_save: bool)
   assert latest_and_best(workdir) == latest_and_best(reference_dir), context
 
 
-@pytest.mark.parametrize("trainer", ["classifier", "vaegan"])
+@pytest.mark.parametrize("trainer", list(TRAINERS))
 def test_sigkill_between_checkpoints_then_rerun_equals_uninterrupted(trainer, request, tmp_path,
                                                                      cli_env):
   reference_dir, _ = request.getfixturevalue(REFERENCES[trainer])
