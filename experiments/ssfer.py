@@ -38,18 +38,21 @@ chosen on validation; every number is on --report-split. Writes results.md (mean
 seeds of accuracy, mean class accuracy and the weakest class's recall per fraction x method,
 per-class recall per fraction), results.json and mca_vs_fraction.png.
 
-Measured time, synthetic, idle 2-core Intel Xeon, one process per seed (3 at once), CPU-sized
+Measured time, synthetic, 2-core Intel Xeon, one process per seed (3 at once). CPU-sized
 (positional config.train.num_steps=500 config.train.eval_every=125
 config.train.checkpoint_every=125, --semisup-set=config.semisup.ratio=2
---semisup-set=config.train.num_steps=250): stage 1 3.7 min, then about 26 min per fraction
-(5 min supervised, 5 min mae, 8 min mae_mixup, 8 min ssfer for the 3 seeds), 1 h 41 min in all;
-the configs' own 1000 steps and ratio 3 should need 4-5 h (estimate: twice the classifier
-time, about 6x the semi-supervised). The README has that table: 500 steps end before the
-supervised ViT leaves the class prior (at lr 1e-3 it starts learning near step 400 of a
-2,000-step run), so use the configs' 1,000 steps or more where time allows. To shorten or
-split: --seeds 0 or --fractions; one process per seed (--seeds S, same --out) runs them side
-by side (start the others once the first has finished stage 1, which they share) or on other
-machines (--pretrain-workdir), then --collect with every seed.
+--semisup-set=config.train.num_steps=250), idle: stage 1 3.7 min, then about 26 min per
+fraction (5 min supervised, 5 min mae, 8 min mae_mixup, 8 min ssfer for the 3 seeds), 1 h 41 min
+in all. The configs' 1,000 classifier steps with --semisup-set=config.semisup.ratio=2
+--semisup-set=config.train.num_steps=500 (and eval/checkpoint every 125), --fractions 0.25 1:
+stage 1 3.5 min, then 9-18 min per supervised or mae run, about 21 min per mae_mixup or ssfer
+run and 7-17 min per resnet run (3 to 7 processes at once); about 1 h 55 min in all with the
+resnet and a FlexMatch variant beside it. The README has both tables; even 1,000 steps leave
+the from-scratch ViT at or near the class prior (at lr 1e-3 it starts learning near step 400 of
+a 2,000-step run at 100% labels). To shorten or split: --seeds 0 or --fractions; one process
+per seed (--seeds S, same --out) runs them side by side (start the others once the first has
+finished stage 1, which they share) or on other machines (--pretrain-workdir), then --collect
+with every seed.
 FER-2013 on one H200: unmeasured; guessing from the ResNet-18 recipe's 95 s a
 run, a few minutes per classifier run, 10+ min per semisup run, stage 1 (30k steps of 512)
 under an hour: 3-6 h.
