@@ -284,34 +284,29 @@ def assert_bit_identical(a, b, what: str):
         f"{np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))})")
 
 
-def uninterrupted(trainer: str, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp(f"{trainer}_reference")
-  result = TRAINERS[trainer][0].train_and_evaluate(make_config(trainer), workdir)
-  return workdir, result
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """reference(trainer) -> (workdir, result) of one uninterrupted in-process run of that trainer,
+  made on first use and shared by the module: every other run must reproduce it."""
+  made = {}
+
+  def get(trainer: str):
+    if trainer not in made:
+      workdir = tmp_path_factory.mktemp(f"{trainer}_reference")
+      made[trainer] = workdir, TRAINERS[trainer][0].train_and_evaluate(make_config(trainer),
+                                                                       workdir)
+    return made[trainer]
+  return get
 
 
 @pytest.fixture(scope="module")
-def classifier_reference(tmp_path_factory):
-  """One uninterrupted in-process classifier run: every other run must reproduce it."""
-  return uninterrupted("classifier", tmp_path_factory)
+def classifier_reference(reference):
+  return reference("classifier")
 
 
 @pytest.fixture(scope="module")
-def vaegan_reference(tmp_path_factory):
-  return uninterrupted("vaegan", tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def pretrain_reference(tmp_path_factory):
-  return uninterrupted("pretrain", tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def semisup_reference(tmp_path_factory):
-  return uninterrupted("semisup", tmp_path_factory)
-
-
-REFERENCES = {trainer: f"{trainer}_reference" for trainer in TRAINERS}
+def vaegan_reference(reference):
+  return reference("vaegan")
 
 
 # =================================================================================================
@@ -378,9 +373,9 @@ def kill_and_resume(trainer, reference_dir, tmp_path, env, *, during_save: bool)
 
 
 @pytest.mark.parametrize("trainer", list(TRAINERS))
-def test_sigkill_between_checkpoints_then_rerun_equals_uninterrupted(trainer, request, tmp_path,
+def test_sigkill_between_checkpoints_then_rerun_equals_uninterrupted(trainer, reference, tmp_path,
                                                                      cli_env):
-  reference_dir, _ = request.getfixturevalue(REFERENCES[trainer])
+  reference_dir, _ = reference(trainer)
   kill_and_resume(trainer, reference_dir, tmp_path, cli_env, during_save=False)
 
 
