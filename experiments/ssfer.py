@@ -207,7 +207,8 @@ def main(argv=None) -> int:
     raise UserError(f"--fractions: each in (0, 1], got {bad}")
   methods = runner.select(dict.fromkeys(METHODS), args.methods, "--methods")
   out = pathlib.Path(args.out or f"runs/ssfer_{args.dataset}")
-  out.mkdir(parents=True, exist_ok=True)
+  if not args.collect:  # --collect only reads: a mistyped --out must not leave a folder behind.
+    out.mkdir(parents=True, exist_ok=True)
   classifier_config, semisup_config, pretrain_config, resnet_config = DATASETS[args.dataset]
   # The ResNet reference takes the positional overrides except the ViT's shape (config.model.*).
   resnet_overrides = [o for o in args.overrides if not o.startswith("config.model.")]

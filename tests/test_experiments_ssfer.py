@@ -84,4 +84,5 @@ def test_ssfer_refuses_a_mismatched_encoder_and_bad_flags(tmp_path):
   with pytest.raises(UserError, match="--methods"):
     ssfer.main(["--out", str(tmp_path), "--methods", "nope"])
   with pytest.raises(UserError, match="no finished runs"):
-    ssfer.main(["--out", str(tmp_path), "--collect"])
+    ssfer.main(["--out", str(tmp_path / "typo"), "--collect"])
+  assert not (tmp_path / "typo").exists()  # --collect reads only: no folder left behind.
