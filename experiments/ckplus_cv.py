@@ -150,15 +150,15 @@ def run_probe(run, out: pathlib.Path, data_dir) -> dict | None:
   """Features of every CK+ image from `run`, then the probe over CK+'s own 10 subject-disjoint
   folds (`ferjax probe --folds fold`); None and a printed line when ferjax.probe is missing."""
   try:
-    from ferjax import probe
+    from ferjax import features, probe
   except ImportError:
     print("--probe-features: skipped (this ferjax has no ferjax.probe)")
     return None
-  features = out / "probe" / "features_ckplus-all.npz"
-  features.parent.mkdir(parents=True, exist_ok=True)
-  if not features.exists():
-    evaluate.features_run(run, features, split="all", dataset="ckplus", data_dir=data_dir)
-  result = probe.run_probe(features, folds="fold")
+  path = out / "probe" / "features_ckplus-all.npz"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  if not path.exists():
+    features.features_run(run, path, split="all", dataset="ckplus", data_dir=data_dir)
+  result = probe.run_probe(path, folds="fold")
   probe.write_outputs(result, out / "probe" / "probe.json")
   print(probe.format_table(result))
   return result

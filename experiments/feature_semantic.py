@@ -22,7 +22,7 @@ checkpoint, as experiments/protocol.py does). Finished heads in --out are reused
 
 Takes the protocol's finished runs (`none` and `logit_adj`, one per seed; trained if missing)
 and, on each run's frozen backbone, re-trains the classifier head with `ferjax retrain-head`
-under every variant below (ferjax.train.head; nothing of the backbone changes). Each variant is
+under every variant below (ferjax.train.retrain_head; nothing of the backbone changes). Each variant is
 evaluated, at its head chosen on validation, on validation (for choices) and test (reported).
 Methods (backbone / head stage):
 
@@ -67,7 +67,8 @@ import re
 
 import runner
 
-from ferjax import evaluate, report
+from ferjax import configs, evaluate, report
+from ferjax.kinds import retrain_head as retrain_head_kind
 
 ALPHAS = (0.5, 1.0, 2.0)
 TAUS = (0.5, 1.0, 1.5, 2.0)
@@ -146,11 +147,12 @@ def tau_norm(backbone: pathlib.Path, report_split: str = "test") -> dict:
 def run_head(backbone: pathlib.Path, out: pathlib.Path, overrides,
              report_split: str = "test") -> dict:
   """Re-trains (unless done) and evaluates one head; {report split metrics..., "val": ...}."""
-  from ferjax.train import head
+  from ferjax.train import retrain_head
   if not (out / f"eval_{report_split}.json").exists():
     if not out.exists():
-      head.cli_main(argparse.Namespace(workdir=str(backbone), out=str(out), config=None,
-                                       overrides=[f"--{o}" for o in [*overrides, *FAST]]))
+      config = retrain_head_kind.default_config()
+      configs.apply_overrides(config, [f"--{o}" for o in [*overrides, *FAST]])
+      retrain_head.retrain_head(config, backbone, out)
     for split in ("val", report_split):
       evaluate.evaluate_run(out, split, checkpoint="best", tta="none")
   return {**report.read_eval(out / f"eval_{report_split}.json"),

@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "only the classes the two datasets share)")
   _add_distributed_args(p)
 
-  p = _verb(verbs, "features", "ferjax.evaluate:features_main",
+  p = _verb(verbs, "features", "ferjax.features:features_main",
             "Write a trained classifier's penultimate features, logits, labels and ids (file, "
             "subject and fold where the dataset has them) of one split of any dataset to an "
             ".npz file, for linear probes (`ferjax probe`).",
@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_dataset_args(p, "read another dataset's split (every class it has, labels in its own "
                        "class list)")
 
-  p = _verb(verbs, "retrain-head", "ferjax.train.head:cli_main",
+  p = _verb(verbs, "retrain-head", "ferjax.train.retrain_head:cli_main",
             "Re-train a finished classifier's head on its frozen backbone's penultimate features "
             "(cRT: class-balanced batches by default), optionally with synthetic minority-class "
             "features from a small VAE trained on those features (--config.synth.mode=feature) "
@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--config.synth.vaegan_workdir=DIR); writes a new classifier workdir that evaluate, predict and export use unchanged.",
             "ferjax retrain-head --workdir runs/classifier_tiny --out runs/classifier_tiny_crt "
             "--config.synth.mode=feature",
-            epilog=EPILOG_CONFIG + " Without --config, the stage's defaults (ferjax.kinds.head).")
+            epilog=EPILOG_CONFIG + " Without --config, the stage's defaults (ferjax.kinds.retrain_head).")
   p.add_argument("--workdir", required=True, metavar="RUN",
                  help="a finished `ferjax train` run folder (its backbone is kept)")
   p.add_argument("--out", required=True, metavar="NEWRUN",
@@ -236,16 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
                  help="classes of the model to start: the file's head is kept only when it has K "
                       "classes (default: keep it whatever its size)")
 
-  p = _verb(verbs, "export", "ferjax.inference:cli_export",
+  p = _verb(verbs, "export", "ferjax.export:cli_export",
             "Export a trained classifier's checkpoint to one file (jax.export, weights included) "
-            "that `ferjax predict --model FILE` and ferjax.inference.load_exported run without "
+            "that `ferjax predict --model FILE` and ferjax.export.load_exported run without "
             "the run's config or checkpoints.",
             "ferjax export --workdir runs/classifier_tiny --out classifier_tiny.ferjax")
   p.add_argument("--workdir", required=True, help="a `ferjax train` run folder")
   p.add_argument("--out", required=True, metavar="FILE", help="file to write (must not exist)")
   p.add_argument("--checkpoint", default="best", help="best (on validation), last, or a step")
 
-  p = _verb(verbs, "synthesize", "ferjax.augment.export:cli_main",
+  p = _verb(verbs, "synthesize", "ferjax.synthesize:cli_main",
             "Export a balanced synthetic set from a trained VAE-GAN: N faces per class made by "
             "perturbing the latents of real seed images of that class, written as a folder "
             "dataset (<out>/train/<class>/*.png, loadable with ferjax.data.load) plus a per-class "

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-from ferjax import fileio
+from ferjax import writing
 from ferjax.errors import UserError
 
 
@@ -110,7 +110,7 @@ def to_dict(config) -> dict:
 
 def save_config(config, path) -> None:
   """Writes config.json atomically (a partial file renamed into place: a kill never tears it)."""
-  fileio.write_atomic(path, json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
+  writing.write_atomic(path, json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
 
 
 def read_saved(default: ml_collections.ConfigDict, path, what: str) -> ml_collections.ConfigDict:

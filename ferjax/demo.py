@@ -24,7 +24,7 @@
 8. `report.md` with the comparison, the choice, per-class recall and the pictures.
 
 The configs are the repository's experiment files (`experiments/configs/*_synthetic.py`) and
-retrain-head's defaults (ferjax.kinds.head), so the demo runs exactly what they document.
+retrain-head's defaults (ferjax.kinds.retrain_head), so the demo runs exactly what they document.
 Running it again reuses finished stages (the trainers resume; a finished head is kept).
 """
 
@@ -35,12 +35,12 @@ import time
 import numpy as np
 
 from ferjax import configs, evaluate, plots, report, runs
-from ferjax.augment import export, quality, synthesis
+from ferjax.augment import quality, synthesis
 from ferjax.core import workdir as workdir_lib
 from ferjax.data import splits
 from ferjax.errors import UserError
-from ferjax.kinds import head as head_kind
-from ferjax.train import classifier, head, vaegan
+from ferjax.kinds import retrain_head as head_kind
+from ferjax.train import classifier, retrain_head, vaegan
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "experiments" / "configs"
@@ -160,7 +160,7 @@ def _feature_head(baseline_dir, out, seed: int, quick: bool) -> dict:
   configs.apply_overrides(config, [*FEATURE_OVERRIDES, *shrink, f"config.seed={seed}"])
   done = out / "head.json"
   if not done.exists():
-    return head.retrain_head(config, baseline_dir, out)
+    return retrain_head.retrain_head(config, baseline_dir, out)
   result = json.loads(done.read_text())
   if result.get("config") != json.loads(json.dumps(configs.to_dict(config))):
     raise UserError(f"{out} holds a head re-trained with another config (a --quick run?): "
@@ -179,8 +179,9 @@ def _synthetic_samples(config, train_ds, baseline_dir, workdir, per_class: int =
   fake, labels, seed_idx = synthesis.synthesize_per_class(
       vae, train_ds.images, train_ds.labels, train_ds.num_classes, per_class,
       **synthesis.options(config))
-  grid = export.save_seed_grid(workdir / "synthetic_samples.png", train_ds.images[seed_idx], fake,
-                               labels, train_ds.class_names)
+  grid = plots.save_seed_grid(workdir / "synthetic_samples.png",
+                              synthesis.seeds_like(train_ds.images[seed_idx], fake), fake,
+                              labels, train_ds.class_names)
   judge = runs.open_classifier(baseline_dir, "best")
   predict = lambda images: evaluate.predict_logits(judge.model, judge.variables, images,
                                                    return_features=True, batch_size=256)

@@ -4,7 +4,6 @@
     ferjax evaluate --workdir runs/baseline --split test [--checkpoint best|last|STEP]
                     [--tta flip|none] [--logit-adjust TAU] [--tau-norm TAU] [--features]
     ferjax evaluate --workdir runs/fer2013 --dataset ckplus --split all    # cross-dataset
-    ferjax features --workdir runs/fer2013 --dataset ckplus --split all --out ckplus.npz
 
 restores the run's config (workdir/config.json) and checkpoint, predicts the split in fixed-size
 batches (the last one padded; padded rows are dropped before any metric), and writes
@@ -52,7 +51,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ferjax import fileio, losses, plots, runs
+from ferjax import writing, losses, plots, runs
 from ferjax.core import parallel
 from ferjax.core import workdir as workdir_lib
 from ferjax.data import labels as fer_labels
@@ -380,7 +379,7 @@ def evaluate_run(workdir, split: str = "test", *, checkpoint="best", tta: str | 
                 cross_dataset=cross, restrict_to_shared=bool(restrict_to_shared),
                 dropped=note, file=f"eval_{tag}.json")
   if write and parallel.is_main_process():  # Several processes: process 0 writes the files.
-    fileio.write_atomic(workdir / f"eval_{tag}.json", json.dumps(result, indent=2) + "\n")
+    writing.write_atomic(workdir / f"eval_{tag}.json", json.dumps(result, indent=2) + "\n")
     title = (f"{result['dataset']} {split} (step {run.step}, tta {tta}, "
              f"tau {float(logit_adjust):g}" + (f", tau-norm {float(tau_norm):g})" if tau_norm
                                                else ")"))
@@ -423,33 +422,7 @@ def write_features(path, dataset, features, logits, run, split: str) -> None:
                 format_version=np.asarray(FEATURES_FORMAT_VERSION))
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
-  fileio.write_atomic(path, buffer.getvalue())
-
-
-def features_run(workdir, out, *, split: str = "test", dataset: str | None = None,
-                 checkpoint="best", tta: str | None = None, data_dir=None,
-                 manual_dir=None) -> dict:
-  """`ferjax features`: writes `out` (`write_features`' format) for a split of the run's own
-  dataset or of another one (every class it has, labels in its own class list: a linear probe
-  learns them). Returns {"out", "num_examples", "dim"}."""
-  out = pathlib.Path(out).expanduser()
-  if out.suffix != ".npz":
-    raise UserError(f"--out {out}: expected a file name ending in .npz")
-  if out.exists():
-    raise UserError(f"--out {out}: already exists: expected a new file (remove it or choose "
-                    f"another name)")
-  if not out.parent.is_dir():
-    raise UserError(f"--out {out}: its folder {out.parent} does not exist")
-  run = runs.open_classifier(pathlib.Path(workdir), str(checkpoint))
-  config = run.config
-  tta = check_tta(tta or config.eval.tta)
-  data, _ = load_target(config, split, dataset, data_dir=data_dir, manual_dir=manual_dir)
-  logits, feats = predict_logits(run.model, run.variables, data.images, tta=tta, mesh=run.mesh,
-                                 batch_size=eval_batch_size(config, run.mesh),
-                                 return_features=True)
-  if parallel.is_main_process():
-    write_features(out, data, feats, logits, run, split)
-  return {"out": str(out), "num_examples": len(data), "dim": int(feats.shape[-1])}
+  writing.write_atomic(path, buffer.getvalue())
 
 
 def cli_main(args) -> int:
@@ -470,13 +443,4 @@ def cli_main(args) -> int:
   print(f"{where}{split} step {result['step']}: accuracy {result['accuracy']:.4f}  mean class "
         f"accuracy {result['mean_class_accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}  "
         f"({group_text})  -> {pathlib.Path(args.workdir) / result['file']}")
-  return 0
-
-
-def features_main(args) -> int:
-  """`ferjax features`: see `features_run`."""
-  done = features_run(args.workdir, args.out, split=args.split, dataset=args.dataset,
-                      checkpoint=args.checkpoint, tta=args.tta, data_dir=args.data_dir,
-                      manual_dir=args.manual_dir)
-  print(f"wrote {done['num_examples']} x {done['dim']} features to {done['out']}")
   return 0

@@ -65,6 +65,21 @@ def save_class_grid(images, labels, class_names, path, *, per_class: int = 10,
   return _save(fig, path)
 
 
+def save_seed_grid(path, seeds, fake, labels, class_names, per_row: int = 5):
+  """Each row: `per_row` real seeds of a class, then the faces synthesized from them (the seeds
+  in the faces' size and channels)."""
+  if seeds.shape[1:] != fake.shape[1:]:
+    raise ValueError(f"seeds {seeds.shape[1:]} and faces {fake.shape[1:]} differ in shape")
+  grid_images, grid_labels = [], []
+  for k in np.unique(labels):
+    first = np.flatnonzero(labels == k)[:per_row]
+    grid_images += [seeds[first], fake[first]]
+    grid_labels += [labels[first]] * 2
+  # save_class_grid keeps the given order within a row: seeds first, then their faces.
+  return save_class_grid(np.concatenate(grid_images), np.concatenate(grid_labels),
+                               class_names, path, per_class=2 * per_row, scale=2)
+
+
 def save_class_histogram(counts_by_split: dict, class_names, path, *, title="") -> pathlib.Path:
   """Grouped bars of per-class counts, one group per class, one bar per split (log scale off)."""
   fig, ax = plt.subplots(figsize=(1.1 * len(class_names) + 2, 3.6))

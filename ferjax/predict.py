@@ -34,8 +34,8 @@ import sys
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from ferjax import inference
-from ferjax.data import files
+from ferjax import export, inference
+from ferjax.data import reading
 from ferjax.data.images import to_8bit
 from ferjax.errors import UserError
 
@@ -72,7 +72,7 @@ def find_files(inputs) -> tuple[list[pathlib.Path], list[tuple]]:
   found, skipped, seen = {}, [], set()
 
   def add(path):
-    if files.is_regular(path):
+    if reading.is_regular(path):
       found.setdefault(path.resolve(), path)
     else:
       skipped.append((path, "not a regular file"))
@@ -81,7 +81,7 @@ def find_files(inputs) -> tuple[list[pathlib.Path], list[tuple]]:
     if folder.resolve() in seen:  # A link back up the tree.
       return
     seen.add(folder.resolve())
-    for entry in files.list_dir(folder):
+    for entry in reading.list_dir(folder):
       if entry.name.startswith("."):
         continue
       if entry.is_dir():
@@ -99,16 +99,16 @@ def find_files(inputs) -> tuple[list[pathlib.Path], list[tuple]]:
       matches = [pathlib.Path(p) for p in sorted(glob.glob(os.path.expanduser(text),
                                                            recursive=True))]
       if not matches:
-        raise UserError(f"{files.shown(text)}: the pattern matches no file")
+        raise UserError(f"{reading.shown(text)}: the pattern matches no file")
     else:
-      raise UserError(f"{files.shown(text)}: no such file or folder")
+      raise UserError(f"{reading.shown(text)}: no such file or folder")
     for match in matches:
       if match.is_dir():
         walk(match)
       else:
         add(match)
   if not found:
-    named = " ".join(map(files.shown, inputs[:3])) + (" ..." if len(inputs) > 3 else "")
+    named = " ".join(map(reading.shown, inputs[:3])) + (" ..." if len(inputs) > 3 else "")
     if not skipped:
       raise UserError(f"{named}: no files found (an empty folder?)")
     raise UserError(f"{named}: no readable image ({_skipped_text(skipped)})")
@@ -117,8 +117,8 @@ def find_files(inputs) -> tuple[list[pathlib.Path], list[tuple]]:
 
 def read_image(path) -> np.ndarray:
   """uint8 [H, W, 1] (gray) or [H, W, 3] of an image file as displayed (EXIF orientation
-  applied; 16-bit scaled to 8); raises one of files.IMAGE_ERRORS when it is not one."""
-  with files.strict_images(), Image.open(path) as img:
+  applied; 16-bit scaled to 8); raises one of reading.IMAGE_ERRORS when it is not one."""
+  with reading.strict_images(), Image.open(path) as img:
     img = to_8bit(ImageOps.exif_transpose(img))
     array = np.asarray(img.convert("L" if img.mode in ("L", "LA", "1") else "RGB"))
   return array[..., None] if array.ndim == 2 else array
@@ -128,38 +128,38 @@ def read_boxes(path) -> dict:
   """{image path: [(CSV line, (x, y, w, h)), ...]} of a boxes CSV (header file,x,y,w,h; file
   relative to the CSV's folder or absolute); a UserError names the CSV line at fault."""
   path = pathlib.Path(path)
-  if not files.is_regular(path):
-    raise UserError(f"--boxes: {files.shown(path)} is not a file: expected a CSV with header "
+  if not reading.is_regular(path):
+    raise UserError(f"--boxes: {reading.shown(path)} is not a file: expected a CSV with header "
                     f"{','.join(BOXES_HEADER)}")
   boxes = {}
   try:
-    rows = list(files.read_csv(path))
+    rows = list(reading.read_csv(path))
   except OSError as e:
-    raise files.io_error(e, "read the boxes file") from None
+    raise reading.io_error(e, "read the boxes file") from None
   if not rows or [c.strip().lower() for c in rows[0][1]] != BOXES_HEADER:
     line, got = (rows[0][0], ",".join(rows[0][1])) if rows else (1, "an empty file")
-    raise UserError(f"{files.shown(path)} line {line}: expected the header "
-                    f"{','.join(BOXES_HEADER)}, got {files.shown(got)}")
+    raise UserError(f"{reading.shown(path)} line {line}: expected the header "
+                    f"{','.join(BOXES_HEADER)}, got {reading.shown(got)}")
   for line, row in rows[1:]:
-    where = f"{files.shown(path)} line {line}"
+    where = f"{reading.shown(path)} line {line}"
     if len(row) != 5:
       raise UserError(f"{where}: expected 5 fields (file,x,y,w,h), got {len(row)}")
     try:
       x, y, w, h = (float(v) for v in row[1:])
     except ValueError:
-      raise UserError(f"{where}: expected numbers x,y,w,h, got {files.shown(','.join(row[1:]))}")\
+      raise UserError(f"{where}: expected numbers x,y,w,h, got {reading.shown(','.join(row[1:]))}")\
           from None
     if not all(map(math.isfinite, (x, y, w, h))) or min(x, y) < 0 or min(w, h) < 1:
       raise UserError(f"{where}: expected x, y >= 0 and w, h >= 1 pixels, got "
-                      f"{files.shown(','.join(row[1:]))}")
+                      f"{reading.shown(','.join(row[1:]))}")
     image = pathlib.Path(row[0].strip()).expanduser()
     image = image if image.is_absolute() else path.parent / image
-    if not files.is_regular(image):
+    if not reading.is_regular(image):
       what = "is not a regular file" if image.exists() else "not found"
-      raise UserError(f"{where}: image {files.shown(image)} {what}")
+      raise UserError(f"{where}: image {reading.shown(image)} {what}")
     boxes.setdefault(image, []).append((line, tuple(round(v) for v in (x, y, w, h))))
   if not boxes:
-    raise UserError(f"{files.shown(path)}: lists no boxes, only its header")
+    raise UserError(f"{reading.shown(path)}: lists no boxes, only its header")
   return boxes
 
 
@@ -217,8 +217,8 @@ def faces_in_files(paths, skipped=(), *, detect=None, margin: float = 0.2) -> Fo
   for path in paths:
     try:
       image = read_image(path)
-    except files.IMAGE_ERRORS as e:
-      found.skipped.append((path, files.image_reason(e)))
+    except reading.IMAGE_ERRORS as e:
+      found.skipped.append((path, reading.image_reason(e)))
       continue
     if detect is None:
       found.images[path] = 1
@@ -237,15 +237,15 @@ def faces_in_boxes(boxes: dict, boxes_file, margin: float = 0.2) -> Found:
   for image_path, entries in boxes.items():
     try:
       image = read_image(image_path)
-    except files.IMAGE_ERRORS as e:
-      raise UserError(f"{files.shown(boxes_file)} line {entries[0][0]}: "
-                      f"{files.shown(image_path)} is not a readable image "
-                      f"({files.image_reason(e)})") from None
+    except reading.IMAGE_ERRORS as e:
+      raise UserError(f"{reading.shown(boxes_file)} line {entries[0][0]}: "
+                      f"{reading.shown(image_path)} is not a readable image "
+                      f"({reading.image_reason(e)})") from None
     height, width = image.shape[:2]
     for line, (x, y, w, h) in entries:
       if x + w > width or y + h > height:
-        raise UserError(f"{files.shown(boxes_file)} line {line}: box {x},{y},{w},{h} lies "
-                        f"outside {files.shown(image_path)} ({width}x{height})")
+        raise UserError(f"{reading.shown(boxes_file)} line {line}: box {x},{y},{w},{h} lies "
+                        f"outside {reading.shown(image_path)} ({width}x{height})")
     _add_faces(found, image_path, image, [box for _, box in entries], margin)
   return found
 
@@ -257,7 +257,7 @@ def _add_faces(found, path, image, boxes, margin):
 
 
 def _skipped_text(skipped, most: int = 5) -> str:
-  named = ", ".join(f"{files.shown(p)}: {reason}" for p, reason in skipped[:most])
+  named = ", ".join(f"{reading.shown(p)}: {reason}" for p, reason in skipped[:most])
   more = f", and {len(skipped) - most} more" if len(skipped) > most else ""
   return f"{_count(len(skipped), 'file')} skipped: {named}{more}"
 
@@ -279,7 +279,7 @@ def rows_of(faces, probs, class_names) -> list[dict]:
   rows = []
   for face, p in zip(faces, probs):
     k = int(np.argmax(p))
-    rows.append({"file": files.shown(face.file), "face": face.index, "box": list(face.box),
+    rows.append({"file": reading.shown(face.file), "face": face.index, "box": list(face.box),
                  "label": class_names[k], "confidence": round(float(p[k]), 6),
                  "probabilities": {n: round(float(v), 6) for n, v in zip(class_names, p)}})
   return rows
@@ -372,8 +372,8 @@ def write_pictures(out: pathlib.Path, found: Found, rows, class_names) -> None:
     for path in found.images:
       try:
         image = read_image(path)  # Read again: the images are not all kept in memory.
-      except files.IMAGE_ERRORS as e:
-        files.warn(f"{path}: not annotated, it changed since it was read ({files.image_reason(e)})")
+      except reading.IMAGE_ERRORS as e:
+        reading.warn(f"{path}: not annotated, it changed since it was read ({reading.image_reason(e)})")
         continue
       name, n = path.stem, 1
       while name in names:
@@ -385,7 +385,7 @@ def write_pictures(out: pathlib.Path, found: Found, rows, class_names) -> None:
     if found.faces:
       contact_sheet(found.faces, rows, class_names).save(out / "faces.png")
   except OSError as e:
-    raise files.io_error(e, "write the pictures", "check --out") from None
+    raise reading.io_error(e, "write the pictures", "check --out") from None
 
 
 # --- `ferjax predict` --------------------------------------------------------------------------
@@ -394,7 +394,7 @@ def load_predictor(args):
   if args.model is not None:
     if args.checkpoint is not None:
       raise UserError("--checkpoint: applies to --workdir only (an exported --model holds one)")
-    return inference.load_exported(args.model)
+    return export.load_exported(args.model)
   return inference.from_run(args.workdir, args.checkpoint or "best")
 
 
@@ -411,10 +411,10 @@ def _check_args(args) -> None:
                     "(see ferjax predict --help)")
   if args.out is not None and pathlib.Path(args.out).exists() and not pathlib.Path(
       args.out).is_dir():
-    raise UserError(f"--out: {files.shown(args.out)} is a file: expected a folder (created when "
+    raise UserError(f"--out: {reading.shown(args.out)} is a file: expected a folder (created when "
                     f"missing)")
   if args.output is not None and pathlib.Path(args.output).is_dir():
-    raise UserError(f"--output: {files.shown(args.output)} is a folder: expected a file name")
+    raise UserError(f"--output: {reading.shown(args.output)} is a folder: expected a file name")
 
 
 def cli_main(args) -> int:
@@ -444,18 +444,18 @@ def cli_main(args) -> int:
       with open(output, "w", newline="", encoding="utf-8") as f:
         write_rows(rows, names, args.format, f)
     except OSError as e:
-      raise files.io_error(e, "write the rows", "check --output") from None
+      raise reading.io_error(e, "write the rows", "check --output") from None
   if args.out is not None:
     write_pictures(pathlib.Path(args.out), found, rows, names)
   if found.skipped:
-    files.warn(_skipped_text(found.skipped))
+    reading.warn(_skipped_text(found.skipped))
   if detect is not None and not found.faces:
-    files.warn("no face found; for images that are already face crops pass --whole-image")
+    reading.warn("no face found; for images that are already face crops pass --whole-image")
   no_face = sum(1 for n in found.images.values() if n == 0)
   summary = (f"ferjax predict: {_count(len(found.images), 'image')} read, "
              f"{_count(len(found.faces), 'face')} found, {_count(no_face, 'image')} with no face, "
              f"{_count(len(found.skipped), 'unreadable file')} skipped")
-  summary += f"; rows in {files.shown(args.output)}" if args.output is not None else ""
-  summary += f"; pictures in {files.shown(args.out)}" if args.out is not None else ""
+  summary += f"; rows in {reading.shown(args.output)}" if args.output is not None else ""
+  summary += f"; pictures in {reading.shown(args.out)}" if args.out is not None else ""
   print(summary, file=sys.stderr if args.output is None else sys.stdout, flush=True)
   return 0

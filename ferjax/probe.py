@@ -42,7 +42,7 @@ import numpy as np
 import optax
 import optax.tree_utils as otu
 
-from ferjax import fileio, plots
+from ferjax import writing, plots
 from ferjax.errors import UserError
 from ferjax.core import workdir as workdir_lib
 from ferjax.evaluate import FEATURES_FORMAT_VERSION, confusion_matrix, metrics_from_confusion
@@ -498,10 +498,10 @@ def write_outputs(result: dict, out) -> None:
   out = pathlib.Path(out)
   png = confusion_path(out)
   title = f"probe {result['dataset']} ({result['folds'] or 'train/test'}): pooled"
-  with fileio.atomic_path(png) as partial:
+  with writing.atomic_path(png) as partial:
     plots.save_confusion(result["pooled"]["confusion"], result["class_names"], partial,
                          title=title)
-  fileio.write_atomic(out, json.dumps(result, indent=2) + "\n")
+  writing.write_atomic(out, json.dumps(result, indent=2) + "\n")
 
 
 def _check_out(out) -> None:

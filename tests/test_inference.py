@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from ferjax import cli, evaluate, inference, losses, runs
+from ferjax import cli, evaluate, export, inference, losses, runs
 from ferjax.core import parallel
 from ferjax.data import images as images_lib
 from ferjax.errors import UserError
@@ -107,12 +107,12 @@ def test_prepare_crops_converts_like_training_data():
 # --- Export ---------------------------------------------------------------------------------------
 def test_export_round_trip(predictor, export_file, crops):
   assert not [p for p in export_file.parent.iterdir() if p != export_file]  # No partial left.
-  header, payload = inference.read_exported(export_file)
+  header, payload = export.read_exported(export_file)
   assert header["format"] == "ferjax-exported-model" and header["version"] == 1
   assert tuple(header["class_names"]) == predictor.class_names
   assert (header["image_size"], header["channels"], header["source"]["step"]) == (32, 1, 2)
   assert header["jax_version"] == jax.__version__
-  exported = inference.load_exported(export_file)
+  exported = export.load_exported(export_file)
   assert (exported.class_names, exported.image_size, exported.channels) == (
       predictor.class_names, 32, 1)
   np.testing.assert_array_equal(exported.prior_counts, predictor.prior_counts)
@@ -130,7 +130,7 @@ def test_export_round_trip(predictor, export_file, crops):
 
 def test_load_exported_runs_without_checkpoints(export_file):
   """The load path imports neither ferjax.runs nor orbax."""
-  code = ("import sys; from ferjax import inference; inference.load_exported(sys.argv[1]); "
+  code = ("import sys; from ferjax import export; export.load_exported(sys.argv[1]); "
           "print(sorted(m for m in sys.modules if m == 'ferjax.runs' or m.startswith('orbax')))")
   out = subprocess.run([sys.executable, "-c", code, str(export_file)], capture_output=True,
                        text=True, check=True)
@@ -162,7 +162,7 @@ def test_export_refuses_vaegan_and_checkpointless_workdirs(tiny_runs, tmp_path, 
 
 def _refusal(path, *needles) -> str:
   with pytest.raises(UserError) as info:
-    inference.load_exported(path)
+    export.load_exported(path)
   line = str(info.value)
   assert "\n" not in line and str(path) in line, line
   for needle in needles:
@@ -182,10 +182,10 @@ def test_load_refuses_bad_files(export_file, tmp_path):
   _refusal(tmp_path / "half.ferjax", "truncated")
   (tmp_path / "head.ferjax").write_bytes(data[:60])
   _refusal(tmp_path / "head.ferjax", "truncated")
-  header, payload = inference.read_exported(export_file)
-  (tmp_path / "newer.ferjax").write_bytes(inference._pack({**header, "version": 999}, payload))
+  header, payload = export.read_exported(export_file)
+  (tmp_path / "newer.ferjax").write_bytes(export._pack({**header, "version": 999}, payload))
   _refusal(tmp_path / "newer.ferjax", "newer ferjax (format 999)", "upgrade ferjax")
-  (tmp_path / "other.ferjax").write_bytes(inference._pack({**header, "format": "x"}, payload))
+  (tmp_path / "other.ferjax").write_bytes(export._pack({**header, "format": "x"}, payload))
   _refusal(tmp_path / "other.ferjax", "not a ferjax exported model")
   flipped = bytearray(data)
   flipped[-100] ^= 0xFF
@@ -194,5 +194,5 @@ def test_load_refuses_bad_files(export_file, tmp_path):
   garbage = b"not a jax.export" * 8  # Intact container, model jax cannot read.
   fake = {**header, "model_bytes": len(garbage),
           "model_sha256": hashlib.sha256(garbage).hexdigest()}
-  (tmp_path / "garbage.ferjax").write_bytes(inference._pack(fake, garbage))
+  (tmp_path / "garbage.ferjax").write_bytes(export._pack(fake, garbage))
   _refusal(tmp_path / "garbage.ferjax", "cannot load a model exported with jax")

@@ -16,17 +16,17 @@ ROOT = Path(ferjax.__file__).parent
 # Bottom to top; each layer is a tuple of module-name prefixes (whole dotted components).
 # `ferjax` itself (ferjax/__init__.py) sits below them all and imports nothing of ferjax.
 LAYERS = [
-    ("ferjax.errors", "ferjax.configs", "ferjax.fileio", "ferjax.losses", "ferjax.plots",
+    ("ferjax.errors", "ferjax.configs", "ferjax.writing", "ferjax.losses", "ferjax.plots",
      "ferjax.report"),  # base
     ("ferjax.data", "ferjax.models"),  # data and models
     ("ferjax.core",),  # checkpoint, parallel, monitor
     ("ferjax.kinds",),  # what defines each kind of run
     ("ferjax.runs",),  # reopening a finished run
-    ("ferjax.augment", "ferjax.evaluate", "ferjax.inference",
-     "ferjax.probe"),  # synthesis; evaluation, linear probes; inference
+    ("ferjax.augment", "ferjax.evaluate", "ferjax.features", "ferjax.inference", "ferjax.export",
+     "ferjax.probe"),  # synthesis; evaluation, features, linear probes; inference, export
     ("ferjax.train",),  # trainers (leaves)
     ("ferjax.cli", "ferjax.demo", "ferjax.bench", "ferjax.evaluate_synthetic",
-     "ferjax.predict"),  # top
+     "ferjax.predict", "ferjax.synthesize"),  # top
 ]
 
 # A handler spec such as "ferjax.train.classifier:cli_main", imported later by name.

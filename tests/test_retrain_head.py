@@ -17,12 +17,12 @@ from badinput import copy_run, expect_one_line
 
 from ferjax import cli, runs
 from ferjax import evaluate as evaluate_lib
-from ferjax.augment import features as features_lib
+from ferjax.augment import feature_synthesis
 from ferjax.augment import semantic
 from ferjax.data import pipeline
 from ferjax.errors import UserError
-from ferjax.kinds import head as head_kind
-from ferjax.train import head as head_lib
+from ferjax.kinds import retrain_head as head_kind
+from ferjax.train import retrain_head as head_lib
 
 K = 7
 # Small enough for a test: a few compilations dominate the time.
@@ -72,7 +72,7 @@ def pool(tiny_runs):
 @pytest.fixture(scope="module")
 def vae(pool):
   _, features, _ = pool
-  return features_lib.train_vae(features, init_key=jax.random.key(0),
+  return feature_synthesis.train_vae(features, init_key=jax.random.key(0),
                                 train_key=jax.random.key(1), steps=200, batch_size=64,
                                 latent_dim=8, hidden=64, log_every=20)
 
@@ -104,9 +104,9 @@ def test_perturbations_shapes_and_determinism(pool, vae, mode):
   _, features, labels = pool
   seeds, partners = jnp.asarray(features[:5]), jnp.asarray(features[5:10])
   classes = jnp.asarray(labels[:5])
-  stats = features_lib.class_latent_stats(vae.model, vae.variables, features, labels, K)
+  stats = feature_synthesis.class_latent_stats(vae.model, vae.variables, features, labels, K)
   aux = aux_of(vae, np.ones(K) / K, stats)
-  make = lambda key, alpha=1.0: features_lib.generate(
+  make = lambda key, alpha=1.0: feature_synthesis.generate(
       vae.model, aux, seeds, classes, jax.random.key(key), mode=mode, alpha=alpha,
       partners=partners)
   a, b, c = make(0), make(0), make(1)
@@ -119,26 +119,26 @@ def test_alpha_zero_and_residual_decoding(pool, vae):
   _, features, labels = pool
   seeds, classes = jnp.asarray(features[:6]), jnp.asarray(labels[:6])
   aux = aux_of(vae, np.ones(K) / K)
-  full = features_lib.generate(vae.model, aux, seeds, classes, jax.random.key(0),
+  full = feature_synthesis.generate(vae.model, aux, seeds, classes, jax.random.key(0),
                                mode="posterior", alpha=0.0)
   mu = vae.model.encode(vae.variables, seeds)[0]
   np.testing.assert_allclose(full, vae.model.decode(vae.variables, mu), rtol=1e-6)
   # Residual: the seed plus the change the perturbation makes; alpha 0 changes nothing.
-  same = features_lib.generate(vae.model, aux, seeds, classes, jax.random.key(0),
+  same = feature_synthesis.generate(vae.model, aux, seeds, classes, jax.random.key(0),
                                mode="posterior", alpha=0.0, residual=True)
   np.testing.assert_allclose(same, seeds, atol=1e-5)
 
 
 def test_class_gaussian_uses_class_stats(pool, vae):
   _, features, labels = pool
-  means, stds = features_lib.class_latent_stats(vae.model, vae.variables, features, labels, K)
+  means, stds = feature_synthesis.class_latent_stats(vae.model, vae.variables, features, labels, K)
   mu = np.asarray(vae.model.encode(vae.variables, jnp.asarray(features))[0])
   np.testing.assert_allclose(means[3], mu[labels == 3].mean(0), rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(stds[3], mu[labels == 3].std(0), rtol=1e-4, atol=1e-5)
   # alpha 0: every synthetic feature of class c is D(mean_c), whatever its seed.
   classes = jnp.asarray([2, 2, 5])
   seeds = jnp.asarray(features[[0, 1, 2]])
-  out = features_lib.generate(vae.model, aux_of(vae, np.ones(K) / K, (means, stds)), seeds,
+  out = feature_synthesis.generate(vae.model, aux_of(vae, np.ones(K) / K, (means, stds)), seeds,
                               classes, jax.random.key(0), mode="class_gaussian", alpha=0.0)
   np.testing.assert_allclose(out, vae.model.decode(vae.variables, means[classes]), rtol=1e-5)
   np.testing.assert_allclose(out[0], out[1])
@@ -147,7 +147,7 @@ def test_class_gaussian_uses_class_stats(pool, vae):
 # --- The plan and the slots ---------------------------------------------------------------------
 def test_plan_tail_only_cap_and_prior():
   counts = np.array([100, 80, 60, 40, 20, 10, 5])
-  p = features_lib.plan(counts, batch_size=100, sampler="instance", synthesize=True,
+  p = feature_synthesis.plan(counts, batch_size=100, sampler="instance", synthesize=True,
                         target="largest", fill=1.0, tail_only=True, max_share=0.3)
   assert p.num_synthetic == 30  # The share (365 / 680 of the epoch) is capped at 0.3.
   assert np.all(p.synth_probs[:4] == 0) and np.all(p.synth_probs[4:] > 0)
@@ -156,12 +156,12 @@ def test_plan_tail_only_cap_and_prior():
   # The prior is the batch's: real slots by the sampler plus the synthetic slots.
   expected = 70 * counts / counts.sum() + 30 * p.synth_probs
   np.testing.assert_allclose(p.prior_counts / p.prior_counts.sum(), expected / 100)
-  balanced = features_lib.plan(counts, batch_size=100, sampler="class_balanced",
+  balanced = feature_synthesis.plan(counts, batch_size=100, sampler="class_balanced",
                                synthesize=False)
   assert balanced.num_synthetic == 0
   np.testing.assert_allclose(balanced.prior_counts, np.full(K, counts.sum() / K))
   with pytest.raises(UserError, match="nothing to synthesize"):
-    features_lib.plan(np.full(K, 20), batch_size=64, sampler="instance", synthesize=True)
+    feature_synthesis.plan(np.full(K, 20), batch_size=64, sampler="instance", synthesize=True)
 
 
 def test_synthetic_features_fill_only_the_planned_slots(pool, vae):
@@ -173,7 +173,7 @@ def test_synthetic_features_fill_only_the_planned_slots(pool, vae):
   data = {"features": jnp.asarray(features), "labels": jnp.asarray(labels),
           "class_index": pipeline.class_index(jnp.asarray(labels), K),
           "synthesis": aux_of(vae, probs)}
-  synthesize = features_lib.make_synthesize(vae.model, 12, mode="posterior", alpha=1.0,
+  synthesize = feature_synthesis.make_synthesize(vae.model, 12, mode="posterior", alpha=1.0,
                                             weight=0.5)
   key = jax.random.key(3)
   batch = jax.jit(lambda key: head_lib.make_batch(config, data, key, 7, synthesize))
@@ -199,7 +199,7 @@ def test_pixel_pool_features_fill_only_the_planned_slots(pool):
   fake = (rng.normal(size=(20, features.shape[1])) + 100.0).astype(np.float32)
   probs = np.zeros(K)
   probs[[1, 4]] = [0.25, 0.75]
-  plan = features_lib.FeaturePlan(12, probs, np.full(K, 1 / K), np.zeros(K), np.zeros(K),
+  plan = feature_synthesis.FeaturePlan(12, probs, np.full(K, 1 / K), np.zeros(K), np.zeros(K),
                                   np.ones(K))
   data = {"features": jnp.asarray(features), "labels": jnp.asarray(labels),
           "class_index": pipeline.class_index(jnp.asarray(labels), K),
@@ -355,7 +355,7 @@ def test_pixel_pool_is_the_backbone_features_of_the_synthetic_faces(tiny_runs):
   config = head_kind.default_config()
   config.synth.update(mode="pixel", vaegan_workdir=str(tiny_runs.vaegan), pool_per_class=4,
                       perturb="interpolate")
-  plan = features_lib.plan_for(config, train_ds.class_counts())
+  plan = feature_synthesis.plan_for(config, train_ds.class_counts())
   made = head_lib.synthetic_pool(config, run, head_lib.open_vaegan(config), train_ds, plan)
   classes = np.flatnonzero(plan.synth_probs > 0)
   np.testing.assert_array_equal(made["face_labels"], np.repeat(classes, 4))

@@ -26,6 +26,7 @@ import numpy as np
 from ferjax import runs
 from ferjax.augment import semantic
 from ferjax.data import pipeline
+from ferjax.data.images import convert_images
 from ferjax.errors import UserError
 
 
@@ -274,3 +275,8 @@ def synthesize_per_class(vae, images: np.ndarray, labels: np.ndarray, num_classe
                  pad(images[partner_idx[part]]), pad(classes[part]))
     out.append(np.asarray(batch)[:n])  # Fixed batch shape: one compilation; padding cut off.
   return np.concatenate(out), classes, seed_idx
+
+
+def seeds_like(seeds, fake):
+  """The real seeds in the synthesized faces' size and channels, for a grid beside them."""
+  return convert_images(seeds, image_size=fake.shape[1], channels=fake.shape[3])

@@ -20,7 +20,7 @@ import os
 import pathlib
 import tempfile
 
-from ferjax import configs, fileio
+from ferjax import configs, writing
 from ferjax.core import monitor, parallel
 from ferjax.errors import UserError
 
@@ -118,7 +118,7 @@ def disk_errors(workdir):
   try:
     yield
   except Exception as e:  # Orbax and tensorstore wrap the OSError in their own types.
-    code = fileio.os_errno(e)
+    code = writing.os_errno(e)
     if code not in DISK_ERRNOS:
       raise
     reason = os.strerror(code)
@@ -152,7 +152,7 @@ def open_for_training(workdir, config, kind: str, defaults=None) -> tuple[pathli
       record.setdefault("extensions", []).append(
           {"from_num_steps": recorded_steps, "to_num_steps": config.train.num_steps})
     if extended or not run_file.exists():
-      fileio.write_atomic(run_file, json.dumps(record, indent=2) + "\n")
+      writing.write_atomic(run_file, json.dumps(record, indent=2) + "\n")
     if extended or recorded_steps is None:
       configs.save_config(config, workdir / "config.json")
   return workdir, is_main
@@ -160,7 +160,7 @@ def open_for_training(workdir, config, kind: str, defaults=None) -> tuple[pathli
 
 @contextlib.contextmanager
 def training_lock(workdir: pathlib.Path, is_main: bool = True):
-  """Holds `workdir/train.lock` while a trainer runs (ferjax.fileio.exclusive_lock); a second
+  """Holds `workdir/train.lock` while a trainer runs (ferjax.writing.exclusive_lock); a second
   trainer into the same workdir is refused with one line naming the holder, and a lock left by a
   killed process never blocks. A user error before the run logged anything takes back what this
   command recorded (see the module docstring)."""
@@ -169,7 +169,7 @@ def training_lock(workdir: pathlib.Path, is_main: bool = True):
     return
   refusal = lambda holder, _: (f"{workdir} is being trained by {holder}: one trainer per workdir "
                                "(wait for it to finish, or choose another --workdir)")
-  with fileio.exclusive_lock(workdir / "train.lock", refusal=refusal):
+  with writing.exclusive_lock(workdir / "train.lock", refusal=refusal):
     try:
       yield
     except UserError:  # E.g. bad data found while loading: the record alone is no run.
@@ -213,11 +213,11 @@ def _forget_unused_extension(workdir: pathlib.Path) -> None:
     return  # The extension trained: it stays recorded.
   config = _read_json(config_file, "saved config")
   config["train"]["num_steps"] = old_steps
-  fileio.write_atomic(config_file, json.dumps(config, indent=2, sort_keys=True) + "\n")
+  writing.write_atomic(config_file, json.dumps(config, indent=2, sort_keys=True) + "\n")
   extensions.pop()
   if not extensions:
     del record["extensions"]
-  fileio.write_atomic(run_file, json.dumps(record, indent=2) + "\n")
+  writing.write_atomic(run_file, json.dumps(record, indent=2) + "\n")
 
 
 def check_resumable(workdir: pathlib.Path) -> None:

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 
 from ferjax import plots
-from ferjax.data import files, loading
+from ferjax.data import reading, loading
 from ferjax.data.dataset import Dataset
 from ferjax.errors import UserError
 
@@ -24,7 +24,7 @@ def prepare(args) -> int:
   manual = pathlib.Path(args.manual_dir).expanduser()
   if not manual.is_dir():  # Checked even when an earlier preparation is reused.
     what = "is not a folder" if manual.exists() else "does not exist"
-    raise UserError(f"data prepare {args.name}: --manual-dir {files.shown(manual)} {what}: "
+    raise UserError(f"data prepare {args.name}: --manual-dir {reading.shown(manual)} {what}: "
                     f"expected a folder holding {builders.info(args.name)['layout']}")
   if not (math.isfinite(args.wait) and args.wait >= 0):
     raise UserError(f"data prepare: --wait: expected a number of seconds >= 0, got {args.wait}")
@@ -48,9 +48,9 @@ def _reused_note(name: str, where, manual: pathlib.Path, data_dir) -> str:
   if source is None:
     return (f"note: {name} was already prepared in {where}, before ferjax recorded what a "
             f"preparation is made from: reused it without checking that it came from "
-            f"{files.shown(manual)} (add --force to prepare it again from there)")
+            f"{reading.shown(manual)} (add --force to prepare it again from there)")
   return (f"{name} was already prepared in {where} from the same files "
-          f"({source['files']} in {files.shown(source['manual_dir'])}): reused that preparation "
+          f"({source['files']} in {reading.shown(source['manual_dir'])}): reused that preparation "
           f"(add --force to prepare it again)")
 
 
@@ -92,7 +92,7 @@ def stats(args) -> int:
     grid = plots.save_class_grid(train.images, train.labels, train.class_names,
                                  out / f"{name}_samples_{train.split}.png", per_class=12, scale=2)
   except OSError as e:
-    raise files.io_error(e, "write the stats PNGs into", "pass a writable --out folder") \
+    raise reading.io_error(e, "write the stats PNGs into", "pass a writable --out folder") \
         from None
   result["files"] = [str(hist), str(grid)]
 
@@ -143,11 +143,11 @@ def _stats_dir(args) -> pathlib.Path:
     data_dir = pathlib.Path(builders.default_data_dir() if args.data_dir is None
                             else args.data_dir).expanduser()
     if data_dir.exists() and not data_dir.is_dir():
-      raise UserError(f"data stats: data dir {files.shown(data_dir)} is not a folder: expected "
+      raise UserError(f"data stats: data dir {reading.shown(data_dir)} is not a folder: expected "
                       f"a folder (or pass --out for the PNGs)")
     out = data_dir / "stats" / args.name
   if out.exists() and not out.is_dir():
-    raise UserError(f"data stats: --out {files.shown(out)} is not a folder: expected a folder "
+    raise UserError(f"data stats: --out {reading.shown(out)} is not a folder: expected a folder "
                     f"for the PNGs")
   return out
 

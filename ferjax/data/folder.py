@@ -18,7 +18,7 @@ import pathlib
 import numpy as np
 from PIL import Image
 
-from ferjax.data import files
+from ferjax.data import reading
 from ferjax.data.dataset import Dataset
 from ferjax.data.images import to_8bit
 from ferjax.errors import UserError
@@ -31,25 +31,25 @@ def check_class_name(name, where) -> str:
   and control characters, naming where the name came from."""
   if (not isinstance(name, str) or not name or name in (".", "..") or name.startswith(".")
       or any(c in name for c in "/\\") or any(ord(c) < 32 or ord(c) == 127 for c in name)):
-    raise UserError(f"{files.shown(where)}: class name {files.shown(repr(name))} cannot be a "
+    raise UserError(f"{reading.shown(where)}: class name {reading.shown(repr(name))} cannot be a "
                     "folder name (expected no '/', '\\', control characters or leading '.')")
-  if not files.is_utf8_name(name):
-    raise UserError(f"{files.shown(where)}: class name {files.shown(repr(name))} is not valid "
+  if not reading.is_utf8_name(name):
+    raise UserError(f"{reading.shown(where)}: class name {reading.shown(repr(name))} is not valid "
                     "UTF-8: rename the class folder")
   return name
 
 
 def class_names(root: pathlib.Path, split_dir: pathlib.Path) -> tuple[str, ...]:
   listed = root / "classes.txt"
-  if files.is_regular(listed):
+  if reading.is_regular(listed):
     try:
-      names = tuple(line.strip() for _, line in files.read_lines(listed) if line.strip())
+      names = tuple(line.strip() for _, line in reading.read_lines(listed) if line.strip())
     except OSError as e:
-      raise files.io_error(e, "read the class list") from None
+      raise reading.io_error(e, "read the class list") from None
     if not names:
-      raise UserError(f"{files.shown(listed)}: expected one class name per line, found none")
+      raise UserError(f"{reading.shown(listed)}: expected one class name per line, found none")
     return tuple(check_class_name(n, listed) for n in names)
-  return tuple(check_class_name(p.name, p) for p in files.list_dir(split_dir)
+  return tuple(check_class_name(p.name, p) for p in reading.list_dir(split_dir)
                if p.is_dir() and not p.name.startswith("."))
 
 
@@ -61,31 +61,31 @@ def load(root, split: str) -> Dataset:
   root = pathlib.Path(root).expanduser()
   split_dir = root / split
   if not split_dir.is_dir():
-    raise UserError(f"{files.shown(split_dir)} not found: expected a folder dataset laid out as "
-                    f"{files.shown(root)}/{split}/<class>/*.png")
+    raise UserError(f"{reading.shown(split_dir)} not found: expected a folder dataset laid out as "
+                    f"{reading.shown(root)}/{split}/<class>/*.png")
   names = class_names(root, split_dir)
   images, labels, shape, skipped, paths_read = [], [], None, 0, []
-  with files.strict_images():
+  with reading.strict_images():
     for k, name in enumerate(names):
       folder = split_dir / name
-      entries = [p for p in files.list_dir(folder) if p.suffix.lower() in IMAGE_SUFFIXES] \
+      entries = [p for p in reading.list_dir(folder) if p.suffix.lower() in IMAGE_SUFFIXES] \
           if folder.is_dir() else []
-      paths = [p for p in entries if files.is_regular(p)]
+      paths = [p for p in entries if reading.is_regular(p)]
       skipped += len(entries) - len(paths)
       for path in paths:
         array = _read_image(path)
         if shape is None:
           shape = array.shape
         elif array.shape != shape:
-          raise UserError(f"{files.shown(path)}: expected every image to be {shape[1]}x{shape[0]} "
+          raise UserError(f"{reading.shown(path)}: expected every image to be {shape[1]}x{shape[0]} "
                           f"with {shape[2]} channel(s) like the first one, got {array.shape}")
         images.append(array)
         labels.append(k)
         paths_read.append(path.relative_to(split_dir).as_posix())
-  files.skipped_warning(skipped, split_dir)
+  reading.skipped_warning(skipped, split_dir)
   if not images:
-    raise UserError(f"{files.shown(split_dir)}: no images found in its class folders "
-                    f"{files.shown(list(names))}")
+    raise UserError(f"{reading.shown(split_dir)}: no images found in its class folders "
+                    f"{reading.shown(list(names))}")
   return Dataset(np.stack(images), np.asarray(labels, np.int32), names, root.name, split,
                  {"file": np.asarray(paths_read, dtype=str)})
 
@@ -96,8 +96,8 @@ def _read_image(path: pathlib.Path) -> np.ndarray:
     with Image.open(path) as img:
       img = to_8bit(img)
       array = np.asarray(img.convert("L" if img.mode in ("L", "1", "P") else "RGB"))
-  except files.IMAGE_ERRORS as e:
-    raise UserError(f"{files.shown(path)}: not a readable image ({files.image_reason(e)})") \
+  except reading.IMAGE_ERRORS as e:
+    raise UserError(f"{reading.shown(path)}: not a readable image ({reading.image_reason(e)})") \
         from None
   return array[..., None] if array.ndim == 2 else array
 

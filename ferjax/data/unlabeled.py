@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from ferjax.data import files, splits
+from ferjax.data import reading, splits
 from ferjax.data.images import to_8bit
 from ferjax.data.loading import DATASET_NAMES, load
 from ferjax.errors import UserError
@@ -103,28 +103,28 @@ def read_folder(path, *, image_size: int, channels: int) -> np.ndarray:
   """uint8 [N, image_size, image_size, channels]: every readable image file under `path`."""
   root = pathlib.Path(path).expanduser()
   if not root.is_dir():
-    raise UserError(f"data.sources folder {files.shown(root)}: no such folder")
+    raise UserError(f"data.sources folder {reading.shown(root)}: no such folder")
 
   def refuse(error: OSError):
-    raise files.io_error(error, "read folder", "data.sources names it") from None
+    raise reading.io_error(error, "read folder", "data.sources names it") from None
 
   candidates = []
   for folder, subfolders, names in os.walk(root, onerror=refuse):
     subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
     candidates += [pathlib.Path(folder) / n for n in sorted(names) if not n.startswith(".")]
   images, skipped = [], 0
-  with files.strict_images():
+  with reading.strict_images():
     for candidate in candidates:
-      image = _read_face(candidate, image_size, channels) if files.is_regular(candidate) else None
+      image = _read_face(candidate, image_size, channels) if reading.is_regular(candidate) else None
       if image is None:
         skipped += 1
       else:
         images.append(image)
   if not images:
-    raise UserError(f"data.sources folder {files.shown(root)}: no readable image in it or below "
+    raise UserError(f"data.sources folder {reading.shown(root)}: no readable image in it or below "
                     f"({len(candidates)} file(s) tried; expected files Pillow can open)")
   if skipped:
-    files.warn(f"data.sources folder {root}: skipped {skipped} of {len(candidates)} file(s) "
+    reading.warn(f"data.sources folder {root}: skipped {skipped} of {len(candidates)} file(s) "
                "that are not readable images")
   return np.stack(images)
 
@@ -140,7 +140,7 @@ def _read_face(path: pathlib.Path, image_size: int, channels: int) -> np.ndarray
       img = img.crop((left, top, left + side, top + side))
       img = img.resize((image_size, image_size), Image.BILINEAR)
       array = np.asarray(img, np.uint8)
-  except files.IMAGE_ERRORS:
+  except reading.IMAGE_ERRORS:
     return None
   return array.reshape(image_size, image_size, channels)
 

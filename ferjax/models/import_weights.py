@@ -48,7 +48,7 @@ import zipfile
 import numpy as np
 from flax import traverse_util
 
-from ferjax import fileio
+from ferjax import writing
 from ferjax.errors import UserError
 from ferjax.models import resnet
 
@@ -308,7 +308,7 @@ def write_weights(out, variables: dict, meta: dict) -> pathlib.Path:
   arrays = {"/".join(path): np.asarray(v)
             for path, v in traverse_util.flatten_dict(variables).items()}
   try:
-    with fileio.staged_folder(out, "--out") as partial:
+    with writing.staged_folder(out, "--out") as partial:
       np.savez(partial / WEIGHTS_FILE, **arrays)
       (partial / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
   except OSError as e:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ferjax import configs, fileio, plots
+from ferjax import configs, writing, plots
 from ferjax.core import checkpoint, interrupt, monitor, parallel
 from ferjax.core import workdir as workdir_lib
 from ferjax.data import pipeline, unlabeled
@@ -143,7 +143,7 @@ def save_grid(eval_step, params, images: np.ndarray, batch_size: int, mesh, key,
   rows = np.concatenate([plots.to_uint8(images[:n]), plots.to_uint8(masked[:n]),
                          plots.to_uint8(recon[:n])])
   path.parent.mkdir(parents=True, exist_ok=True)
-  with fileio.atomic_path(path) as partial:
+  with writing.atomic_path(path) as partial:
     plots.save_image_grid(rows, partial, ncol=n, scale=3)
   return path
 
@@ -238,7 +238,7 @@ def _train(config, workdir, is_main, stop_after) -> dict:
   # --- summary files ---
   if writer:
     if grid is not None:  # The final grid, where a person looks first.
-      fileio.write_atomic(workdir / "reconstructions.png", grid.read_bytes())
+      writing.write_atomic(workdir / "reconstructions.png", grid.read_bytes())
     plots.save_curves(monitor.read_metrics(workdir), CURVE_KEYS, workdir / "curves.png",
                       title="MAE pre-training")
     writer.close()
@@ -248,7 +248,7 @@ def _train(config, workdir, is_main, stop_after) -> dict:
             "images": {name: {"train": n, "held_out": held}
                        for name, (n, held) in pool.counts.items()}}
   if is_main and step == t.num_steps:
-    fileio.write_atomic(workdir / "summary.json", json.dumps(result, indent=2) + "\n")
+    writing.write_atomic(workdir / "summary.json", json.dumps(result, indent=2) + "\n")
   return result
 
 

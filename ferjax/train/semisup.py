@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ferjax import configs, fileio, losses, plots
+from ferjax import configs, writing, losses, plots
 from ferjax import evaluate as evaluate_lib
 from ferjax.core import checkpoint as checkpoint_lib
 from ferjax.core import interrupt, monitor, parallel
@@ -373,7 +373,7 @@ def _train(config, workdir, is_main, stop_after) -> dict:
                       title=f"{workdir.name} (semi-supervised)")
     writer.close()
     if step == num_steps:
-      fileio.write_atomic(workdir / "summary.json", json.dumps(result, indent=2) + "\n")
+      writing.write_atomic(workdir / "summary.json", json.dumps(result, indent=2) + "\n")
   return result
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ferjax.data import files
+from ferjax.data import reading
 from ferjax.data.builders import common
 from ferjax.data.images import to_8bit
 from ferjax.errors import UserError
@@ -75,7 +75,7 @@ def _config(size: int) -> AffectNetConfig:
 def find_first(manual_dir: Path, candidates) -> Path | None:
   for candidate in candidates:
     path = manual_dir / candidate
-    if path.is_dir() or files.is_regular(path):  # Never a FIFO: opening it would block.
+    if path.is_dir() or reading.is_regular(path):  # Never a FIFO: opening it would block.
       return path
   return None
 
@@ -93,7 +93,7 @@ def encode_face(task) -> tuple[str, bytes, int]:
   path, name, box, label, size = task
   try:
     img = Image.open(path)
-  except files.IMAGE_ERRORS as e:
+  except reading.IMAGE_ERRORS as e:
     raise common.decode_error("affectnet", name, e) from None
   x, y, w, h = box
   with img:
@@ -109,7 +109,7 @@ def encode_face(task) -> tuple[str, bytes, int]:
       img.draft("RGB", (scale_w, scale_h))
     try:
       img.load()
-    except files.IMAGE_ERRORS as e:
+    except reading.IMAGE_ERRORS as e:
       raise common.decode_error("affectnet", name, e) from None
     sx, sy = img.size[0] / full_w, img.size[1] / full_h
     face = to_8bit(img).convert("RGB").crop((int(left * sx), int(top * sy),
@@ -200,7 +200,7 @@ class AffectNet(common.FerBuilder, skip_registration=True):
                     for c in cols[1:5])
         rel_path = row[cols[0]].strip()
         image = image_dir / rel_path
-        if not files.is_regular(image):
+        if not reading.is_regular(image):
           missing_files.append(image)
         items.append((image, common.rel(image, manual_dir), box, expression))
       if missing_files:

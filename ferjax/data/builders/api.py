@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ferjax import fileio
-from ferjax.data import files
+from ferjax import writing
+from ferjax.data import reading
 from ferjax.data.dataset import Dataset, LazyImages
 from ferjax.errors import UserError
 
@@ -68,7 +68,7 @@ def default_data_dir() -> Path:
 def _data_dir(data_dir) -> Path:
   path = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
   if path.exists() and not path.is_dir():
-    raise UserError(f"data dir {files.shown(path)} is not a folder: expected a folder for the "
+    raise UserError(f"data dir {reading.shown(path)} is not a folder: expected a folder for the "
                     f"prepared datasets (--data-dir or ${DATA_DIR_ENV})")
   return path
 
@@ -162,7 +162,7 @@ def _not_prepared(name: str, data_dir: Path) -> UserError:
 
 def _damaged(name: str, data_dir: Path, path: Path, problem: str) -> UserError:
   where = "" if data_dir == default_data_dir() else f" --data-dir {data_dir}"
-  return UserError(f"prepared dataset {name!r} is damaged: {files.shown(path)} {problem}: "
+  return UserError(f"prepared dataset {name!r} is damaged: {reading.shown(path)} {problem}: "
                    f"prepare it again with `{prepare_command(name)} --force{where}`")
 
 
@@ -238,7 +238,7 @@ class _Prepared:
       raise self.damaged(manifest, "does not map shard files to sizes")
     for split in self.stored_splits:
       for path, _ in self._shards(split):
-        if not files.is_regular(path):
+        if not reading.is_regular(path):
           raise self.damaged(path, "is missing" if not path.exists() else "is not a regular file")
         size, recorded = path.stat().st_size, sizes.get(path.name)
         if recorded is not None and size != recorded:
@@ -474,8 +474,8 @@ def _files(n: int) -> str:
 def _other_source(name: str, data_dir: Path, recorded: dict, current: dict,
                   loading: bool) -> UserError:
   """The refusal of `current` as the source of a dataset prepared from `recorded`."""
-  old, new = files.shown(recorded["manual_dir"]), files.shown(current["manual_dir"])
-  what = f"dataset {name!r} in {files.shown(data_dir)} was prepared from {old}"
+  old, new = reading.shown(recorded["manual_dir"]), reading.shown(current["manual_dir"])
+  what = f"dataset {name!r} in {reading.shown(data_dir)} was prepared from {old}"
   if old == new:
     differs = (f"{what} when it held {_files(recorded['files'])}; it now holds other files "
                f"({_files(current['files'])})")
@@ -486,7 +486,7 @@ def _other_source(name: str, data_dir: Path, recorded: dict, current: dict,
   if not loading:
     return UserError(f"{differs}: add --force to prepare it again from {new} (the old "
                      f"preparation is replaced once the new one is complete)")
-  where = "" if data_dir == default_data_dir() else f" --data-dir {files.shown(data_dir)}"
+  where = "" if data_dir == default_data_dir() else f" --data-dir {reading.shown(data_dir)}"
   return UserError(f"{differs}: prepare it again with `{prepare_command(name, new)} --force"
                    f"{where}`, or leave manual_dir (config field data.manual_dir) unset to use "
                    f"the prepared data")
@@ -518,17 +518,17 @@ def _check_source(name: str, version_dir: Path, manual_dir, data_dir: Path, *,
 
 
 def _lock(path: Path, *, wait: float | None, what: str):
-  """The lock serialising preparations of one builder in a data dir (ferjax.fileio)."""
+  """The lock serialising preparations of one builder in a data dir (ferjax.writing)."""
   def refusal(holder: str, waited: float | None) -> str:
-    where = f"(lock file {files.shown(path)})"
+    where = f"(lock file {reading.shown(path)})"
     if waited is None:
-      return (f"{what} is being prepared by {files.shown(holder)} {where}: wait for it to finish, "
+      return (f"{what} is being prepared by {reading.shown(holder)} {where}: wait for it to finish, "
               "or pass --wait SECONDS to wait for it")
-    return (f"{what} is still being prepared by {files.shown(holder)} after waiting {waited:g} s "
+    return (f"{what} is still being prepared by {reading.shown(holder)} after waiting {waited:g} s "
             f"{where}: try again later or pass a longer --wait")
-  return fileio.exclusive_lock(path, refusal=refusal, wait=wait,
+  return writing.exclusive_lock(path, refusal=refusal, wait=wait,
                                waiting=f" to finish preparing {what} (lock file "
-                                       f"{files.shown(path)})")
+                                       f"{reading.shown(path)})")
 
 
 def _inside(filename, root: Path) -> bool:
@@ -542,17 +542,17 @@ def _os_error(error: OSError, name: str, data_dir: Path) -> UserError:
   """A one-line UserError for an OS error while preparing `name` into `data_dir`."""
   writing = error.filename is None or _inside(error.filename, data_dir)
   if not writing:
-    return files.io_error(error, f"read {name}'s raw file")
-  code = fileio.os_errno(error)  # Also for errors TFDS re-raised without their errno.
+    return reading.io_error(error, f"read {name}'s raw file")
+  code = writing.os_errno(error)  # Also for errors TFDS re-raised without their errno.
   if code in (errno.ENOSPC, errno.EDQUOT):
-    return UserError(f"{name}: data dir {files.shown(data_dir)} is full (no space left on "
+    return UserError(f"{name}: data dir {reading.shown(data_dir)} is full (no space left on "
                      f"device): free some space or pass another --data-dir (nothing of this "
                      f"preparation was kept)")
   if code in (errno.EACCES, errno.EPERM, errno.EROFS):
-    return UserError(f"{name}: cannot write into data dir {files.shown(data_dir)} "
+    return UserError(f"{name}: cannot write into data dir {reading.shown(data_dir)} "
                      f"({error.strerror or os.strerror(code)}): pass a writable --data-dir or set "
                      f"${DATA_DIR_ENV}")
-  return files.io_error(error, f"prepare {name} in {files.shown(data_dir)}: writing",
+  return reading.io_error(error, f"prepare {name} in {reading.shown(data_dir)}: writing",
                         "nothing of this preparation was kept")
 
 
@@ -563,7 +563,7 @@ def _warn_empty_classes(cls, plan) -> None:
     counts = np.bincount([int(item[cls.LABEL_INDEX]) for item in items], minlength=len(names))
     empty = [c for c, n in zip(names, counts) if n == 0]
     if empty:
-      files.warn(f"{cls.SPEC.name}: split {split!r} has no images of class(es) "
+      reading.warn(f"{cls.SPEC.name}: split {split!r} has no images of class(es) "
                  f"{', '.join(empty)}: a model trained or scored on it never sees them")
 
 
@@ -601,13 +601,13 @@ def prepare(name: str, manual_dir, data_dir=None, *, image_size: int | None = No
   try:
     plan = cls.scan(manual_dir)  # Validates the raw files; writes nothing.
   except OSError as e:  # An unreadable label file or folder.
-    raise files.io_error(e, f"read {name}'s raw file") from None
+    raise reading.io_error(e, f"read {name}'s raw file") from None
   _warn_empty_classes(cls, plan)
   manual_root = manual_dir.resolve()
   try:
     data_dir.mkdir(parents=True, exist_ok=True)
     with _lock(data_dir / f".{cls.name}.lock", wait=wait,
-               what=f"{name} in {files.shown(data_dir)}"):
+               what=f"{name} in {reading.shown(data_dir)}"):
       # No other preparation of this builder runs: leftovers are stale.
       for stale in data_dir.glob(f".staging-{cls.name}-*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -619,7 +619,7 @@ def prepare(name: str, manual_dir, data_dir=None, *, image_size: int | None = No
   except OSError as e:
     raise _os_error(e, name, data_dir) from None
   except (RuntimeError, ValueError) as e:  # The array_record writer's OS errors.
-    if fileio.os_errno(e) is None:
+    if writing.os_errno(e) is None:
       raise
     raise _os_error(OSError(str(e)), name, data_dir) from None
   return split_sizes(name, data_dir)
@@ -636,7 +636,7 @@ def _build(cls, config, plan, source: dict, data_dir: Path, final: Path,
   manual_root = Path(source["manual_dir"])
   total = sum(len(items) for items in plan.values())
   try:
-    with _small_shuffle_buffer(), _quiet_tfds(), files.strict_images(), \
+    with _small_shuffle_buffer(), _quiet_tfds(), reading.strict_images(), \
         _progress_bar(cls.name, total, progress) as on_example:
       builder = cls(data_dir=str(staging), config=config, file_format="array_record",
                     plan=plan, manual_root=manual_root, on_example=on_example,

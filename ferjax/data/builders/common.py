@@ -33,7 +33,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from ferjax.data import files
+from ferjax.data import reading
 from ferjax.data.images import to_8bit
 from ferjax.errors import UserError
 
@@ -73,13 +73,13 @@ class DatasetSpec:
 def visible_entries(folder: Path) -> list[Path]:
   """Entries of `folder`, sorted, without hidden files and OS droppings; an unreadable folder is
   a UserError naming it."""
-  return [p for p in files.list_dir(folder)
+  return [p for p in reading.list_dir(folder)
           if not p.name.startswith(".") and p.name.lower() not in IGNORED_NAMES]
 
 
 def is_image_file(path: Path) -> bool:
   """A regular file with an image extension (a FIFO named x.png would block its reader)."""
-  return path.suffix.lower() in IMAGE_EXTENSIONS and files.is_regular(path)
+  return path.suffix.lower() in IMAGE_EXTENSIONS and reading.is_regular(path)
 
 
 def require_dir(manual_dir: Path, spec: DatasetSpec) -> Path:
@@ -87,10 +87,10 @@ def require_dir(manual_dir: Path, spec: DatasetSpec) -> Path:
   manual_dir = Path(manual_dir).expanduser()
   if not manual_dir.is_dir():
     what = "is not a folder" if manual_dir.exists() else "does not exist"
-    raise UserError(f"{spec.name}: manual dir {files.shown(manual_dir)} {what}: expected "
+    raise UserError(f"{spec.name}: manual dir {reading.shown(manual_dir)} {what}: expected "
                     f"{spec.layout}; get the data from {spec.source}")
   if not visible_entries(manual_dir):
-    raise UserError(f"{spec.name}: manual dir {files.shown(manual_dir)} is empty: expected {spec.layout}; "
+    raise UserError(f"{spec.name}: manual dir {reading.shown(manual_dir)} is empty: expected {spec.layout}; "
                     f"get the data from {spec.source}")
   return manual_dir.resolve()
 
@@ -125,23 +125,23 @@ def scan_class_folders(split_dir: Path, class_names: Sequence[str], *, spec: Dat
     folders = ", ".join(f"{rel(split_dir / c, manual_dir)}/" for c in missing)
     raise UserError(f"{spec.name}: missing class folder(s) {folders}: expected one folder per "
                     f"class ({', '.join(class_names)}; an empty one is allowed)")
-  files.skipped_warning(skipped, split_dir)
+  reading.skipped_warning(skipped, split_dir)
   return items
 
 
 def rel(path: Path, root: Path) -> str:
   """`path` relative to `root` when inside it (shorter messages), else the full path; printable
-  (non-UTF-8 bytes of a file name as `\\xNN`, see `files.shown`)."""
+  (non-UTF-8 bytes of a file name as `\\xNN`, see `reading.shown`)."""
   try:
-    return files.shown(Path(path).relative_to(root))
+    return reading.shown(Path(path).relative_to(root))
   except ValueError:
-    return files.shown(path)
+    return reading.shown(path)
 
 
 def open_csv(path: Path) -> Iterator[tuple[int, list[str]]]:
   """(line number, row) for every non-empty row of a CSV file, header included: UTF-8 (or
   UTF-16 with a byte-order mark); other encodings are a UserError naming the line."""
-  return files.read_csv(path)
+  return reading.read_csv(path)
 
 
 def header_index(header: Sequence[str], wanted: Sequence[str], *, path: Path,
@@ -206,7 +206,7 @@ def open_image(source: Path | bytes, *, name: str, spec_name: str) -> Image.Imag
     img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     img.load()
     return img
-  except files.IMAGE_ERRORS as e:
+  except reading.IMAGE_ERRORS as e:
     raise decode_error(spec_name, name, e) from None
 
 
@@ -219,8 +219,8 @@ def read_file(path: Path, *, name: str, spec_name: str) -> bytes:
 
 def decode_error(spec_name: str, name: str, error: BaseException) -> UserError:
   verb = "read" if isinstance(error, OSError) and error.errno else "decode"
-  return UserError(f"{spec_name}: cannot {verb} image {files.shown(name)}: "
-                   f"{files.image_reason(error)}")
+  return UserError(f"{spec_name}: cannot {verb} image {reading.shown(name)}: "
+                   f"{reading.image_reason(error)}")
 
 
 def to_array(img: Image.Image, size: int, channels: int) -> np.ndarray:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ferjax.data import files
+from ferjax.data import reading
 from ferjax.data.builders import common
 from ferjax.errors import UserError
 
@@ -55,7 +55,7 @@ class RafDb(common.FerBuilder, skip_registration=True):
       raise UserError(f"{spec.name}: {manual_dir} has no {LABEL_FILE}: expected {spec.layout}; "
                       f"get it from {spec.source}")
     plan: common.Plan = {"train": [], "test": []}
-    for line_no, line in files.read_lines(label_file):
+    for line_no, line in reading.read_lines(label_file):
       parts = line.split()
       if not parts:
         continue
@@ -75,7 +75,7 @@ class RafDb(common.FerBuilder, skip_registration=True):
         raise UserError(f"{spec.name}: {label_file} lists no {split}_* images: expected both "
                         f"train_* and test_* lines")
     everything = [item for items in plan.values() for item in items]
-    missing = [path for path, _, _ in everything if not files.is_regular(path)]
+    missing = [path for path, _, _ in everything if not reading.is_regular(path)]
     if missing:
       raise common.missing_files_error(spec, label_file, missing, manual_dir, len(everything))
     return plan

@@ -33,7 +33,7 @@ from ferjax.augment import semantic
 from ferjax.core import parallel
 from ferjax.data import pipeline
 from ferjax.errors import UserError
-from ferjax.kinds import head as head_kind
+from ferjax.kinds import retrain_head as head_kind
 from ferjax.models import feature_vae
 
 
@@ -102,7 +102,7 @@ def plan(train_counts, *, batch_size: int, sampler: str, synthesize: bool, targe
 
 
 def plan_for(config, train_counts) -> FeaturePlan:
-  """`plan` from a head config (ferjax.kinds.head): the feature and pixel modes share it (S
+  """`plan` from a head config (ferjax.kinds.retrain_head): the feature and pixel modes share it (S
   synthetic slots, their class distribution, the batches' prior); synth.mode=none: no slot."""
   s = config.synth
   return plan(train_counts, batch_size=config.head.batch_size, sampler=config.head.sampler,

@@ -11,7 +11,7 @@ Decoupled classifier re-training (cRT, Kang et al. 2020): the representation is 
 data only (the source run); here only the final Dense layer is trained again, on the backbone's
 penultimate features, with class-balanced batches by default. One trained backbone thus serves a
 sweep of heads without retraining it. With `synth.mode=feature`, semantic augmentation happens in
-feature space (ferjax.augment.features): a small VAE is trained on the train features, and the
+feature space (ferjax.augment.feature_synthesis): a small VAE is trained on the train features, and the
 last S slots of each batch hold synthetic minority-class features made by perturbing its
 latents, where no decoder blur can reach the backbone. With `synth.mode=pixel`, the decoupled
 use of pixel-space synthesis: a trained VAE-GAN (`synth.vaegan_workdir`) makes
@@ -20,7 +20,7 @@ use of pixel-space synthesis: a trained VAE-GAN (`synth.vaegan_workdir`) makes
 exactly as it does the real train images, and the same last S slots of each batch draw from
 that pool of synthetic-face features, by class (the feature mode's plan; no feature VAE). The
 faces reach the head only, never the representation. The config (defaults and rules) is
-ferjax.kinds.head.
+ferjax.kinds.retrain_head.
 
 One readable file, top to bottom: the features (extracted once, eval mode; in pixel mode those
 of the synthetic faces too), the batch and the pure train step `train_step(state, data) ->
@@ -50,10 +50,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ferjax import configs, fileio, losses, plots, runs
+from ferjax import configs, writing, losses, plots, runs
 from ferjax import evaluate as evaluate_lib
-from ferjax.augment import export
-from ferjax.augment import features as features_lib
+from ferjax.augment import feature_synthesis
 from ferjax.augment import synthesis
 from ferjax.core import checkpoint as checkpoint_lib
 from ferjax.core import monitor, parallel
@@ -61,8 +60,8 @@ from ferjax.core import workdir as workdir_lib
 from ferjax.data import pipeline, splits
 from ferjax.errors import UserError
 from ferjax.kinds import classifier as classifier_kind
-from ferjax.kinds import head as kind
-from ferjax.kinds.head import HeadState
+from ferjax.kinds import retrain_head as kind
+from ferjax.kinds.retrain_head import HeadState
 
 NEIGHBOURS_PER_CLASS = 6  # synthetic features per class in synthetic_neighbours.png
 FACES_PER_ROW = 6  # (seed, synthetic face) pairs per class in synthetic_faces.png (pixel mode)
@@ -171,7 +170,7 @@ def pool_stage_data(feature_plan, pool: dict, num_classes: int) -> dict:
 
 
 def make_pool_synthesize(num_synthetic: int, *, weight: float = 1.0):
-  """The pixel stage, with the feature stage's signature (features_lib.make_synthesize):
+  """The pixel stage, with the feature stage's signature (feature_synthesis.make_synthesize):
   `synthesize(key, features, labels, weights, data)` -> the same with the last `num_synthetic`
   slots overwritten, each by a uniformly drawn synthetic-face feature of a class drawn from the
   plan (data["synthesis"]: `pool_stage_data`), carrying weight `weight`."""
@@ -194,8 +193,9 @@ def save_faces(pool: dict, class_names, folder: pathlib.Path) -> str:
   made from them; returns the file's name."""
   classes = np.unique(pool["face_labels"])
   rows = np.searchsorted(classes, pool["face_labels"])
-  export.save_seed_grid(folder / "synthetic_faces.png", pool["seeds"], pool["faces"], rows,
-                        [class_names[k] for k in classes], per_row=FACES_PER_ROW)
+  plots.save_seed_grid(folder / "synthetic_faces.png",
+                       synthesis.seeds_like(pool["seeds"], pool["faces"]), pool["faces"], rows,
+                       [class_names[k] for k in classes], per_row=FACES_PER_ROW)
   return "synthetic_faces.png"
 
 
@@ -205,7 +205,7 @@ def save_faces(pool: dict, class_names, folder: pathlib.Path) -> str:
 def make_batch(config, data: dict, key, step, synthesize=None):
   """(features [B, D], labels [B], example weights [B]) of batch `step`: real features drawn by
   head.sampler, then (feature or pixel mode) the last S slots overwritten by the synthesis stage
-  (`features_lib.make_synthesize`, `make_pool_synthesize`)."""
+  (`feature_synthesis.make_synthesize`, `make_pool_synthesize`)."""
   h = config.head
   sample_key, synth_key = jax.random.split(key)
   indices = pipeline.sample_indices(sample_key, step, sampler=h.sampler,
@@ -289,12 +289,12 @@ def retrain_head(config, workdir, out) -> dict:
     raise UserError(f"--workdir {workdir}: its model.head is {run.config.model.head!r}: "
                     f"retrain-head re-trains a linear head (kernel and bias) only")
   try:
-    with fileio.staged_folder(out, "--out") as staging:
+    with writing.staged_folder(out, "--out") as staging:
       result = _retrain(config, run, staging)
       result["workdir"] = str(out)
-      fileio.write_atomic(staging / "head.json", json.dumps(result, indent=2) + "\n")
+      writing.write_atomic(staging / "head.json", json.dumps(result, indent=2) + "\n")
   except Exception as e:  # Orbax and tensorstore wrap the OSError in their own types.
-    code = fileio.os_errno(e)
+    code = writing.os_errno(e)
     if isinstance(e, UserError) or code not in workdir_lib.DISK_ERRNOS:
       raise
     raise UserError(f"--out {out}: cannot write ({os.strerror(code)}); nothing was written: "
@@ -319,7 +319,7 @@ def _retrain(config, run, staging: pathlib.Path) -> dict:
   train_ds, val_sets, val_split = load_data(run)
   num_classes = len(run.class_names)
   train_counts = train_ds.class_counts()
-  feature_plan = features_lib.plan_for(config, train_counts)  # A plan with no slot: one line.
+  feature_plan = feature_synthesis.plan_for(config, train_counts)  # A plan with no slot: one line.
   vaegan = open_vaegan(config) if s.mode == "pixel" else None  # Refused before any work.
   pool, pool_labels, val = load_features(config, run, train_ds, val_sets)
   source_head = jax.device_get(run.variables["params"]["head"])
@@ -330,14 +330,14 @@ def _retrain(config, run, staging: pathlib.Path) -> dict:
           "class_index": pipeline.class_index(jnp.asarray(pool_labels), num_classes)}
   synthesize, vae = None, None
   if s.mode == "feature":
-    vae = features_lib.train_vae(data["features"], init_key=streams.vae_init,
+    vae = feature_synthesis.train_vae(data["features"], init_key=streams.vae_init,
                                  train_key=streams.vae_train,
                                  latent_dim=s.vae.latent_dim, hidden=s.vae.hidden,
                                  steps=s.vae.steps, lr=s.vae.lr, batch_size=s.vae.batch_size,
                                  beta=s.vae.kl_weight)
-    data["synthesis"] = features_lib.stage_data(vae, feature_plan, s.perturb, data["features"],
+    data["synthesis"] = feature_synthesis.stage_data(vae, feature_plan, s.perturb, data["features"],
                                                 pool_labels, num_classes)
-    synthesize = features_lib.make_synthesize(
+    synthesize = feature_synthesis.make_synthesize(
         vae.model, feature_plan.num_synthetic, mode=s.perturb, alpha=float(s.alpha),
         residual=s.decode == "residual", weight=float(s.weight))
 
@@ -433,7 +433,7 @@ def write_classifier_run(folder: pathlib.Path, run, best, last, meta: dict, *,
   """run.json, config.json and checkpoints/ (best, then last) of the new classifier run."""
   record = {"kind": classifier_kind.KIND, "stage": kind.KIND,
             "source": meta["source"]["workdir"]}
-  fileio.write_atomic(folder / "run.json", json.dumps(record, indent=2) + "\n")
+  writing.write_atomic(folder / "run.json", json.dumps(record, indent=2) + "\n")
   configs.save_config(run.config, folder / "config.json")
   tx, _ = classifier_kind.make_optimizer(run.config)
   best_state = classifier_state(run, best[1], best[0], tx)
@@ -452,12 +452,12 @@ def save_neighbours(config, vae, data: dict, feature_plan, pool, pool_labels, tr
   from the seed image itself (or its mirror)."""
   s = config.synth
   classes = np.flatnonzero(feature_plan.synth_probs > 0)
-  fake, wanted, seed_idx = features_lib.synthesize_per_class(
+  fake, wanted, seed_idx = feature_synthesis.synthesize_per_class(
       vae.model, data["synthesis"], data["features"], data["class_index"], classes,
       NEIGHBOURS_PER_CLASS,
       kind.rng_streams(config.seed).report, mode=s.perturb, alpha=float(s.alpha),
       residual=s.decode == "residual")
-  near = features_lib.nearest(fake, pool, vae.variables["stats"])
+  near = feature_synthesis.nearest(fake, pool, vae.variables["stats"])
   n = len(train_ds)
 
   def images_of(pool_idx):

@@ -15,11 +15,10 @@ import pathlib
 
 import numpy as np
 
-from ferjax import configs, fileio, plots, runs
+from ferjax import configs, plots, runs, writing
 from ferjax.augment import synthesis
 from ferjax.core import workdir as workdir_lib
 from ferjax.data import folder, splits
-from ferjax.data.images import convert_images
 from ferjax.errors import UserError
 from ferjax.kinds import classifier as classifier_kind
 
@@ -32,20 +31,6 @@ def seed_dataset(vae, config=None):
                                  vae.model.channels)
   return (splits.load_split(config.data, "train", train=True),
           synthesis.options(config))
-
-
-def save_seed_grid(path, seeds, fake, labels, class_names, per_row: int = 5):
-  """Each row: `per_row` real seeds of a class, then the faces synthesized from them."""
-  if seeds.shape[1:] != fake.shape[1:]:
-    seeds = convert_images(seeds, image_size=fake.shape[1], channels=fake.shape[3])
-  grid_images, grid_labels = [], []
-  for k in np.unique(labels):
-    first = np.flatnonzero(labels == k)[:per_row]
-    grid_images += [seeds[first], fake[first]]
-    grid_labels += [labels[first]] * 2
-  # save_class_grid keeps the given order within a row: seeds first, then their faces.
-  return plots.save_class_grid(np.concatenate(grid_images), np.concatenate(grid_labels),
-                               class_names, path, per_class=2 * per_row, scale=2)
 
 
 def export(vaegan_workdir, out, per_class: int, *, config=None, seed: int = 0) -> dict:
@@ -64,9 +49,10 @@ def export(vaegan_workdir, out, per_class: int, *, config=None, seed: int = 0) -
     folder.check_class_name(name, f"dataset {ds.name!r}")
   # Written next to `out` and renamed into place: an interrupted export leaves no partial set.
   try:
-    with fileio.staged_folder(out, "--out") as staging:
+    with writing.staged_folder(out, "--out") as staging:
       folder.write(staging, "train", fake, labels, ds.class_names)
-      save_seed_grid(staging / "grid.png", ds.images[seed_idx], fake, labels, ds.class_names)
+      plots.save_seed_grid(staging / "grid.png", synthesis.seeds_like(ds.images[seed_idx], fake), fake, labels,
+                           ds.class_names)
       provenance = {
           "vaegan_workdir": str(vaegan_workdir), "vaegan_step": vae.step, **how, "seed": seed,
           "per_class": per_class, "seed_dataset": ds.name, "class_names": list(ds.class_names),

@@ -1,6 +1,6 @@
 """What a head-retraining run is (`ferjax retrain-head`): its config (defaults and rules
 together), the head's parameters and optimizer, its train state and random streams. The stage
-itself is ferjax.train.head; its feature-space synthesis is ferjax.augment.features.
+itself is ferjax.train.retrain_head; its feature-space synthesis is ferjax.augment.feature_synthesis.
 
 A head-retraining run takes a finished classifier run, freezes its backbone, and trains only the
 final Dense layer (`head`) on the backbone's penultimate features: classifier re-training
@@ -16,7 +16,7 @@ plan synthesizes (ferjax.augment.synthesis.synthesize_per_class with the `synth.
 run at `synth.vaegan_checkpoint`, `synth.perturb`, `synth.alpha`, `synth.decode`, in the
 classifier's image format) and passed through the frozen backbone exactly as the real train
 images are (eval mode; mirrored too with head.flip). The batches follow the same plan as the
-feature mode (ferjax.augment.features.plan: synth.target, fill, tail_only, max_share, weight);
+feature mode (ferjax.augment.feature_synthesis.plan: synth.target, fill, tail_only, max_share, weight);
 each synthetic slot takes a random feature of its class's synthetic pool. No feature VAE is
 trained (synth.vae is not read).
 
