@@ -26,7 +26,7 @@ from PIL import Image
 from badinput import expect_one_line
 from ferjax import cli
 from ferjax.data import builders, folder
-from ferjax.data.builders import api
+from ferjax.data.builders import locate
 from ferjax.errors import UserError
 from test_builders import (make_affectnet, make_ckplus, make_fer_folders, make_rafdb,
                            write_fer_csv, write_image)
@@ -191,7 +191,7 @@ def truncate(rel, size=60000, manifest=True):
   def edit(data):
     os.truncate(data / rel, size)
     if not manifest:
-      (data / VERSION_DIR / api.MANIFEST).unlink()
+      (data / VERSION_DIR / locate.MANIFEST).unlink()
   return edit
 
 
@@ -201,7 +201,7 @@ def overwrite(rel, text: bytes):
 
 def scramble_shard(data):
   """Bytes inside the first record overwritten, size unchanged, no size record to compare."""
-  (data / VERSION_DIR / api.MANIFEST).unlink()
+  (data / VERSION_DIR / locate.MANIFEST).unlink()
   path = data / TRAIN_SHARD
   raw = bytearray(path.read_bytes())
   raw[200:16000] = b"A" * 15800
@@ -417,9 +417,9 @@ CASES = {
     "damaged-features-garbled": damaged(
         overwrite(VERSION_DIR / "features.json", b"{]"), "features.json is not valid JSON"),
     "damaged-size-record-garbled": damaged(
-        overwrite(VERSION_DIR / api.MANIFEST, b"[1, 2"), api.MANIFEST),
+        overwrite(VERSION_DIR / locate.MANIFEST, b"[1, 2"), locate.MANIFEST),
     "damaged-size-record-wrong-shape": damaged(
-        overwrite(VERSION_DIR / api.MANIFEST, b'{"files": [1]}'), api.MANIFEST),
+        overwrite(VERSION_DIR / locate.MANIFEST, b'{"files": [1]}'), locate.MANIFEST),
     # 2. Reusing a preparation still checks --manual-dir.
     "reuse-manual-dir-missing": reuse_with_manual_dir("missing"),
     "reuse-manual-dir-is-file": reuse_with_manual_dir("file"),

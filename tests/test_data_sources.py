@@ -14,7 +14,7 @@ import pytest
 from badinput import expect_one_line
 from ferjax import cli
 from ferjax.data import builders
-from ferjax.data.builders import api
+from ferjax.data.builders import locate
 from ferjax.errors import UserError
 from test_builders import make_ckplus, make_fer_folders
 
@@ -66,11 +66,11 @@ def ckplus(tmp_path_factory):
 
 
 def test_source_is_recorded(fer):
-  source = builders.api.prepared_source("fer2013", fer / "data")
+  source = builders.prepared_source("fer2013", fer / "data")
   assert source["manual_dir"] == str((fer / "a").resolve())
   assert source["files"] == FER_FILES_A and source["fingerprint"].startswith("sha256:")
   version_dir = builders.prepared_dir("fer2013", fer / "data")
-  assert json.loads((version_dir / api.SOURCE).read_text()) == source
+  assert json.loads((version_dir / locate.SOURCE).read_text()) == source
 
 
 def test_prepare_from_another_manual_dir_is_refused(fer, data, capsys):
@@ -85,7 +85,7 @@ def test_force_prepares_again_from_the_new_source(fer, data, capsys):
   rc, out, err = run(prepare_argv(fer / "b", data, "--force"), capsys)
   assert rc == 0 and err == "" and out.startswith("prepared fer2013")
   assert "train: 14 images" in out
-  source = api.prepared_source("fer2013", data)
+  source = builders.prepared_source("fer2013", data)
   assert source["manual_dir"] == str((fer / "b").resolve()) and source["files"] == FER_FILES_B
   rc, out, _ = run(prepare_argv(fer / "b", data), capsys)  # Now b is the one reused.
   assert rc == 0 and "from the same files" in out and "train: 14 images" in out
@@ -117,19 +117,19 @@ def test_nonexistent_manual_dir_is_refused_when_prepared(data, tmp_path, capsys)
 
 
 def test_preparation_without_a_record_is_reused_with_a_note(fer, data, capsys):
-  (builders.prepared_dir("fer2013", data) / api.SOURCE).unlink()
+  (builders.prepared_dir("fer2013", data) / locate.SOURCE).unlink()
   rc, out, err = run(prepare_argv(fer / "b", data), capsys)
   assert rc == 0 and err == ""
   assert out.startswith("note: fer2013 was already prepared") and "train: 7 images" in out
   assert str(fer / "b") in out and "--force" in out
-  assert not (builders.prepared_dir("fer2013", data) / api.SOURCE).exists()  # Nothing written.
+  assert not (builders.prepared_dir("fer2013", data) / locate.SOURCE).exists()  # Nothing written.
   assert len(builders.load_prepared("fer2013", "train", data, manual_dir=fer / "b")) == 7
 
 
 def test_garbled_record_is_damaged_data(fer, data, tmp_path, capsys):
   """It matters only when a manual dir is compared with it (opening for stats does not)."""
-  (builders.prepared_dir("fer2013", data) / api.SOURCE).write_text("{not json")
-  expect_one_line(prepare_argv(fer / "a", data), [api.SOURCE, "not valid JSON", "--force"],
+  (builders.prepared_dir("fer2013", data) / locate.SOURCE).write_text("{not json")
+  expect_one_line(prepare_argv(fer / "a", data), [locate.SOURCE, "not valid JSON", "--force"],
                   capsys, protect=[data])
   assert len(builders.load_prepared("fer2013", "train", data)) == 7
 

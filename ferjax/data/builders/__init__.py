@@ -1,7 +1,8 @@
 """TFDS builders for the real FER datasets, prepared and read without TensorFlow.
 
 One module per dataset (`fer2013`, `ferplus`, `rafdb`, `affectnet`, `ckplus`), shared code in
-`common`, and the public API in `api`:
+`common`, and the public API in `locate` (data dir, where a prepared dataset is), `preparing`
+(`prepare`), `prepared` (opening a prepared dataset) and `load` (`load_prepared`, `stream`):
 
     prepare(name, manual_dir, data_dir=None, *, image_size=None, force=False, num_workers=None,
             wait=3600, progress=True) -> {split: count}
@@ -24,10 +25,12 @@ contempt; both read one prepared AffectNet), ckplus. Importing this package is c
 tensorflow_datasets is imported on first use.
 """
 
-from ferjax.data.builders.api import (DATA_DIR_ENV, NAMES, available_splits,
-                                      default_data_dir, fold_summary, info, is_prepared,
-                                      load_prepared, prepare, prepare_command, prepared_dir,
-                                      prepared_source, split_sizes, stream)
+from ferjax.data.builders.load import load_prepared, stream
+from ferjax.data.builders.locate import (DATA_DIR_ENV, NAMES, default_data_dir, info, is_prepared,
+                                         prepare_command, prepared_dir)
+from ferjax.data.builders.prepared import (available_splits, fold_summary, prepared_source,
+                                           split_sizes)
+from ferjax.data.builders.preparing import prepare
 
 __all__ = [
     "DATA_DIR_ENV", "NAMES", "available_splits", "default_data_dir",
