@@ -29,6 +29,7 @@ from ferjax.core import parallel
 from ferjax.data import synthetic
 from ferjax.errors import UserError
 from ferjax.kinds import classifier as classifier_kind
+from ferjax.kinds import classifier_batches
 from ferjax.kinds import pretrain as pretrain_kind
 from ferjax.kinds import vaegan as vaegan_kind
 from ferjax.models import vaegan as vaegan_models
@@ -144,7 +145,7 @@ def bench_classifier(config, batch_size=None, steps: int = 20, what=("classifier
   tx, _ = classifier_kind.make_optimizer(config, num_steps)
   state = classifier_kind.init_state(config, model, tx, mesh)
   variables = jax.tree.map(jnp.copy, classifier_kind.eval_variables(state))  # State is donated.
-  data = classifier_trainer.device_data(config, images, labels, num_classes, mesh)
+  data = classifier_batches.device_data(config, images, labels, num_classes, mesh)
   synthesize = None
   if stage is not None:
     synthesize, synthesis_data, stage_extra = stage(config, images, labels, num_classes)
@@ -159,7 +160,7 @@ def bench_classifier(config, batch_size=None, steps: int = 20, what=("classifier
 
     def pipeline_carry(carry):
       data, step, checksum = carry
-      make_batch = classifier_trainer.batch_maker(config, data, num_steps=num_steps,
+      make_batch = classifier_batches.batch_maker(config, data, num_steps=num_steps,
                                                   synthesize=synthesize, mesh=mesh)
       images, labels, weights = make_batch(jax.random.fold_in(train_key, step), step)
       return data, step + 1, checksum + jnp.sum(images) + jnp.sum(weights) + jnp.sum(labels)

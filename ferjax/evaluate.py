@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ferjax import writing, losses, plots, runs
+from ferjax import losses, plots, runs, writing
 from ferjax.core import parallel
 from ferjax.core import workdir as workdir_lib
 from ferjax.data import labels as fer_labels
@@ -180,6 +180,27 @@ def eval_batch_size(config, mesh) -> int:
   """config.eval.batch_size rounded up to a multiple of the device count."""
   n = mesh.devices.size
   return -(-int(config.eval.batch_size) // n) * n
+
+
+class _Mirrored:
+  """uint8 images [N, H, W, C] (an array or ferjax.data LazyImages) read mirrored, in slices."""
+
+  def __init__(self, images):
+    self.images = images
+    self.shape = tuple(images.shape)
+
+  def __getitem__(self, rows: slice):
+    return np.ascontiguousarray(np.asarray(self.images[rows])[:, :, ::-1, :])
+
+
+def extract_features(run, images, *, flip: bool = False) -> np.ndarray:
+  """Eval-mode penultimate features [N, D] (float32) of uint8 images; with `flip`, of their
+  mirror images."""
+  batch_size = eval_batch_size(run.config, run.mesh)
+  _, features = predict_logits(
+      run.model, run.variables, _Mirrored(images) if flip else images, batch_size=batch_size,
+      mesh=run.mesh, return_features=True)
+  return np.asarray(features, np.float32)
 
 
 def evaluate_params(config, variables, dataset, *, train_counts=None, tta: str | None = None,

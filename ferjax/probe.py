@@ -42,7 +42,7 @@ import numpy as np
 import optax
 import optax.tree_utils as otu
 
-from ferjax import writing, plots
+from ferjax import plots, writing
 from ferjax.errors import UserError
 from ferjax.core import workdir as workdir_lib
 from ferjax.evaluate import FEATURES_FORMAT_VERSION, confusion_matrix, metrics_from_confusion

@@ -23,10 +23,12 @@ import numpy as np
 from ferjax.core import checkpoint as checkpoint_lib
 from ferjax.core import parallel
 from ferjax.core import workdir as workdir_lib
+from ferjax.errors import UserError
 from ferjax.kinds import classifier as classifier_kind
 from ferjax.kinds import pretrain as pretrain_kind
 from ferjax.kinds import semisup as semisup_kind
 from ferjax.kinds import vaegan as vaegan_kind
+from ferjax.models import import_weights
 from ferjax.models import mae as mae_models
 from ferjax.models import resnet, vit
 from ferjax.models import vaegan as vaegan_models
@@ -208,3 +210,30 @@ def open_pretrain(workdir, which="best", *, mesh=None) -> PretrainRun:
       which = "latest"
     state, meta = ckpt.restore(pretrain_kind.abstract_state(config, models, mesh), which)
   return PretrainRun(workdir, config, models.encoder, models.decoder, state.params, meta)
+
+
+# --- Weights to start a new run from ------------------------------------------------------------
+def initial_weights(config, state, class_names) -> dict:
+  """The {'params', 'batch_stats'} that `model.init_from` names laid over the fresh state's:
+  a `ferjax import-weights` folder, a finished classifier workdir (its best checkpoint), or a
+  `ferjax pretrain` workdir (its ViT encoder at the best checkpoint; the fresh head kept). The
+  head comes along only when its classes are the run's; any other parameter that is missing or
+  shaped differently is one line naming it."""
+  source = pathlib.Path(config.model.init_from).expanduser()
+  fresh = {"params": state.params, "batch_stats": state.batch_stats}
+  what = f"model.init_from {source}"
+  if (source / "config.json").is_file() and workdir_lib.run_kind(source) == "pretrain":
+    if config.model.name in resnet.MODEL_NAMES:
+      raise UserError(f"{what}: a ViT pre-training run cannot start model.name="
+                      f"{config.model.name!r} (a ResNet): set model.name to the run's ViT")
+    init = open_pretrain(source, "best").encoder_variables
+    what += " (pre-trained encoder)"
+  elif (source / "config.json").is_file():  # A ferjax train workdir.
+    run = open_classifier(source, "best")
+    init = dict(run.variables)
+    if tuple(run.class_names) != tuple(class_names):
+      init["params"] = {k: v for k, v in init["params"].items()
+                        if k not in resnet.HEAD_MODULES}
+  else:
+    init, _ = import_weights.load_init(source)
+  return import_weights.apply_init(fresh, init, what=what)

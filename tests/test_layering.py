@@ -13,21 +13,40 @@ import ferjax
 PACKAGE = "ferjax"
 ROOT = Path(ferjax.__file__).parent
 
-# Bottom to top; each layer is a tuple of module-name prefixes (whole dotted components).
+class Layer(NamedTuple):
+  name: str
+  modules: tuple[str, ...]  # module-name prefixes (whole dotted components)
+  holds: str
+
+
+# Bottom to top, written once: the README's layer table is generated from this list (run
+# `python tests/test_layering.py` to print it; a test checks the README's copy).
 # `ferjax` itself (ferjax/__init__.py) sits below them all and imports nothing of ferjax.
 LAYERS = [
-    ("ferjax.errors", "ferjax.configs", "ferjax.writing", "ferjax.losses", "ferjax.plots",
-     "ferjax.report"),  # base
-    ("ferjax.data", "ferjax.models"),  # data and models
-    ("ferjax.core",),  # checkpoint, parallel, monitor
-    ("ferjax.kinds",),  # what defines each kind of run
-    ("ferjax.runs",),  # reopening a finished run
-    ("ferjax.augment", "ferjax.evaluate", "ferjax.features", "ferjax.inference", "ferjax.export",
-     "ferjax.probe"),  # synthesis; evaluation, features, linear probes; inference, export
-    ("ferjax.train",),  # trainers (leaves)
-    ("ferjax.cli", "ferjax.demo", "ferjax.bench", "ferjax.evaluate_synthetic",
-     "ferjax.predict", "ferjax.synthesize"),  # top
+    Layer("base", ("ferjax.errors", "ferjax.configs", "ferjax.writing", "ferjax.losses",
+                   "ferjax.plots", "ferjax.report"),
+          "errors, config files and overrides, writing files safely, losses, PNGs, tables"),
+    Layer("data, models", ("ferjax.data", "ferjax.models"),
+          "datasets, builders, splits, the device-side pipeline; pure Flax modules"),
+    Layer("core", ("ferjax.core",),
+          "orbax checkpoints, mesh and shardings, metrics and progress, workdirs, signals, "
+          "the training loop"),
+    Layer("run kinds", ("ferjax.kinds",),
+          "what defines each kind of run: config spec, model, state, optimizer, random streams; "
+          "the classifier's device-resident batches"),
+    Layer("reopening", ("ferjax.runs",),
+          "reopen a finished run from its workdir; the weights a new run starts from"),
+    Layer("uses", ("ferjax.augment", "ferjax.evaluate", "ferjax.features", "ferjax.inference",
+                   "ferjax.export", "ferjax.probe"),
+          "synthesis stages; evaluation and its metrics, features, linear probes; predictors, "
+          "exported models"),
+    Layer("trainers", ("ferjax.train",),
+          "leaves: one per kind of training, its pure jitted step, what it validates and draws"),
+    Layer("top", ("ferjax.cli", "ferjax.demo", "ferjax.bench", "ferjax.evaluate_synthetic",
+                  "ferjax.predict", "ferjax.synthesize"),
+          "verbs, the main job, benchmarks, commands that use trainers"),
 ]
+TRAINERS = "ferjax.train"  # Leaves: imported only by the top layer, never by each other.
 
 # A handler spec such as "ferjax.train.classifier:cli_main", imported later by name.
 _HANDLER_SPEC = re.compile(r"(ferjax(?:\.\w+)+):\w+")
@@ -113,7 +132,7 @@ def _matches(module: str, prefix: str) -> bool:
 
 def layers_of(module: str) -> list[int]:
   """Indices of the layers with a prefix matching `module` (exactly one when placed well)."""
-  return [i for i, layer in enumerate(LAYERS) if any(_matches(module, p) for p in layer)]
+  return [i for i, layer in enumerate(LAYERS) if any(_matches(module, p) for p in layer.modules)]
 
 
 def layer_of(module: str):
@@ -143,6 +162,14 @@ def upward_edges(edges) -> list[Edge]:
     if low is not None and high is not None and high > low:
       bad.append(e)
   return bad
+
+
+def trainer_edges(edges) -> list[Edge]:
+  """Edges into a trainer (a module of ferjax.train) from anything but the top layer: trainers
+  are leaves, so no lower layer and no other trainer imports one."""
+  top = len(LAYERS) - 1
+  return [e for e in edges if _matches(e.imported, TRAINERS) and e.imported != TRAINERS
+          and layer_of(e.importer) != top]
 
 
 def cycles(edges) -> list[tuple[list[str], list[Edge]]]:
@@ -223,6 +250,13 @@ def test_no_module_imports_from_a_higher_layer():
     pytest.fail(f"{len(bad)} upward import(s):\n" + _describe_upward(bad), pytrace=False)
 
 
+def test_trainers_are_leaves():
+  bad = trainer_edges(collect_imports(ROOT))
+  if bad:
+    pytest.fail("imports of a trainer from below the top layer or from another trainer:\n"
+                + "\n".join(f"  {e}" for e in bad), pytrace=False)
+
+
 def test_no_import_cycles():
   found = cycles(collect_imports(ROOT))
   if found:
@@ -294,3 +328,71 @@ def test_layers_match_whole_components():
   assert layer_of("ferjax.data") == layer_of("ferjax.data.splits") == 1
   assert layer_of("ferjax.dataset") is None
   assert layer_of("ferjax.evaluate") == 5 and layer_of("ferjax.evaluate_synthetic") == 7
+
+
+def test_planted_trainer_imports_are_reported(tmp_path):
+  """A trainer imported by another trainer or by a lower layer is caught; the top layer may."""
+  _write(tmp_path, {
+      "ferjax/__init__.py": "",
+      "ferjax/cli.py": "from ferjax.train import a\n",
+      "ferjax/evaluate.py": "def f():\n  from ferjax.train import b\n",
+      "ferjax/train/__init__.py": "",
+      "ferjax/train/a.py": "from ferjax.train.b import step\n",
+      "ferjax/train/b.py": "step = None\n",
+  })
+  edges = collect_imports(tmp_path / "ferjax")
+  assert upward_edges(edges) == [Edge("ferjax.evaluate", "ferjax.train.b", "ferjax/evaluate.py", 2)]
+  assert trainer_edges(edges) == [
+      Edge("ferjax.evaluate", "ferjax.train.b", "ferjax/evaluate.py", 2),
+      Edge("ferjax.train.a", "ferjax.train.b", "ferjax/train/a.py", 1)]
+
+
+# --- The README's copy of the layers ------------------------------------------------------------
+README = ROOT.parent / "README.md"
+BEGIN = "<!-- layers: generated from tests/test_layering.py (python tests/test_layering.py) -->"
+END = "<!-- layers: end -->"
+
+
+def _module_files(prefix: str, modules) -> str:
+  """`x.py` for a module, `pkg/` (its own modules named) for a package."""
+  rel = prefix.removeprefix(PACKAGE + ".").replace(".", "/")
+  inside = sorted(m.removeprefix(prefix + ".") for m in modules
+                  if m.startswith(prefix + ".") and m.count(".") == prefix.count(".") + 1)
+  if not inside:
+    return f"`{rel}.py`"
+  return f"`{rel}/` ({', '.join(inside)})"
+
+
+def layer_table(modules) -> str:
+  """The README's table of the layers, top first."""
+  rows = ["| layer | modules (under `ferjax/`) | what it holds |", "|---|---|---|"]
+  for layer in reversed(LAYERS):
+    files = ", ".join(_module_files(p, modules) for p in layer.modules)
+    rows.append(f"| {layer.name} | {files} | {layer.holds} |")
+  return "\n".join([BEGIN, *rows, END])
+
+
+def test_readme_layer_table_is_generated_from_layers():
+  text = README.read_text()
+  expected = layer_table(modules_of(ROOT))
+  if expected not in text:
+    pytest.fail(f"README.md's layer table differs from LAYERS; replace the block between the "
+                f"'{BEGIN}' and '{END}' lines with:\n{expected}", pytrace=False)
+
+
+def test_readme_module_table_names_every_module_and_only_existing_ones():
+  """Every module file (or its folder) appears in README.md's module table, and every
+  `ferjax/...` path it names exists."""
+  text = README.read_text()
+  named = set(re.findall(r"`(ferjax/[\w/]*(?:\.py|/))`", text))
+  stale = sorted(n for n in named if not (ROOT.parent / n).exists())
+  paths = [p.relative_to(ROOT.parent).as_posix() for p in modules_of(ROOT).values()]
+  folders = [n for n in named if n.endswith("/")]
+  missing = sorted(p for p in paths if not p.endswith("__init__.py") and p not in named
+                   and not any(p.startswith(n) for n in folders))
+  assert not stale, f"README.md names modules that do not exist: {stale}"
+  assert not missing, f"README.md's module table leaves out: {missing}"
+
+
+if __name__ == "__main__":
+  print(layer_table(modules_of(ROOT)))

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ferjax.augment import semantic
+from ferjax import evaluate
+from ferjax.augment import semantic, synthesis
 from ferjax.core import parallel
 from ferjax.data import pipeline
 from ferjax.errors import UserError
@@ -262,3 +263,56 @@ def nearest(queries, pool, stats) -> np.ndarray:
   p = np.asarray(pool) / scale
   dist = (q ** 2).sum(1)[:, None] - 2 * q @ p.T + (p ** 2).sum(1)[None, :]
   return np.argmin(dist, axis=1)
+
+
+# --- Pixel mode: a pool of synthetic-face features, made once before training ---------------------
+def synthetic_pool(config, run, vae, train_ds, feature_plan) -> dict:
+  """synth.pool_per_class synthetic faces of each class the plan synthesizes, from real seeds of
+  that class (ferjax.augment.synthesis.synthesize_per_class, in the classifier's image format),
+  and their eval-mode features, extracted as the real pool's (`load_features`: the mirrored
+  faces' too with head.flip). Returns {"faces" uint8 [M, H, W, C], "face_labels" [M], "seeds"
+  (each face's real seed image) [M, H, W, C], "features" [P, D], "labels" [P]}."""
+  s = config.synth
+  classes = np.flatnonzero(feature_plan.synth_probs > 0)
+  labels = np.asarray(train_ds.labels, np.int32)
+  rows = np.flatnonzero(np.isin(labels, classes))  # Only those classes' images are read.
+  images = np.asarray(train_ds.images[rows])
+  faces, face_labels, seed_idx = synthesis.synthesize_per_class(
+      vae, images, labels[rows], len(run.class_names), int(s.pool_per_class), mode=s.perturb,
+      alpha=float(s.alpha), seed=int(config.seed), image_size=run.config.data.image_size,
+      channels=run.config.data.channels, residual=s.decode == "residual")
+  faces, face_labels = np.asarray(faces), np.asarray(face_labels, np.int32)
+  features = [evaluate.extract_features(run, faces)]
+  if config.head.flip:
+    features.append(evaluate.extract_features(run, faces, flip=True))
+  return {"faces": faces, "face_labels": face_labels, "seeds": images[np.asarray(seed_idx)],
+          "features": np.concatenate(features),
+          "labels": np.tile(face_labels, len(features))}
+
+
+def pool_stage_data(feature_plan, pool: dict, num_classes: int) -> dict:
+  """The pixel stage's device arrays (the train step's data["synthesis"]): the synthetic slots'
+  class distribution and the synthetic-face features with their class index."""
+  labels = jnp.asarray(pool["labels"])
+  return {"synth_probs": jnp.asarray(feature_plan.synth_probs, jnp.float32),
+          "features": jnp.asarray(pool["features"], jnp.float32),
+          "class_index": pipeline.class_index(labels, num_classes)}
+
+
+def make_pool_synthesize(num_synthetic: int, *, weight: float = 1.0):
+  """The pixel stage, with the feature stage's signature (`make_synthesize`):
+  `synthesize(key, features, labels, weights, data)` -> the same with the last `num_synthetic`
+  slots overwritten, each by a uniformly drawn synthetic-face feature of a class drawn from the
+  plan (data["synthesis"]: `pool_stage_data`), carrying weight `weight`."""
+  def synthesize(key, features, labels, weights, data):
+    aux = data["synthesis"]
+    class_key, pick_key = jax.random.split(key)
+    classes = jax.random.categorical(class_key, jnp.log(jnp.maximum(aux["synth_probs"], 1e-30)),
+                                     shape=(num_synthetic,))
+    fake = aux["features"][pipeline.sample_by_class(pick_key, aux["class_index"], classes)]
+    first = features.shape[0] - num_synthetic
+    return (features.at[first:].set(fake.astype(features.dtype)),
+            labels.at[first:].set(classes.astype(labels.dtype)),
+            weights.at[first:].set(jnp.asarray(weight, weights.dtype)))
+
+  return synthesize

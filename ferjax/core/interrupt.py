@@ -49,8 +49,12 @@ class StopRequests:
       signal.signal(s, handler)
     self._previous = {}
 
-  def stop(self, step: int, workdir) -> Interrupted:
-    """The exception that ends the run once `step` is saved in `workdir`."""
+  def stop(self, step: int, workdir=None) -> Interrupted:
+    """The exception that ends the run once `step` is saved in `workdir` (None: a stage without
+    resume points, which writes nothing when stopped)."""
     name = signal.Signals(self.signum).name
+    if workdir is None:
+      return Interrupted(f"{name}: stopped after step {step}; nothing was written (run the same "
+                         "command again)", exit_code=128 + self.signum)
     return Interrupted(f"{name}: stopped after step {step}, saved in {workdir}/checkpoints "
                        "(run the same command again to resume)", exit_code=128 + self.signum)

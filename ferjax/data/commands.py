@@ -8,7 +8,7 @@ import sys
 import numpy as np
 
 from ferjax import plots
-from ferjax.data import reading, loading
+from ferjax.data import loading, reading
 from ferjax.data.dataset import Dataset
 from ferjax.errors import UserError
 

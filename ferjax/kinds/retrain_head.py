@@ -1,6 +1,7 @@
 """What a head-retraining run is (`ferjax retrain-head`): its config (defaults and rules
-together), the head's parameters and optimizer, its train state and random streams. The stage
-itself is ferjax.train.retrain_head; its feature-space synthesis is ferjax.augment.feature_synthesis.
+together), the head's parameters and optimizer, its train state and random streams, and the
+classifier run it writes. The stage itself is ferjax.train.retrain_head; its feature-space
+synthesis is ferjax.augment.feature_synthesis.
 
 A head-retraining run takes a finished classifier run, freezes its backbone, and trains only the
 final Dense layer (`head`) on the backbone's penultimate features: classifier re-training
@@ -16,8 +17,8 @@ plan synthesizes (ferjax.augment.synthesis.synthesize_per_class with the `synth.
 run at `synth.vaegan_checkpoint`, `synth.perturb`, `synth.alpha`, `synth.decode`, in the
 classifier's image format) and passed through the frozen backbone exactly as the real train
 images are (eval mode; mirrored too with head.flip). The batches follow the same plan as the
-feature mode (ferjax.augment.feature_synthesis.plan: synth.target, fill, tail_only, max_share, weight);
-each synthetic slot takes a random feature of its class's synthetic pool. No feature VAE is
+feature mode (ferjax.augment.feature_synthesis.plan: synth.target, fill, tail_only, max_share,
+weight); each synthetic slot takes a random feature of its class's synthetic pool. No feature VAE is
 trained (synth.vae is not read).
 
     ferjax retrain-head --workdir runs/baseline --out runs/baseline_pix \
@@ -47,6 +48,8 @@ Both the weight decay and the threshold are to be tuned on validation (their cod
 thresholds are 0.1 and 1.0). head.max_norm=None, the default, is plain cRT.
 """
 
+import json
+import pathlib
 from typing import Any, NamedTuple
 
 import flax
@@ -56,9 +59,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from ferjax import configs
+from ferjax import configs, writing
 from ferjax.configs import check, checkpoint, flag, integer, number, one_of, text
+from ferjax.core import checkpoint as checkpoint_lib
 from ferjax.data import pipeline
+from ferjax.kinds import classifier
 from ferjax.kinds.classifier import BEST_METRICS  # The head selects as the classifier does.
 
 KIND = "retrain-head"  # The stage's own name (its command, head.json, run.json's stage);
@@ -229,3 +234,33 @@ class RngStreams(NamedTuple):
 def rng_streams(seed: int) -> RngStreams:
   base = jax.random.key(seed)
   return RngStreams(*(jax.random.fold_in(base, i) for i in range(1, 5)))
+
+
+# --- The output: a classifier run with the source backbone and the new head -----------------------
+def classifier_state(run, head: dict, step: int, tx) -> classifier.TrainState:
+  """The classifier train state of the source's evaluation weights with `head`, a fresh
+  optimizer state of `tx` (the source config's optimizer), at `step`, replicated over the run's
+  mesh (what open_classifier restores)."""
+  variables = {"params": {**run.variables["params"], "head": jax.tree.map(jnp.asarray, head)},
+               "batch_stats": run.variables["batch_stats"]}
+  ema = run.config.optim.ema_decay > 0  # with_weights reads only the step and whether EMA.
+  template = classifier.TrainState(
+      step=jnp.asarray(step, jnp.int32), params=None, batch_stats=None, opt_state=None,
+      ema_params={} if ema else None, ema_batch_stats={} if ema else None)
+  return classifier.with_weights(template, variables, tx, run.mesh)
+
+
+def write_classifier_run(folder: pathlib.Path, run, best, last, meta: dict, *,
+                         best_metric: str) -> None:
+  """run.json, config.json and checkpoints/ (best, then last) of the new classifier run."""
+  record = {"kind": classifier.KIND, "stage": KIND,
+            "source": meta["source"]["workdir"]}
+  writing.write_atomic(folder / "run.json", json.dumps(record, indent=2) + "\n")
+  configs.save_config(run.config, folder / "config.json")
+  tx, _ = classifier.make_optimizer(run.config)
+  best_state = classifier_state(run, best[1], best[0], tx)
+  last_state = best_state if last[0] == best[0] else classifier_state(run, last[1], last[0], tx)
+  with checkpoint_lib.Checkpoints(folder / "checkpoints", max_to_keep=1,
+                                  best_metric=best_metric) as ckpt:
+    ckpt.save(best[0], best_state, metrics=best[2], extra=meta, last=False)
+    ckpt.save(last[0], last_state, metrics=last[2], extra=meta)

@@ -27,14 +27,14 @@ curves.png, summary.json. Training again in a workdir that has checkpoints resum
 import json
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ferjax import configs, writing, plots
-from ferjax.core import checkpoint, interrupt, monitor, parallel
-from ferjax.core import workdir as workdir_lib
+from ferjax import configs, plots, writing
+from ferjax.core import checkpoint, loop, parallel
 from ferjax.data import pipeline, unlabeled
 from ferjax.kinds import pretrain as kind
 from ferjax.kinds.pretrain import TrainState
@@ -73,6 +73,8 @@ def make_train_step(models, config, mesh, num_examples: int, *, jit: bool = True
   crop_scale = None if crop_scale is None else tuple(crop_scale)
 
   def train_step(state: TrainState, images):
+    chex.assert_rank(images, 4)  # The unlabeled images on the device: uint8 rows.
+    chex.assert_type(images, jnp.uint8)
     step = state.step
     step_key = jax.random.fold_in(train_key, step)
     index_key, flip_key, mask_key = jax.random.split(step_key, 3)
@@ -149,105 +151,57 @@ def save_grid(eval_step, params, images: np.ndarray, batch_size: int, mesh, key,
 
 
 # ================================================================================================
-# Main loop
+# The run
 # ================================================================================================
 def train_and_evaluate(config, workdir, *, stop_after: int | None = None) -> dict:
   """Pre-trains (or resumes from the latest checkpoint in `workdir`); returns a summary dict.
-
-  `stop_after` ends this call after that step (checkpointed), as a preemption would; calling
-  again resumes."""
-  kind.validate_config(config)
-  workdir, is_main = workdir_lib.open_for_training(workdir, config, kind.KIND,
-                                                    kind.default_config())
-  # is_main: this process writes the files.
-  with workdir_lib.training_lock(workdir, is_main), workdir_lib.disk_errors(workdir):
-    return _train(config, workdir, is_main, stop_after)
-
-
-def _train(config, workdir, is_main, stop_after) -> dict:
+  `stop_after`: see ferjax.core.loop.Schedule."""
   t_start = time.perf_counter()
   t = config.train
+  with loop.open_workdir(workdir, config, kind) as (workdir, is_main):
+    # --- mesh, data, models, state, steps ---
+    mesh = parallel.make_mesh(t.num_devices)
+    parallel.check_batch_size(t.batch_size, mesh, "train.batch_size")
+    pool = unlabeled.load_pool(config.data, config.seed)
+    models = kind.build_models(config)
+    state = kind.init_state(config, models, mesh)
+    images = parallel.put_rows(pool.train, mesh)
+    train_step = make_train_step(models, config, mesh, len(pool.train))
+    eval_step = make_eval_step(models, config, mesh)
+    val_key = kind.rng_streams(config.seed).val
+    shown = pool.val if pool.val is not None else pool.train
 
-  # --- mesh, data, models, state ---
-  mesh = parallel.make_mesh(t.num_devices)
-  parallel.check_batch_size(t.batch_size, mesh, "train.batch_size")
-  pool = unlabeled.load_pool(config.data, config.seed)
-  models = kind.build_models(config)
-  state = kind.init_state(config, models, mesh)
-  ckpts = checkpoint.Checkpoints(
-      workdir / "checkpoints", max_to_keep=t.keep_checkpoints, best_mode="min",
-      best_metric=kind.BEST_METRIC if config.data.val_fraction > 0 else None)
-  if ckpts.latest_step() is not None:
-    state, _ = ckpts.restore(state, "latest")
-    print(f"pretrain: resuming from step {int(state.step)} in {workdir}")
-  start_step = int(state.step)
-  if is_main:  # Steps past the checkpoint (all, before the first one) are replayed.
-    monitor.drop_metrics_after(workdir, start_step)
+    def validate(state):
+      return evaluate(eval_step, state.params, pool.val, t.batch_size, mesh, val_key)
 
-  images = parallel.put_rows(pool.train, mesh)
-  train_step = make_train_step(models, config, mesh, len(pool.train))
-  eval_step = make_eval_step(models, config, mesh)
-  val_key = kind.rng_streams(config.seed).val
-  shown = pool.val if pool.val is not None else pool.train
-  # A resumed run hides the events an earlier run logged after its checkpoint.
-  writer = (monitor.MetricWriter(workdir, purge_step=start_step + 1 if start_step else None)
-            if is_main else None)
-  grid = None
+    def draw(state, step):
+      return {"reconstructions": save_grid(
+          eval_step, state.params, shown, t.batch_size, mesh, val_key,
+          workdir / "samples" / f"reconstructions_{step:07d}.png")}
 
-  # --- loop ---
-  step, val_metrics, train_metrics = start_step, {}, {}
-  last_step = t.num_steps if stop_after is None else min(t.num_steps, stop_after)
-  logged = monitor.IntervalMetrics(t.batch_size, watch=("loss",),
-                                   last_checkpoint=ckpts.latest_step)
-  with ckpts, monitor.progress(t.num_steps, initial=start_step, desc="pretrain") as bar, \
-      interrupt.StopRequests() as stop:
-    while step < last_step:
-      state, metrics = train_step(state, images)
-      logged.add(metrics)  # Device arrays: fetched only at logging points.
-      step += 1
-      bar.update(1)
-      stopping = bool(stop)  # Read once: a signal arriving mid-step counts from the next one.
-      is_eval = step % t.eval_every == 0 or step == t.num_steps
-      is_save = step % t.checkpoint_every == 0 or step == last_step
-      if step % t.log_every == 0 or is_eval or is_save or stopping:
-        train_metrics = logged.flush(step)  # NaN guard first: a NaN state is never saved.
-        if writer:
-          writer.write(step, train_metrics)
-        bar.set_postfix(loss=f"{train_metrics['loss']:.4f}", refresh=False)
-      if is_eval:
-        if pool.val is not None:
-          val_metrics = evaluate(eval_step, state.params, pool.val, t.batch_size, mesh, val_key)
-          if writer:
-            writer.write(step, val_metrics)
-          bar.write(f"step {step}: val loss {val_metrics['val_loss']:.4f}")
-        if is_main:
-          grid = save_grid(eval_step, state.params, shown, t.batch_size, mesh, val_key,
-                           workdir / "samples" / f"reconstructions_{step:07d}.png")
-          writer.write_images(step, {"reconstructions": grid})
-        ckpt_metrics = val_metrics if pool.val is not None else None
-        ckpts.save(step, state, metrics=ckpt_metrics, last=is_save or stopping)
-        logged.restart_clock()  # Validation time is not training time.
-      elif is_save or stopping:  # Ctrl-C or SIGTERM: this step becomes a resume point too.
-        ckpts.save(step, state)
-      if stopping:
-        if writer:
-          writer.close()
-        raise stop.stop(step, workdir)
-    best_step = ckpts.best_step()
+    # --- loop ---
+    with checkpoint.Checkpoints(
+        workdir / "checkpoints", max_to_keep=t.keep_checkpoints, best_mode="min",
+        best_metric=kind.BEST_METRIC if pool.val is not None else None) as ckpts:
+      state, _ = loop.resume(ckpts, state, workdir, "pretrain")
+      done = loop.run(lambda state: train_step(state, images), state,
+                      schedule=loop.Schedule.from_config(t, stop_after=stop_after),
+                      workdir=workdir, is_main=is_main, checkpoints=ckpts,
+                      images_per_step=t.batch_size,
+                      validate=validate if pool.val is not None else None, draw=draw,
+                      desc="pretrain", curves=(CURVE_KEYS, "MAE pre-training"))
+      best_step = ckpts.best_step()
 
   # --- summary files ---
-  if writer:
-    if grid is not None:  # The final grid, where a person looks first.
-      writing.write_atomic(workdir / "reconstructions.png", grid.read_bytes())
-    plots.save_curves(monitor.read_metrics(workdir), CURVE_KEYS, workdir / "curves.png",
-                      title="MAE pre-training")
-    writer.close()
-  result = {"step": step, "num_steps": t.num_steps, "best_step": best_step,
+  result = {"step": done.step, "num_steps": t.num_steps, "best_step": best_step,
             "wall_s": round(time.perf_counter() - t_start, 1), "workdir": str(workdir),
-            "train": train_metrics, "val": val_metrics,
+            "train": done.train, "val": done.val,
             "images": {name: {"train": n, "held_out": held}
                        for name, (n, held) in pool.counts.items()}}
-  if is_main and step == t.num_steps:
+  grid = done.drawn.get("reconstructions")
+  if is_main and grid is not None:  # The final grid, where a person looks first.
+    writing.write_atomic(workdir / "reconstructions.png", grid.read_bytes())
+  if is_main and done.step == t.num_steps:
     writing.write_atomic(workdir / "summary.json", json.dumps(result, indent=2) + "\n")
   return result
 

@@ -10,10 +10,10 @@
 Decoupled classifier re-training (cRT, Kang et al. 2020): the representation is learned on real
 data only (the source run); here only the final Dense layer is trained again, on the backbone's
 penultimate features, with class-balanced batches by default. One trained backbone thus serves a
-sweep of heads without retraining it. With `synth.mode=feature`, semantic augmentation happens in
-feature space (ferjax.augment.feature_synthesis): a small VAE is trained on the train features, and the
-last S slots of each batch hold synthetic minority-class features made by perturbing its
-latents, where no decoder blur can reach the backbone. With `synth.mode=pixel`, the decoupled
+sweep of heads without retraining it. With `synth.mode=feature`, semantic augmentation happens
+in feature space (ferjax.augment.feature_synthesis): a small VAE is trained on the train
+features, and the last S slots of each batch hold synthetic minority-class features made by
+perturbing its latents, where no decoder blur can reach the backbone. With `synth.mode=pixel`, the decoupled
 use of pixel-space synthesis: a trained VAE-GAN (`synth.vaegan_workdir`) makes
 `synth.pool_per_class` synthetic faces of each class the plan synthesizes before training
 (ferjax.augment.synthesis.synthesize_per_class), the frozen backbone turns them into features
@@ -22,11 +22,13 @@ that pool of synthetic-face features, by class (the feature mode's plan; no feat
 faces reach the head only, never the representation. The config (defaults and rules) is
 ferjax.kinds.retrain_head.
 
-One readable file, top to bottom: the features (extracted once, eval mode; in pixel mode those
-of the synthetic faces too), the batch and the pure train step `train_step(state, data) ->
-(state, metrics)` (jitted once, state donated, its randomness fold_in(key(seed), step)), the loop
-(validation every head.eval_every steps on the run's own validation set; the best head is kept),
-and the new workdir.
+One readable file, top to bottom: the run's data, the batch and the pure train step
+`train_step(state, data) -> (state, metrics)` (jitted once, state donated, its randomness
+fold_in(key(seed), step)), then the stage: features extracted once (eval mode,
+ferjax.evaluate.extract_features; in pixel mode those of the synthetic faces too,
+ferjax.augment.feature_synthesis), ferjax.core.loop's loop (validation every head.eval_every
+steps on the run's own validation set; the best head is kept) and the new workdir
+(ferjax.kinds.retrain_head.write_classifier_run).
 
 The output (`--out`, which must not exist) is a regular classifier workdir, so `ferjax evaluate`,
 `ferjax predict`, `ferjax export` and ferjax.runs.open_classifier use it unchanged: config.json
@@ -45,21 +47,20 @@ import json
 import os
 import pathlib
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ferjax import configs, writing, losses, plots, runs
+from ferjax import configs, losses, plots, runs, writing
 from ferjax import evaluate as evaluate_lib
 from ferjax.augment import feature_synthesis
 from ferjax.augment import synthesis
-from ferjax.core import checkpoint as checkpoint_lib
-from ferjax.core import monitor, parallel
+from ferjax.core import loop, parallel
 from ferjax.core import workdir as workdir_lib
 from ferjax.data import pipeline, splits
 from ferjax.errors import UserError
-from ferjax.kinds import classifier as classifier_kind
 from ferjax.kinds import retrain_head as kind
 from ferjax.kinds.retrain_head import HeadState
 
@@ -68,29 +69,8 @@ FACES_PER_ROW = 6  # (seed, synthetic face) pairs per class in synthetic_faces.p
 
 
 # =================================================================================================
-# Features: the frozen backbone's penultimate features, extracted once
+# Data: the source run's own splits and their frozen features
 # =================================================================================================
-class _Mirrored:
-  """uint8 images [N, H, W, C] (an array or ferjax.data LazyImages) read mirrored, in slices."""
-
-  def __init__(self, images):
-    self.images = images
-    self.shape = tuple(images.shape)
-
-  def __getitem__(self, rows: slice):
-    return np.ascontiguousarray(np.asarray(self.images[rows])[:, :, ::-1, :])
-
-
-def extract_features(run, images, *, flip: bool = False) -> np.ndarray:
-  """Eval-mode penultimate features [N, D] (float32) of uint8 images; with `flip`, of their
-  mirror images."""
-  batch_size = evaluate_lib.eval_batch_size(run.config, run.mesh)
-  _, features = evaluate_lib.predict_logits(
-      run.model, run.variables, _Mirrored(images) if flip else images, batch_size=batch_size,
-      mesh=run.mesh, return_features=True)
-  return np.asarray(features, np.float32)
-
-
 def load_data(run):
   """(train Dataset, validation Datasets, val split name) of the run's own splits, checked
   against its checkpoint's classes."""
@@ -113,17 +93,14 @@ def load_data(run):
 def load_features(config, run, train_ds, val_sets):
   """(train pool features [P, D], pool labels [P], validation [(Dataset, features)]): the pool
   is the train split's features, followed by those of its mirror images when head.flip."""
-  pool = [extract_features(run, train_ds.images)]
+  pool = [evaluate_lib.extract_features(run, train_ds.images)]
   if config.head.flip:
-    pool.append(extract_features(run, train_ds.images, flip=True))
+    pool.append(evaluate_lib.extract_features(run, train_ds.images, flip=True))
   labels = np.tile(np.asarray(train_ds.labels, np.int32), len(pool))
-  val = [(ds, extract_features(run, ds.images)) for ds in val_sets]
+  val = [(ds, evaluate_lib.extract_features(run, ds.images)) for ds in val_sets]
   return np.concatenate(pool), labels, val
 
 
-# =================================================================================================
-# Pixel mode: the features of synthetic faces, made once before training
-# =================================================================================================
 def open_vaegan(config):
   """The synth.vaegan_workdir run at synth.vaegan_checkpoint (ferjax.runs.VAEGANRun); a workdir
   that is missing or not a VAE-GAN's (or lacks that checkpoint) is refused in one line naming
@@ -134,69 +111,6 @@ def open_vaegan(config):
   except UserError as e:
     raise UserError(f"config field 'synth.vaegan_workdir' (at synth.vaegan_checkpoint="
                     f"{s.vaegan_checkpoint}): {e}") from None
-
-
-def synthetic_pool(config, run, vae, train_ds, feature_plan) -> dict:
-  """synth.pool_per_class synthetic faces of each class the plan synthesizes, from real seeds of
-  that class (ferjax.augment.synthesis.synthesize_per_class, in the classifier's image format),
-  and their eval-mode features, extracted as the real pool's (`load_features`: the mirrored
-  faces' too with head.flip). Returns {"faces" uint8 [M, H, W, C], "face_labels" [M], "seeds"
-  (each face's real seed image) [M, H, W, C], "features" [P, D], "labels" [P]}."""
-  s = config.synth
-  classes = np.flatnonzero(feature_plan.synth_probs > 0)
-  labels = np.asarray(train_ds.labels, np.int32)
-  rows = np.flatnonzero(np.isin(labels, classes))  # Only those classes' images are read.
-  images = np.asarray(train_ds.images[rows])
-  faces, face_labels, seed_idx = synthesis.synthesize_per_class(
-      vae, images, labels[rows], len(run.class_names), int(s.pool_per_class), mode=s.perturb,
-      alpha=float(s.alpha), seed=int(config.seed), image_size=run.config.data.image_size,
-      channels=run.config.data.channels, residual=s.decode == "residual")
-  faces, face_labels = np.asarray(faces), np.asarray(face_labels, np.int32)
-  features = [extract_features(run, faces)]
-  if config.head.flip:
-    features.append(extract_features(run, faces, flip=True))
-  return {"faces": faces, "face_labels": face_labels, "seeds": images[np.asarray(seed_idx)],
-          "features": np.concatenate(features),
-          "labels": np.tile(face_labels, len(features))}
-
-
-def pool_stage_data(feature_plan, pool: dict, num_classes: int) -> dict:
-  """The pixel stage's device arrays (the train step's data["synthesis"]): the synthetic slots'
-  class distribution and the synthetic-face features with their class index."""
-  labels = jnp.asarray(pool["labels"])
-  return {"synth_probs": jnp.asarray(feature_plan.synth_probs, jnp.float32),
-          "features": jnp.asarray(pool["features"], jnp.float32),
-          "class_index": pipeline.class_index(labels, num_classes)}
-
-
-def make_pool_synthesize(num_synthetic: int, *, weight: float = 1.0):
-  """The pixel stage, with the feature stage's signature (feature_synthesis.make_synthesize):
-  `synthesize(key, features, labels, weights, data)` -> the same with the last `num_synthetic`
-  slots overwritten, each by a uniformly drawn synthetic-face feature of a class drawn from the
-  plan (data["synthesis"]: `pool_stage_data`), carrying weight `weight`."""
-  def synthesize(key, features, labels, weights, data):
-    aux = data["synthesis"]
-    class_key, pick_key = jax.random.split(key)
-    classes = jax.random.categorical(class_key, jnp.log(jnp.maximum(aux["synth_probs"], 1e-30)),
-                                     shape=(num_synthetic,))
-    fake = aux["features"][pipeline.sample_by_class(pick_key, aux["class_index"], classes)]
-    first = features.shape[0] - num_synthetic
-    return (features.at[first:].set(fake.astype(features.dtype)),
-            labels.at[first:].set(classes.astype(labels.dtype)),
-            weights.at[first:].set(jnp.asarray(weight, weights.dtype)))
-
-  return synthesize
-
-
-def save_faces(pool: dict, class_names, folder: pathlib.Path) -> str:
-  """synthetic_faces.png: a row per synthesized class, FACES_PER_ROW real seeds then the faces
-  made from them; returns the file's name."""
-  classes = np.unique(pool["face_labels"])
-  rows = np.searchsorted(classes, pool["face_labels"])
-  plots.save_seed_grid(folder / "synthetic_faces.png",
-                       synthesis.seeds_like(pool["seeds"], pool["faces"]), pool["faces"], rows,
-                       [class_names[k] for k in classes], per_row=FACES_PER_ROW)
-  return "synthetic_faces.png"
 
 
 # =================================================================================================
@@ -235,6 +149,8 @@ def make_train_step(config, prior_counts, *, synthesize=None, jit: bool = True, 
             else jnp.zeros((len(prior_counts),), jnp.float32))
 
   def train_step(state: HeadState, data: dict):
+    chex.assert_rank([data["features"], data["labels"]], [2, 1])  # Features [N, D], labels [N].
+    chex.assert_type([data["features"], data["labels"]], [jnp.float32, jnp.int32])
     step = state.step
     features, labels, weights = make_batch(config, data, jax.random.fold_in(train_key, step), step,
                                            synthesize)
@@ -279,9 +195,10 @@ def validate(config, head: dict, val, train_counts) -> tuple[dict, dict]:
 # =================================================================================================
 # The stage
 # =================================================================================================
-def retrain_head(config, workdir, out) -> dict:
+def retrain_head(config, workdir, out, *, stop_after: int | None = None) -> dict:
   """Trains a new head on the frozen backbone of the classifier run in `workdir` and writes the
-  new run to `out` (see the module docstring); returns head.json's content."""
+  new run to `out` (see the module docstring); returns head.json's content. `stop_after` trains
+  only that many steps (the stage has no resume points: it is short, and written whole)."""
   kind.validate_config(config)
   out = check_out(out)
   run = runs.open_classifier(workdir, str(config.source.checkpoint))
@@ -290,7 +207,7 @@ def retrain_head(config, workdir, out) -> dict:
                     f"retrain-head re-trains a linear head (kernel and bias) only")
   try:
     with writing.staged_folder(out, "--out") as staging:
-      result = _retrain(config, run, staging)
+      result = _retrain(config, run, staging, stop_after)
       result["workdir"] = str(out)
       writing.write_atomic(staging / "head.json", json.dumps(result, indent=2) + "\n")
   except Exception as e:  # Orbax and tensorstore wrap the OSError in their own types.
@@ -311,7 +228,7 @@ def check_out(out) -> pathlib.Path:
   return out
 
 
-def _retrain(config, run, staging: pathlib.Path) -> dict:
+def _retrain(config, run, staging: pathlib.Path, stop_after) -> dict:
   h, s = config.head, config.synth
   streams = kind.rng_streams(config.seed)
 
@@ -344,43 +261,40 @@ def _retrain(config, run, staging: pathlib.Path) -> dict:
   # --- Synthetic faces and their features (pixel mode) -------------------------------------------
   faces = None
   if s.mode == "pixel":
-    faces = synthetic_pool(config, run, vaegan, train_ds, feature_plan)
-    data["synthesis"] = pool_stage_data(feature_plan, faces, num_classes)
-    synthesize = make_pool_synthesize(feature_plan.num_synthetic, weight=float(s.weight))
+    faces = feature_synthesis.synthetic_pool(config, run, vaegan, train_ds, feature_plan)
+    data["synthesis"] = feature_synthesis.pool_stage_data(feature_plan, faces, num_classes)
+    synthesize = feature_synthesis.make_pool_synthesize(feature_plan.num_synthetic,
+                                                        weight=float(s.weight))
 
   # --- Loop -------------------------------------------------------------------------------------
   tx, _ = kind.make_optimizer(config)
   state = kind.init_state(config, source_head, tx)
   train_step = make_train_step(config, feature_plan.prior_counts, synthesize=synthesize, tx=tx)
-  writer = monitor.MetricWriter(staging)
-  writer.write(0, {f"val_{k}": v for k, v in before.items()})
-  logged = monitor.IntervalMetrics(h.batch_size, watch=("loss",))
   best, last = None, None  # (step, head, metrics, summary)
-  with writer, monitor.progress(total=h.steps, desc="head") as bar:
-    for step in range(1, h.steps + 1):
-      state, metrics = train_step(state, data)
-      logged.add(metrics)
-      bar.update(1)
-      if step % h.eval_every == 0 or step == h.steps:
-        head = jax.device_get(state.params)
-        val_metrics, summary = validate(run.config, head, val, train_counts)
-        train_metrics = logged.flush(step)  # The NaN guard first.
-        writer.write(step, {**train_metrics, **{f"val_{k}": v for k, v in val_metrics.items()}})
-        bar.write(f"step {step}: " + "  ".join(f"val {k} {v:.4f}" for k, v in val_metrics.items()))
-        last = (step, head, val_metrics, summary)
-        if best is None or val_metrics[h.best_metric] > best[2][h.best_metric]:
-          best = last
-  plots.save_curves(monitor.read_metrics(staging),
-                    ["loss", "train_accuracy", "lr", "val_accuracy", "val_mean_class_accuracy",
-                     "val_macro_f1"], staging / "curves.png",
-                    title=f"retrain-head {run.workdir.name}")
+
+  def validate_head(state):
+    nonlocal best, last
+    head = jax.device_get(state.params)
+    val_metrics, summary = validate(run.config, head, val, train_counts)
+    last = (int(state.step), head, val_metrics, summary)
+    if best is None or val_metrics[h.best_metric] > best[2][h.best_metric]:
+      best = last
+    return val_metrics
+
+  # No resume points: the stage is short and its output is written whole at the end.
+  num_steps = h.steps if stop_after is None else min(h.steps, stop_after)
+  loop.run(lambda state: train_step(state, data), state,
+           schedule=loop.Schedule(num_steps, h.eval_every, h.eval_every, None),
+           workdir=staging, is_main=True, checkpoints=None, images_per_step=h.batch_size,
+           validate=validate_head, first_val=before, desc="head",
+           curves=(CURVE_KEYS, f"retrain-head {run.workdir.name}"))
 
   # --- The new workdir --------------------------------------------------------------------------
   meta = {"class_names": list(run.class_names), "train_counts": train_counts.tolist(),
           "prior_counts": feature_plan.prior_counts.tolist(), "val_split": val_split,
           "source": {"workdir": str(run.workdir.absolute()), "checkpoint": str(
               config.source.checkpoint), "step": run.step}}
-  write_classifier_run(staging, run, best, last, meta, best_metric=h.best_metric)
+  kind.write_classifier_run(staging, run, best, last, meta, best_metric=h.best_metric)
   result = {
       "stage": kind.KIND, "config": configs.to_dict(config),
       "source": meta["source"], "val_split": val_split,
@@ -412,38 +326,13 @@ def _retrain(config, run, staging: pathlib.Path) -> dict:
   return result
 
 
+CURVE_KEYS = ("loss", "train_accuracy", "lr", "val_accuracy", "val_mean_class_accuracy",
+              "val_macro_f1")
+
+
 # =================================================================================================
-# The new workdir: a classifier run with the source backbone and the new head
+# Pictures: what was synthesized
 # =================================================================================================
-def classifier_state(run, head: dict, step: int, tx) -> classifier_kind.TrainState:
-  """The classifier train state of the source's evaluation weights with `head`, a fresh
-  optimizer state of `tx` (the source config's optimizer), at `step`, replicated over the run's
-  mesh (what open_classifier restores)."""
-  variables = {"params": {**run.variables["params"], "head": jax.tree.map(jnp.asarray, head)},
-               "batch_stats": run.variables["batch_stats"]}
-  ema = run.config.optim.ema_decay > 0  # with_weights reads only the step and whether EMA.
-  template = classifier_kind.TrainState(
-      step=jnp.asarray(step, jnp.int32), params=None, batch_stats=None, opt_state=None,
-      ema_params={} if ema else None, ema_batch_stats={} if ema else None)
-  return classifier_kind.with_weights(template, variables, tx, run.mesh)
-
-
-def write_classifier_run(folder: pathlib.Path, run, best, last, meta: dict, *,
-                         best_metric: str) -> None:
-  """run.json, config.json and checkpoints/ (best, then last) of the new classifier run."""
-  record = {"kind": classifier_kind.KIND, "stage": kind.KIND,
-            "source": meta["source"]["workdir"]}
-  writing.write_atomic(folder / "run.json", json.dumps(record, indent=2) + "\n")
-  configs.save_config(run.config, folder / "config.json")
-  tx, _ = classifier_kind.make_optimizer(run.config)
-  best_state = classifier_state(run, best[1], best[0], tx)
-  last_state = best_state if last[0] == best[0] else classifier_state(run, last[1], last[0], tx)
-  with checkpoint_lib.Checkpoints(folder / "checkpoints", max_to_keep=1,
-                                  best_metric=best_metric) as ckpt:
-    ckpt.save(best[0], best_state, metrics=best[2], extra=meta, last=False)
-    ckpt.save(last[0], last_state, metrics=last[2], extra=meta)
-
-
 def save_neighbours(config, vae, data: dict, feature_plan, pool, pool_labels, train_ds,
                     folder: pathlib.Path) -> dict:
   """synthetic_neighbours.png: for each synthesized class a row of NEIGHBOURS_PER_CLASS pairs
@@ -478,6 +367,17 @@ def save_neighbours(config, vae, data: dict, feature_plan, pool, pool_labels, tr
                     "nearest to the seed's synthetic feature) pairs",
           "nearest_same_class": float(np.mean(pool_labels[near] == wanted)),
           "nearest_is_seed": float(np.mean(near % n == seed_idx % n))}
+
+
+def save_faces(pool: dict, class_names, folder: pathlib.Path) -> str:
+  """synthetic_faces.png: a row per synthesized class, FACES_PER_ROW real seeds then the faces
+  made from them; returns the file's name."""
+  classes = np.unique(pool["face_labels"])
+  rows = np.searchsorted(classes, pool["face_labels"])
+  plots.save_seed_grid(folder / "synthetic_faces.png",
+                       synthesis.seeds_like(pool["seeds"], pool["faces"]), pool["faces"], rows,
+                       [class_names[k] for k in classes], per_row=FACES_PER_ROW)
+  return "synthetic_faces.png"
 
 
 # =================================================================================================

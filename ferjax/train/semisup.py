@@ -9,7 +9,7 @@ rest, with `semisup.extra_sources` joined to it, is the unlabeled pool. Both liv
 as uint8. Each step:
 
   labelled batch    B images by the classifier's sampler and augmentation
-                    (ferjax.train.classifier.batch_maker);
+                    (ferjax.kinds.classifier_batches.batch_maker);
   unlabeled batch   semisup.ratio x B pool images drawn uniformly; a weak view (config.augment:
                     by default flip + pad crop, FixMatch's weak augmentation) and a strong view
                     (another weak draw, then RandAugment: ferjax.data.randaugment);
@@ -39,21 +39,21 @@ Training again in a workdir that has checkpoints resumes from the latest one.
 import json
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ferjax import configs, writing, losses, plots
+from ferjax import configs, losses, runs, writing
 from ferjax import evaluate as evaluate_lib
 from ferjax.core import checkpoint as checkpoint_lib
-from ferjax.core import interrupt, monitor, parallel
-from ferjax.core import workdir as workdir_lib
+from ferjax.core import loop, parallel
 from ferjax.data import pipeline, randaugment, splits, unlabeled
 from ferjax.errors import UserError
+from ferjax.kinds import classifier_batches
 from ferjax.kinds import semisup as kind
 from ferjax.kinds.semisup import BEST_METRICS, TrainState
-from ferjax.train import classifier as classifier_trainer
 
 CURVE_KEYS = ("loss", "sup_loss", "unlabeled_loss", "mask_rate", "pseudo_label_accuracy",
               "val_accuracy", "val_mean_class_accuracy")
@@ -135,7 +135,7 @@ def make_train_step(config, model, tx, class_counts, num_classes: int, pool_size
                     num_steps: int, mesh, *, jit: bool = True):
   """`train_step(state, data) -> (state, metrics, pseudo)`: pure; jitted with the state donated.
 
-  `data`: {"labelled": `classifier_trainer.device_data`, "pool": uint8 [N, H, W, C] rows,
+  `data`: {"labelled": `classifier_batches.device_data`, "pool": uint8 [N, H, W, C] rows,
   "pool_truth": int32 [N] (diagnostics only)}. `metrics` are scalars (means over a logging
   interval make sense); `pseudo` are per-class sums for the interval: confident pseudo-labels per
   class ("count"), those with a known true label ("known") and the right ones ("correct"), and
@@ -152,10 +152,13 @@ def make_train_step(config, model, tx, class_counts, num_classes: int, pool_size
   constrain = lambda x: jax.lax.with_sharding_constraint(x, sharding)
 
   def train_step(state: TrainState, data: dict):
+    chex.assert_rank([data["labelled"]["images"], data["pool"]], 4)  # uint8 rows on the device.
+    chex.assert_type([data["labelled"]["images"], data["pool"], data["pool_truth"]],
+                     [jnp.uint8, jnp.uint8, jnp.int32])
     step = state.step
     batch_key, index_key, weak_key, strong_key, ra_key, dropout_key = jax.random.split(
         jax.random.fold_in(train_key, step), 6)
-    make_batch = classifier_trainer.batch_maker(config, data["labelled"], num_steps=num_steps,
+    make_batch = classifier_batches.batch_maker(config, data["labelled"], num_steps=num_steps,
                                                 mesh=mesh)
     images, labels, example_weights = make_batch(batch_key, step)
 
@@ -252,128 +255,81 @@ class PseudoTotals:
 
 
 # =================================================================================================
-# The loop
+# The run
 # =================================================================================================
 def train_and_evaluate(config, workdir, *, stop_after: int | None = None) -> dict:
   """Trains (or resumes) a semi-supervised classifier in `workdir`; returns a summary dict.
-
-  `stop_after` ends this call after that step (checkpointed), as a preemption would; calling
-  again resumes."""
-  kind.validate_config(config)
-  workdir, is_main = workdir_lib.open_for_training(workdir, config, kind.KIND,
-                                                    kind.default_config())
-  with workdir_lib.training_lock(workdir, is_main), workdir_lib.disk_errors(workdir):
-    return _train(config, workdir, is_main, stop_after)
-
-
-def _train(config, workdir, is_main, stop_after) -> dict:
+  `stop_after`: see ferjax.core.loop.Schedule."""
   t_start = time.perf_counter()
   t = config.train
-  num_steps = t.num_steps
-  mesh = parallel.make_mesh(t.num_devices)
-  parallel.check_batch_size(t.batch_size, mesh, "train.batch_size")
+  with loop.open_workdir(workdir, config, kind) as (workdir, is_main):
+    mesh = parallel.make_mesh(t.num_devices)
+    parallel.check_batch_size(t.batch_size, mesh, "train.batch_size")
 
-  # --- Data ---------------------------------------------------------------------------------
-  train_ds, val_ds, pool_images, pool_truth = load_data(config)
-  class_names = tuple(train_ds.class_names)
-  num_classes = len(class_names)
-  if val_ds is not None and tuple(val_ds.class_names) != class_names:
-    raise UserError(f"data.val_split {config.data.val_split!r}: its classes {val_ds.class_names} "
-                    f"differ from train's {class_names}")
-  train_counts = train_ds.class_counts()
-  if not train_counts.all():
-    empty = [n for n, c in zip(class_names, train_counts) if c == 0]
-    raise UserError(f"data: no labelled training images of class(es) "
-                    f"{', '.join(map(repr, empty))}: every class needs at least one")
-  prior_counts = kind.sampled_counts(config, train_counts)
-  pool_size = len(pool_truth)
-  data = {"labelled": classifier_trainer.device_data(config, train_ds.images, train_ds.labels,
-                                                     num_classes, mesh),
-          "pool": parallel.put_rows(pool_images, mesh),
-          "pool_truth": parallel.put_replicated(pool_truth, mesh)}
-  meta = {"train_counts": train_counts.tolist(), "prior_counts": prior_counts.tolist(),
-          "class_names": list(class_names), "val_split": config.data.val_split or "holdout",
-          "pool_size": pool_size}
+    # --- Data -------------------------------------------------------------------------------
+    train_ds, val_ds, pool_images, pool_truth = load_data(config)
+    class_names = tuple(train_ds.class_names)
+    num_classes = len(class_names)
+    if val_ds is not None and tuple(val_ds.class_names) != class_names:
+      raise UserError(f"data.val_split {config.data.val_split!r}: its classes "
+                      f"{val_ds.class_names} differ from train's {class_names}")
+    train_counts = train_ds.class_counts()
+    if not train_counts.all():
+      empty = [n for n, c in zip(class_names, train_counts) if c == 0]
+      raise UserError(f"data: no labelled training images of class(es) "
+                      f"{', '.join(map(repr, empty))}: every class needs at least one")
+    prior_counts = kind.sampled_counts(config, train_counts)
+    pool_size = len(pool_truth)
+    data = {"labelled": classifier_batches.device_data(config, train_ds.images, train_ds.labels,
+                                                       num_classes, mesh),
+            "pool": parallel.put_rows(pool_images, mesh),
+            "pool_truth": parallel.put_replicated(pool_truth, mesh)}
+    meta = {"train_counts": train_counts.tolist(), "prior_counts": prior_counts.tolist(),
+            "class_names": list(class_names), "val_split": config.data.val_split or "holdout",
+            "pool_size": pool_size}
 
-  # --- Model, optimizer, state ----------------------------------------------------------------
-  model = kind.build_model(config, num_classes)
-  tx, _ = kind.make_optimizer(config, num_steps)
-  state = kind.init_state(config, model, tx, mesh, pool_size)
-  ckpt = checkpoint_lib.Checkpoints(workdir / "checkpoints", max_to_keep=t.keep_checkpoints,
-                                    best_metric=t.best_metric if val_ds is not None else None)
-  if ckpt.latest_step() is not None:
-    state, _ = ckpt.restore(state, "latest")
-    print(f"train-semisup: resuming from step {int(state.step)} in {workdir}")
-  elif config.model.init_from:
-    state = kind.with_weights(
-        state, classifier_trainer.initial_weights(config, state, class_names), tx, mesh)
-  if is_main:
-    monitor.drop_metrics_after(workdir, int(state.step))
-  train_step = make_train_step(config, model, tx, prior_counts, num_classes, pool_size,
-                               num_steps, mesh)
+    # --- Model, optimizer, state, step --------------------------------------------------------
+    model = kind.build_model(config, num_classes)
+    tx, _ = kind.make_optimizer(config, t.num_steps)
+    state = kind.init_state(config, model, tx, mesh, pool_size)
+    train_step = make_train_step(config, model, tx, prior_counts, num_classes, pool_size,
+                                 t.num_steps, mesh)
+    totals = PseudoTotals(class_names)
 
-  def validate(state):
-    result = evaluate_lib.evaluate_params(config, kind.eval_variables(state), val_ds,
-                                          train_counts=train_counts, mesh=mesh, model=model)
-    return {k: result[k] for k in BEST_METRICS}
-
-  # --- Loop -----------------------------------------------------------------------------------
-  step = int(state.step)
-  writer = (monitor.MetricWriter(workdir, purge_step=step + 1 if step else None)
-            if is_main else None)
-  last_step = num_steps if stop_after is None else min(num_steps, stop_after)
-  val_metrics, train_metrics = {}, {}
-  images_per_step = t.batch_size * (1 + config.semisup.ratio)  # labelled + unlabeled
-  logged = monitor.IntervalMetrics(images_per_step, watch=("loss",),
-                                   last_checkpoint=ckpt.latest_step)
-  totals = PseudoTotals(class_names)
-  with ckpt, monitor.progress(num_steps, initial=step, desc="train-semisup") as bar, \
-      interrupt.StopRequests() as stop:
-    while step < last_step:
+    def step_fn(state):
       state, metrics, pseudo = train_step(state, data)
-      logged.add(metrics)
       totals.add(pseudo)
-      step += 1
-      bar.update(1)
-      stopping = bool(stop)
-      is_eval = step % t.eval_every == 0 or step == num_steps
-      is_save = step % t.checkpoint_every == 0 or step == last_step
-      if step % t.log_every == 0 or is_eval or is_save or stopping:
-        train_metrics = logged.flush(step)  # NaN guard first: a NaN state is never saved.
-        pseudo_metrics = totals.flush()
-        if "pseudo_label_accuracy" in pseudo_metrics:
-          train_metrics["pseudo_label_accuracy"] = pseudo_metrics.pop("pseudo_label_accuracy")
-        if writer:
-          writer.write(step, {**train_metrics, **pseudo_metrics})
-        bar.set_postfix(loss=f"{train_metrics['loss']:.4f}",
-                        mask=f"{train_metrics['mask_rate']:.2f}", refresh=False)
-      if is_eval and val_ds is not None:
-        val_metrics = validate(state)
-        if writer:
-          writer.write(step, {f"val_{k}": v for k, v in val_metrics.items()})
-        bar.write(f"step {step}: " + "  ".join(f"val {k} {v:.4f}"
-                                               for k, v in val_metrics.items()))
-        ckpt.save(step, state, metrics=val_metrics, extra=meta, last=is_save or stopping)
-        logged.restart_clock()
-      elif is_save or stopping:
-        ckpt.save(step, state, extra=meta)
-      if stopping:
-        if writer:
-          writer.close()
-        raise stop.stop(step, workdir)
-    best_step = ckpt.best_step() if val_ds is not None else None
-    best = ckpt.read_meta("best")["metrics"] if best_step is not None else {}
+      return state, metrics
 
-  result = {"workdir": str(workdir), "step": step, "num_steps": num_steps,
+    def validate(state):
+      result = evaluate_lib.evaluate_params(config, kind.eval_variables(state), val_ds,
+                                            train_counts=train_counts, mesh=mesh, model=model)
+      return {k: result[k] for k in BEST_METRICS}
+
+    # --- Loop ---------------------------------------------------------------------------------
+    with checkpoint_lib.Checkpoints(workdir / "checkpoints", max_to_keep=t.keep_checkpoints,
+                                    best_metric=t.best_metric if val_ds is not None else None
+                                    ) as ckpt:
+      state, resumed = loop.resume(ckpt, state, workdir, "train-semisup")
+      if not resumed and config.model.init_from:
+        state = kind.with_weights(state, runs.initial_weights(config, state, class_names), tx,
+                                  mesh)
+      done = loop.run(step_fn, state,
+                      schedule=loop.Schedule.from_config(t, stop_after=stop_after),
+                      workdir=workdir, is_main=is_main, checkpoints=ckpt,
+                      images_per_step=t.batch_size * (1 + config.semisup.ratio),  # both batches
+                      validate=validate if val_ds is not None else None, log_extra=totals.flush,
+                      meta=meta, desc="train-semisup", postfix=("loss", "mask_rate"),
+                      curves=(CURVE_KEYS, f"{workdir.name} (semi-supervised)"))
+      best_step = ckpt.best_step() if val_ds is not None else None
+      best = ckpt.read_meta("best")["metrics"] if best_step is not None else {}
+
+  result = {"workdir": str(workdir), "step": done.step, "num_steps": t.num_steps,
             "best_step": best_step, "best_metric": t.best_metric, "best": best,
-            "last": val_metrics, "train": train_metrics, "labelled": len(train_ds),
+            "last": done.val, "train": done.train, "labelled": len(train_ds),
             "unlabeled": pool_size, "wall_s": round(time.perf_counter() - t_start, 1)}
-  if writer:
-    plots.save_curves(monitor.read_metrics(workdir), CURVE_KEYS, workdir / "curves.png",
-                      title=f"{workdir.name} (semi-supervised)")
-    writer.close()
-    if step == num_steps:
-      writing.write_atomic(workdir / "summary.json", json.dumps(result, indent=2) + "\n")
+  if is_main and done.step == t.num_steps:
+    writing.write_atomic(workdir / "summary.json", json.dumps(result, indent=2) + "\n")
   return result
 
 

@@ -32,6 +32,7 @@ import pathlib
 import shutil
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,8 +40,7 @@ import optax
 
 from ferjax import configs, plots, runs
 from ferjax.augment import synthesis
-from ferjax.core import checkpoint, interrupt, monitor, parallel
-from ferjax.core import workdir as workdir_lib
+from ferjax.core import checkpoint, loop, parallel
 from ferjax.data import pipeline, splits
 from ferjax.errors import UserError
 from ferjax.kinds import vaegan as kind
@@ -48,7 +48,6 @@ from ferjax.kinds.vaegan import EMA_NETS, NETS, TrainState
 from ferjax.models import vaegan as vaegan_models
 
 PERTURB_ALPHAS = (0.0, 0.5, 1.0, 2.0, 3.0)
-
 
 
 # ================================================================================================
@@ -181,6 +180,11 @@ def make_train_step(model, config, mesh, num_examples: int, *, jit: bool = True,
   train_key = kind.rng_streams(config.seed).train
 
   def train_step(state: TrainState, images, labels=None, judge_variables=None):
+    chex.assert_rank(images, 4)  # The train set on the device: uint8 rows, int32 labels.
+    chex.assert_type(images, jnp.uint8)
+    if labels is not None:
+      chex.assert_type(labels, jnp.int32)
+      chex.assert_equal_shape_prefix([images, labels], 1)
     step = state.step
     index_key, flip_key, loss_key = jax.random.split(jax.random.fold_in(train_key, step), 3)
 
@@ -329,105 +333,64 @@ def save_sample_grids(sample_fn, ema, fixed, out_dir: pathlib.Path, step: int) -
   return paths
 
 
-
 # ================================================================================================
-# Main loop
+# The run
 # ================================================================================================
-def train_and_evaluate(config, workdir) -> dict:
-  """Trains (or resumes from the latest checkpoint in `workdir`) and returns a summary dict."""
-  kind.validate_config(config)
-  workdir, is_main = workdir_lib.open_for_training(workdir, config, kind.KIND,
-                                                    kind.default_config())
-  # is_main: this process writes the files.
-  with workdir_lib.training_lock(workdir, is_main), workdir_lib.disk_errors(workdir):
-    return _train(config, workdir, is_main)
-
-
-def _train(config, workdir, is_main) -> dict:
+def train_and_evaluate(config, workdir, *, stop_after: int | None = None) -> dict:
+  """Trains (or resumes from the latest checkpoint in `workdir`) and returns a summary dict.
+  `stop_after`: see ferjax.core.loop.Schedule."""
   t_start = time.perf_counter()
   t = config.train
+  with loop.open_workdir(workdir, config, kind) as (workdir, is_main):
+    # --- mesh, data, model, state, steps ---
+    mesh = parallel.make_mesh(t.num_devices)
+    parallel.check_batch_size(t.batch_size, mesh, "train.batch_size")
+    train_ds, val_ds = splits.load_splits(config.data, config.seed)
+    num_classes = len(train_ds.class_names)
+    if config.model.num_classes not in (None, num_classes):
+      raise UserError(f"config field 'model.num_classes': expected {num_classes} (the classes of "
+                      f"{config.data.name}) or None (unconditional), got "
+                      f"{config.model.num_classes}")
+    model = kind.build_model(config)
+    state = kind.init_state(config, model, mesh)
+    images = parallel.put_rows(train_ds.images, mesh)
+    labels = parallel.put_rows(np.asarray(train_ds.labels, np.int32), mesh)
+    judge_apply, judge_variables = make_judge(config, num_classes)
+    if judge_variables is not None:
+      judge_variables = parallel.put_replicated(judge_variables, mesh)
+    train_step = make_train_step(model, config, mesh, len(train_ds.images),
+                                 judge_apply=judge_apply)
+    eval_step = make_eval_step(model, mesh)
+    sample_fn = make_sample_fn(model)
+    shown = val_ds if val_ds is not None else train_ds
+    fixed = _fixed_sample_inputs(config, shown.images, shown.labels, num_classes)
 
-  # --- mesh, data, model, state ---
-  mesh = parallel.make_mesh(t.num_devices)
-  parallel.check_batch_size(t.batch_size, mesh, "train.batch_size")
-  train_ds, val_ds = splits.load_splits(config.data, config.seed)
-  train_images = train_ds.images
-  val_images = val_ds.images if val_ds is not None else None
-  num_classes = len(train_ds.class_names)
-  if config.model.num_classes not in (None, num_classes):
-    raise UserError(f"config field 'model.num_classes': expected {num_classes} (the classes of "
-                    f"{config.data.name}) or None (unconditional), got {config.model.num_classes}")
-  model = kind.build_model(config)
-  state = kind.init_state(config, model, mesh)
-  ckpts = checkpoint.Checkpoints(
-      workdir / "checkpoints", max_to_keep=t.keep_checkpoints,
-      best_metric=kind.BEST_METRIC if val_images is not None else None)
-  if ckpts.latest_step() is not None:
-    state, _ = ckpts.restore(state, "latest")
-    print(f"vaegan: resuming from step {int(state.step)} in {workdir}")
-  start_step = int(state.step)
-  if is_main:  # Steps past the checkpoint (all, before the first one) are replayed.
-    monitor.drop_metrics_after(workdir, start_step)
+    def validate(state):
+      return evaluate(eval_step, state.ema, val_ds.images, t.batch_size, mesh, val_ds.labels)
 
-  images = parallel.put_rows(train_images, mesh)
-  labels = parallel.put_rows(np.asarray(train_ds.labels, np.int32), mesh)
-  judge_apply, judge_variables = make_judge(config, num_classes)
-  if judge_variables is not None:
-    judge_variables = parallel.put_replicated(judge_variables, mesh)
-  train_step = make_train_step(model, config, mesh, len(train_images), judge_apply=judge_apply)
-  eval_step = make_eval_step(model, mesh)
-  sample_fn = make_sample_fn(model)
-  shown = val_ds if val_ds is not None else train_ds
-  fixed = _fixed_sample_inputs(config, shown.images, shown.labels, num_classes)
-  # A resumed run hides the events an earlier run logged after its checkpoint.
-  writer = (monitor.MetricWriter(workdir, purge_step=start_step + 1 if start_step else None)
-            if is_main else None)
-  samples_dir = workdir / "samples"
+    def draw(state, step):
+      return save_sample_grids(sample_fn, state.ema, fixed, workdir / "samples", step)
 
-  # --- loop ---
-  step, val_metrics, train_metrics, grids = start_step, {}, {}, {}
-  logged = monitor.IntervalMetrics(t.batch_size, watch=("d_loss", "g_loss", "e_loss"),
-                                   last_checkpoint=ckpts.latest_step)
-  with ckpts, monitor.progress(t.num_steps, initial=start_step, desc="vaegan") as bar, \
-      interrupt.StopRequests() as stop:
-    while step < t.num_steps:
-      state, metrics = train_step(state, images, labels, judge_variables)
-      logged.add(metrics)  # Device arrays: fetched only at logging points.
-      step += 1
-      bar.update(1)
-      last = step == t.num_steps
-      stopping = bool(stop)  # Read once: a signal arriving mid-step counts from the next one.
-      is_save = step % t.checkpoint_every == 0 or last
-      if step % t.log_every == 0 or is_save or stopping:
-        train_metrics = logged.flush(step)  # NaN guard first: a NaN state is never saved.
-        if writer:
-          writer.write(step, train_metrics)
-        bar.set_postfix(d=f"{train_metrics['d_loss']:.2f}", l1=f"{train_metrics['pixel_l1']:.3f}",
-                        kl=f"{train_metrics['kl']:.1f}", refresh=False)
-      if val_images is not None and (step % t.eval_every == 0 or last):
-        val_metrics = evaluate(eval_step, state.ema, val_images, t.batch_size, mesh, val_ds.labels)
-        if writer:
-          writer.write(step, val_metrics)
-      if is_main and (step % t.sample_every == 0 or last):
-        grids = save_sample_grids(sample_fn, state.ema, fixed, samples_dir, step)
-        writer.write_images(step, grids)
-      if is_save or stopping:  # Ctrl-C or SIGTERM: this step becomes a resume point too.
-        fresh_val = val_metrics if (step % t.eval_every == 0 or last) else None
-        ckpts.save(step, state, metrics=fresh_val)
-      if stopping:
-        if writer:
-          writer.close()
-        raise stop.stop(step, workdir)
+    # --- loop ---
+    with checkpoint.Checkpoints(
+        workdir / "checkpoints", max_to_keep=t.keep_checkpoints,
+        best_metric=kind.BEST_METRIC if val_ds is not None else None) as ckpts:
+      state, _ = loop.resume(ckpts, state, workdir, "vaegan")
+      done = loop.run(lambda state: train_step(state, images, labels, judge_variables), state,
+                      schedule=loop.Schedule.from_config(t, stop_after=stop_after,
+                                                         draw_every=t.sample_every),
+                      workdir=workdir, is_main=is_main, checkpoints=ckpts,
+                      images_per_step=t.batch_size, watch=("d_loss", "g_loss", "e_loss"),
+                      validate=validate if val_ds is not None else None, draw=draw,
+                      desc="vaegan", postfix=("d_loss", "pixel_l1", "kl"),
+                      curves=(CURVE_KEYS, "VAE-GAN"))
 
   # --- summary files ---
-  if writer:
-    for name, path in grids.items():  # The final grids, where a person looks first.
+  if is_main:
+    for name, path in done.drawn.items():  # The final grids, where a person looks first.
       shutil.copyfile(path, workdir / f"{name}.png")
-    plots.save_curves(monitor.read_metrics(workdir), CURVE_KEYS, workdir / "curves.png",
-                      title="VAE-GAN")
-    writer.close()
-  result = {"step": step, "wall_s": round(time.perf_counter() - t_start, 1),
-            "workdir": str(workdir), "train": train_metrics, "val": val_metrics}
+  result = {"step": done.step, "wall_s": round(time.perf_counter() - t_start, 1),
+            "workdir": str(workdir), "train": done.train, "val": done.val}
   if is_main:
     (workdir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
   return result
