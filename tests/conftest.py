@@ -9,9 +9,7 @@ import pathlib
 import shutil
 import tempfile
 
-# Must be set before jax is imported anywhere: tests then see 8 CPU devices. Trainers default to
-# all devices, so single-device tests pass num_devices=1 explicitly.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Read when jax is imported (chex imports it below): the CPU backend only.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for this session's tests and the CLI processes they start:
 # many tests train the same tiny programs, and loading an executable is cheaper than compiling
@@ -21,7 +19,16 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
+import chex  # noqa: E402
 import pytest  # noqa: E402
+
+# 8 fake CPU devices (for the 1-vs-8 device tests); effective only before the first jax operation
+# initialises a backend, and conftest is imported before any test module. Trainers default to all
+# devices, so single-device tests pass num_devices=1 explicitly. chex puts the flag into
+# os.environ["XLA_FLAGS"] (other XLA flags kept), so processes started with this environment get
+# the same 8 devices; test_trust's CLI runs, which must compile the same programs, also pass it
+# themselves.
+chex.set_n_cpu_devices(8)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_FER2013 = REPO.parent / "shared" / "data" / "fer2013"

@@ -341,6 +341,7 @@ def _release_locks():
     handle.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_one_line(case, tiny_runs, tmp_path, capsys):
   setup, needle = CASES[case]
@@ -407,6 +408,7 @@ def test_training_into_a_read_only_parent_is_one_line(tiny_runs, tmp_path, capsy
                   protect=[parent])
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_training_is_one_line_and_keeps_the_checkpoint(tiny_runs, tmp_path,
                                                                          capsys, monkeypatch):
   import errno
@@ -432,6 +434,7 @@ def _ferjax(*args, **kwargs):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_the_step_and_exits_with_one_line(tiny_runs, tmp_path):
   w = tmp_path / "w"
   proc = _ferjax("train", "--config", tiny_runs.classifier_config, "--workdir", w,

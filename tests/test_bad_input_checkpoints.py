@@ -106,6 +106,7 @@ def test_garbled_orbax_bookkeeping_is_not_damage(tiny_runs, target, tmp_path, ca
   assert _stderr_lines(capsys) == []
 
 
+@pytest.mark.slow
 def test_resume_replays_from_the_newest_intact_step(tiny_runs, tmp_path, capsys):
   """`ferjax train` extending a run whose newest step is damaged: one warning line, training
   resumes from step 2, saves step 4 again (replacing the damaged one) and reaches step 6."""

@@ -376,6 +376,7 @@ def test_affectnet_7_and_8_classes_one_preparation(tmp_path):
   assert 7 not in np.concatenate([b[1] for b in batches])
 
 
+@pytest.mark.slow
 def test_affectnet_stays_on_disk_until_read_and_trains_row_sharded(tmp_path):
   """AffectNet loads lazily: labels now, images when sliced (resized on the way), a subset reads
   nothing; `put_rows` reads it in chunks onto 8 devices, equal to the eager read; and a
@@ -643,6 +644,7 @@ REAL_TEST = {"angry": 467, "disgust": 56, "fear": 496, "happy": 895, "neutral": 
              "surprise": 415}
 
 
+@pytest.mark.slow
 def test_real_fer2013_counts(shared_fer2013, tmp_path):
   data = tmp_path / "data"
   assert builders.prepare("fer2013", shared_fer2013, data) == \

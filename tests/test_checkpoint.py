@@ -2,9 +2,9 @@
 
 import warnings
 
+import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 
@@ -28,8 +28,7 @@ def test_round_trip_last_k_and_best(tmp_path):
   assert ckpt.steps() == [20, 30]
   assert ckpt.best_step() == 20
   restored, meta = ckpt.restore(_state(), "latest")
-  chex_equal = jax.tree.map(lambda a, b: np.array_equal(a, b), restored, state)
-  assert all(jax.tree.leaves(chex_equal))
+  chex.assert_trees_all_equal(restored, state)
   _, meta = ckpt.restore(_state(), "best")
   assert meta["step"] == 20 and meta["metrics"]["acc"] == pytest.approx(0.7)
   # A reopened manager remembers the best value, so a worse step does not replace it.

@@ -7,6 +7,7 @@ synthetic set is exercised by the loader test and by the experiment configs.
 
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +23,7 @@ from ferjax.core.checkpoint import Checkpoints
 from ferjax.data import splits
 from ferjax.kinds import classifier as classifier_kind
 from ferjax.train import classifier
+from ferjax.kinds import classifier_batches
 
 NAMES = ("a", "b", "c", "d", "e", "f", "g")
 TRAIN_COUNTS = [120, 80, 50, 30, 20, 12, 8]
@@ -104,7 +106,7 @@ def _step_setup(config, num_devices):
   model = resnet.model_from_config(config.model, 7)
   tx, _ = classifier_kind.make_optimizer(config, config.train.num_steps)
   state = classifier_kind.init_state(config, model, tx, mesh)
-  data = classifier.device_data(config, train.images, train.labels, 7, mesh)
+  data = classifier_batches.device_data(config, train.images, train.labels, 7, mesh)
   step = classifier.make_train_step(config, model, tx, counts, config.train.num_steps, mesh)
   return state, data, step
 
@@ -118,9 +120,11 @@ def _every_switch(config):
   return config
 
 
+@pytest.mark.slow
 def test_one_and_eight_devices_agree_with_every_switch_on_and_compile_once():
   """Same sampled batch, same augmentation and mixup draws, same update on 1 and 8 devices,
-  step after step for 20 steps."""
+  step after step for 20 steps. The step is a parallel.jit_once: had any of the 20 calls traced
+  it again (a shape, dtype or static value that changed), that call would have raised."""
   results = {}
   for n in (1, 8):
     config = _every_switch(tiny_config(num_steps=20))
@@ -131,15 +135,29 @@ def test_one_and_eight_devices_agree_with_every_switch_on_and_compile_once():
       state, metrics = train_step(state, data)
       assert all(np.isfinite(float(v)) for v in metrics.values())
       losses.append(float(metrics["loss"]))
-    assert train_step._cache_size() == 1  # No retracing across steps.
     ema, params = classifier_kind.eval_variables(state)["params"], state.params
     assert not np.allclose(jax.tree.leaves(ema)[0], jax.tree.leaves(params)[0])
     results[n] = (jax.device_get(state.params), losses)
   # Measured: losses 1e-7 relative apart at most (the order of the cross-device sums), weights
   # 7e-6 absolute after 20 AdamW steps of lr 1e-3.
   np.testing.assert_allclose(results[1][1], results[8][1], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4),
-               results[1][0], results[8][0])
+  chex.assert_trees_all_close(results[1][0], results[8][0], rtol=1e-3, atol=1e-4)
+
+
+def test_a_step_that_would_compile_again_is_an_error():
+  """Same shapes: the compiled step is reused. Train data of another shape would trace (and
+  compile) the step again: refused at once, naming the cause."""
+  config = tiny_config(num_steps=4)
+  config.augment.update(crop="none", flip=False)
+  state, data, train_step = _step_setup(config, 1)
+  for _ in range(2):
+    state, _ = train_step(state, data)
+  train = stand_in_load("synthetic", "train")
+  fewer = classifier_batches.device_data(config, train.images[:100], train.labels[:100], 7,
+                                         parallel.make_mesh(1))
+  assert fewer["images"].shape != data["images"].shape
+  with pytest.raises(AssertionError, match="train_step was traced 2 times: a shape, dtype"):
+    train_step(state, fewer)
 
 
 def test_train_images_are_split_by_rows_over_the_devices():
@@ -182,7 +200,7 @@ def test_batch_maker_exposes_the_synthesis_seam():
   config.augment.update(crop="none", flip=False)
   mesh = parallel.make_mesh(1)
   train = stand_in_load("synthetic", "train")
-  data = classifier.device_data(config, train.images, train.labels, 7, mesh)
+  data = classifier_batches.device_data(config, train.images, train.labels, 7, mesh)
   data["synthesis"] = jnp.float32(0.25)
   seen = {}
 
@@ -191,7 +209,7 @@ def test_batch_maker_exposes_the_synthesis_seam():
     assert set(data) >= {"images", "labels", "class_index", "synthesis"}
     return jnp.full_like(images, data["synthesis"]), jnp.zeros_like(labels), weights * 0.5
 
-  make_batch = classifier.batch_maker(config, data, num_steps=10, synthesize=synthesize)
+  make_batch = classifier_batches.batch_maker(config, data, num_steps=10, synthesize=synthesize)
   images, labels, weights = jax.jit(make_batch)(jax.random.key(0), 3)
   assert seen["range"] == (jnp.float32, (32, 32, 32, 1))
   np.testing.assert_allclose(images, 0.25)
@@ -212,6 +230,7 @@ def trained_run(tmp_path_factory):
   return workdir, result
 
 
+@pytest.mark.slow
 def test_short_run_is_clearly_above_chance(trained_run):
   workdir, result = trained_run
   assert result["best"]["mean_class_accuracy"] > 0.5  # chance: 1/7
@@ -221,6 +240,7 @@ def test_short_run_is_clearly_above_chance(trained_run):
   assert any("loss" in r and "images_per_s" in r for r in records)
 
 
+@pytest.mark.slow
 def test_best_checkpoint_is_chosen_on_validation(trained_run):
   workdir, result = trained_run
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -235,6 +255,7 @@ def test_best_checkpoint_is_chosen_on_validation(trained_run):
   ckpt.close()
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(trained_run, stand_in, tmp_path):
   """Stopped at step 10 (a checkpoint) and resumed: the same step-30 state as the shared run."""
   whole_dir, whole = trained_run
@@ -249,7 +270,7 @@ def test_resume_equals_uninterrupted(trained_run, stand_in, tmp_path):
     ckpt = Checkpoints(workdir / "checkpoints")
     states.append(jax.device_get(ckpt.restore(target, 30)[0]))
     ckpt.close()
-  jax.tree.map(np.testing.assert_array_equal, states[0], states[1])
+  chex.assert_trees_all_equal(states[0], states[1])
   assert whole["best_step"] == resumed["best_step"] and whole["best"] == resumed["best"]
   assert whole["last"] == resumed["last"]
 
@@ -311,6 +332,7 @@ def test_progressive_sampling_with_a_prior_based_loss_is_refused(loss, weights):
     classifier_kind.validate_config(config)
 
 
+@pytest.mark.slow
 def test_a_trained_run_records_the_sampled_prior(stand_in, tmp_path):
   config = tiny_config(num_steps=3, eval_every=3, checkpoint_every=3)
   config.sampler.name = "class_balanced"

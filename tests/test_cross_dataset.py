@@ -257,6 +257,7 @@ def test_a_validation_split_sharing_subjects_or_images_is_refused(ckplus_dir, fo
   assert needle in str(info.value)
 
 
+@pytest.mark.slow
 def test_evaluate_test_of_a_fold_run_scores_that_folds_test(ck_run, ckplus_dir, capsys):
   fold_test = builders.load_prepared("ckplus", "fold3_test", ckplus_dir)
   assert runs.open_classifier(ck_run).meta["val_split"] == "fold3_train-holdout"
@@ -266,6 +267,7 @@ def test_evaluate_test_of_a_fold_run_scores_that_folds_test(ck_run, ckplus_dir, 
   assert result["dataset"] == "ckplus" and not result["cross_dataset"]
 
 
+@pytest.mark.slow
 def test_a_fold_run_features_carry_subject_and_fold(ck_run, ckplus_dir, tmp_path):
   out = tmp_path / "ck.npz"
   assert ferjax(["features", "--workdir", ck_run, "--split", "test", "--out", out]) == 0
@@ -455,6 +457,7 @@ def test_joint_set_is_the_weighted_union_in_canonical_order(ck_folder):
   assert all(v.class_names == joint.class_names for v in vals)
 
 
+@pytest.mark.slow
 def test_joint_run_validates_on_each_member(joint_run, ck_folder):
   rows = [json.loads(line) for line in (joint_run / "metrics.jsonl").read_text().splitlines()]
   val = [r for r in rows if "val_mean_class_accuracy" in r][-1]
@@ -468,6 +471,7 @@ def test_joint_run_validates_on_each_member(joint_run, ck_folder):
   assert run.train_counts.tolist() == joint.class_counts().tolist()  # the joint counts
 
 
+@pytest.mark.slow
 def test_evaluating_a_joint_run_needs_a_dataset(joint_run, ck_folder, capsys):
   expect_one_line(["evaluate", "--workdir", joint_run, "--split", "test"], "--dataset", capsys)
   assert ferjax(["evaluate", "--workdir", joint_run, "--dataset", "folder", "--manual-dir",

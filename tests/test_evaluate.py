@@ -271,6 +271,7 @@ def test_evaluate_user_errors(workdir, tmp_path):
     evaluate.cli_main(_args(tmp_path))
 
 
+@pytest.mark.slow
 def test_bench_records_train_and_eval_throughput():
   config = tiny_config()
   config.train.num_devices = 1
@@ -286,6 +287,7 @@ def test_bench_records_train_and_eval_throughput():
   assert train["flops_per_image"] > 2 * forward
 
 
+@pytest.mark.slow
 def test_the_plain_reference_that_the_cpu_bench_compares_with_runs_and_reports():
   """experiments/reference_resnet18.py: a JSON line like `ferjax bench`; without torch, the
   PyTorch mode ends in one line with exit code 2."""

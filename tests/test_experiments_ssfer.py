@@ -20,6 +20,8 @@ sys.path.insert(0, str(EXPERIMENTS))
 
 import ssfer  # noqa: E402
 
+pytestmark = pytest.mark.slow  # The whole module: see pyproject.toml's markers.
+
 SHAPE = ["config.model.width=0.25", "config.model.depth=1"]  # Both stages: the same tiny ViT.
 STEPS = ["config.train.num_steps=3", "config.train.batch_size=8", "config.train.log_every=1",
          "config.train.eval_every=3", "config.train.checkpoint_every=3",

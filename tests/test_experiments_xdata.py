@@ -22,6 +22,8 @@ sys.path.insert(0, str(EXPERIMENTS))
 import ckplus_cv  # noqa: E402
 import cross_dataset  # noqa: E402
 
+pytestmark = pytest.mark.slow  # The whole module: see pyproject.toml's markers.
+
 TINY = ["config.model.name=resnet10", "config.model.width=0.125", "config.data.image_size=32",
         "config.optim.warmup_steps=1", "config.train.num_steps=2", "config.train.batch_size=16",
         "config.train.log_every=1", "config.train.eval_every=2",

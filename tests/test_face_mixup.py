@@ -16,6 +16,7 @@ from ferjax.errors import UserError
 from ferjax.kinds import classifier as classifier_kind
 from ferjax.models import resnet
 from ferjax.train import classifier
+from ferjax.kinds import classifier_batches
 
 FRAME = np.array([0.0, 0.0, 20.0, 20.0], np.float32)  # A 20 x 20 image's whole frame.
 
@@ -96,6 +97,7 @@ def test_the_box_bounds_the_augmented_face(fields, tolerance):
     np.testing.assert_allclose(b, seen, atol=tolerance)
 
 
+@pytest.mark.slow
 def test_augment_with_box_draws_the_same_images_as_augment_one():
   configs = [_augment(crop=crop, flip=True, rotation_deg=15.0, erasing_prob=0.5)
              for crop in ("pad", "resized")]
@@ -113,6 +115,7 @@ def test_augment_with_box_draws_the_same_images_as_augment_one():
     assert np.all(np.asarray(boxes)[:, 2:] <= 12)
 
 
+@pytest.mark.slow
 def test_face_mixup_pairs_are_mixup_draws_made_out_of_place():
   images = jax.random.uniform(jax.random.key(0), (5, 4, 4, 1))
   labels = jnp.arange(5)
@@ -160,6 +163,7 @@ def _config(**augment):
   return config
 
 
+@pytest.mark.slow
 def test_a_train_step_with_face_mixup_is_finite_and_reports_the_iou():
   config = _config()
   classifier_kind.validate_config(config)
@@ -170,7 +174,7 @@ def test_a_train_step_with_face_mixup_is_finite_and_reports_the_iou():
   model = resnet.model_from_config(config.model, 3)
   tx, _ = classifier_kind.make_optimizer(config, 2)
   state = classifier_kind.init_state(config, model, tx, mesh)
-  data = classifier.device_data(config, images, labels, 3, mesh)
+  data = classifier_batches.device_data(config, images, labels, 3, mesh)
   step = classifier.make_train_step(config, model, tx, counts, 2, mesh)
   state, metrics = step(state, data)
   assert np.isfinite(float(metrics["loss"]))

@@ -8,6 +8,7 @@ uninterrupted run."""
 import pathlib
 import types
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +21,7 @@ from ferjax.errors import UserError
 from ferjax.kinds import classifier as classifier_kind
 from ferjax.models import import_weights, resnet
 from ferjax.train import classifier
+from ferjax.kinds import classifier_batches
 
 COUNTS = np.array([120, 80, 50, 30, 20, 12, 8])
 K = len(COUNTS)
@@ -96,6 +98,7 @@ def _init(config):
   return model, variables, x
 
 
+@pytest.mark.slow
 def test_rul_mixes_embeddings_by_relative_uncertainty():
   """Its classifier is affine, so the logits of a mixed pair are the same convex combination
   w L_i + (1 - w) L_j of the unmixed logits, with one w in (0, 1) for every class; a swapped
@@ -115,6 +118,7 @@ def test_rul_mixes_embeddings_by_relative_uncertainty():
   assert 0 < w[0] < 1
 
 
+@pytest.mark.slow
 def test_dan_heads_are_fused_by_a_softmax_across_heads_and_sown_for_its_losses():
   model, variables, x = _init(_config(model=dict(head="dan", dan_heads=3)))
   assert set(variables["params"]["dan"]) == {"attention1", "attention2", "attention3", "fc",
@@ -128,6 +132,7 @@ def test_dan_heads_are_fused_by_a_softmax_across_heads_and_sown_for_its_losses()
   assert sown["dan_centers"][0].shape == (K, features.shape[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sections,terms", [
     (dict(loss=dict(eac_weight=5.0), augment=dict(erasing_prob=0.5)), {"eac_loss"}),
     (dict(model=dict(name="vit_ti", width=1.0, depth=1, readout="gap"),
@@ -148,7 +153,7 @@ def test_a_real_train_step_of_each_method_is_finite(sections, terms):
   tx, _ = classifier_kind.make_optimizer(config, 4)
   state = classifier_kind.init_state(config, model, tx, mesh)
   start = jax.device_get(state.params)
-  data = classifier.device_data(config, images, labels, K, mesh)
+  data = classifier_batches.device_data(config, images, labels, K, mesh)
   step = jax.jit(classifier.make_train_step(config, model, tx, COUNTS, 4, mesh, jit=False))
   for _ in range(2):
     state, metrics = step(state, data)
@@ -191,6 +196,7 @@ def test_tau_norm_is_refused_on_the_dan_and_rul_heads(head, monkeypatch, tmp_pat
     evaluate.evaluate_run(tmp_path, tau_norm=1.0)
 
 
+@pytest.mark.slow
 def test_a_backbone_without_the_rul_or_dan_modules_initialises_them_fresh():
   """model.init_from a plain ResNet (e.g. `ferjax import-weights` without a head): the trunk is
   taken, the rul / dan modules are class-side and stay as initialised."""
@@ -202,9 +208,10 @@ def test_a_backbone_without_the_rul_or_dan_modules_initialises_them_fresh():
     out = import_weights.apply_init(fresh, trunk, what="test")
     np.testing.assert_array_equal(out["params"]["stem_conv"]["kernel"],
                                   plain["params"]["stem_conv"]["kernel"])
-    jax.tree.map(np.testing.assert_array_equal, out["params"][head], fresh["params"][head])
+    chex.assert_trees_all_equal(out["params"][head], fresh["params"][head])
 
 
+@pytest.mark.slow
 def test_resume_of_a_rul_run_equals_the_uninterrupted_run(tmp_path, monkeypatch):
   """Dropout and the mixing partners come from the step's key: stopped after step 2 and
   resumed, the step-4 state is the uninterrupted one."""
@@ -230,7 +237,7 @@ def test_resume_of_a_rul_run_equals_the_uninterrupted_run(tmp_path, monkeypatch)
     ckpt = Checkpoints(tmp_path / name / "checkpoints")
     states.append(jax.device_get(ckpt.restore(target, 4)[0]))
     ckpt.close()
-  jax.tree.map(np.testing.assert_array_equal, states[0], states[1])
+  chex.assert_trees_all_equal(states[0], states[1])
 
 
 def test_protocol_has_every_toolbox_method_and_each_validates(experiment):

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -232,8 +233,8 @@ def test_every_leaf_round_trips_exactly(tiny):
   got = flat(variables)
   expected = dict(filter(None, (ferjax_leaf(k, v) for k, v in state.items())))
   assert set(got) == set(expected) == set(ferjax_shapes("resnet18", width=0.125))
-  for key, value in expected.items():
-    assert got[key].dtype == np.float32 and np.array_equal(got[key], value), key
+  assert {v.dtype for v in got.values()} == {np.dtype(np.float32)}
+  chex.assert_trees_all_equal(got, expected)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50"])
@@ -443,8 +444,7 @@ def test_cli_writes_weights_and_metadata(tiny, imported, capsys):
   assert loaded_meta == meta
   expected = flat(iw.convert_resnet(tiny[1], "resnet18", channels=3, stem="standard"))
   got = flat(variables)
-  assert set(got) == set(expected)
-  assert all(np.array_equal(got[k], expected[k]) for k in expected)
+  chex.assert_trees_all_equal(got, expected)
   assert meta["num_parameters"] == sum(v.size for k, v in got.items() if k.startswith("params/"))
   assert sorted(p.name for p in imported.iterdir()) == ["import.json", "weights.npz"]
 
@@ -515,19 +515,15 @@ def test_apply_init_replaces_the_backbone_and_keeps_a_fresh_head(imported):
   result = iw.apply_init(fresh, init, what=str(imported))
   assert isinstance(result, core.FrozenDict)
   got, source, before = flat(result), flat(init), flat(fresh)
-  assert set(got) == set(before)
-  for key in got:
-    want = before[key] if key.startswith("params/head/") else source[key]
-    assert np.array_equal(got[key], want), key
+  chex.assert_trees_all_equal(got, {key: before[key] if key.startswith("params/head/") else
+                                    source[key] for key in before})
 
 
 def test_apply_init_takes_a_matching_head_and_works_under_jit(imported):
   init, _ = iw.load_init(imported)
   fresh = fresh_variables(num_classes=10)
   result = jax.jit(lambda v: iw.apply_init(v, init, what="init"))(fresh)
-  got, source = flat(result), flat(init)
-  assert set(got) == set(source)
-  assert all(np.array_equal(got[k], source[k]) for k in source)
+  chex.assert_trees_all_equal(flat(result), flat(init))
 
 
 @pytest.mark.parametrize("arch,width,cbam,needle", [

@@ -105,6 +105,7 @@ def test_prepare_crops_converts_like_training_data():
 
 
 # --- Export ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_export_round_trip(predictor, export_file, crops):
   assert not [p for p in export_file.parent.iterdir() if p != export_file]  # No partial left.
   header, payload = export.read_exported(export_file)

@@ -1,5 +1,6 @@
 """model.init_from: a classifier starts from a finished run's or an imported backbone."""
 
+import chex
 import numpy as np
 import pytest
 from badinput import copy_run, expect_one_line
@@ -10,7 +11,6 @@ from ferjax import configs, runs
 from ferjax.core import parallel
 from ferjax.kinds import classifier as kind
 from ferjax.models import import_weights
-from ferjax.train import classifier as trainer
 
 
 def fresh_state(config, num_classes):
@@ -32,19 +32,15 @@ def test_from_a_finished_run_takes_its_backbone_and_keeps_the_head_only_for_its_
   config.seed = 5  # Another random init: everything that matches must come from the run.
   state, _ = fresh_state(config, 7)
 
-  same = trainer.initial_weights(config, state, source.class_names)
-  want, got = leaves(dict(source.variables)), leaves(same)
-  assert want.keys() == got.keys()
-  for name in want:
-    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+  same = runs.initial_weights(config, state, source.class_names)
+  want = leaves(dict(source.variables))
+  chex.assert_trees_all_equal(leaves(same), want)
 
-  other = trainer.initial_weights(config, state, ("a", "b", "c", "d", "e", "f", "g"))
-  got = leaves(other)
-  for name, value in want.items():
-    if "head" in name:  # Other classes: the fresh head, not the run's.
-      np.testing.assert_array_equal(got[name], leaves({"params": state.params})[name])
-    else:
-      np.testing.assert_array_equal(got[name], value, err_msg=name)
+  other = runs.initial_weights(config, state, ("a", "b", "c", "d", "e", "f", "g"))
+  fresh = leaves({"params": state.params})
+  # Other classes: the fresh head, not the run's.
+  chex.assert_trees_all_equal(leaves(other), {name: fresh[name] if "head" in name else value
+                                              for name, value in want.items()})
 
 
 def test_from_an_import_folder_and_through_training(tiny_runs, tmp_path):
@@ -58,7 +54,7 @@ def test_from_an_import_folder_and_through_training(tiny_runs, tmp_path):
                       init_from=str(folder))
   config.data.image_size = 48
   state, tx = fresh_state(config, 7)
-  started = kind.with_weights(state, trainer.initial_weights(config, state, ["x"] * 7), tx,
+  started = kind.with_weights(state, runs.initial_weights(config, state, ["x"] * 7), tx,
                               parallel.make_mesh(1))
   np.testing.assert_array_equal(np.asarray(started.params["stem_conv"]["kernel"]),
                                 init["params"]["stem_conv"]["kernel"])

@@ -1,11 +1,20 @@
 """Shared infrastructure (ferjax.core.parallel): the recompile guard and replicated init."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ferjax.core import parallel
+
+
+def test_the_tests_run_on_8_fake_cpu_devices():
+  """conftest's chex.set_n_cpu_devices(8), in this process and in the environment that the CLI
+  processes which tests start inherit."""
+  assert jax.default_backend() == "cpu" and jax.device_count() == 8
+  assert "--xla_force_host_platform_device_count=8" in os.environ["XLA_FLAGS"].split()
 
 
 def test_jit_once_compiles_once_and_refuses_a_retrace():

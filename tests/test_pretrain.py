@@ -4,6 +4,7 @@ line. Exact resume after SIGKILL: tests/test_trust.py, for every trainer."""
 
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +20,6 @@ from ferjax.errors import UserError
 from ferjax.kinds import classifier as classifier_kind
 from ferjax.kinds import pretrain as kind
 from ferjax.models import mae, vit
-from ferjax.train import classifier as classifier_trainer
 from ferjax.train import pretrain
 
 TINY = '''"""A 30-step MAE of a 2-block ViT-Ti at width 0.25 on 256 synthetic 32 px faces."""
@@ -181,6 +181,7 @@ def test_pool_leaves_out_the_validation_split_when_asked(tmp_path):
 
 
 # --- Training -------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_pretraining_loss_falls_and_writes_its_files(pretrained):
   _, workdir = pretrained
   records = monitor.read_metrics(workdir)
@@ -197,6 +198,7 @@ def test_pretraining_loss_falls_and_writes_its_files(pretrained):
       "synthetic": {"train": 224, "held_out": 32}}
 
 
+@pytest.mark.slow
 def test_one_and_eight_devices_agree(pretrained):
   config = configs.load_config(pretrained[0])
   config.augment.crop_scale = (0.2, 1.0)  # The crops too: keyed per image, not per shard.
@@ -215,8 +217,7 @@ def test_one_and_eight_devices_agree(pretrained):
       losses.append(float(metrics["loss"]))
     results.append((losses, jax.device_get(state.params)))
   np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), results[0][1],
-               results[1][1])
+  chex.assert_trees_all_close(results[0][1], results[1][1], rtol=1e-7, atol=1e-4)
 
 
 def test_a_vit_classifier_starts_from_the_pretrained_encoder(pretrained, tmp_path):
@@ -228,18 +229,17 @@ def test_a_vit_classifier_starts_from_the_pretrained_encoder(pretrained, tmp_pat
   model = classifier_kind.build_model(config, 7)
   tx, _ = classifier_kind.make_optimizer(config)
   state = classifier_kind.init_state(config, model, tx, parallel.make_mesh(1))
-  got = leaves(classifier_trainer.initial_weights(config, state, ("x",) * 7))
+  got = leaves(runs.initial_weights(config, state, ("x",) * 7))
   fresh = leaves({"params": state.params})
   assert set(got) == set(encoder) | {"params/head/kernel", "params/head/bias"}
-  for name, value in encoder.items():
-    np.testing.assert_array_equal(got[name], value, err_msg=name)
+  chex.assert_trees_all_equal({name: got[name] for name in encoder}, encoder)
   np.testing.assert_array_equal(got["params/head/kernel"], fresh["params/head/kernel"])
 
   config.model.width = 0.5  # Another ViT shape: one line naming the first parameter that differs.
   model = classifier_kind.build_model(config, 7)
   state = classifier_kind.init_state(config, model, tx, parallel.make_mesh(1))
   with pytest.raises(UserError, match=r"model.init_from .*params/block1/.* has shape"):
-    classifier_trainer.initial_weights(config, state, ("x",) * 7)
+    runs.initial_weights(config, state, ("x",) * 7)
 
 
 # --- Bad input: one line, exit 2, nothing written -------------------------------------------------

@@ -26,6 +26,7 @@ def _apply(model, variables, x, **kwargs):
   return jax.jit(lambda v, x: model.apply(v, x, **kwargs))(variables, x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stem,size,channels", [("small", 32, 1), ("standard", 96, 3)])
 def test_logits_and_features_shapes(stem, size, channels):
   model = resnet.create_model("resnet10", num_classes=7, stem=stem, width=0.125)
@@ -88,6 +89,7 @@ def test_cbam_adds_attention_to_every_block():
         "mean": (1,), "var": (1,)}
 
 
+@pytest.mark.slow
 def test_cbam_model_runs_and_its_spatial_norm_follows_train_and_eval():
   kwargs = dict(num_classes=5, width=0.125)
   x = jax.random.uniform(jax.random.key(2), (2, 32, 32, 3), minval=-1, maxval=1)
@@ -100,6 +102,7 @@ def test_cbam_model_runs_and_its_spatial_norm_follows_train_and_eval():
   assert "spatial_norm" in updates["batch_stats"]["stage1_block1"]["CBAM_0"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train", [True, False])
 def test_cbam_spatial_gate_is_a_bias_free_conv_then_batchnorm(train):
   """sigmoid(BN(conv7x7([max_c x, mean_c x]))) on the channel-gated input, BN with batch
@@ -160,6 +163,7 @@ def test_no_default_runs_a_conv_below_3x3(config_file):
 
 
 # --- Cosine head (LDAM-DRW's NormedLinear) ----------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", [1.0, 30.0])
 def test_cosine_head_is_normalised_features_times_normalised_columns_without_bias(scale):
   """logits = scale * normalize(f) @ normalize(W, dim=0) (github.com/kaidic/LDAM-DRW,

@@ -9,6 +9,7 @@ import errno
 import json
 import shutil
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,6 +90,7 @@ def test_kind_names_match_the_pixel_mode():
   assert set(head_kind.TARGETS) <= set(semantic.TARGETS)
 
 
+@pytest.mark.slow
 def test_feature_vae_learns(pool, vae):
   _, features, labels = pool
   assert features.shape == (2 * 140, 64) and labels.shape == (2 * 140,)
@@ -164,6 +166,7 @@ def test_plan_tail_only_cap_and_prior():
     feature_synthesis.plan(np.full(K, 20), batch_size=64, sampler="instance", synthesize=True)
 
 
+@pytest.mark.slow
 def test_synthetic_features_fill_only_the_planned_slots(pool, vae):
   _, features, labels = pool
   config = head_kind.default_config()
@@ -203,9 +206,9 @@ def test_pixel_pool_features_fill_only_the_planned_slots(pool):
                                   np.ones(K))
   data = {"features": jnp.asarray(features), "labels": jnp.asarray(labels),
           "class_index": pipeline.class_index(jnp.asarray(labels), K),
-          "synthesis": head_lib.pool_stage_data(plan, {"features": fake, "labels": fake_labels},
-                                                K)}
-  synthesize = head_lib.make_pool_synthesize(12, weight=0.5)
+          "synthesis": feature_synthesis.pool_stage_data(
+              plan, {"features": fake, "labels": fake_labels}, K)}
+  synthesize = feature_synthesis.make_pool_synthesize(12, weight=0.5)
   key = jax.random.key(3)
   batch = jax.jit(lambda key, step: head_lib.make_batch(config, data, key, step, synthesize))
   plain = jax.jit(lambda key: head_lib.make_batch(config, data, key, 7))
@@ -241,6 +244,7 @@ def train_heads(max_norm, steps=25, d=16):
   return np.asarray(state.params["kernel"]), np.asarray(state.params["bias"])
 
 
+@pytest.mark.slow
 def test_max_norm_projects_every_class_column():
   """Weight balancing's MaxNorm (Alshammari et al. 2022): each class's kernel column ends in
   the L2 ball; max_norm=None is plain training, bit for bit (a radius never reached too)."""
@@ -270,18 +274,19 @@ def test_weight_balancing_stage_keeps_every_column_in_the_ball(tiny_runs, tmp_pa
   assert json.loads((out / "head.json").read_text())["config"]["head"]["max_norm"] == 0.05
 
 
+@pytest.mark.slow
 def test_crt_writes_a_classifier_run_with_the_source_backbone(tiny_runs, tmp_path):
   out = tmp_path / "crt"
   retrain(tiny_runs.classifier, out, *FAST)
   source, new = runs.open_classifier(tiny_runs.classifier), runs.open_classifier(out)
   assert new.class_names == source.class_names and new.step == int(
       json.loads((out / "head.json").read_text())["best_step"])
-  flat = lambda v: dict(jax.tree_util.tree_flatten_with_path(jax.device_get(v))[0])
-  old_leaves, new_leaves = flat(source.variables), flat(new.variables)
-  assert old_leaves.keys() == new_leaves.keys()
-  for path, leaf in old_leaves.items():
-    same = np.array_equal(leaf, new_leaves[path])
-    assert same != ("head" in jax.tree_util.keystr(path)), jax.tree_util.keystr(path)
+  old, now = jax.device_get(source.variables), jax.device_get(new.variables)
+  backbone = lambda v: {c: {k: x for k, x in v[c].items() if k != "head"} for c in v}
+  head = lambda v: {c: v[c]["head"] for c in v if "head" in v[c]}
+  chex.assert_trees_all_equal(backbone(now), backbone(old))  # The source's, bit for bit.
+  retrained = jax.tree.map(lambda a, b: not np.array_equal(a, b), head(now), head(old))
+  assert jax.tree.leaves(retrained) and all(jax.tree.leaves(retrained)), retrained  # All new.
   # class_balanced: the prior the head was trained under is uniform.
   np.testing.assert_allclose(new.prior_counts, np.full(K, source.train_counts.sum() / K))
   np.testing.assert_array_equal(new.train_counts, source.train_counts)
@@ -293,6 +298,7 @@ def test_crt_writes_a_classifier_run_with_the_source_backbone(tiny_runs, tmp_pat
   assert [p.name for p in tmp_path.iterdir()] == ["crt"]  # No staging folder left.
 
 
+@pytest.mark.slow
 def test_feature_mode_end_to_end_and_deterministic(tiny_runs, tmp_path):
   options = [*FAST, "--config.synth.mode=feature", "--config.synth.perturb=interpolate",
              "--config.head.loss=logit_adjusted", "--config.synth.decode=residual"]
@@ -304,7 +310,8 @@ def test_feature_mode_end_to_end_and_deterministic(tiny_runs, tmp_path):
   assert 0 < len(synthesized) < K  # tail_only
   assert (tmp_path / "a" / "synthetic_neighbours.png").is_file()
   lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
-  assert [json.loads(line)["step"] for line in lines] == [0, 15, 30]
+  # The source head's validation at step 0, then a train and a validation record per evaluation.
+  assert [json.loads(line)["step"] for line in lines] == [0, 15, 15, 30, 30]
   # The same command gives the same head.
   retrain(tiny_runs.classifier, tmp_path / "b", *options)
   heads = [runs.open_classifier(tmp_path / n, "last").variables["params"]["head"] for n in "ab"]
@@ -319,6 +326,7 @@ def pixel_options(tiny_runs, *extra):
           "--config.synth.pool_per_class=6", *extra]
 
 
+@pytest.mark.slow
 def test_pixel_mode_end_to_end_and_deterministic(tiny_runs, tmp_path):
   options = pixel_options(tiny_runs, "--config.head.loss=logit_adjusted",
                           "--config.head.sampler=instance", "--config.synth.decode=residual")
@@ -356,14 +364,14 @@ def test_pixel_pool_is_the_backbone_features_of_the_synthetic_faces(tiny_runs):
   config.synth.update(mode="pixel", vaegan_workdir=str(tiny_runs.vaegan), pool_per_class=4,
                       perturb="interpolate")
   plan = feature_synthesis.plan_for(config, train_ds.class_counts())
-  made = head_lib.synthetic_pool(config, run, head_lib.open_vaegan(config), train_ds, plan)
+  made = feature_synthesis.synthetic_pool(config, run, head_lib.open_vaegan(config), train_ds, plan)
   classes = np.flatnonzero(plan.synth_probs > 0)
   np.testing.assert_array_equal(made["face_labels"], np.repeat(classes, 4))
   assert made["faces"].shape == (4 * len(classes), 32, 32, 1)
   assert made["faces"].dtype == np.uint8 and made["seeds"].shape == made["faces"].shape
   np.testing.assert_array_equal(made["labels"], np.tile(made["face_labels"], 2))
   np.testing.assert_allclose(made["features"][:len(classes) * 4],
-                             head_lib.extract_features(run, made["faces"]), rtol=1e-5)
+                             evaluate_lib.extract_features(run, made["faces"]), rtol=1e-5)
 
 
 # --- Mistakes: one line, nothing written ----------------------------------------------------------
@@ -427,7 +435,7 @@ def test_training_into_a_retrained_head_is_refused(tiny_runs, tmp_path, capsys):
 
 
 def test_full_disk_is_one_line_and_leaves_no_staging_folder(tiny_runs, tmp_path, monkeypatch):
-  def full(config, run, staging):
+  def full(config, run, staging, stop_after):
     (staging / "metrics.jsonl").write_text("{}\n")
     raise OSError(errno.ENOSPC, "No space left on device")
 

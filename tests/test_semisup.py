@@ -2,6 +2,7 @@
 their formulas, a tiny end-to-end run (pseudo-label metrics, evaluation of its teacher), 1 and 8
 devices agreeing, and bad input as one line. Exact resume after SIGKILL: tests/test_trust.py."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +13,8 @@ from ferjax import cli, evaluate, runs
 from ferjax.core import checkpoint, monitor, parallel
 from ferjax.data import randaugment
 from ferjax.errors import UserError
+from ferjax.kinds import classifier_batches
 from ferjax.kinds import semisup as kind
-from ferjax.train import classifier as classifier_trainer
 from ferjax.train import semisup
 
 TINY = '''"""A 6-step semi-supervised ResNet-10 (width 1/8) on 32 px synthetic faces."""
@@ -52,6 +53,7 @@ def _faces(channels, n=3, size=16):
                             minval=-1.0, maxval=1.0)
 
 
+@pytest.mark.slow
 def test_rand_augment_shape_range_and_determinism():
   images = _faces(1)  # (every op on 3 channels: the next test)
   fn = jax.jit(lambda k, x: randaugment.rand_augment_batch(k, x, 2, 10.0))
@@ -62,6 +64,7 @@ def test_rand_augment_shape_range_and_determinism():
   assert not np.allclose(a, fn(jax.random.PRNGKey(1), images))
 
 
+@pytest.mark.slow
 def test_every_op_runs_under_jit_and_vmap():
   images = _faces(3)
   keys = jax.random.split(jax.random.PRNGKey(0), len(images))
@@ -131,6 +134,7 @@ def test_pseudo_label_mask_and_loss_match_the_formula():
 
 
 # --- A tiny run -------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_tiny_run_logs_pseudo_labels_and_evaluates_its_teacher(trained):
   config_file, workdir = trained
   records = monitor.read_metrics(workdir)
@@ -150,11 +154,12 @@ def test_tiny_run_logs_pseudo_labels_and_evaluates_its_teacher(trained):
     config = kind.read_config(workdir)
     target = kind.abstract_state(config, run.model, run.mesh, ckpt.read_meta("best")["pool_size"])
     state, _ = ckpt.restore(target, "best")
-  jax.tree.map(np.testing.assert_array_equal, run.variables["params"], state.teacher_params)
+  chex.assert_trees_all_equal(run.variables["params"], state.teacher_params)
   result = evaluate.evaluate_run(workdir, "test", quiet=True)
   assert 0 <= result["accuracy"] <= 1 and (workdir / "eval_test.json").exists()
 
 
+@pytest.mark.slow
 def test_one_and_eight_devices_agree():
   """Same labelled and unlabeled batches, augmentations, pseudo-labels (FlexMatch record) and
   update on 1 and 8 devices, for 4 steps of the tiny run (batch 8 + 16 unlabeled)."""
@@ -168,7 +173,7 @@ def test_one_and_eight_devices_agree():
     model = kind.build_model(config, 7)
     tx, _ = kind.make_optimizer(config, config.train.num_steps)
     state = kind.init_state(config, model, tx, mesh, len(truth))
-    labelled = classifier_trainer.device_data(config, train.images, train.labels, 7, mesh)
+    labelled = classifier_batches.device_data(config, train.images, train.labels, 7, mesh)
     data = {"labelled": labelled, "pool": parallel.put_rows(pool, mesh),
             "pool_truth": parallel.put_replicated(truth, mesh)}
     step = semisup.make_train_step(config, model, tx, counts, 7, len(truth),
@@ -185,10 +190,11 @@ def test_one_and_eight_devices_agree():
     assert a["mask_rate"] == b["mask_rate"]
   assert all(h["mask_rate"] > 0 for h in one)  # The unlabeled loss takes part.
   np.testing.assert_array_equal(one_state.pseudo_record, eight_state.pseudo_record)
-  jax.tree.map(np.testing.assert_array_equal, one_pseudo, eight_pseudo)
-  for name in ("params", "teacher_params", "batch_stats", "teacher_batch_stats"):
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4),
-                 getattr(one_state, name), getattr(eight_state, name))
+  chex.assert_trees_all_equal(one_pseudo, eight_pseudo)
+  names = ("params", "teacher_params", "batch_stats", "teacher_batch_stats")
+  chex.assert_trees_all_close({name: getattr(one_state, name) for name in names},
+                              {name: getattr(eight_state, name) for name in names},
+                              rtol=1e-3, atol=1e-4)
 
 
 # --- Bad input ------------------------------------------------------------------------------------

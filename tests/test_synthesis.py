@@ -18,6 +18,7 @@ from ferjax.data import splits
 from ferjax.kinds import classifier as classifier_kind
 from ferjax.kinds import vaegan as vaegan_kind
 from ferjax.train import classifier, vaegan
+from ferjax.kinds import classifier_batches
 
 NUM_CLASSES = 7
 
@@ -66,6 +67,7 @@ def train_ds():
 
 
 # --- The sampler -------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", semantic.MODES)
 def test_sampler_format_labels_and_modes(vae, train_ds, mode):
   fake, labels, seed_idx = synthesis.synthesize_per_class(
@@ -76,6 +78,7 @@ def test_sampler_format_labels_and_modes(vae, train_ds, mode):
   np.testing.assert_array_equal(train_ds.labels[seed_idx], labels)  # seeds of the right class
 
 
+@pytest.mark.slow
 def test_alpha_zero_is_reconstruction_and_residual_keeps_the_seed(vae, train_ds):
   full0, _, idx = synthesis.synthesize_per_class(vae, train_ds.images, train_ds.labels,
                                                  NUM_CLASSES, 3, alpha=0.0, seed=1)
@@ -90,9 +93,10 @@ def test_alpha_zero_is_reconstruction_and_residual_keeps_the_seed(vae, train_ds)
   np.testing.assert_allclose(residual0.astype(int), train_ds.images[idx].astype(int), atol=1)
 
 
+@pytest.mark.slow
 def test_stage_fills_the_gaps_and_waits_for_start_step(vae, train_ds):
   plan = semantic.plan_batches(train_ds.class_counts(), batch_size=32, target="largest")
-  data = classifier.device_data(classifier_config(), train_ds.images, train_ds.labels,
+  data = classifier_batches.device_data(classifier_config(), train_ds.images, train_ds.labels,
                                 NUM_CLASSES, parallel.make_mesh(1))
   data["synthesis"] = synthesis.stage_data(vae, plan, "posterior", train_ds.images,
                                             train_ds.labels, NUM_CLASSES)
@@ -111,6 +115,7 @@ def test_stage_fills_the_gaps_and_waits_for_start_step(vae, train_ds):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_bad_augment_fields_are_one_line_errors(runs, train_ds):
   root, _ = runs
   for field, value, needle in [("decode", "blend", "augment.decode"),
@@ -122,6 +127,7 @@ def test_bad_augment_fields_are_one_line_errors(runs, train_ds):
 
 
 # --- Training with it --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_semantic_run_trains_under_the_rebalanced_prior(runs, train_ds):
   root, result = runs
   assert result["step"] == 12 and result["best_step"] is not None
@@ -134,6 +140,7 @@ def test_semantic_run_trains_under_the_rebalanced_prior(runs, train_ds):
 
 
 # --- Export, measures, bench ---------------------------------------------------------------------
+@pytest.mark.slow
 def test_synthesize_exports_a_loadable_folder_dataset(runs, tmp_path, capsys):
   root, _ = runs
   out = tmp_path / "faces"
@@ -170,6 +177,7 @@ def test_frechet_distance_and_diversity():
   assert quality.mean_pairwise_distance(np.array([[0.0, 0], [3, 4]])) == pytest.approx(5.0)
 
 
+@pytest.mark.slow
 def test_evaluate_synthetic_writes_every_measure(runs, tmp_path, capsys):
   root, _ = runs
   argv = ["evaluate-synthetic", "--vaegan", str(root / "vaegan"), "--classifier",
@@ -192,6 +200,7 @@ def test_evaluate_synthetic_writes_every_measure(runs, tmp_path, capsys):
   assert cli.main(argv) == 2 and "real images only" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_sampler_reports_its_share_of_the_step(runs, capsys):
   root, _ = runs
   argv = ["bench", "sampler", "--steps", "2", "--batch", "32", "--config.model.name=resnet10",

@@ -19,6 +19,7 @@ from ferjax.errors import UserError
 from ferjax.kinds import classifier as classifier_kind
 from ferjax.models import resnet
 from ferjax.train import classifier
+from ferjax.kinds import classifier_batches
 
 COUNTS = np.array([120, 80, 50, 30, 20, 12, 8])
 
@@ -42,6 +43,7 @@ def test_the_default_is_mean_and_a_wrong_value_is_one_line():
     classifier_kind.validate_config(config)
 
 
+@pytest.mark.slow
 def test_train_step_normalizes_by_the_mixed_class_weights_of_the_batch():
   """normalized = sum_i e_i [lam_i w(y_i) L_i + (1 - lam_i) w(y'_i) L'_i] / sum_i [lam_i w(y_i)
   + (1 - lam_i) w(y'_i)]; mean divides the same sum by B. Same state, same batch: their ratio is
@@ -57,14 +59,14 @@ def test_train_step_normalizes_by_the_mixed_class_weights_of_the_batch():
     model = resnet.model_from_config(config.model, 7)
     tx, _ = classifier_kind.make_optimizer(config, 4)
     state = classifier_kind.init_state(config, model, tx, mesh)
-    data = classifier.device_data(config, images, labels, 7, mesh)
+    data = classifier_batches.device_data(config, images, labels, 7, mesh)
     step = classifier.make_train_step(config, model, tx, COUNTS, 4, mesh, jit=False)
     loss[mode] = float(jax.jit(step)(state, data)[1]["loss"])
     # The batch and the mixup draws of step 0, as the train step makes them.
     batch_key, mixup_key = jax.random.split(
         jax.random.fold_in(classifier_kind.rng_streams(config.seed).train, 0))
     batch_images, batch_labels, _ = jax.jit(
-        classifier.batch_maker(config, data, num_steps=4, mesh=mesh))(batch_key, 0)
+        classifier_batches.batch_maker(config, data, num_steps=4, mesh=mesh))(batch_key, 0)
     _, partners, lam = pipeline.mixup(mixup_key, batch_images, batch_labels, 0.4)
   w = losses.class_weights(COUNTS, "effective", 0.99)
   lam = np.asarray(lam, np.float64)
@@ -111,6 +113,7 @@ def test_cosine_head_and_app_settings_that_validate():
   _validate(model__pooling="app", model__app_keep=1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     dict(model=dict(head="cosine"), loss=dict(name="ldam", ldam_scale=30.0, drw_start_step=1,
                                               weight_average="normalized")),
@@ -129,7 +132,7 @@ def test_a_real_train_step_is_finite(overrides):
   model = classifier_kind.build_model(config, 7)
   tx, _ = classifier_kind.make_optimizer(config, 4)
   state = classifier_kind.init_state(config, model, tx, mesh)
-  data = classifier.device_data(config, images, labels, 7, mesh)
+  data = classifier_batches.device_data(config, images, labels, 7, mesh)
   step = jax.jit(classifier.make_train_step(config, model, tx, COUNTS, 4, mesh, jit=False))
   for _ in range(2):
     state, metrics = step(state, data)

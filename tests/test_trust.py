@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,6 +37,8 @@ from ferjax.kinds import semisup as semisup_kind
 from ferjax.kinds import vaegan as vaegan_kind
 from ferjax.train import classifier, pretrain, semisup, vaegan
 from ferjax.core.checkpoint import Checkpoints
+
+pytestmark = pytest.mark.slow  # The whole module: see pyproject.toml's markers.
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"steps_per_s", "images_per_s"}  # Wall-clock: the only fields allowed to differ.
@@ -145,8 +148,14 @@ def cli_env(tmp_path_factory):
   """This process's environment (same devices, same XLA flags: same programs), plus a
   persistent compilation cache shared by the CLI runs of this module, so a rerun after a kill
   loads its executables instead of compiling them again (the values are the same either way)."""
+  # conftest's chex.set_n_cpu_devices(8) puts the device count into os.environ["XLA_FLAGS"];
+  # stated here as well, so the CLI runs get this process's devices however it got them.
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count=")]
   return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={jax.device_count()}",
+                                  *flags]))
 
 
 class Launched:
@@ -274,16 +283,6 @@ def latest_and_best(workdir) -> tuple:
     ckpt.close()
 
 
-def assert_bit_identical(a, b, what: str):
-  paths_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
-  leaves_b, tree_b = jax.tree.flatten(b)
-  assert tree_a == tree_b, f"{what}: different structures"
-  for (path, x), y in zip(paths_a, leaves_b):
-    assert np.array_equal(np.asarray(x), np.asarray(y)), (
-        f"{what}: {jax.tree_util.keystr(path)} differs (max abs difference "
-        f"{np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))})")
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """reference(trainer) -> (workdir, result) of one uninterrupted in-process run of that trainer,
@@ -354,8 +353,8 @@ def kill_and_resume(trainer, reference_dir, tmp_path, env, *, during_save: bool)
     assert latest_and_best(workdir)[0] == interrupted - every, context
     state, meta = trainer_state(trainer, workdir, "latest")
     assert meta["step"] == interrupted - every
-    assert_bit_identical(state, trainer_state(trainer, reference_dir, meta["step"])[0],
-                         f"restored after the kill ({context})")
+    chex.assert_trees_all_equal(state, trainer_state(trainer, reference_dir, meta["step"])[0],
+                                custom_message=f"restored after the kill ({context})")
   run_to_completion(args, tmp_path / "resumed.log", env)
   # The resumed run ends exactly where the uninterrupted one does, and logged the same values.
   final, meta = trainer_state(trainer, workdir, "latest")
@@ -363,11 +362,11 @@ def kill_and_resume(trainer, reference_dir, tmp_path, env, *, during_save: bool)
   kept = finalized_steps(last_dir)
   assert kept == finalized_steps(reference_dir / "checkpoints" / "last"), context
   for step in kept[:-1]:  # Every kept step, not just the last one (checked below).
-    assert_bit_identical(trainer_state(trainer, workdir, step)[0],
-                         trainer_state(trainer, reference_dir, step)[0],
-                         f"step {step} ({context})")
-  assert_bit_identical(final, trainer_state(trainer, reference_dir, "latest")[0],
-                       f"final state ({context})")
+    chex.assert_trees_all_equal(trainer_state(trainer, workdir, step)[0],
+                                trainer_state(trainer, reference_dir, step)[0],
+                                custom_message=f"step {step} ({context})")
+  chex.assert_trees_all_equal(final, trainer_state(trainer, reference_dir, "latest")[0],
+                              custom_message=f"final state ({context})")
   assert metric_records(workdir) == metric_records(reference_dir), context
   assert latest_and_best(workdir) == latest_and_best(reference_dir), context
 
@@ -424,13 +423,15 @@ def test_a_save_interrupted_before_its_rename_is_never_restored(tmp_path, monkey
   assert reopened.steps() == [2] and reopened.latest_step() == 2
   restored, meta = reopened.restore(_small_state(0.0), "latest")
   assert meta["step"] == 2
-  assert_bit_identical(restored, _small_state(2.0), "restored after an interrupted save")
+  chex.assert_trees_all_equal(restored, _small_state(2.0),
+                              custom_message="restored after an interrupted save")
   with pytest.raises(UserError, match="no checkpoint at step 3"):
     reopened.restore(_small_state(0.0), 3)
   # A resumed run saves step 3 again: the stale temporary folder is replaced.
   reopened.save(3, _small_state(3.0))
   assert reopened.steps() == [2, 3] and not temporary_steps(tmp_path / "last")
-  assert_bit_identical(reopened.restore(_small_state(0.0), 3)[0], _small_state(3.0), "step 3")
+  chex.assert_trees_all_equal(reopened.restore(_small_state(0.0), 3)[0], _small_state(3.0),
+                              custom_message="step 3")
   reopened.close()
 
 
@@ -458,7 +459,8 @@ def test_a_kill_between_the_best_and_the_last_save_loses_no_best_candidate(tmp_p
   if resumed.latest_step() < 4:  # The trainer replays step 4, evaluation and save included.
     resumed.save(4, _small_state(4.0), metrics={"acc": 0.7})
   assert resumed.latest_step() == 4 and resumed.best_step() == 4
-  assert_bit_identical(resumed.restore(_small_state(0.0), "best")[0], _small_state(4.0), "best")
+  chex.assert_trees_all_equal(resumed.restore(_small_state(0.0), "best")[0], _small_state(4.0),
+                              custom_message="best")
   resumed.close()
 
 
@@ -549,8 +551,7 @@ def test_two_processes_agree_with_one(classifier_reference, tmp_path):
   # Gloo's all-reduce sums in another order than one process: on an Intel Xeon a weight here
   # and there ends up to 2e-5 apart after eight steps, in different weights from run to run
   # (the AMD EPYC stayed within rtol 1e-4, atol 1e-5); the weights are of order 0.05.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), state,
-               classifier_state(reference_dir)[0])
+  chex.assert_trees_all_close(state, classifier_state(reference_dir)[0], rtol=1e-3, atol=1e-4)
   # Eight steps leave the metrics near chance, so compare what they are computed from as well:
   # the validation logits of the evaluated (EMA) weights.
   config = make_config("classifier")
@@ -599,5 +600,5 @@ def test_two_vaegan_processes_agree_with_one(vaegan_reference, tmp_path):
   assert_same_metrics(workdir, reference_dir, logs)
   state, meta = trainer_state("vaegan", workdir)
   assert meta["step"] == 8
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), state,
-               trainer_state("vaegan", reference_dir)[0])
+  chex.assert_trees_all_close(state, trainer_state("vaegan", reference_dir)[0], rtol=1e-4,
+                              atol=1e-5)

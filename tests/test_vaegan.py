@@ -3,6 +3,7 @@
 import shutil
 import types
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -56,6 +57,7 @@ def init_variables(model, seed=0):
 
 
 def leaves_equal(a, b):
+  """For checks that two trees differ (chex.assert_trees_all_equal asserts that they agree)."""
   return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
@@ -109,6 +111,7 @@ def test_upconv_is_a_transposed_conv(use_bias):
                              reference.apply(variables, x), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_encode_decode_values_and_jit_vmap():
   model = models.build(image_size=32, channels=1, latent_dim=8, widths=(4, 8, 16))
   v = init_variables(model)
@@ -152,6 +155,7 @@ def grad_setup():
   return grads
 
 
+@pytest.mark.slow
 def test_every_parameter_gets_a_gradient(grad_setup):
   grads = grad_setup()
   for net in vaegan_kind.NETS:
@@ -159,16 +163,22 @@ def test_every_parameter_gets_a_gradient(grad_setup):
       assert float(jnp.max(jnp.abs(g))) > 0, f"{net}{jax.tree_util.keystr(path)} gets no gradient"
 
 
+GRAD_RTOL, GRAD_ATOL = 1e-5, 1e-8
+
+
 def allclose(a, b):
-  return all(np.allclose(x, y, rtol=1e-5, atol=1e-8)
+  """For checks that two trees differ (chex.assert_trees_all_close asserts that they agree)."""
+  return all(np.allclose(x, y, rtol=GRAD_RTOL, atol=GRAD_ATOL)
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+@pytest.mark.slow
 def test_gradients_follow_each_networks_own_loss(grad_setup):
   base = grad_setup()
   # E gets no adversarial gradient while the switch is off...
   strong_adv = grad_setup(adv_weight=5.0)
-  assert allclose(base["encoder"], strong_adv["encoder"])
+  chex.assert_trees_all_close(base["encoder"], strong_adv["encoder"], rtol=GRAD_RTOL,
+                              atol=GRAD_ATOL)
   assert not allclose(base["generator"], strong_adv["generator"])  # ...G does.
   # ...and gets it once the switch is on.
   on = grad_setup(adversarial_to_encoder=True)
@@ -176,7 +186,8 @@ def test_gradients_follow_each_networks_own_loss(grad_setup):
   assert not allclose(on["encoder"], on_strong["encoder"])
   # D learns from the hinge loss only: G's loss terms do not reach it.
   other_g_loss = grad_setup(adv_weight=3.0, feature_recon_weight=7.0, pixel_l1_weight=0.0)
-  assert allclose(base["discriminator"], other_g_loss["discriminator"])
+  chex.assert_trees_all_close(base["discriminator"], other_g_loss["discriminator"],
+                              rtol=GRAD_RTOL, atol=GRAD_ATOL)
   # Reconstruction weights move E and G.
   assert not allclose(base["encoder"], other_g_loss["encoder"])
 
@@ -210,6 +221,7 @@ def one_device_run(tiny_images):
   return run_steps(tiny_config(), 1, 150, tiny_images, snapshot_at=(8, 20))
 
 
+@pytest.mark.slow
 def test_reconstruction_loss_falls(one_device_run):
   _, history = one_device_run
   first = np.mean([m["pixel_l1"] for m in history[:10]])
@@ -218,6 +230,7 @@ def test_reconstruction_loss_falls(one_device_run):
   assert all(np.isfinite(m["d_loss"]) for m in history)
 
 
+@pytest.mark.slow
 def test_one_two_and_eight_devices_agree(one_device_run, tiny_images):
   """Same batch, noise and global-batch BatchNorm on 1, 2 and 8 devices.
 
@@ -242,8 +255,8 @@ def test_one_two_and_eight_devices_agree(one_device_run, tiny_images):
     for key in keys:
       np.testing.assert_allclose(history_2[i][key], history_8[i][key], rtol=1e-5,
                                  err_msg=f"step {i + 1}: {key}")
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-               snapshots_2[10].params, snapshots_8[10].params)
+  chex.assert_trees_all_close(snapshots_2[10].params, snapshots_8[10].params, rtol=1e-4,
+                              atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -256,12 +269,13 @@ def runs(tmp_path_factory):
   return types.SimpleNamespace(workdir=workdir, half=half, resumed=resumed)
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(runs, one_device_run):
   assert runs.half["step"] == 4 and runs.resumed["step"] == 8
   _, _, resumed, meta = runs_lib.restore_vaegan_state(runs.workdir)
   assert meta["step"] == 8
   uninterrupted = one_device_run[0][8]  # The same config run for 8 steps without a stop.
-  assert leaves_equal(resumed, uninterrupted)
+  chex.assert_trees_all_equal(resumed, uninterrupted)
   # The replayed steps are logged once, with the uninterrupted run's values.
   records = [r for r in monitor.read_metrics(runs.workdir) if "d_loss" in r]
   assert [r["step"] for r in records] == [2, 4, 6, 8]
@@ -270,9 +284,10 @@ def test_resume_equals_uninterrupted(runs, one_device_run):
                              rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_train_step_compiles_once(tiny_images):
-  """The step is wrapped in chex.assert_max_traces: a retrace (here forced by a new batch
-  shape) is an error, so every run above compiled it once."""
+  """The step is a parallel.jit_once: a retrace (here forced by a new batch shape) is an
+  error, so every run above compiled it once."""
   config = tiny_config()
   mesh = parallel.make_mesh(1)
   model = vaegan_kind.build_model(config)
@@ -283,6 +298,7 @@ def test_train_step_compiles_once(tiny_images):
     step(state, parallel.put_rows(tiny_images[:24], mesh))
 
 
+@pytest.mark.slow
 def test_workdir_contents(runs):
   workdir = runs.workdir
   for name in ("config.json", "metrics.jsonl", "summary.json", "reconstructions.png",
@@ -298,6 +314,7 @@ def test_workdir_contents(runs):
   assert vaegan_kind.read_config(workdir).model.widths == (4, 8, 16)  # config.json round-trips.
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_and_step_restore(runs, tmp_path):
   workdir = runs.workdir
   ckpts = checkpoint.Checkpoints(workdir / "checkpoints")
@@ -310,7 +327,8 @@ def test_checkpoint_round_trip_and_step_restore(runs, tmp_path):
   fresh = vaegan_kind.init_state(config, model, parallel.make_mesh(1))
   restored, meta = again.restore(fresh)
   again.close()
-  assert meta["step"] == 8 and leaves_equal(state, restored)
+  assert meta["step"] == 8
+  chex.assert_trees_all_equal(state, restored)
   # An earlier step for ablations, and the best-on-validation one.
   _, _, state_4, meta_4 = runs_lib.restore_vaegan_state(workdir, which=4)
   assert meta_4["step"] == 4 and int(state_4.step) == 4
@@ -319,6 +337,7 @@ def test_checkpoint_round_trip_and_step_restore(runs, tmp_path):
     runs_lib.restore_vaegan_state(workdir, which=5)
 
 
+@pytest.mark.slow
 def test_load_for_sampling(runs, tiny_images):
   trained = runs_lib.open_vaegan(runs.workdir, which="best")
   assert trained.step in (4, 8) and trained.config.model.latent_dim == 8
@@ -332,6 +351,7 @@ def test_load_for_sampling(runs, tiny_images):
   np.testing.assert_allclose(mu, mu2, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_divergence_stops_clearly_and_keeps_last_good_checkpoint(runs, tmp_path):
   workdir = tmp_path / "diverge"
   shutil.copytree(runs.workdir, workdir)
@@ -402,6 +422,7 @@ def test_cli_main_reports_bad_override_as_user_error(tmp_path):
     vaegan.cli_main(args)
 
 
+@pytest.mark.slow
 def test_bench_times_the_real_step():
   record = bench.bench_vaegan(tiny_config(), batch_size=8, steps=2)
   assert record["what"] == "vaegan" and record["batch"] == 8 and record["images_per_s"] > 0

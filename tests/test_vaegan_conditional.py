@@ -21,6 +21,7 @@ from test_vaegan import init_variables, leaves_equal, tiny_config
 K = 7  # The synthetic set's classes.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["dcgan", "resnet"])
 def test_conditional_generator_draws_the_class_it_is_told(arch):
   model = models.build(arch=arch, image_size=32, channels=1, latent_dim=8, widths=(4, 8, 16),
@@ -53,6 +54,7 @@ def test_unconditional_model_ignores_labels():
                                 model.decode(g["params"], g["batch_stats"], z, jnp.array([0, 3])))
 
 
+@pytest.mark.slow
 def test_judge_terms_train_the_generator_only():
   """The class-consistency and perceptual terms reach G's gradient and nothing else; every
   parameter of a conditional model, class embeddings included, gets a gradient."""
@@ -103,6 +105,7 @@ def conditional_runs(tmp_path_factory, tiny_runs):
   return types.SimpleNamespace(root=root, resumed=resumed, straight=straight, judge=tiny_runs.classifier)
 
 
+@pytest.mark.slow
 def test_conditional_run_resumes_exactly_and_logs_the_judge(conditional_runs):
   root = conditional_runs.root
   assert conditional_runs.resumed["step"] == 8
@@ -113,6 +116,7 @@ def test_conditional_run_resumes_exactly_and_logs_the_judge(conditional_runs):
   assert (root / "straight" / "prior_samples.png").is_file()
 
 
+@pytest.mark.slow
 def test_conditional_run_synthesizes_each_class(conditional_runs):
   vae = runs_lib.open_vaegan(conditional_runs.root / "straight", "last")
   assert vae.conditional and vae.model.num_classes == K
@@ -130,6 +134,7 @@ def test_conditional_run_synthesizes_each_class(conditional_runs):
     synthesis.synthesize_per_class(vae, ds.images, ds.labels, 5, 3)
 
 
+@pytest.mark.slow
 def test_a_class_count_that_differs_is_refused(conditional_runs, tmp_path, capsys):
   """model.num_classes must be the dataset's; a classifier of another class count cannot use
   a conditional VAE-GAN (checked through a stand-in: every builder here has 7 classes)."""

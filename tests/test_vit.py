@@ -38,6 +38,7 @@ def _apply(model, variables, x, **kwargs):
   return jax.jit(lambda v, x: model.apply(v, x, **kwargs))(variables, x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("readout,channels", [("cls", 1), ("gap", 3)])
 def test_logits_and_features_shapes(readout, channels):
   model = _tiny(readout=readout)
@@ -169,6 +170,7 @@ def test_bfloat16_compute_keeps_float32_params():
   np.testing.assert_allclose(logits, reference, atol=0.1)
 
 
+@pytest.mark.slow
 def test_the_classifier_trainer_trains_and_evaluates_a_vit(tiny_runs, tmp_path, capsys):
   """A ViT through `ferjax train` (with layer-wise lr decay) / `ferjax evaluate` (no BatchNorm:
   empty batch_stats), and the fields that belong to the other family refused in one line."""
@@ -204,6 +206,7 @@ def test_layer_decay_scales_per_layer():
       assert value == pytest.approx(want[name]), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 def test_layer_decay_scales_one_optimizer_step(optimizer):
   """Same gradients, one step: with layer_decay 0.5 the patch embedding moves 0.5^3 as far as
