@@ -341,7 +341,6 @@ def _release_locks():
     handle.close()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_one_line(case, tiny_runs, tmp_path, capsys):
   setup, needle = CASES[case]

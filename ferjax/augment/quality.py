@@ -1,5 +1,6 @@
-"""How good are the synthesized faces, measured by a real-data model: the metrics behind
-`ferjax evaluate-synthetic` (ferjax.evaluate_synthetic runs it) and the demo's report.
+"""The measures of synthetic faces, as pure functions of a judge's logits and features: the
+metrics behind `ferjax evaluate-synthetic` (the command: ferjax.evaluate_synthetic) and the
+demo's report.
 
 With a classifier trained on real images only (its validation-chosen checkpoint) as the judge,
 per class and overall:

@@ -137,8 +137,8 @@ def run(train_step: Callable, state, *, schedule: Schedule, workdir: pathlib.Pat
   last_checkpoint = checkpoints.latest_step if checkpoints is not None else (lambda: None)
   logged = monitor.IntervalMetrics(images_per_step, watch=watch, last_checkpoint=last_checkpoint)
   train_metrics, val_metrics, drawn = {}, {}, {}
-  with monitor.progress(s.num_steps, initial=step, desc=desc) as bar, \
-      interrupt.StopRequests() as stop:
+  with writer or contextlib.nullcontext(), interrupt.StopRequests() as stop, \
+      monitor.progress(s.num_steps, initial=step, desc=desc) as bar:
     while step < s.last_step:
       state, metrics = train_step(state)
       logged.add(metrics)  # Device arrays: fetched only at logging points.
@@ -158,8 +158,8 @@ def run(train_step: Callable, state, *, schedule: Schedule, workdir: pathlib.Pat
                         refresh=False)
       if is_eval and validate is not None:
         val_metrics = validate(state)
-        write(step, _logged(val_metrics))
         shown = _logged(val_metrics)
+        write(step, shown)
         bar.write(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()))
       is_draw = itstime(step, s.draw_every or s.eval_every, s.num_steps)
       if is_main and draw is not None and is_draw:
@@ -173,16 +173,12 @@ def run(train_step: Callable, state, *, schedule: Schedule, workdir: pathlib.Pat
       if is_eval:
         logged.restart_clock()  # Validation time is not training time.
       if stopping:
-        if writer:
-          writer.close()
         raise stop.stop(step, workdir if checkpoints is not None else None)
 
-  if writer:
-    if curves is not None:
+    if writer and curves is not None:
       keys, title = curves
       plots.save_curves(monitor.read_metrics(workdir), keys, workdir / "curves.png", title=title)
       writer.write_images(step, {"curves": workdir / "curves.png"})
-    writer.close()
   return Done(state=state, step=step, train=train_metrics, val=val_metrics, drawn=drawn)
 
 
