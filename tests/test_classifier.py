@@ -144,6 +144,7 @@ def test_one_and_eight_devices_agree_with_every_switch_on_and_compile_once():
   chex.assert_trees_all_close(results[1][0], results[8][0], rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_step_that_would_compile_again_is_an_error():
   """Same shapes: the compiled step is reused. Train data of another shape would trace (and
   compile) the step again: refused at once, naming the cause."""

@@ -134,6 +134,7 @@ def test_cbam_spatial_gate_is_a_bias_free_conv_then_batchnorm(train):
   np.testing.assert_allclose(new, 0.99 * 0.3 + 0.01 * conv.mean() if train else 0.3, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_with_float32_params():
   model = resnet.create_model("resnet10", num_classes=7, width=0.125, dtype="bfloat16")
   variables = _init(model, (1, 32, 32, 1))

@@ -264,6 +264,7 @@ def test_max_norm_projects_every_class_column():
 
 
 # --- The stage end to end -----------------------------------------------------------------------
+@pytest.mark.slow
 def test_weight_balancing_stage_keeps_every_column_in_the_ball(tiny_runs, tmp_path):
   out = tmp_path / "wb"
   retrain(tiny_runs.classifier, out, "--config.head.steps=4", "--config.head.eval_every=2",

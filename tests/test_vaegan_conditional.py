@@ -46,6 +46,7 @@ def test_conditional_generator_draws_the_class_it_is_told(arch):
     model.decode(g["params"], g["batch_stats"], z)
 
 
+@pytest.mark.slow
 def test_unconditional_model_ignores_labels():
   model = models.build(image_size=32, channels=1, latent_dim=8, widths=(4, 8, 16))
   g = init_variables(model)["generator"]

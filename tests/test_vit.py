@@ -60,6 +60,7 @@ def test_logits_and_features_shapes(readout, channels):
                              atol=1e-6)
 
 
+@pytest.mark.slow
 def test_trainer_style_apply_with_empty_batch_stats():
   """The classifier step's call: {'params', 'batch_stats'}, train=True, mutable batch_stats;
   deterministic (no dropout: no 'dropout' rng needed)."""
