@@ -5,9 +5,10 @@
 
 Each row runs `ferjax bench` in its own process (so one failure or out-of-memory does not end
 the rest) and compares images/s with the plain-Flax and PyTorch-eager references measured on
-one H200 (docs/design.md). The augmentation row is the share of the FER-2013 recipe's train
-step taken by its batch pipeline (sampling, gather, synthesis of a quarter of the batch with an
-untrained DCGAN-64 VAE-GAN of the same cost, crop/flip/erasing); the target is at most 15%.
+one H200 (GPU_ROWS below; measured with reference_resnet18.py). The augmentation row is the
+share of the FER-2013 recipe's train step taken by its batch pipeline (sampling, gather,
+synthesis of a quarter of the batch with an untrained DCGAN-64 VAE-GAN of the same cost,
+crop/flip/erasing); the target is at most 15%.
 The MAE rows time SSFER's stage 1 (pretrain_fer2013.py: ViT-S, 75% of the patches masked) at
 48 px with 4 px patches and at 112 px with 16 px patches; the target is MFU >= 40% in bf16.
 --cpu measures the CPU rows instead (small-stem ResNet-18, 48 px gray, batch 64, f32; the MAE

@@ -8,9 +8,9 @@
 (data.label_noise; seeded, the same flips for every method at a seed; validation and test
 clean; on the synthetic set the generator's own noise, the same for every seed).
 
---lt R builds the *-LT variant (methods.md section 7): the train split subsampled per class to a
-geometric profile with max/min ratio R (fixed subset, classes in natural frequency order) for
-the VAE-GAN and every classifier; validation and test untouched.
+--lt R builds the *-LT variant (as long-tailed FER benchmarks do): the train split subsampled
+per class to a geometric profile with max/min ratio R (fixed subset, classes in natural
+frequency order) for the VAE-GAN and every classifier; validation and test untouched.
 
 Methods (each a set of config overrides on the same recipe):
   none          instance sampling, cross-entropy

@@ -9,7 +9,7 @@ A small-stem (or torchvision-stem) ResNet-18 train step written the plain way, w
 ferjax: the Flax-examples ResNet with SGD-momentum and softmax cross-entropy on one random
 batch, jitted with donation; or torchvision's ResNet-18 layout in PyTorch eager, same stem.
 Prints one JSON line like `ferjax bench`: images/s of a full train step after warm-up, median
-of 3 repeats. docs/design.md's reference figures were measured this way; measuring both sides
+of 3 repeats. bench_targets.py's GPU reference figures were measured this way; measuring both sides
 on the same machine in the same session is the only fair comparison (CPU figures move by 20-30%
 with the machine and its load).
 """

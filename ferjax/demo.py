@@ -53,7 +53,7 @@ CHOSEN = " (chosen on validation)"
 FOLDERS = {BASELINE: "baseline", LOGIT_ADJ: "logit_adjustment", PIXELS: "semantic_pixels",
            FEATURES: "semantic_features"}
 # The pixel variant: the protocol's semantic_la with the baseline as the teacher filter (the
-# in-batch variant with the best mean validation score over 3 seeds, README, issue 19).
+# in-batch variant with the best mean validation score over 3 seeds, see the README).
 PIXEL_OVERRIDES = ["config.augment.fill=0.5", "config.loss.name=logit_adjusted"]
 # The feature variant: retrain-head on the baseline, as `experiments/feature_semantic.py`'s
 # feat_la_a2 (the best head variant on validation over 3 seeds).

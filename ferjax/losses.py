@@ -32,7 +32,7 @@ step on. `normalized` divides by the class weights only, so the example weights 
 meaning (a synthetic sample of weight 0.5 counts half a real one) and, without class weights,
 both are the same.
 
-The coupling-regulation loss of the FER long-tail sources (methods.md section 4: "focal + LDAM
+The coupling-regulation loss of the FER long-tail sources ("focal + LDAM
 terms, staged progressive schedule from representation to classifier") has no published code;
 ferjax reads it as the two terms coupled by BBN's cumulative-learning weight (Zhou et al. 2020,
 a = 1 - (t/T)^2 over the T = train.num_steps steps): early steps learn the representation under

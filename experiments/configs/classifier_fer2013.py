@@ -1,4 +1,4 @@
-"""FER-2013, the full GPU recipe of docs/methods.md section 7: plain from-scratch ResNet-18.
+"""FER-2013, the full GPU recipe of the FER literature: plain from-scratch ResNet-18.
 
   ferjax data prepare fer2013 --manual-dir ~/downloads/fer2013   # once
   ferjax train --config experiments/configs/classifier_fer2013.py --workdir runs/fer2013_s0
@@ -11,8 +11,9 @@ lr 0.1 with 2 warm-up epochs then cosine decay, weight decay 5e-4, batch 256, 60
 flip test-time augmentation, the checkpoint chosen on PublicTest (data.val_split='validation')
 once per epoch. Measured on one H200: 95.5 s of wall time per seed, compile and 60 validations
 included; at the last step PublicTest accuracy 69.96 and mean class accuracy 66.93 (another run
-of seed 0: 70.38 / 67.35); reference 70.89 / 68.50 (methods.md section 7, epoch chosen on
-PublicTest). On folders holding only PublicTest (no test split) evaluate --split validation.
+of seed 0: 70.38 / 67.35); reference 70.89 / 68.50 (the published plain ResNet-18
+baseline, epoch chosen on PublicTest). On folders holding only PublicTest (no test split)
+evaluate --split validation.
 Other seeds: --config.seed=1. Long-tail variants: e.g. --config.loss.name=balanced_softmax.
 On a 2-core CPU this recipe takes days: use classifier_synthetic.py there.
 """

@@ -1,6 +1,7 @@
-r"""The class-preserving VAE-GAN on the synthetic faces (issue 19, cause 1): vaegan_synthetic.py
-with class-conditional E and G and a projection discriminator, optionally judged by a frozen
-classifier trained on real faces (class-consistency and perceptual terms).
+r"""The class-preserving VAE-GAN on the synthetic faces (the first fix for weak synthetic
+faces): vaegan_synthetic.py with class-conditional E and G and a projection discriminator,
+optionally judged by a frozen classifier trained on real faces (class-consistency and
+perceptual terms).
 
   ferjax train-vaegan --config experiments/configs/vaegan_synthetic_conditional.py \
       --workdir runs/vaegan_synthetic_conditional
