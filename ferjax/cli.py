@@ -12,6 +12,9 @@ from ferjax.errors import Interrupted, UserError
 
 EPILOG_CONFIG = ("Config fields are overridden with --config.FIELD=VALUE (typed by the field; "
                  "unknown fields and wrong types are errors).")
+# The kinds of run, as `ferjax config show` names them (each kind module's KIND;
+# tests/test_reference.py checks that they agree with ferjax.reference.KINDS).
+CONFIG_KINDS = ("classifier", "semisup", "retrain-head", "vaegan", "pretrain")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,8 +40,10 @@ def _add_config_args(p, required=True):
 def _add_distributed_args(p):
   g = p.add_argument_group("multi-host (optional; also read from JAX_COORDINATOR_ADDRESS etc.)")
   g.add_argument("--coordinator-address", default=None, help="host:port of process 0")
-  g.add_argument("--num-processes", type=int, default=None)
-  g.add_argument("--process-id", type=int, default=None)
+  g.add_argument("--num-processes", type=int, default=None,
+                 help="number of processes (one per host) in the job")
+  g.add_argument("--process-id", type=int, default=None,
+                 help="this process's index, 0..num-processes - 1")
   g.add_argument("--init-timeout", type=float, default=300, metavar="SECONDS",
                  help="give up (one line, exit 2) when the processes have not all joined by then "
                       "(default 300)")
@@ -74,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("name", help="fer2013, ferplus, rafdb, affectnet or ckplus")
   p.add_argument("--manual-dir", required=True, help="folder holding the raw files as downloaded")
   p.add_argument("--data-dir", default=None,
-                 help="where prepared datasets live (default $FERJAX_DATA_DIR or ~/.ferjax/datasets)")
+                 help="where prepared datasets live (default $FERJAX_DATA_DIR or "
+                      "~/.ferjax/datasets)")
   p.add_argument("--force", action="store_true",
                  help="prepare again even when already prepared (the old data is replaced only "
                       "once the new is complete); without it an earlier preparation is reused")
@@ -92,7 +98,30 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", default=None,
                  help="folder for the PNGs (default: <data dir>/stats/<name>, the data dir being "
                       "--data-dir, $FERJAX_DATA_DIR or ~/.ferjax/datasets)")
-  data.set_defaults(handler=None, data_parser=data)
+  data.set_defaults(handler=None, group_parser=data)
+
+  # --- configs ------------------------------------------------------------------------------
+  config = verbs.add_parser(
+      "config", help="show the config of a kind of run: each field's value, meaning and rule",
+      description="Show the config of a kind of run: each field's value, meaning and allowed "
+                  "values.\n\nexample:\n  ferjax config show classifier",
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  config_verbs = config.add_subparsers(dest="config_verb", metavar="ACTION", parser_class=_Parser)
+  p = _verb(config_verbs, "show", "ferjax.reference:show_main",
+            "Print a config one field a line: its value, meaning and allowed values (and the "
+            "default where the value differs). KIND alone: that kind's defaults; --config FILE: "
+            "the config of the file and the --config.FIELD=VALUE overrides, read as KIND when "
+            "given, else as the kind whose top-level groups the file's config has. Each field is "
+            "checked against its rule; rules tying fields together are checked when a run "
+            "starts.",
+            "ferjax config show --config experiments/configs/classifier_synthetic_tiny.py "
+            "--config.optim.lr=0.05", epilog=EPILOG_CONFIG)
+  p.add_argument("kind", nargs="?", choices=CONFIG_KINDS, metavar="KIND",
+                 help=f"{', '.join(CONFIG_KINDS[:-1])} or {CONFIG_KINDS[-1]} (default: the "
+                      "kind of the --config file)")
+  p.add_argument("--config", default=None, metavar="FILE",
+                 help="Python config file defining get_config() (see experiments/configs/)")
+  config.set_defaults(handler=None, group_parser=config)
 
   # --- training and evaluation ----------------------------------------------------------------
   p = _verb(verbs, "train-vaegan", "ferjax.train.vaegan:cli_main",
@@ -187,10 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
             "(cRT: class-balanced batches by default), optionally with synthetic minority-class "
             "features from a small VAE trained on those features (--config.synth.mode=feature) "
             "or the features of a VAE-GAN's synthetic faces (--config.synth.mode=pixel "
-            "--config.synth.vaegan_workdir=DIR); writes a new classifier workdir that evaluate, predict and export use unchanged.",
+            "--config.synth.vaegan_workdir=DIR); writes a new classifier workdir that evaluate, "
+            "predict and export use unchanged.",
             "ferjax retrain-head --workdir runs/classifier_tiny --out runs/classifier_tiny_crt "
             "--config.synth.mode=feature",
-            epilog=EPILOG_CONFIG + " Without --config, the stage's defaults (ferjax.kinds.retrain_head).")
+            epilog=EPILOG_CONFIG + " Without --config, the stage's defaults "
+                                   "(ferjax.kinds.retrain_head).")
   p.add_argument("--workdir", required=True, metavar="RUN",
                  help="a finished `ferjax train` run folder (its backbone is kept)")
   p.add_argument("--out", required=True, metavar="NEWRUN",
@@ -250,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
             "perturbing the latents of real seed images of that class, written as a folder "
             "dataset (<out>/train/<class>/*.png, loadable with ferjax.data.load) plus a per-class "
             "grid PNG.",
-            "ferjax synthesize --vaegan runs/demo/vaegan --per-class 200 --out runs/synthetic_faces",
+            "ferjax synthesize --vaegan runs/demo/vaegan --per-class 200 "
+            "--out runs/synthetic_faces",
             epilog=EPILOG_CONFIG + " Without --config, the seeds come from the VAE-GAN's own "
             "dataset and the perturbation is the classifier default (augment.mode, .alpha).")
   p.add_argument("--vaegan", required=True, metavar="DIR", help="a `ferjax train-vaegan` workdir")
@@ -365,7 +397,7 @@ def main(argv=None) -> int:
       parser.print_help()
       return 2
     if getattr(args, "handler", None) is None:
-      args.data_parser.print_help()
+      args.group_parser.print_help()
       return 2
     if hasattr(args, "coordinator_address"):
       from ferjax.core import parallel

@@ -162,10 +162,12 @@ def _get_config_error(path, error: Exception) -> str:
 # --- Config specs: each field's default and what a valid value is, written once ---------------
 @dataclasses.dataclass(frozen=True)
 class Field:
-  """A config field: its default and its rule (`valid(value)`, described by `expected`)."""
+  """A config field: its default, its rule (`valid(value)`, described by `expected`) and its
+  meaning (`doc`, one sentence: the config reference and `ferjax config show` print it)."""
   default: Any
   expected: str
   valid: Callable[[Any], bool]
+  doc: str = ""
 
 
 def is_int(x) -> bool:
@@ -180,24 +182,24 @@ def _optional(field: Field, optional: bool, meaning: str = "") -> Field:
   if not optional:
     return field
   return Field(field.default, f"None{meaning} or {field.expected}",
-               lambda v: v is None or field.valid(v))
+               lambda v: v is None or field.valid(v), field.doc)
 
 
-def one_of(default, choices, *, optional=False) -> Field:
+def one_of(default, choices, *, optional=False, doc="") -> Field:
   choices = tuple(choices)
   return _optional(Field(default, f"one of {', '.join(map(str, choices))}",
-                         lambda v: isinstance(v, str) and v in choices), optional)
+                         lambda v: isinstance(v, str) and v in choices, doc), optional)
 
 
-def integer(default, lo=None, hi=None, *, optional=False, meaning="") -> Field:
+def integer(default, lo=None, hi=None, *, optional=False, meaning="", doc="") -> Field:
   words = ("an integer" + (f" in {lo}..{hi}" if lo is not None and hi is not None else
                            f" >= {lo}" if lo is not None else f" <= {hi}" if hi is not None else ""))
   ok = lambda v: is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi)
-  return _optional(Field(default, words, ok), optional, meaning)
+  return _optional(Field(default, words, ok, doc), optional, meaning)
 
 
 def number(default, lo=None, hi=None, *, lo_open=False, hi_open=False, optional=False,
-           meaning="") -> Field:
+           meaning="", doc="") -> Field:
   """A finite number in [lo, hi] (open ends with lo_open / hi_open)."""
   parts = []
   if lo is not None:
@@ -206,28 +208,28 @@ def number(default, lo=None, hi=None, *, lo_open=False, hi_open=False, optional=
     parts.append(f"< {hi}" if hi_open else f"<= {hi}")
   ok = lambda v: (is_number(v) and (lo is None or (v > lo if lo_open else v >= lo))
                   and (hi is None or (v < hi if hi_open else v <= hi)))
-  return _optional(Field(default, "a number " + " and ".join(parts) if parts else "a number", ok),
-                   optional, meaning)
+  expected = "a number " + " and ".join(parts) if parts else "a number"
+  return _optional(Field(default, expected, ok, doc), optional, meaning)
 
 
-def flag(default: bool) -> Field:
-  return Field(default, "True or False", lambda v: isinstance(v, bool))
+def flag(default: bool, *, doc="") -> Field:
+  return Field(default, "True or False", lambda v: isinstance(v, bool), doc)
 
 
-def text(default, *, optional=True, meaning="") -> Field:
-  return _optional(Field(default, "a text value", lambda v: isinstance(v, str)), optional,
+def text(default, *, optional=True, meaning="", doc="") -> Field:
+  return _optional(Field(default, "a text value", lambda v: isinstance(v, str), doc), optional,
                    meaning)
 
 
-def custom(default, expected: str, valid: Callable[[Any], bool]) -> Field:
-  return Field(default, expected, valid)
+def custom(default, expected: str, valid: Callable[[Any], bool], *, doc="") -> Field:
+  return Field(default, expected, valid, doc)
 
 
-def checkpoint(default="best") -> Field:
+def checkpoint(default="best", *, doc="") -> Field:
   """Which checkpoint of a run to read: best (chosen on validation), last/latest or a step."""
   return Field(default, "best, last or a step number",
                lambda v: v in ("best", "last", "latest") or is_int(v)
-               or (isinstance(v, str) and v.isdigit()))
+               or (isinstance(v, str) and v.isdigit()), doc)
 
 
 def from_spec(spec: dict) -> ml_collections.ConfigDict:
@@ -236,6 +238,17 @@ def from_spec(spec: dict) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(_defaults(spec))
   config.lock()
   return config
+
+
+def spec_fields(spec: dict, prefix: str = "") -> list[tuple[str, Field]]:
+  """Every field of a spec with its dotted name, e.g. ('optim.lr', Field(...)), in spec order."""
+  out = []
+  for key, rule in spec.items():
+    if isinstance(rule, dict):
+      out += spec_fields(rule, f"{prefix}{key}.")
+    else:
+      out.append((prefix + key, rule))
+  return out
 
 
 def _defaults(spec: dict) -> dict:

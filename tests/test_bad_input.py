@@ -334,6 +334,39 @@ ENV_CASES = {
 }
 
 
+# `ferjax config show` reads no run: its cases need no tiny run. Each: id -> (setup(tmp_path) ->
+# argv after `config show`, what the line names).
+NO_KIND = ("import ml_collections\n\ndef get_config():\n"
+           "  return ml_collections.ConfigDict({'x': 1})\n")
+CONFIG_SHOW_CASES = {
+    "unknown-kind": (lambda t: ["nokind"], "invalid choice: 'nokind'"),
+    "neither-kind-nor-file": (lambda t: [], "KIND"),
+    "unknown-flag": (lambda t: ["classifier", "--bogus"], "--bogus"),
+    "file-missing": (lambda t: ["--config", t / "no.py"], "no.py"),
+    "file-syntax-error": (lambda t: ["--config", config_file(t, "def get_config(:\n")], "c.py"),
+    "file-wrong-type": (lambda t: ["--config", config_file(
+        t, TINY + "  c.train.num_steps = 'ten'\n  return c\n")], "num_steps"),
+    "file-of-no-kind": (lambda t: ["--config", config_file(t, NO_KIND)], "no kind"),
+    "file-of-another-kind": (lambda t: ["vaegan", "--config",
+                                        config_file(t, TINY + "  return c\n")],
+                             "unknown config field"),
+    "override-unknown-field": (lambda t: ["classifier", "--config.optim.lrr=1"], "optim.lrr"),
+    "override-wrong-type": (lambda t: ["vaegan", "--config.train.num_steps=many"],
+                            "train.num_steps"),
+    "override-out-of-range": (lambda t: ["pretrain", "--config.mae.mask_ratio=1"],
+                              "mae.mask_ratio"),
+    "override-without-value": (lambda t: ["classifier", "--config.seed"], "seed"),
+    "override-on-a-file": (lambda t: ["--config", config_file(t, PRETRAIN),
+                                      "--config.model.width=0"], "model.width"),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_SHOW_CASES)
+def test_config_show_bad_input_is_one_line(case, tmp_path, capsys):
+  setup, needle = CONFIG_SHOW_CASES[case]
+  expect_one_line(["config", "show", *setup(tmp_path)], needle, capsys, protect=[tmp_path])
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _release_locks():
   yield

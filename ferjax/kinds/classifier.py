@@ -39,163 +39,242 @@ def _crop_scale(v) -> bool:
 
 
 SPEC = {
-    "seed": integer(0, 0),  # Parameters, sampling, augmentation and the validation hold-out.
+    "seed": integer(0, 0, doc="Seed of the parameters, batch sampling, augmentation, the "
+                    "validation hold-out and the label noise."),
     "data": {
-        "name": one_of("synthetic", (*fer_data.DATASET_NAMES, "joint")),
-        # joint: train on the union of these datasets in one canonical label space, each with
-        # a sampling weight, validated on each one's own validation set, e.g.
-        # "fer2013,rafdb:2,affectnet" (ferjax.data.splits.load_joint).
-        "datasets": text(""),
-        "image_size": integer(48, 16, 1024),  # pixels (square); images are resized on load
-        "channels": integer(1, 1, 3),  # 1 (gray) or 3 (RGB); 2 is refused below
-        # Named split for checkpoint selection; None: hold out of train. Never "test".
+        "name": one_of("synthetic", (*fer_data.DATASET_NAMES, "joint"),
+                       doc="Dataset: the generated synthetic faces, a prepared real dataset, "
+                       "folder (data.manual_dir holds <split>/<class>/*.png) or joint (the "
+                       "union of data.datasets)."),
+        "datasets": text("", doc="With data.name=joint (and only then): the datasets trained "
+                         "together in one canonical label space, each with an optional "
+                         "sampling weight, e.g. `fer2013,rafdb:2,affectnet`; each is validated "
+                         "on its own validation set."),
+        "image_size": integer(48, 16, 1024, doc="Side of the square images in pixels; every "
+                              "image is resized to it on load."),
+        "channels": integer(1, 1, 3, doc="Image channels: 1 (gray) or 3 (RGB); 2 is refused."),
         "val_split": custom("validation", "a split name other than 'test' (checkpoints are never "
                             "chosen on test), or None (hold out of train)",
-                            lambda v: v is None or (isinstance(v, str) and v != "test")),
-        "val_fraction": number(0.1, 0, 1, lo_open=True, hi_open=True),  # held out when None
-        "data_dir": text(None),  # prepared datasets (default $FERJAX_DATA_DIR, ~/.ferjax/datasets)
-        "manual_dir": text(None),  # raw files, to prepare a real dataset on first use
-        # Train size: the synthetic set's size, else the first N rows (None: all).
-        "num_examples": integer(None, 1, optional=True),
-        # Geometric train profile, max/min count (None: as it comes): synthetic draws it; real
-        # sets keep a fixed random subset (FER-2013-LT etc., ferjax.data.dataset.long_tail_subset).
-        "imbalance_ratio": number(None, 1, optional=True),
-        # Noisy-label protocol: that share of train labels flipped to another class (by `seed`,
-        # after the hold-out; validation stays clean); synthetic: its generator's own fixed noise.
-        "label_noise": number(None, 0, 1, hi_open=True, optional=True),  # train labels flipped
-        # Semi-supervised protocol: the share of train (after the hold-out) that keeps its
-        # labels, stratified and seeded, at least one per class (None: all labelled).
-        "label_fraction": number(None, 0, 1, lo_open=True, optional=True),
-        # Keep, drop or merge classes by canonical name, e.g. "-disgust" or "anger,happy,sad"
-        # or "happy,negative=anger+fear+sad" ("": all, as named by the dataset;
-        # ferjax.data.labels).
-        "classes": text(""),
-        # CK+ cross-validation fold k: train on fold<k>_train (validation held out of it by
-        # subject), `test` is fold<k>_test. None: the dataset's own train / test.
-        "fold": integer(None, 0, 9, optional=True),
+                            lambda v: v is None or (isinstance(v, str) and v != "test"),
+                            doc="Named split on which the best checkpoint is chosen; None holds "
+                            "data.val_fraction of train out instead (with data.fold: by subject)."),
+        "val_fraction": number(0.1, 0, 1, lo_open=True, hi_open=True,
+                               doc="Share of train held out (seeded) for validation when "
+                               "data.val_split is None."),
+        "data_dir": text(None, doc="Where prepared datasets live; None: $FERJAX_DATA_DIR, else "
+                         "~/.ferjax/datasets."),
+        "manual_dir": text(None, doc="Folder of the raw files, to prepare a real dataset on "
+                           "first use; with data.name=folder, the folder dataset itself."),
+        "num_examples": integer(None, 1, optional=True,
+                                doc="Train size: the synthetic set's size (None: 7000), else the "
+                                "first N rows of the train split (None: all)."),
+        "imbalance_ratio": number(None, 1, optional=True,
+                                  doc="Geometric long-tailed train profile, the largest class "
+                                  "count over the smallest: the synthetic set draws it, a real "
+                                  "set keeps a fixed random subset (FER-2013-LT etc.); None: "
+                                  "the data as it comes."),
+        "label_noise": number(None, 0, 1, hi_open=True, optional=True,
+                              doc="Noisy-label protocol: this share of train labels flipped to "
+                              "another class, seeded by `seed`, after the hold-out (validation "
+                              "stays clean; the synthetic set flips its own, generator-seeded); "
+                              "None: no noise."),
+        "label_fraction": number(None, 0, 1, lo_open=True, optional=True,
+                                 doc="Semi-supervised protocol: the share of train (after the "
+                                 "hold-out) that keeps its labels, stratified and seeded, at "
+                                 "least one per class; None: all labelled."),
+        "classes": text("", doc="Keep, drop or merge classes by canonical name, e.g. `-disgust`, "
+                        "`anger,happy,sad` or `happy,negative=anger+fear+sad`; `''`: all, as the "
+                        "dataset names them."),
+        "fold": integer(None, 0, 9, optional=True,
+                        doc="CK+ cross-validation fold k (data.name=ckplus only): train on "
+                        "fold<k>_train (validation held out of it by subject), test on "
+                        "fold<k>_test; None: the dataset's own train and test."),
     },
     "model": {
-        "name": one_of("resnet18", (*resnet.MODEL_NAMES, *vit.MODEL_NAMES)),  # ResNets or ViTs
-        # ViTs (ferjax.models.vit): patch size in pixels (0: vit.default_patch_size, 4 px up to
-        # 48 px images), class-token or average-pooled readout, blocks (None: the preset's 12).
-        "patch_size": integer(0, 0),
-        "readout": one_of("cls", vit.READOUTS),
-        "depth": integer(None, 1, optional=True),
-        "stem": one_of("small", resnet.STEMS),  # small (3x3/1, no pool) | standard (7x7/2 + pool)
-        "width": number(1.0, 0, 8, lo_open=True),  # channel multiplier (0.25: 16-32-64-128)
-        "cbam": flag(False),  # CBAM attention in every block
-        "input_norm": one_of("none", resnet.INPUT_NORMS),  # per_image: standardise each image
-        "dtype": one_of("float32", tuple(resnet.DTYPES)),  # compute dtype; params stay float32
-        # linear (Dense + bias) | cosine: LDAM-DRW's NormedLinear, logits = cosine_scale *
-        # normalize(f) @ normalize(W), no bias (ferjax.models.resnet). The scale rule: with
-        # loss.name=ldam the loss scales (loss.ldam_scale > 1, 30 in the reference) and
-        # cosine_scale is 1; with any other loss cosine_scale > 1 (e.g. 30); linear: 1.
-        # rul: relative uncertainty learning's embedding + uncertainty branches, features mixed
-        # by relative uncertainty in training (RUL, NeurIPS 2021; with class weights and cbam:
-        # arXiv 2212.07751) | dan: DAN's attention heads with its affinity and partition losses
-        # (Wen et al. 2021). Both ResNet only, on the last map (ferjax.models.resnet).
-        "head": one_of("linear", resnet.HEADS),
-        "cosine_scale": number(1.0, 0, lo_open=True),
-        "rul_dim": integer(64, 1),  # rul: embedding width (published 64)
-        "rul_dropout": number(0.4, 0, 1, hi_open=True),  # rul: before the embeddings (0.4)
-        "dan_heads": integer(4, 1, 16),  # dan: attention heads (published 4)
-        # avg (global average) | app: APViT's attentive patch pooling, the mean of the last
-        # map's app_keep share of positions with the largest L1 norm over channels (no params).
-        "pooling": one_of("avg", resnet.POOLINGS),
-        "app_keep": number(0.8, 0, 1, lo_open=True),  # app: share kept (APViT: 160/196 tokens)
-        # Start from these weights instead of random ones (a fresh run only; resuming restores
-        # its own checkpoint): a `ferjax import-weights` folder or a finished `ferjax train`
-        # workdir (its best checkpoint). The head is kept only when the classes are the same.
-        "init_from": text(""),
+        "name": one_of("resnet18", (*resnet.MODEL_NAMES, *vit.MODEL_NAMES),
+                       doc="Backbone: a ResNet or a ViT."),
+        "patch_size": integer(0, 0, doc="ViT only: patch side in pixels; 0: "
+                              "vit.default_patch_size (4 px up to 48 px images)."),
+        "readout": one_of("cls", vit.READOUTS, doc="ViT only: class-token (cls) or "
+                          "average-pooled (gap) readout."),
+        "depth": integer(None, 1, optional=True, doc="ViT only: number of transformer blocks; "
+                         "None: the preset's 12."),
+        "stem": one_of("small", resnet.STEMS, doc="ResNet only: small (3x3 stride-1 conv, no "
+                       "pool) or standard (7x7 stride-2 conv and max-pool)."),
+        "width": number(1.0, 0, 8, lo_open=True, doc="Channel multiplier (0.25: a ResNet's "
+                        "16-32-64-128 stages)."),
+        "cbam": flag(False, doc="ResNet only: CBAM attention in every block."),
+        "input_norm": one_of("none", resnet.INPUT_NORMS, doc="per_image: standardise each input "
+                             "image (zero mean, unit variance) first."),
+        "dtype": one_of("float32", tuple(resnet.DTYPES), doc="Compute dtype; the parameters "
+                        "stay float32."),
+        # The scale rule between model.cosine_scale and loss.ldam_scale is checked in
+        # validate_config.
+        "head": one_of("linear", resnet.HEADS,
+                       doc="Classifier head (a ViT's is linear): linear (Dense and bias), "
+                       "cosine (LDAM-DRW's NormedLinear, scaled cosines, no bias), rul (RUL, "
+                       "NeurIPS 2021: embedding and uncertainty branches, features mixed by "
+                       "relative uncertainty in training) or dan (DAN, Wen et al. 2021: "
+                       "attention heads with its affinity and partition losses)."),
+        "cosine_scale": number(1.0, 0, lo_open=True,
+                               doc="model.head=cosine: the logits are this times the cosines; "
+                               "1 with loss.name=ldam (the loss scales: loss.ldam_scale), > 1 "
+                               "(e.g. 30) with any other loss, 1 with other heads."),
+        "rul_dim": integer(64, 1, doc="RUL head: embedding width (published: 64)."),
+        "rul_dropout": number(0.4, 0, 1, hi_open=True, doc="RUL head: dropout rate before the "
+                              "embeddings (published: 0.4)."),
+        "dan_heads": integer(4, 1, 16, doc="DAN head: number of attention heads (published: 4)."),
+        "pooling": one_of("avg", resnet.POOLINGS,
+                          doc="ResNet pooling of the last map: avg (global average) or app "
+                          "(APViT's attentive patch pooling: the mean of the model.app_keep "
+                          "share of positions with the largest L1 norm over channels)."),
+        "app_keep": number(0.8, 0, 1, lo_open=True, doc="model.pooling=app: share of positions "
+                           "kept (APViT: 160 of 196 tokens)."),
+        "init_from": text("", doc="Start a fresh run from these weights instead of random ones: "
+                          "a `ferjax import-weights` folder or a finished `ferjax train` workdir "
+                          "(its best checkpoint); the head is kept only when the classes are the "
+                          "same; `''`: random."),
     },
     "optim": {
-        "name": one_of("sgd", OPTIMIZERS),
-        "lr": number(0.1, 0, lo_open=True),  # peak learning rate
-        "momentum": number(0.9, 0, 1, hi_open=True),  # sgd
-        "nesterov": flag(True),  # sgd
-        "b1": number(0.9, 0, 1, hi_open=True),  # adamw
-        "b2": number(0.999, 0, 1, hi_open=True),
-        "weight_decay": number(5e-4, 0),  # on conv and dense kernels only (not BatchNorm, biases)
-        "schedule": one_of("cosine", SCHEDULES),  # cosine (to 0 at num_steps) | constant
-        "warmup_steps": integer(0, 0),  # linear warm-up; < train.num_steps
-        "ema_decay": number(0.0, 0, 1, hi_open=True),  # > 0: EMA weights for validation, eval
-        # ViTs only: layer-wise learning-rate decay for fine-tuning (BEiT, Bao et al. 2022; MAE,
-        # He et al. 2022, Table 11: 0.65 for ViT-B, 0.75 for ViT-L; ViT-S recipes commonly use
-        # 0.75): layer i's lr is lr * layer_decay^(L - i), the patch embedding and class token
-        # being layer 0, block j layer j, the final norm and head L = depth + 1. 1.0: off.
-        "layer_decay": number(1.0, 0, 1, lo_open=True),
+        "name": one_of("sgd", OPTIMIZERS, doc="Optimizer: SGD or AdamW."),
+        "lr": number(0.1, 0, lo_open=True, doc="Peak learning rate (after optim.warmup_steps)."),
+        "momentum": number(0.9, 0, 1, hi_open=True, doc="SGD momentum."),
+        "nesterov": flag(True, doc="SGD: Nesterov momentum."),
+        "b1": number(0.9, 0, 1, hi_open=True, doc="AdamW beta1."),
+        "b2": number(0.999, 0, 1, hi_open=True, doc="AdamW beta2."),
+        "weight_decay": number(5e-4, 0, doc="Weight decay, on conv and dense kernels only (not "
+                               "BatchNorm parameters or biases)."),
+        "schedule": one_of("cosine", SCHEDULES, doc="Learning rate after the warm-up: cosine "
+                           "(to 0 at train.num_steps) or constant."),
+        "warmup_steps": integer(0, 0, doc="Steps of linear learning-rate warm-up from 0; "
+                                "< train.num_steps."),
+        "ema_decay": number(0.0, 0, 1, hi_open=True, doc="Decay of an exponential moving "
+                            "average of the weights used for validation and evaluation; 0: off."),
+        "layer_decay": number(1.0, 0, 1, lo_open=True,
+                              doc="ViT only: layer-wise learning-rate decay for fine-tuning "
+                              "(BEiT; MAE, He et al. 2022: 0.65 for ViT-B, 0.75 for ViT-L): "
+                              "layer i learns at lr * layer_decay^(depth + 1 - i), the patch "
+                              "embedding being layer 0 and the final norm and head depth + 1; "
+                              "1.0: off."),
     },
     "loss": {
-        "name": one_of("ce", losses.LOSS_NAMES),
-        "label_smoothing": number(0.0, 0, 1, hi_open=True),
-        "class_weights": one_of("none", losses.CLASS_WEIGHTS),  # inverse | effective (Cui 2019)
-        "beta": number(0.9999, 0, 1, lo_open=True, hi_open=True),  # effective-number beta
-        # Class weights only from this step on (DRW); None: from step 0.
-        "drw_start_step": integer(None, 0, optional=True),
-        # How the weighted batch is averaged: mean (sum / batch size, Cui et al. 2019; what
-        # experiments/protocol.py uses, but for ldam_drw) | normalized (sum / sum of the class
-        # weights, the LDAM-DRW reference's F.cross_entropy(weight=...)); the same without class
-        # weights.
-        "weight_average": one_of("mean", losses.WEIGHT_AVERAGES),
-        "focal_gamma": number(2.0, 0),
-        "ldam_max_margin": number(0.5, 0),  # margin of the rarest class, in logit units
-        # s in CE(s * (z - m)); the reference's 30 goes with model.head=cosine (z = cosines)
-        "ldam_scale": number(1.0, 0, lo_open=True),
-        "tau": number(1.0, 0),  # logit_adjusted
-        # EAC, erasing attention consistency (Zhang et al. 2022): > 0 adds this weight times the
-        # MSE between each image's class activation maps and the mirrored maps of its mirror
-        # image (a second forward pass; 5 published; with augment.erasing_prob > 0 as theirs).
-        "eac_weight": number(0.0, 0),
-        "affinity_weight": number(1.0, 0),  # model.head=dan: its feature-clustering loss
-        "partition_weight": number(1.0, 0),  # model.head=dan: its partition loss
+        "name": one_of("ce", losses.LOSS_NAMES,
+                       doc="Loss: cross-entropy, focal, LDAM, balanced softmax, logit-adjusted "
+                       "or coupling (focal early, LDAM late, weighted by 1 - (t/T)^2)."),
+        "label_smoothing": number(0.0, 0, 1, hi_open=True, doc="Label smoothing of the targets, "
+                                  "for every loss; 0: off."),
+        "class_weights": one_of("none", losses.CLASS_WEIGHTS,
+                                doc="Per-class loss weights: none, inverse frequency or inverse "
+                                "effective number of samples (Cui et al. 2019)."),
+        "beta": number(0.9999, 0, 1, lo_open=True, hi_open=True,
+                       doc="Beta of the effective number of samples (class_weights=effective)."),
+        "drw_start_step": integer(None, 0, optional=True,
+                                  doc="Deferred re-weighting (DRW, LDAM-DRW): the class weights "
+                                  "apply from this step on; None: from step 0."),
+        "weight_average": one_of("mean", losses.WEIGHT_AVERAGES,
+                                 doc="How a weighted batch loss is averaged: mean (sum over the "
+                                 "batch size, Cui et al. 2019) or normalized (sum over the sum "
+                                 "of the class weights, as the LDAM-DRW reference code)."),
+        "focal_gamma": number(2.0, 0, doc="Focusing exponent gamma of the focal loss (focal, "
+                              "coupling)."),
+        "ldam_max_margin": number(0.5, 0, doc="LDAM (ldam, coupling): the rarest class's margin, "
+                                  "in logit units (margins scale as n^-1/4)."),
+        "ldam_scale": number(1.0, 0, lo_open=True,
+                             doc="LDAM: s in CE(s * (z - m)); LDAM-DRW's 30 goes with "
+                             "model.head=cosine (z are cosines)."),
+        "tau": number(1.0, 0, doc="Logit-adjusted loss: tau in CE(z + tau * log prior)."),
+        "eac_weight": number(0.0, 0,
+                             doc="EAC (erasing attention consistency, Zhang et al. 2022): weight "
+                             "of the MSE between the class activation maps of each image and "
+                             "the mirrored maps of its mirror image (a second forward pass; "
+                             "published 5, with augment.erasing_prob > 0); 0: off."),
+        "affinity_weight": number(1.0, 0, doc="DAN head: weight of its feature-clustering "
+                                  "(affinity) loss."),
+        "partition_weight": number(1.0, 0, doc="DAN head: weight of its attention-head "
+                                   "partition loss."),
     },
     "sampler": {
-        "name": one_of("instance", pipeline.SAMPLERS),
+        "name": one_of("instance", pipeline.SAMPLERS,
+                       doc="Which examples a batch draws: instance (i.i.d.), class_balanced, "
+                       "sqrt (class probability as sqrt of its count), progressive (instance "
+                       "to class-balanced over training) or oversample (each class repeated "
+                       "to the largest class's count, in shuffled epochs)."),
     },
     "augment": {
-        "crop": one_of("pad", pipeline.CROPS),  # none | pad (reflect-padded random crop) | resized
-        "crop_padding": integer(4, 0),  # <= data.image_size
+        "crop": one_of("pad", pipeline.CROPS, doc="Random crop: none, pad (reflect-padded random "
+                       "crop) or resized (random-resized crop)."),
+        "crop_padding": integer(4, 0, doc="augment.crop=pad: padding in pixels on each side "
+                                "(<= data.image_size)."),
         "resized_crop_scale": custom((0.6, 1.0), "(low, high) with 0 < low <= high <= 1",
-                                     _crop_scale),  # area fraction of random-resized crops (ours)
-        "flip": flag(True),
-        "rotation_deg": number(0.0, 0, 180),  # max rotation, degrees (0: off)
-        "erasing_prob": number(0.0, 0, 1),  # random erasing probability (0: off)
-        "mixup_alpha": number(0.0, 0),  # Beta(alpha, alpha) mixup (0: off)
-        # SSFER's IoU-weighted face mixup (0: off; SSFER's published value is 1.0): mixup
-        # with Beta(alpha, alpha) plus the unmixed images' loss weighted by 1 - IoU of the
-        # two faces' boxes after augmentation (ferjax.train.classifier.make_train_step).
-        "face_mixup_alpha": number(0.0, 0),
-        # Semantic augmentation (ferjax.augment.synthesis), on when vaegan_workdir is set: each
-        # batch gets synthesized minority-class faces from a trained, frozen VAE-GAN. These
-        # fields are checked by ferjax.augment.synthesis, which knows the modes.
-        "vaegan_workdir": text(""),  # a `ferjax train-vaegan` workdir ("": off)
-        "vaegan_checkpoint": checkpoint(),
-        "mode": text("posterior", optional=False),  # posterior | interpolate | class_gaussian
-        "alpha": number(1.0, 0),  # perturbation scale
-        "target": text("largest", optional=False),  # uniform | sqrt | largest | explicit
-        "fill": number(1.0, 0, 1),  # share of each class's gap filled with synthesized faces
+                                     _crop_scale, doc="augment.crop=resized: the range of the "
+                                     "crop's share of the image area (ours)."),
+        "flip": flag(True, doc="Random horizontal flips."),
+        "rotation_deg": number(0.0, 0, 180, doc="Random rotation by an angle drawn uniformly "
+                               "from -rotation_deg..rotation_deg degrees; 0: off."),
+        "erasing_prob": number(0.0, 0, 1, doc="Probability of random erasing per image; 0: off."),
+        "mixup_alpha": number(0.0, 0, doc="Mixup with Beta(alpha, alpha) mixing weights; 0: "
+                              "off."),
+        "face_mixup_alpha": number(0.0, 0,
+                                   doc="SSFER face mixup: mixup with Beta(alpha, alpha) plus the "
+                                   "unmixed images' loss weighted by 1 - IoU of the two faces' "
+                                   "boxes after augmentation (published: 1.0); 0: off."),
+        # The semantic augmentation fields below are checked by ferjax.augment.synthesis, which
+        # knows the modes.
+        "vaegan_workdir": text("", doc="Semantic augmentation: a `ferjax train-vaegan` workdir "
+                               "whose frozen VAE-GAN adds synthesized minority-class faces to "
+                               "each batch; `''`: off."),
+        "vaegan_checkpoint": checkpoint(doc="Semantic augmentation: the VAE-GAN run's "
+                                        "checkpoint to use."),
+        "mode": text("posterior", optional=False,
+                     doc="Semantic augmentation: latent perturbation, posterior (mu + alpha * "
+                     "sigma * eps), interpolate (between two images of the class) or "
+                     "class_gaussian (a Gaussian fitted to the class's latents)."),
+        "alpha": number(1.0, 0, doc="Semantic augmentation: the perturbation's scale."),
+        "target": text("largest", optional=False,
+                       doc="Semantic augmentation: the per-class counts the batches are "
+                       "rebalanced to, uniform (the mean count), sqrt, largest (the largest "
+                       "class's) or explicit (augment.target_counts)."),
+        "fill": number(1.0, 0, 1, doc="Semantic augmentation: share of each class's gap to its "
+                       "target filled with synthesized faces (0: plain re-sampling)."),
         "target_counts": custom(None, "None or per-class counts",
-                                lambda v: v is None or isinstance(v, (tuple, list))),
-        "synthetic_weight": number(1.0, 0),  # loss weight of a synthesized example
-        "decode": text("full", optional=False),  # full: G(z') (paper) | residual (ours)
-        "start_step": integer(0, 0),  # synthesis from this train step on (ours, as DRW)
-        "filter_workdir": text(""),  # a classifier workdir whose confidence filters samples
-        "filter_threshold": number(0.5, 0, 1),
-        "filtered_weight": number(0.0, 0),  # loss weight of a filtered-out sample
+                                lambda v: v is None or isinstance(v, (tuple, list)),
+                                doc="Semantic augmentation with augment.target=explicit: the "
+                                "per-class target counts."),
+        "synthetic_weight": number(1.0, 0, doc="Semantic augmentation: loss weight of a "
+                                   "synthesized face."),
+        "decode": text("full", optional=False,
+                       doc="Semantic augmentation: full (the decoding G(z'), as the paper) or "
+                       "residual (seed + G(z') - G(mu), ours)."),
+        "start_step": integer(0, 0, doc="Semantic augmentation: synthesized faces join the "
+                              "batches from this train step on (ours, as DRW)."),
+        "filter_workdir": text("", doc="Semantic augmentation: a classifier workdir (trained on "
+                               "real data) whose confidence in the intended class filters the "
+                               "synthesized faces; `''`: no filter."),
+        "filter_threshold": number(0.5, 0, 1, doc="Semantic augmentation filter: the least "
+                                   "probability of the intended class a face needs to keep its "
+                                   "weight."),
+        "filtered_weight": number(0.0, 0, doc="Semantic augmentation filter: loss weight of a "
+                                  "filtered-out face (0: dropped)."),
     },
     "train": {
-        "num_steps": integer(1000, 1),
-        "batch_size": integer(64, 1),  # global batch; a multiple of the device count
-        "num_devices": integer(None, 1, optional=True, meaning=" (all devices)"),
-        "log_every": integer(50, 1),  # metrics.jsonl (means over the interval), TensorBoard
-        "eval_every": integer(200, 1),  # validation; a new best is saved
-        "checkpoint_every": integer(200, 1),  # resume points (validation saves only a new best)
-        "keep_checkpoints": integer(2, 1),
-        "best_metric": one_of("mean_class_accuracy", BEST_METRICS),  # on validation
+        "num_steps": integer(1000, 1, doc="Training steps."),
+        "batch_size": integer(64, 1, doc="Global batch size, a multiple of the device count."),
+        "num_devices": integer(None, 1, optional=True, meaning=" (all devices)",
+                               doc="Devices to train on; None: all."),
+        "log_every": integer(50, 1, doc="Steps between metric lines (means over the interval) "
+                             "in metrics.jsonl and TensorBoard."),
+        "eval_every": integer(200, 1, doc="Steps between validations; a new best checkpoint is "
+                              "saved."),
+        "checkpoint_every": integer(200, 1, doc="Steps between resume checkpoints."),
+        "keep_checkpoints": integer(2, 1, doc="Resume checkpoints kept (the best one is kept "
+                                    "apart)."),
+        "best_metric": one_of("mean_class_accuracy", BEST_METRICS,
+                              doc="Validation metric that chooses the best checkpoint."),
     },
     "eval": {
-        "batch_size": integer(256, 1),
-        "tta": one_of("none", TTA_MODES),  # flip: average the logits of image and mirror
+        "batch_size": integer(256, 1, doc="Batch size of validation and evaluation."),
+        "tta": one_of("none", TTA_MODES, doc="Test-time augmentation: flip averages the logits "
+                      "of each image and its mirror."),
     },
 }
 

@@ -5,9 +5,9 @@ for a classifier's `model.init_from`) build on this module, never on the trainer
 
 The encoder is the classifier's own ViT (`model` fields as the classifier's, `vit.model_from_
 config`), initialised through `ViT.encode` so its parameters are exactly a ViT classifier's minus
-the head; the decoder is ferjax.models.mae's. Values follow MAE (He et al. 2022) unless a comment
-says "ours": mask ratio 0.75, AdamW (0.9, 0.95) with weight decay 0.05, normalised-pixel targets,
-flips and (augment.crop_scale, off by default) random-resized crops.
+the head; the decoder is ferjax.models.mae's. Values follow MAE (He et al. 2022) unless a
+field's doc says "ours": mask ratio 0.75, AdamW (0.9, 0.95) with weight decay 0.05,
+normalised-pixel targets, flips and (augment.crop_scale, off by default) random-resized crops.
 """
 
 import pathlib
@@ -35,68 +35,90 @@ SCHEDULES = ("cosine", "constant")
 # Config: every field the trainer reads, its default and what a valid value is
 # ================================================================================================
 SPEC = {
-    "seed": integer(0, 0),  # Parameters, masks, batches and the hold-out all derive from it.
+    "seed": integer(0, 0, doc="Seed of the parameters, masks, batches and the validation "
+                    "hold-out."),
     "data": {
-        # Unlabeled images: "synthetic", a prepared dataset's name (every split, labels
-        # ignored), "folder:PATH" (recursive), several joined by commas with an optional
-        # ":weight" each (ferjax.data.unlabeled).
         "sources": custom("synthetic", unlabeled.EXPECTED,
-                          lambda v: isinstance(v, str) and bool(v.strip())),
-        "image_size": integer(48, 16, 1024),  # pixels (square); every image is resized to it
-        "channels": custom(1, "1 or 3", lambda v: configs.is_int(v) and v in (1, 3)),
-        # Held out of every source (seeded) for the validation loss; 0: no validation.
-        "val_fraction": number(0.05, 0, 1, hi_open=True),
-        # A named dataset's test split too. Off: a classifier later tested on that split would
-        # otherwise have seen its test images (labels are never read either way).
-        "include_test": flag(False),
-        # A named dataset's validation split (FER-2013's PublicTest). Off when a classifier
-        # reports its numbers on that split (experiments/ssfer.py --report-split validation).
-        "include_validation": flag(True),
-        "data_dir": text(None),  # Prepared datasets (None: $FERJAX_DATA_DIR, ~/.ferjax/datasets).
-        "manual_dir": text(None),  # Raw files, to prepare a named dataset on first use.
-        "num_examples": integer(None, 1, optional=True),  # The synthetic source's size.
+                          lambda v: isinstance(v, str) and bool(v.strip()),
+                          doc="Unlabeled images: synthetic (the synthetic train faces), a "
+                          "prepared dataset's name (its splits as data.include_test and "
+                          "data.include_validation say, labels ignored) or folder:PATH (searched "
+                          "recursively), several joined by commas, each with an optional "
+                          ":weight."),
+        "image_size": integer(48, 16, 1024, doc="Side of the square images in pixels; every "
+                              "image is resized to it."),
+        "channels": custom(1, "1 or 3", lambda v: configs.is_int(v) and v in (1, 3),
+                           doc="Image channels: 1 (gray) or 3 (RGB)."),
+        "val_fraction": number(0.05, 0, 1, hi_open=True,
+                               doc="Share of every source held out (seeded) for the validation "
+                               "loss; 0: no validation."),
+        "include_test": flag(False, doc="Also read a named dataset's test split (off: a "
+                             "classifier later tested on it would have seen its images)."),
+        "include_validation": flag(True, doc="Also read a named dataset's validation split "
+                                   "(e.g. FER-2013's PublicTest); turn off when a classifier "
+                                   "reports its numbers on that split."),
+        "data_dir": text(None, doc="Where prepared datasets live; None: $FERJAX_DATA_DIR, else "
+                         "~/.ferjax/datasets."),
+        "manual_dir": text(None, doc="Folder of the raw files, to prepare a named dataset on "
+                           "first use."),
+        "num_examples": integer(None, 1, optional=True, doc="Size of the synthetic source; "
+                                "None: its default (7000)."),
     },
     "model": {  # The encoder: the classifier's ViT fields (ferjax.kinds.classifier).
-        "name": one_of("vit_ti", vit.MODEL_NAMES),
-        "patch_size": integer(0, 0),  # 0: vit.default_patch_size (4 px up to 48 px images)
-        "readout": one_of("cls", vit.READOUTS),  # The class token is pre-trained too (MAE).
-        "depth": integer(None, 1, optional=True),  # None: the preset's 12 blocks
-        "width": number(1.0, 0, 8, lo_open=True),  # width multiplier (heads kept)
-        "input_norm": one_of("none", resnet.INPUT_NORMS),
-        "dtype": one_of("float32", tuple(resnet.DTYPES)),  # compute dtype; params stay float32
+        "name": one_of("vit_ti", vit.MODEL_NAMES, doc="The ViT encoder pre-trained."),
+        "patch_size": integer(0, 0, doc="Patch side in pixels; 0: vit.default_patch_size (4 px "
+                              "up to 48 px images)."),
+        "readout": one_of("cls", vit.READOUTS, doc="Class-token (cls) or average-pooled (gap) "
+                          "readout, as the classifier's (with cls the class token is "
+                          "pre-trained too, as in MAE)."),
+        "depth": integer(None, 1, optional=True, doc="Number of transformer blocks; None: the "
+                         "preset's 12."),
+        "width": number(1.0, 0, 8, lo_open=True, doc="Width multiplier (heads kept)."),
+        "input_norm": one_of("none", resnet.INPUT_NORMS, doc="per_image: standardise each input "
+                             "image (zero mean, unit variance) first."),
+        "dtype": one_of("float32", tuple(resnet.DTYPES), doc="Compute dtype; the parameters "
+                        "stay float32."),
     },
     "mae": {
-        "mask_ratio": number(0.75, 0, 1, lo_open=True, hi_open=True),  # share of patches masked
-        # MAE's decoder is 512 wide, 8 blocks, 16 heads for 224 px; faces at 48 px have 144
-        # patches, so ours is lighter.
-        "decoder_width": integer(256, 4),
-        "decoder_depth": integer(4, 1),
-        "decoder_heads": integer(8, 1),
-        "norm_pix_loss": flag(True),  # targets: each patch's pixels standardised
+        "mask_ratio": number(0.75, 0, 1, lo_open=True, hi_open=True,
+                             doc="Share of each image's patches masked (MAE: 0.75)."),
+        "decoder_width": integer(256, 4, doc="Decoder width (MAE's is 512 for 224 px; ours is "
+                                 "lighter, for 48 px faces' 144 patches)."),
+        "decoder_depth": integer(4, 1, doc="Decoder blocks (MAE: 8; ours lighter)."),
+        "decoder_heads": integer(8, 1, doc="Decoder attention heads (MAE: 16; ours lighter)."),
+        "norm_pix_loss": flag(True, doc="Reconstruct each patch's pixels standardised (MAE's "
+                              "normalised-pixel targets)."),
     },
     "augment": {  # Every image is flipped at random; more is set here.
-        # Random-resized crop, MAE's pre-training augmentation (RandomResizedCrop, scale
-        # (0.2, 1.0), aspect 3/4..4/3): a box of this (min, max) share of the image's area is
-        # cut and resized back to the image (bilinear; MAE's is bicubic). None: off.
         "crop_scale": custom(None, "None or (min, max) with 0 < min <= max <= 1",
-                             lambda v: v is None or classifier._crop_scale(v)),
+                             lambda v: v is None or classifier._crop_scale(v),
+                             doc="Random-resized crop (MAE's is (0.2, 1.0), aspect 3/4..4/3): "
+                             "the (min, max) share of the image area cut and resized back "
+                             "(bilinear); None: off."),
     },
     "optim": {  # AdamW, linear warm-up, then cosine to 0 (or constant).
-        "lr": number(1e-3, 0, lo_open=True),  # peak learning rate (ours: MAE scales 1.5e-4 * B/256)
-        "b1": number(0.9, 0, 1, hi_open=True),
-        "b2": number(0.95, 0, 1, hi_open=True),
-        "weight_decay": number(0.05, 0),  # on Dense and patch-embedding kernels only
-        "warmup_steps": integer(0, 0),  # < train.num_steps
-        "schedule": one_of("cosine", SCHEDULES),
+        "lr": number(1e-3, 0, lo_open=True, doc="Peak learning rate of AdamW (ours; MAE scales "
+                     "1.5e-4 * batch / 256)."),
+        "b1": number(0.9, 0, 1, hi_open=True, doc="AdamW beta1."),
+        "b2": number(0.95, 0, 1, hi_open=True, doc="AdamW beta2 (MAE: 0.95)."),
+        "weight_decay": number(0.05, 0, doc="Weight decay, on Dense and patch-embedding kernels "
+                               "only (MAE: 0.05)."),
+        "warmup_steps": integer(0, 0, doc="Steps of linear learning-rate warm-up from 0; "
+                                "< train.num_steps."),
+        "schedule": one_of("cosine", SCHEDULES, doc="Learning rate after the warm-up: cosine "
+                           "(to 0 at train.num_steps) or constant."),
     },
     "train": {
-        "num_steps": integer(10000, 1),
-        "batch_size": integer(256, 1),  # global batch; a multiple of the device count
-        "num_devices": integer(None, 1, optional=True, meaning=" (all devices)"),
-        "log_every": integer(50, 1),  # metrics.jsonl (means over the interval), TensorBoard
-        "eval_every": integer(1000, 1),  # validation loss and a reconstruction grid
-        "checkpoint_every": integer(1000, 1),  # resume points
-        "keep_checkpoints": integer(2, 1),
+        "num_steps": integer(10000, 1, doc="Training steps."),
+        "batch_size": integer(256, 1, doc="Global batch size, a multiple of the device count."),
+        "num_devices": integer(None, 1, optional=True, meaning=" (all devices)",
+                               doc="Devices to train on; None: all."),
+        "log_every": integer(50, 1, doc="Steps between metric lines (means over the interval) "
+                             "in metrics.jsonl and TensorBoard."),
+        "eval_every": integer(1000, 1, doc="Steps between validation losses and reconstruction "
+                              "grids."),
+        "checkpoint_every": integer(1000, 1, doc="Steps between resume checkpoints."),
+        "keep_checkpoints": integer(2, 1, doc="Resume checkpoints kept."),
     },
 }
 

@@ -26,7 +26,7 @@ trained (synth.vae is not read).
         --config.synth.decode=residual --config.head.loss=logit_adjusted \
         --config.head.sampler=instance
 
-Defaults are ours unless a comment names a source. cRT re-trains the head with class-balanced
+Defaults are ours unless a field's doc names a source. cRT re-trains the head with class-balanced
 sampling and a cosine schedule (Kang et al.: 10 epochs, lr 0.2 at batch 512; here lr 0.1 at
 batch 256, SGD with momentum 0.9).
 
@@ -83,62 +83,78 @@ DECODES = ("full", "residual")
 # Config: every field the stage reads, its default and what a valid value is
 # =================================================================================================
 SPEC = {
-    # The VAE, the batches, the synthetic features (and faces): same seed, same head.
-    "seed": integer(0, 0),
+    "seed": integer(0, 0, doc="Seed of the feature VAE, the batches and the synthetic features "
+                    "and faces."),
     "source": {
-        # The source run's checkpoint whose backbone is kept (best: chosen on validation).
-        "checkpoint": checkpoint(),
+        "checkpoint": checkpoint(doc="The source run's checkpoint whose backbone is kept (best: "
+                                 "chosen on validation)."),
     },
     "head": {
-        "sampler": one_of("class_balanced", SAMPLERS),  # cRT's choice
-        "loss": one_of("ce", LOSSES),  # logit_adjusted: the prior of the batches (real + synthetic)
-        "tau": number(1.0, 0),  # logit_adjusted
-        "init": one_of("source", INITS),  # start from the run's head, or from zeros
-        # Also extract the features of the mirrored train images (doubles the pool; the
-        # classifier trains with flips, so its features of mirrored faces are in-distribution).
-        "flip": flag(True),
-        "lr": number(0.1, 0, lo_open=True),  # peak of the cosine schedule (to 0 at head.steps)
-        "momentum": number(0.9, 0, 1, hi_open=True),  # SGD
-        "weight_decay": number(5e-4, 0),  # on the kernel only
-        # Weight balancing's MaxNorm (Alshammari et al. 2022): after every step each class's
-        # kernel column is projected onto the L2 ball of this radius; None: unconstrained.
-        "max_norm": number(None, 0, lo_open=True, optional=True),
-        "steps": integer(1000, 1),
-        "batch_size": integer(256, 1),
-        "eval_every": integer(100, 1),  # validation (and the last step); the best head is kept
-        "best_metric": one_of("mean_class_accuracy", BEST_METRICS),  # on the run's validation set
+        "sampler": one_of("class_balanced", SAMPLERS, doc="Which real features a batch draws "
+                          "(cRT: class_balanced; weight balancing's stage 2 too)."),
+        "loss": one_of("ce", LOSSES, doc="Loss of the head: ce or logit_adjusted (by the class "
+                       "prior of the batches, real and synthetic)."),
+        "tau": number(1.0, 0, doc="head.loss=logit_adjusted: tau in CE(z + tau * log prior)."),
+        "init": one_of("source", INITS, doc="Start from the source run's head or from zeros."),
+        "flip": flag(True, doc="Also use the features of the mirrored train images (doubles "
+                     "the pool; the classifier trained with flips)."),
+        "lr": number(0.1, 0, lo_open=True, doc="Peak of the cosine learning-rate schedule (to 0 "
+                     "at head.steps), SGD."),
+        "momentum": number(0.9, 0, 1, hi_open=True, doc="SGD momentum."),
+        "weight_decay": number(5e-4, 0, doc="Weight decay, on the kernel only."),
+        "max_norm": number(None, 0, lo_open=True, optional=True,
+                           doc="Weight balancing's MaxNorm (Alshammari et al. 2022): after every "
+                           "step each class's kernel column is projected onto the L2 ball of "
+                           "this radius; None: unconstrained (plain cRT)."),
+        "steps": integer(1000, 1, doc="Training steps of the head."),
+        "batch_size": integer(256, 1, doc="Batch size of the head's training."),
+        "eval_every": integer(100, 1, doc="Steps between validations (and the last step); the "
+                              "best head is kept."),
+        "best_metric": one_of("mean_class_accuracy", BEST_METRICS,
+                              doc="Validation metric (on the source run's validation set) that "
+                              "chooses the best head."),
     },
     "synth": {
-        # feature: synthetic minority-class features from a feature VAE; pixel: the features of
-        # synthetic minority-class faces from a trained VAE-GAN (synth.vaegan_workdir).
-        "mode": one_of("none", SYNTH_MODES),
+        "mode": one_of("none", SYNTH_MODES,
+                       doc="Synthetic minority-class features: none, feature (perturbed latents "
+                       "of a feature VAE) or pixel (the features of faces synthesized by the "
+                       "synth.vaegan_workdir VAE-GAN)."),
         "vae": {  # The feature VAE (ferjax.models.feature_vae), trained on the train features.
-            "latent_dim": integer(32, 1),
-            "hidden": integer(256, 1),
-            "steps": integer(2000, 1),
-            "lr": number(1e-3, 0, lo_open=True),  # Adam
-            "batch_size": integer(256, 1),
-            "kl_weight": number(1.0, 0),  # beta
+            "latent_dim": integer(32, 1, doc="synth.mode=feature: the feature VAE's latent "
+                                  "width."),
+            "hidden": integer(256, 1, doc="synth.mode=feature: the feature VAE's hidden width."),
+            "steps": integer(2000, 1, doc="synth.mode=feature: the feature VAE's training "
+                             "steps."),
+            "lr": number(1e-3, 0, lo_open=True, doc="synth.mode=feature: the feature VAE's Adam "
+                         "learning rate."),
+            "batch_size": integer(256, 1, doc="synth.mode=feature: the feature VAE's batch "
+                                  "size."),
+            "kl_weight": number(1.0, 0, doc="synth.mode=feature: beta, the feature VAE's KL "
+                                "weight."),
         },
-        # As the classifier's semantic augmentation: posterior | interpolate | class_gaussian.
-        "perturb": one_of("posterior", PERTURBATIONS),
-        "alpha": number(1.0, 0),  # perturbation scale
-        "target": one_of("largest", TARGETS),  # the per-class counts synthesis fills towards
-        "fill": number(1.0, 0, 1),  # share of each class's gap (target - real count) synthesized
-        "tail_only": flag(True),  # synthesize only for the classes below the median train count
-        "max_share": number(0.5, 0, 1, hi_open=True),  # cap on the synthetic slots of a batch
-        "weight": number(1.0, 0),  # loss weight of a synthetic feature
-        # full: D(z') | residual: seed + D(z') - D(mu) (the change the perturbation makes, added
-        # to the real seed feature, as the classifier's augment.decode=residual). Pixel mode: the
-        # faces' decoding (synthesis.synthesize_per_class's residual), in pixels.
-        "decode": one_of("full", DECODES),
-        # Pixel mode only: the `ferjax train-vaegan` workdir whose VAE-GAN makes the faces, its
-        # checkpoint (as the classifier's augment.vaegan_checkpoint), and how many faces are made
-        # per synthesized class (their features, plus the mirrored ones with head.flip, are
-        # the pool the synthetic slots draw from).
-        "vaegan_workdir": text(None),
-        "vaegan_checkpoint": checkpoint(),
-        "pool_per_class": integer(500, 1),
+        "perturb": one_of("posterior", PERTURBATIONS, doc="Latent perturbation, as the "
+                          "classifier's augment.mode: posterior, interpolate or class_gaussian."),
+        "alpha": number(1.0, 0, doc="The perturbation's scale."),
+        "target": one_of("largest", TARGETS, doc="The per-class counts synthesis fills towards: "
+                         "uniform (the mean count), sqrt or largest (the largest class's)."),
+        "fill": number(1.0, 0, 1, doc="Share of each class's gap (target - real count) "
+                       "synthesized."),
+        "tail_only": flag(True, doc="Synthesize only for the classes below the median train "
+                          "count."),
+        "max_share": number(0.5, 0, 1, hi_open=True, doc="Cap on the share of a batch's slots "
+                            "that are synthetic."),
+        "weight": number(1.0, 0, doc="Loss weight of a synthetic feature."),
+        "decode": one_of("full", DECODES,
+                         doc="full: the decoding D(z'); residual: seed + D(z') - D(mu), the "
+                         "perturbation's change added to the real seed (pixel mode: to the "
+                         "face, in pixels), as the classifier's augment.decode."),
+        "vaegan_workdir": text(None, doc="synth.mode=pixel (and only then): the `ferjax "
+                               "train-vaegan` workdir whose VAE-GAN makes the faces."),
+        "vaegan_checkpoint": checkpoint(doc="synth.mode=pixel: the VAE-GAN run's checkpoint, as "
+                                        "the classifier's augment.vaegan_checkpoint."),
+        "pool_per_class": integer(500, 1, doc="synth.mode=pixel: faces made per synthesized "
+                                  "class (their features, and their mirrors' with head.flip, "
+                                  "are the pool the synthetic slots draw from)."),
     },
 }
 

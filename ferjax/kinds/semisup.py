@@ -31,28 +31,28 @@ BEST_METRICS = classifier.BEST_METRICS
 # =================================================================================================
 SPEC = copy.deepcopy(classifier.SPEC)
 SPEC["semisup"] = {
-    # Confidence a teacher pseudo-label needs to count (FixMatch: 0.95 on CIFAR; ours 0.7: a
-    # 7-class FER model is rarely that sure early on, and a few-hundred-step run would otherwise
-    # mask out almost every unlabeled image). flexmatch: the ceiling of the per-class thresholds.
-    "threshold": number(0.7, 0, 1, lo_open=True),
-    "unlabeled_weight": number(1.0, 0),  # lambda_u in sup + lambda_u * unlabeled loss
-    # Unlabeled batch = ratio x train.batch_size. FixMatch uses 7; ours 3: each unlabeled image
-    # costs two forward passes (teacher on the weak view, student on the strong one) and a
-    # backward pass, so 7 makes a step ~8x a supervised one, too slow on CPU and small pools
-    # (a 10% label fraction of FER-2013 leaves ~26k images, seen ~7x per 1k steps at 7 x 64).
-    "ratio": integer(3, 1),
-    # The teacher's EMA decay, warmed up as min(ema_decay, (1 + step) / (10 + step)) so that a
-    # short run's teacher is not its random initialisation (TF's ExponentialMovingAverage).
-    "ema_decay": number(0.999, 0, 1, hi_open=True),
-    # fixed: max prob >= threshold | flexmatch: a per-class threshold from the pool's record of
-    # confident predictions (FlexMatch, Zhang et al. 2021; ferjax.train.semisup.flex_thresholds)
-    "threshold_mode": one_of("fixed", THRESHOLD_MODES),
-    "randaugment_ops": integer(2, 1, 8),  # ops per strong view (ferjax.data.randaugment)
-    "randaugment_magnitude": number(10.0, 0, 10),  # magnitudes drawn from [0, this]
-    # More unlabeled images joined to the pool: "" or a data.sources text as for `ferjax
-    # pretrain` (ferjax.data.unlabeled: "folder:/faces,affectnet:2"); a named dataset's test
-    # split is never read.
-    "extra_sources": text("", optional=False),
+    "threshold": number(0.7, 0, 1, lo_open=True,
+                        doc="FixMatch: the teacher confidence a pseudo-label needs to count "
+                        "(FixMatch: 0.95; SSFER and ferjax 0.7, as a 7-class FER model is rarely "
+                        "that sure early on); flexmatch: the ceiling of the per-class thresholds."),
+    "unlabeled_weight": number(1.0, 0, doc="lambda_u in the loss sup + lambda_u * unlabeled."),
+    "ratio": integer(3, 1, doc="Unlabeled batch size over train.batch_size (FixMatch: 7; ours 3, "
+                     "as each unlabeled image costs two forward passes and a backward one)."),
+    "ema_decay": number(0.999, 0, 1, hi_open=True,
+                        doc="The EMA teacher's decay, warmed up as min(ema_decay, (1 + step) / "
+                        "(10 + step)) so that a short run's teacher is not its random "
+                        "initialisation."),
+    "threshold_mode": one_of("fixed", THRESHOLD_MODES,
+                             doc="fixed: max probability >= semisup.threshold; flexmatch: a "
+                             "per-class threshold from the pool's record of confident "
+                             "predictions (FlexMatch, Zhang et al. 2021)."),
+    "randaugment_ops": integer(2, 1, 8, doc="RandAugment operations per strong view."),
+    "randaugment_magnitude": number(10.0, 0, 10, doc="RandAugment: magnitudes are drawn from "
+                                    "[0, this]."),
+    "extra_sources": text("", optional=False,
+                          doc="More unlabeled images joined to the pool, as pretrain's "
+                          "data.sources (e.g. `folder:/faces,affectnet:2`; a named dataset's "
+                          "test split is never read); `''`: none."),
 }
 
 

@@ -3,7 +3,7 @@ state and random streams. The trainer (ferjax.train.vaegan), the synthesis stage
 ferjax.runs (which reopens a finished run) build on this module, never on the trainer.
 
 The seed paper (Li et al. 2024, arXiv 2411.17254) publishes no architecture, resolution, loss
-weights or optimiser: every value below is our choice unless a comment names a source.
+weights or optimiser: every value below is our choice unless its doc names a source.
 """
 
 import pathlib
@@ -37,74 +37,100 @@ NOT_TEST = ("a split name other than 'test' (the test split is never used for tr
 
 
 SPEC = {
-    "seed": integer(0, 0),  # Parameters, batch sampling and noise all derive from it.
+    "seed": integer(0, 0, doc="Seed of the parameters, batch sampling and noise."),
     "data": {
-        "name": one_of("synthetic", fer_data.DATASET_NAMES),
-        # Trained on; the test split is never loaded.
-        "split": custom("train", NOT_TEST, lambda v: isinstance(v, str) and v != "test"),
-        # Held out for recon MSE / PSNR / KL; None: no validation.
+        "name": one_of("synthetic", fer_data.DATASET_NAMES, doc="Dataset: the generated "
+                       "synthetic faces, a prepared real dataset or folder (data.manual_dir)."),
+        "split": custom("train", NOT_TEST, lambda v: isinstance(v, str) and v != "test",
+                        doc="Split trained on (never `test`: the test split is never loaded)."),
         "val_split": custom("validation", NOT_TEST + ", or None (no validation)",
-                            lambda v: v is None or (isinstance(v, str) and v != "test")),
+                            lambda v: v is None or (isinstance(v, str) and v != "test"),
+                            doc="Split held out for reconstruction MSE, PSNR and KL (it chooses "
+                            "the best checkpoint); None: no validation."),
         "image_size": custom(64, f"one of {list(IMAGE_SIZES)} (32..128 px, halving down to a "
-                             "3x3..8x8 map)", lambda v: configs.is_int(v) and v in IMAGE_SIZES),
-        "channels": custom(1, "1 or 3", lambda v: configs.is_int(v) and v in (1, 3)),
-        "data_dir": text(None),  # Prepared datasets (None: $FERJAX_DATA_DIR, ~/.ferjax/datasets).
-        "manual_dir": text(None),  # Raw files, prepared on first use.
-        "num_examples": integer(None, 1, optional=True),  # Synthetic's size, else the first N.
-        "val_examples": integer(None, 1, optional=True),  # Validation examples, as above.
-        # Long-tailed train profile (max/min count), as the classifier's data.imbalance_ratio,
-        # so the VAE-GAN of a *-LT protocol sees only the images its classifiers see.
-        "imbalance_ratio": number(None, 1, optional=True),
+                             "3x3..8x8 map)", lambda v: configs.is_int(v) and v in IMAGE_SIZES,
+                             doc="Side of the square images in pixels; every image is resized "
+                             "to it on load."),
+        "channels": custom(1, "1 or 3", lambda v: configs.is_int(v) and v in (1, 3),
+                           doc="Image channels: 1 (gray) or 3 (RGB)."),
+        "data_dir": text(None, doc="Where prepared datasets live; None: $FERJAX_DATA_DIR, else "
+                         "~/.ferjax/datasets."),
+        "manual_dir": text(None, doc="Folder of the raw files, to prepare a real dataset on "
+                           "first use; with data.name=folder, the folder dataset itself."),
+        "num_examples": integer(None, 1, optional=True, doc="Train size: the synthetic set's "
+                                "size, else the first N rows of the split (None: all)."),
+        "val_examples": integer(None, 1, optional=True, doc="Validation size, as "
+                                "data.num_examples for the validation split."),
+        "imbalance_ratio": number(None, 1, optional=True,
+                                  doc="Long-tailed train profile (largest over smallest class "
+                                  "count), as the classifier's data.imbalance_ratio, so the "
+                                  "VAE-GAN of a *-LT protocol sees only its classifiers' "
+                                  "images; None: the data as it comes."),
     },
     "model": {
-        "arch": one_of("dcgan", vaegan_models.ARCHS),  # DCGAN-64 layout | residual, spectral D
-        "latent_dim": integer(128, 1),  # Ours.
-        # One per stride-2 stage; None: 64, 128, 256, 512, ... (DCGAN). Checked against the size.
+        "arch": one_of("dcgan", vaegan_models.ARCHS, doc="Layout: dcgan (DCGAN-64 convolutions) "
+                       "or resnet (residual blocks, spectral-normalised discriminator)."),
+        "latent_dim": integer(128, 1, doc="Width of the latent code (ours)."),
         "widths": custom(None, "None or a tuple of positive integers",
-                         lambda v: v is None or isinstance(v, (tuple, list))),
-        "dtype": one_of("float32", ("float32", "bfloat16")),  # Compute dtype; params stay f32.
-        # Class-conditional E, G and projection D (ferjax.models.vaegan; ours, for
-        # class-preserving synthesis): the dataset's class count, checked against it; None:
-        # unconditional (the paper's VAE-GAN).
-        "num_classes": integer(None, 1, optional=True),
+                         lambda v: v is None or isinstance(v, (tuple, list)),
+                         doc="Channel width of each stride-2 stage, checked against the image "
+                         "size; None: 64, 128, 256, 512, 512, ... (DCGAN)."),
+        "dtype": one_of("float32", ("float32", "bfloat16"), doc="Compute dtype; the parameters "
+                        "stay float32."),
+        "num_classes": integer(None, 1, optional=True,
+                               doc="Class-conditional encoder, generator and projection "
+                               "discriminator (ours, for class-preserving synthesis): the "
+                               "dataset's class count; None: unconditional (the paper's)."),
     },
     "loss": {
-        # KL per example (summed over latent dims) against reconstruction terms that are means
-        # over pixels / features: beta sets how much of the latent code the prior may erase.
-        "beta": number(1e-3, 0),
-        "kl_warmup_steps": integer(2000, 0),  # beta rises linearly from 0 over these steps.
-        "feature_recon_weight": number(1.0, 0),  # MSE in D's feature space (Larsen et al. 2016).
-        "pixel_l1_weight": number(1.0, 0),  # Pixel L1 (ours: keeps early reconstructions close).
-        "adv_weight": number(0.1, 0),  # G's hinge loss (weight ours).
-        # Whether G's adversarial loss also trains E. Off as in Larsen et al.
-        "adversarial_to_encoder": flag(False),
-        # Class consistency (ours): a frozen classifier run (`classifier_workdir`, trained on real
-        # faces of the same dataset; its best checkpoint) judges G's decodings of posterior
-        # samples; G is trained on its cross-entropy against the seed's label (weight
-        # `class_consistency_weight`) and on the squared distance between its penultimate
-        # features of the decoding and of the real image (`perceptual_weight`, a perceptual
-        # term in a face-expression feature space). 0: off; a weight > 0 needs the workdir.
-        "classifier_workdir": text(None),
-        "class_consistency_weight": number(0.0, 0),
-        "perceptual_weight": number(0.0, 0),
+        "beta": number(1e-3, 0, doc="Weight of the KL term (per example, summed over latent "
+                       "dimensions) against the reconstruction terms (means over pixels or "
+                       "features)."),
+        "kl_warmup_steps": integer(2000, 0, doc="Steps over which loss.beta rises linearly from "
+                                   "0."),
+        "feature_recon_weight": number(1.0, 0, doc="Weight of the reconstruction MSE in the "
+                                       "discriminator's feature space (Larsen et al. 2016)."),
+        "pixel_l1_weight": number(1.0, 0, doc="Weight of the pixel L1 reconstruction loss (ours: "
+                                  "keeps early reconstructions close)."),
+        "adv_weight": number(0.1, 0, doc="Weight of the generator's hinge adversarial loss "
+                             "(ours)."),
+        "adversarial_to_encoder": flag(False, doc="Whether the generator's adversarial loss also "
+                                       "trains the encoder (off, as Larsen et al.)."),
+        "classifier_workdir": text(None, doc="Class consistency (ours): a classifier run trained "
+                                   "on real faces of the same dataset whose best checkpoint, "
+                                   "frozen, judges the generator's decodings; None: none."),
+        "class_consistency_weight": number(0.0, 0,
+                                           doc="Class consistency: weight of the frozen "
+                                           "classifier's cross-entropy of a decoded posterior "
+                                           "sample against its seed's label (needs "
+                                           "loss.classifier_workdir); 0: off."),
+        "perceptual_weight": number(0.0, 0, doc="Class consistency: weight of the squared "
+                                    "distance between the frozen classifier's penultimate "
+                                    "features of the decoding and of the real image (needs "
+                                    "loss.classifier_workdir); 0: off."),
     },
     "optim": {
-        "lr": number(2e-4, 0, lo_open=True),  # Adam for each of E, G, D (DCGAN's settings).
-        "b1": number(0.5, 0, 1, hi_open=True),
-        "b2": number(0.999, 0, 1, hi_open=True),
-        # EMA of E's and G's params and batch stats, for validation and sampling. The decay warms
-        # up as min(ema_decay, (1 + step) / (10 + step)). Ours.
-        "ema_decay": number(0.999, 0, 1, hi_open=True),
+        "lr": number(2e-4, 0, lo_open=True, doc="Learning rate of the Adam optimizers of the "
+                     "encoder, generator and discriminator (DCGAN's)."),
+        "b1": number(0.5, 0, 1, hi_open=True, doc="Adam beta1 (DCGAN's)."),
+        "b2": number(0.999, 0, 1, hi_open=True, doc="Adam beta2."),
+        "ema_decay": number(0.999, 0, 1, hi_open=True,
+                            doc="Decay of the EMA of the encoder's and generator's parameters "
+                            "and batch statistics used for validation and sampling, warmed up "
+                            "as min(ema_decay, (1 + step) / (10 + step)) (ours)."),
     },
     "train": {
-        "num_steps": integer(20000, 1),
-        "batch_size": integer(64, 1),  # Global batch, split over devices (a multiple of them).
-        "num_devices": integer(None, 1, optional=True, meaning=" (all devices)"),
-        "log_every": integer(100, 1),  # metrics.jsonl (means over the interval), TensorBoard.
-        "eval_every": integer(1000, 1),  # Validation.
-        "sample_every": integer(1000, 1),  # Reconstruction, prior-sample, perturbation grids.
-        "checkpoint_every": integer(1000, 1),
-        "keep_checkpoints": integer(3, 1),
+        "num_steps": integer(20000, 1, doc="Training steps."),
+        "batch_size": integer(64, 1, doc="Global batch size, a multiple of the device count."),
+        "num_devices": integer(None, 1, optional=True, meaning=" (all devices)",
+                               doc="Devices to train on; None: all."),
+        "log_every": integer(100, 1, doc="Steps between metric lines (means over the interval) "
+                             "in metrics.jsonl and TensorBoard."),
+        "eval_every": integer(1000, 1, doc="Steps between validations."),
+        "sample_every": integer(1000, 1, doc="Steps between the reconstruction, prior-sample "
+                                "and perturbation grids (PNG)."),
+        "checkpoint_every": integer(1000, 1, doc="Steps between resume checkpoints."),
+        "keep_checkpoints": integer(3, 1, doc="Resume checkpoints kept."),
     },
 }
 
