@@ -13,6 +13,8 @@ weight=0.5 (half loss weight on synthetic faces).
 No VAE-GAN is retrained per point: each run restores the same checkpoint
 (--config.augment.vaegan_workdir). Validation picks each run's checkpoint; numbers are on test.
 Expected time: synthetic on a 2-core CPU about 2.5 minutes per point (12 points per seed, ~30 min).
+
+See docs/methods.md (Semantic augmentation with a VAE-GAN and the sections after it).
 """
 
 import argparse

@@ -23,6 +23,8 @@ the config's). `--probe-features RUN` also scores a frozen model: its penultimat
 every CK+ image (`ferjax features --dataset ckplus --split all`) and a linear probe with the same
 10-fold subject cross-validation (`ferjax.probe`; skipped with a line when not installed).
 Writes results.md and results.json.
+
+See docs/methods.md (DeepFEVER-style transfer).
 """
 
 import argparse

@@ -29,6 +29,8 @@ change of labels, not of domain.
 
 Writes results.md (accuracy and mean class accuracy matrices, mean ± std over seeds, the
 in-domain diagonal marked) and results.json (every cell, with its evaluation files).
+
+See docs/methods.md (DeepFEVER-style transfer).
 """
 
 import argparse

@@ -6,7 +6,7 @@
       --out runs/fer_lt100_heads --report-split validation config.data.val_split=None \
       config.data.imbalance_ratio=100        # GPU; the shared FER-2013 copy (PublicTest only)
 
-The dosage sweep (issue item 4) and the pixel-space heads are off by default; `--sweep` adds
+The dosage sweep and the pixel-space heads are off by default; `--sweep` adds
 all of them (SWEEP below) to the default variants, `--variants` names any subset:
 
   python experiments/feature_semantic.py --base runs/fsa_base --out runs/fsa --sweep
@@ -59,6 +59,9 @@ with --sweep, the dosage settings), "pix_best" among the pix_* variants that ran
 results.md / results.json / per_class_recall.png. Expected time on a 2-core CPU: about 30 s per
 head (3 seeds x 11 heads: ~20 minutes; --sweep adds 9 heads per seed and, for the pix_* heads,
 the VAE-GAN when it is trained here).
+
+See docs/methods.md (Feature-space semantic augmentation, Pixel-space faces in a decoupled head,
+cRT and tau-normalisation, Weight balancing).
 """
 
 import argparse

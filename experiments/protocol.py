@@ -56,6 +56,8 @@ The shared FER-2013 folders hold only PublicTest (the validation split, no test 
   python experiments/protocol.py --dataset fer2013 --report-split validation \
       config.data.val_split=None config.train.best_metric=mean_class_accuracy
 chooses checkpoints on a 10% hold-out of train and reports PublicTest, which selects nothing.
+
+Each method is described in docs/methods.md.
 """
 
 import argparse

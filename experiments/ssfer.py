@@ -17,7 +17,7 @@ recipe (classifier_<dataset>_vit.py, the shape of the pre-trained encoder) train
                 `ferjax train-semisup` (semisup_<dataset>_vit.py, FixMatch + EMA teacher) on the
                 same fraction, the rest of train its unlabeled pool; not run at 100% (no pool)
 
-and, as the reference the FER-2013 targets are stated against (README: the full pipeline at 25%
+and, as the reference the FER-2013 targets are stated against (docs/results.md: the full pipeline at 25%
 labels within 2 points of the supervised ResNet recipe at 100%), the dataset's own ResNet recipe
 (classifier_<dataset>.py, from scratch) on the same labelled subset:
 
@@ -48,7 +48,7 @@ in all. The configs' 1,000 classifier steps with --semisup-set=config.semisup.ra
 --semisup-set=config.train.num_steps=500 (and eval/checkpoint every 125), --fractions 0.25 1:
 stage 1 3.5 min, then 9-18 min per supervised or mae run, about 21 min per mae_mixup or ssfer
 run and 7-17 min per resnet run (3 to 7 processes at once); about 1 h 55 min in all with the
-resnet and a FlexMatch variant beside it. The README has both tables; even 1,000 steps leave
+resnet and a FlexMatch variant beside it. docs/results.md has both tables; even 1,000 steps leave
 the from-scratch ViT at or near the class prior (at lr 1e-3 it starts learning near step 400 of
 a 2,000-step run at 100% labels). To shorten or split: --seeds 0 or --fractions; one process
 per seed (--seeds S, same --out) runs them side by side (start the others once the first has
@@ -57,6 +57,8 @@ with every seed.
 FER-2013 on one H200: unmeasured; guessing from the ResNet-18 recipe's 95 s a
 run, a few minutes per classifier run, 10+ min per semisup run, stage 1 (30k steps of 512)
 under an hour: 3-6 h.
+
+See docs/methods.md (SSFER and the sections after it).
 """
 
 import argparse

@@ -1,7 +1,7 @@
 """ferjax: long-tailed facial expression recognition in JAX.
 
 Semantic data augmentation with a VAE-GAN, long-tail baselines, and honest per-class
-evaluation. See README.md for the architecture.
+evaluation. The documentation is in docs/ (docs/architecture.md for the layout).
 """
 
 __version__ = "0.1.0"

@@ -9,8 +9,8 @@
    filled with faces decoded (residual decoding) from perturbed VAE-GAN latents of real seeds,
    half of each class's gap filled, the logit-adjusted loss on the batches' prior, and the
    baseline as the teacher filter (a synthetic face it does not give its class with p >= 0.5
-   is dropped): the in-batch variant with the best mean validation score over 3 seeds in the
-   README's issue-19 table;
+   is dropped): the in-batch variant with the best mean validation score over 3 seeds in
+   docs/results.md (class-preserving generation and pixel faces);
 5. semantic augmentation in feature space, used decoupled (`ferjax retrain-head`): on the
    baseline's frozen backbone, the head re-trained with instance sampling, the logit-adjusted
    loss and synthetic tail-class features from a small VAE on the backbone's features (alpha 2;
@@ -53,7 +53,7 @@ CHOSEN = " (chosen on validation)"
 FOLDERS = {BASELINE: "baseline", LOGIT_ADJ: "logit_adjustment", PIXELS: "semantic_pixels",
            FEATURES: "semantic_features"}
 # The pixel variant: the protocol's semantic_la with the baseline as the teacher filter (the
-# in-batch variant with the best mean validation score over 3 seeds, see the README).
+# in-batch variant with the best mean validation score over 3 seeds, see docs/results.md).
 PIXEL_OVERRIDES = ["config.augment.fill=0.5", "config.loss.name=logit_adjusted"]
 # The feature variant: retrain-head on the baseline, as `experiments/feature_semantic.py`'s
 # feat_la_a2 (the best head variant on validation over 3 seeds).

@@ -47,6 +47,9 @@ Terms that are not per-example classification losses (added to the batch loss by
   partition_loss    DAN's: log(1 + H / mean_d var_h(heads_hd)), var unbiased (torch's .var)
 
 Classes with no training examples are counted as 1 for priors and margins, so logs stay finite.
+
+See docs/methods.md (Class-balanced loss, Focal loss, LDAM-DRW, Logit adjustment, Balanced softmax,
+Coupling-regulation loss, EAC, DAN, IoU-weighted face mixup).
 """
 
 import jax

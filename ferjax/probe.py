@@ -28,6 +28,8 @@ subject or by given fold when known) over a log-spaced grid, best by mean class 
 the larger L2); `--l2` fixes it instead. Reported per fold and as mean ± std over folds (np.std,
 ddof=0): accuracy, mean class accuracy, macro-F1; plus the pooled confusion matrix of all
 held-out predictions. `--out FILE.json` also writes FILE_confusion.png beside it.
+
+See docs/methods.md (DeepFEVER-style transfer).
 """
 
 import functools

@@ -19,8 +19,8 @@ class Layer(NamedTuple):
   holds: str
 
 
-# Bottom to top, written once: the README's layer table is generated from this list (run
-# `python tests/test_layering.py` to print it; a test checks the README's copy).
+# Bottom to top, written once: the layer table of docs/architecture.md is generated from this list
+# (run `python tests/test_layering.py` to print it; a test checks the page's copy).
 # `ferjax` itself (ferjax/__init__.py) sits below them all and imports nothing of ferjax.
 LAYERS = [
     Layer("base", ("ferjax.errors", "ferjax.configs", "ferjax.writing", "ferjax.losses",
@@ -43,8 +43,9 @@ LAYERS = [
     Layer("trainers", ("ferjax.train",),
           "leaves: one per kind of training, its pure jitted step, what it validates and draws"),
     Layer("top", ("ferjax.cli", "ferjax.demo", "ferjax.bench", "ferjax.evaluate_synthetic",
-                  "ferjax.predict", "ferjax.synthesize"),
-          "verbs, the main job, benchmarks, commands that use trainers"),
+                  "ferjax.predict", "ferjax.synthesize", "ferjax.api", "ferjax.reference"),
+          "verbs, the main job, benchmarks, commands that use trainers, the Python API, the "
+          "generated reference pages"),
 ]
 TRAINERS = "ferjax.train"  # Leaves: imported only by the top layer, never by each other.
 
@@ -347,8 +348,8 @@ def test_planted_trainer_imports_are_reported(tmp_path):
       Edge("ferjax.train.a", "ferjax.train.b", "ferjax/train/a.py", 1)]
 
 
-# --- The README's copy of the layers ------------------------------------------------------------
-README = ROOT.parent / "README.md"
+# --- docs/architecture.md's copy of the layers -------------------------------------------------
+ARCHITECTURE = ROOT.parent / "docs" / "architecture.md"
 BEGIN = "<!-- layers: generated from tests/test_layering.py (python tests/test_layering.py) -->"
 END = "<!-- layers: end -->"
 
@@ -364,7 +365,7 @@ def _module_files(prefix: str, modules) -> str:
 
 
 def layer_table(modules) -> str:
-  """The README's table of the layers, top first."""
+  """The architecture page's table of the layers, top first."""
   rows = ["| layer | modules (under `ferjax/`) | what it holds |", "|---|---|---|"]
   for layer in reversed(LAYERS):
     files = ", ".join(_module_files(p, modules) for p in layer.modules)
@@ -372,26 +373,27 @@ def layer_table(modules) -> str:
   return "\n".join([BEGIN, *rows, END])
 
 
-def test_readme_layer_table_is_generated_from_layers():
-  text = README.read_text()
+def test_architecture_layer_table_is_generated_from_layers():
+  text = ARCHITECTURE.read_text()
   expected = layer_table(modules_of(ROOT))
   if expected not in text:
-    pytest.fail(f"README.md's layer table differs from LAYERS; replace the block between the "
+    pytest.fail(f"docs/architecture.md's layer table differs from LAYERS; replace the block "
+                f"between the "
                 f"'{BEGIN}' and '{END}' lines with:\n{expected}", pytrace=False)
 
 
-def test_readme_module_table_names_every_module_and_only_existing_ones():
-  """Every module file (or its folder) appears in README.md's module table, and every
-  `ferjax/...` path it names exists."""
-  text = README.read_text()
+def test_architecture_module_table_names_every_module_and_only_existing_ones():
+  """Every module file (or its folder) appears in docs/architecture.md's module table, and
+  every `ferjax/...` path it names exists."""
+  text = ARCHITECTURE.read_text()
   named = set(re.findall(r"`(ferjax/[\w/]*(?:\.py|/))`", text))
   stale = sorted(n for n in named if not (ROOT.parent / n).exists())
   paths = [p.relative_to(ROOT.parent).as_posix() for p in modules_of(ROOT).values()]
   folders = [n for n in named if n.endswith("/")]
   missing = sorted(p for p in paths if not p.endswith("__init__.py") and p not in named
                    and not any(p.startswith(n) for n in folders))
-  assert not stale, f"README.md names modules that do not exist: {stale}"
-  assert not missing, f"README.md's module table leaves out: {missing}"
+  assert not stale, f"docs/architecture.md names modules that do not exist: {stale}"
+  assert not missing, f"docs/architecture.md's module table leaves out: {missing}"
 
 
 if __name__ == "__main__":

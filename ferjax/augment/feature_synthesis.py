@@ -20,6 +20,8 @@ sum of both parts: `plan.prior_counts`.
 
 Everything that runs per step is a pure function of keys and arrays; `train_vae` and `plan` run
 once, on the host side.
+
+See docs/methods.md (Feature-space semantic augmentation, Pixel-space faces in a decoupled head).
 """
 
 import dataclasses

@@ -13,6 +13,8 @@ per class and overall:
 - classification accuracy score (CAS): the same classifier recipe trained on synthetic faces
   only (checkpoint chosen on the real validation split), tested on the real test split, next to
   the real-data classifier's test figures.
+
+See docs/methods.md (Synthetic-face quality measures).
 """
 
 import numpy as np

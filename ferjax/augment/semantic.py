@@ -13,6 +13,8 @@ its scale; ours, each a config choice:
 
 Everything here is a pure function of arrays and keys: vmapped over examples, jitted by the
 caller, and run inside the classifier's train step.
+
+See docs/methods.md (Latent perturbations, Batch composition and dosage).
 """
 
 import dataclasses

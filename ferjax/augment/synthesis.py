@@ -15,6 +15,9 @@ Two choices of ours beyond the paper (config fields, off by default):
 - `augment.start_step`: batches are the plain (instance-sampled) real batches before this
   step, rebalanced with synthetic faces after it, as deferred re-weighting (DRW) defers its
   weights: features are learned on real data first.
+
+See docs/methods.md (Semantic augmentation with a VAE-GAN, Residual decoding, Deferred synthesis,
+Teacher filter).
 """
 
 import dataclasses

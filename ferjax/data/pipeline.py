@@ -3,6 +3,8 @@ sampled, converted and augmented inside the jitted train step (no per-step host 
 
 Every function here is pure and traceable: `key` in, arrays out. Per-example work is written
 for one example and vmapped.
+
+See docs/methods.md (Re-sampling, Standard augmentations, Mixup, IoU-weighted face mixup).
 """
 
 import jax

@@ -19,6 +19,8 @@ Geometric ops fill uncovered pixels with mid-gray (PIL's fill in FixMatch is (12
 Equalize is the empirical-CDF form of histogram equalization: each pixel becomes the share of
 its channel's pixels that are <= it (a sort, no histogram), the continuous version of PIL's
 256-bin ImageOps.equalize (which also offsets by half a bin and skips the darkest bin's mass).
+
+See docs/methods.md (RandAugment).
 """
 
 import jax

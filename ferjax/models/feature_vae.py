@@ -16,6 +16,8 @@ ResNet's pooled features are means of ReLU outputs: a decoded negative value is 
 Loss (`loss`): mean squared error of the reconstruction in standardized units + beta * KL / dim,
 with KL = KL(N(mu, sigma^2) || N(0, I)) summed over the latent. Per feature dimension this is
 the negative ELBO of a Gaussian decoder of variance 1/2 (standardized units) when beta = 1.
+
+See docs/methods.md (Feature-space semantic augmentation).
 """
 
 from typing import NamedTuple

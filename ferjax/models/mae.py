@@ -17,6 +17,8 @@ visible patches only), so pre-trained encoder parameters load into a ViT classif
 
 Patches are in `vit.patchify`'s layout (row-major patches, each flattened as row, column,
 channel); images are float in [-1, 1], as everywhere in ferjax.
+
+See docs/methods.md (MAE pre-training).
 """
 
 from typing import Any

@@ -43,6 +43,8 @@ Head (`head`) on the features f [B, D] (rul and dan: on the last map, with their
           (loss.ldam_scale, s = 30 in the reference), so with loss.name=ldam `cosine_scale` is 1
           and the model returns bare cosines, as NormedLinear; any other loss needs
           `cosine_scale` > 1 (with s = 1 the softmax of 7 cosines cannot pass p = 0.55).
+
+See docs/methods.md (Class weights and CBAM, APViT attentive patch pooling, RUL, DAN, LDAM-DRW).
 """
 
 import functools

@@ -27,6 +27,8 @@ Every call then takes `labels` [B] (int).
 Parameters are float32; `dtype` is the compute dtype (bfloat16 on accelerators). Outputs the
 losses see (mu, logvar, images, logits, features) are float32. BatchNorm statistics and
 spectral-norm power-iteration vectors live in the `batch_stats` collection.
+
+See docs/methods.md (Semantic augmentation with a VAE-GAN, Class-conditional VAE-GAN).
 """
 
 from typing import Any, NamedTuple, Sequence

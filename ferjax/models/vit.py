@@ -42,6 +42,8 @@ embeddings are added, as MAE's random_masking), and `ViT.patch_tokens` returns t
 patch tokens as a [B, H/p, W/p, D] map (class activation / attention maps, attentive
 pooling); call them as `model.apply(variables, images, method=ViT.encode, keep=keep)`.
 `patchify` / `unpatchify` are MAE's reconstruction-target layout.
+
+See docs/methods.md (ViT backbone, MAE pre-training).
 """
 
 from typing import Any, Optional

@@ -24,6 +24,8 @@ split never selects anything: `data.val_split='test'` is refused.
 
 Workdir: config.json, metrics.jsonl, tensorboard/, checkpoints/, curves.png. Training again in a
 workdir that has checkpoints resumes from the latest one.
+
+Each method this trainer switches on is described in docs/methods.md.
 """
 
 import chex

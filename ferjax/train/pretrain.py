@@ -22,6 +22,8 @@ starts from its encoder with `model.init_from=<this workdir>`; benchmarks in fer
 
 Workdir: config.json, metrics.jsonl, tensorboard/, checkpoints/, samples/, reconstructions.png,
 curves.png, summary.json. Training again in a workdir that has checkpoints resumes.
+
+See docs/methods.md (MAE pre-training).
 """
 
 import json

@@ -41,6 +41,9 @@ synthetic_neighbours.png (in pixel mode synthetic_faces.png: real seeds beside t
 faces made from them, a row per synthesized class). It is written into a hidden folder beside
 `--out` and renamed into place when complete: a failed or interrupted stage leaves nothing
 half-written.
+
+See docs/methods.md (cRT and tau-normalisation, Weight balancing, Feature-space semantic
+augmentation, Pixel-space faces in a decoupled head).
 """
 
 import json

@@ -34,6 +34,8 @@ and ferjax.runs.open_classifier opens the workdir as a classifier with the teach
 
 Workdir: config.json, metrics.jsonl, tensorboard/, checkpoints/, curves.png, summary.json.
 Training again in a workdir that has checkpoints resumes from the latest one.
+
+See docs/methods.md (FixMatch with an EMA teacher, FlexMatch thresholds, RandAugment).
 """
 
 import json

@@ -24,6 +24,9 @@ Losses (weights in `config.loss`; see ferjax.kinds.vaegan for which choices are 
 A class-conditional model (model.num_classes) sees each image's label in E and D, and G draws
 reconstructions and prior samples for the batch's labels.
 One forward pass feeds all three; each network then takes the gradient of its own loss only.
+
+See docs/methods.md (Semantic augmentation with a VAE-GAN, Class-conditional VAE-GAN, Classifier
+consistency and perceptual terms).
 """
 
 import json
