@@ -50,14 +50,19 @@ Methods (backbone / head stage):
   wd                        weight balancing's first stage (Alshammari et al. 2022): the recipe
                             with a strong weight decay, optim.weight_decay=0.05 (AdamW; one
                             value, not tuned: the recipe's own is 1e-4)
-  wd_crt, wb                wd's backbone, then cRT / weight balancing's second stage (cRT with
-                            every class's weights held in an L2 ball, head.max_norm=1.0)
+  wd_crt, wb                wd's backbone, then cRT / weight balancing's second stage as their
+                            code has it (cRT with every class's weights held in an L2 ball whose
+                            radius is relative to the class norms at its start, threshold 0.1 as
+                            their stage-2 demo, projected once per epoch: head.max_norm_thresh)
+  wb_radius                 the same with an absolute radius of 1.0 projected after every step
+                            (head.max_norm_radius=1.0, head.max_norm_every=1; what this script
+                            ran as wb before)
 
 Selections, per seed on validation mean class accuracy (test never selects): "feat_best"
 among the feat_a* alphas, "feat_la_best" among every feat_la_* variant that ran (alphas and,
 with --sweep, the dosage settings), "pix_best" among the pix_* variants that ran. Writes
 results.md / results.json / per_class_recall.png. Expected time on a 2-core CPU: about 30 s per
-head (3 seeds x 11 heads: ~20 minutes; --sweep adds 9 heads per seed and, for the pix_* heads,
+head (3 seeds x 13 heads: ~20 minutes; --sweep adds 9 heads per seed and, for the pix_* heads,
 the VAE-GAN when it is trained here).
 
 See docs/methods.md (Feature-space semantic augmentation, Pixel-space faces in a decoupled head,
@@ -65,12 +70,14 @@ cRT and tau-normalisation, Weight balancing).
 """
 
 import argparse
+import json
 import pathlib
 import re
 
 import runner
 
 from ferjax import configs, evaluate, report
+from ferjax.errors import UserError
 from ferjax.kinds import retrain_head as retrain_head_kind
 
 ALPHAS = (0.5, 1.0, 2.0)
@@ -109,7 +116,8 @@ def heads(pixel=()) -> dict:
   out["la_crt"] = ("logit_adj", [])
   out["la_feat_a1"] = ("logit_adj", ["config.synth.mode=feature", "config.synth.alpha=1"])
   out["wd_crt"] = ("wd", [])
-  out["wb"] = ("wd", ["config.head.max_norm=1.0"])
+  out["wb"] = ("wd", ["config.head.max_norm_thresh=0.1"])
+  out["wb_radius"] = ("wd", ["config.head.max_norm_radius=1.0", "config.head.max_norm_every=1"])
   for name, change in SWEEP_FEATURE.items():
     out[name] = ("none", ["config.synth.mode=feature", "config.synth.alpha=1", *LA, *change])
   for name, change in SWEEP_PIXEL.items():
@@ -147,14 +155,32 @@ def tau_norm(backbone: pathlib.Path, report_split: str = "test") -> dict:
   return {**test, "val": val, "tau": tau}
 
 
+def check_head(out: pathlib.Path, config, overrides) -> None:
+  """Refuses the finished head in `out` when its head.json lacks a value of `overrides`."""
+  done = json.loads((out / "head.json").read_text())["config"]
+  wanted = configs.to_dict(config)
+  for item in overrides:
+    path = item.split("=", 1)[0].removeprefix("config.").split(".")
+    have, want = done, wanted
+    for key in path:
+      have, want = (have or {}).get(key), want[key]
+    if have != want:
+      raise UserError(f"{out}: a head trained with {'.'.join(path)}={have!r}, not {want!r}: "
+                      "move it away (or use another --out) to train this variant")
+
+
 def run_head(backbone: pathlib.Path, out: pathlib.Path, overrides,
              report_split: str = "test") -> dict:
-  """Re-trains (unless done) and evaluates one head; {report split metrics..., "val": ...}."""
+  """Re-trains (unless done) and evaluates one head; {report split metrics..., "val": ...}.
+  A head already in `out` is reused only if its head.json has the overrides' values (a variant
+  whose settings changed is refused, not silently reported)."""
   from ferjax.train import retrain_head
+  config = retrain_head_kind.default_config()
+  configs.apply_overrides(config, [f"--{o}" for o in [*overrides, *FAST]])
+  if (out / "head.json").exists():
+    check_head(out, config, overrides)
   if not (out / f"eval_{report_split}.json").exists():
     if not out.exists():
-      config = retrain_head_kind.default_config()
-      configs.apply_overrides(config, [f"--{o}" for o in [*overrides, *FAST]])
       retrain_head.retrain_head(config, backbone, out)
     for split in ("val", report_split):
       evaluate.evaluate_run(out, split, checkpoint="best", tta="none")

@@ -27,14 +27,18 @@ Methods (each a set of config overrides on the same recipe):
                 deferred to 3/4 of training, the batch mean (loss.weight_average=mean)
   logit_adj     logit-adjusted loss (Menon et al. 2021, tau = 1)
   eac           erasing attention consistency (Zhang et al. 2022; github.com/zyh-uaiaaaa/
-                Erasing-Attention-Consistency): random erasing (p 0.5) and the CAM consistency
-                loss with its image's mirror, weight 5 as published
+                Erasing-Attention-Consistency): random erasing (p 0.5, box scale 0.02-0.25 as
+                published) and the CAM consistency loss with its image's mirror, weight 5 as
+                published; with --noise, the mirror view erased with its own box, as their
+                noisy-label training does (loss.eac_flip_erasing=independent)
   rul           relative uncertainty learning's head (Zhang et al. 2021; github.com/zyh-uaiaaaa/
                 Relative-Uncertainty-Learning): uncertainty-weighted feature mixing, add-up loss
   rul_cw_cbam   the same with inverse-frequency class weights and CBAM in every block
                 (arXiv 2212.07751's combination)
   dan           DAN (Wen et al. 2021; github.com/yaoing/DAN): 4 attention heads, affinity and
                 partition losses at weight 1 as published
+  EAC, RUL, RUL with CBAM and DAN erase boxes of 0.02-0.25 of the image area, as their code
+  does (augment.erasing_scale; the recipe's other runs keep torchvision's 0.02-0.33).
   coupling      coupling-regulation loss: focal (gamma 2) to LDAM (largest margin 0.5) on
                 BBN's schedule 1 - (t/T)^2 (ferjax.losses; no published code)
   semantic      semantic augmentation: every class topped up to the largest with VAE-GAN
@@ -66,8 +70,12 @@ import pathlib
 import runner
 
 
-def methods(num_steps: int, vaegan_workdir: pathlib.Path) -> dict:
+def methods(num_steps: int, vaegan_workdir: pathlib.Path, noise: float | None = None) -> dict:
+  """Each method's config overrides; `noise` (the --noise share) switches EAC to its noisy-label
+  training."""
   semantic = [f"config.augment.vaegan_workdir={vaegan_workdir}"]
+  erasing = ["config.augment.erasing_scale=(0.02,0.25)"]  # EAC, RUL and DAN's RandomErasing.
+  eac_noisy = ["config.loss.eac_flip_erasing=independent"] if noise else []
   return {
       "none": [],
       "ros": ["config.sampler.name=oversample"],
@@ -80,11 +88,12 @@ def methods(num_steps: int, vaegan_workdir: pathlib.Path) -> dict:
       "ldam_drw_linear": ["config.loss.name=ldam", "config.loss.class_weights=effective",
                           f"config.loss.drw_start_step={int(0.75 * num_steps)}"],
       "logit_adj": ["config.loss.name=logit_adjusted"],
-      "eac": ["config.loss.eac_weight=5", "config.augment.erasing_prob=0.5"],
-      "rul": ["config.model.head=rul"],
+      "eac": ["config.loss.eac_weight=5", "config.augment.erasing_prob=0.5", *erasing,
+              *eac_noisy],
+      "rul": ["config.model.head=rul", *erasing],
       "rul_cw_cbam": ["config.model.head=rul", "config.model.cbam=True",
-                      "config.loss.class_weights=inverse"],
-      "dan": ["config.model.head=dan"],
+                      "config.loss.class_weights=inverse", *erasing],
+      "dan": ["config.model.head=dan", *erasing],
       "coupling": ["config.loss.name=coupling"],
       "semantic": semantic,
       "semantic_la": [*semantic, "config.augment.fill=0.5", "config.loss.name=logit_adjusted"],
@@ -121,7 +130,8 @@ def main() -> int:
     # no validation split and the semantic runs sample from its last checkpoint.
     vaegan_overrides = [*lt, "config.data.val_split=None"]
     args.overrides = [*args.overrides, "config.augment.vaegan_checkpoint=last"]
-  all_methods = methods(num_steps, pathlib.Path(args.vaegan_workdir or out / "vaegan"))
+  all_methods = methods(num_steps, pathlib.Path(args.vaegan_workdir or out / "vaegan"),
+                        noise=args.noise)
   chosen = runner.select(all_methods, args.methods, "--methods")
   out.mkdir(parents=True, exist_ok=True)  # Only once the arguments are known to be good.
   if args.collect:

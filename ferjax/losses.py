@@ -52,6 +52,8 @@ See docs/methods.md (Class-balanced loss, Focal loss, LDAM-DRW, Logit adjustment
 Coupling-regulation loss, EAC, DAN, IoU-weighted face mixup).
 """
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -207,13 +209,19 @@ def affinity_loss(features, labels, centers):
   return jnp.sum(distances) / jnp.sum(jnp.var(centers, axis=0, ddof=1)) / features.shape[0]
 
 
+PARTITION_EPS = sys.float_info.epsilon  # DAN's guard (yaoing/DAN, `PartitionLoss`: var + eps).
+
+
 def partition_loss(heads):
-  """DAN's partition loss of heads [B, H, D]: log(1 + H / mean over b, d of the unbiased
-  variance across the H heads); 0 with one head."""
+  """DAN's partition loss of heads [B, H, D]: log(1 + H / (v + eps)), v the mean over b, d of
+  the unbiased variance across the H heads and eps the reference's guard (Python's float
+  epsilon), which keeps the loss and its gradient finite when the heads are identical; 0 with
+  one head."""
   num_heads = heads.shape[1]
   if num_heads < 2:
     return jnp.zeros((), jnp.float32)
-  return jnp.log1p(num_heads / jnp.mean(jnp.var(heads, axis=1, ddof=1)))
+  variance = jnp.mean(jnp.var(heads, axis=1, ddof=1))
+  return jnp.log1p(num_heads / (variance + PARTITION_EPS))
 
 
 # --- From the config ---------------------------------------------------------------------------

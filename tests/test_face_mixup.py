@@ -23,7 +23,7 @@ FRAME = np.array([0.0, 0.0, 20.0, 20.0], np.float32)  # A 20 x 20 image's whole 
 
 def _augment(**fields):
   base = dict(crop="none", crop_padding=4, resized_crop_scale=(0.5, 1.0), flip=False,
-              rotation_deg=0.0, erasing_prob=0.0)
+              rotation_deg=0.0, erasing_prob=0.0, erasing_scale=(0.02, 0.33))
   return ml_collections.ConfigDict({**base, **fields})
 
 

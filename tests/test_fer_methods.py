@@ -135,13 +135,16 @@ def test_dan_heads_are_fused_by_a_softmax_across_heads_and_sown_for_its_losses()
 @pytest.mark.slow
 @pytest.mark.parametrize("sections,terms", [
     (dict(loss=dict(eac_weight=5.0), augment=dict(erasing_prob=0.5)), {"eac_loss"}),
+    (dict(loss=dict(eac_weight=5.0, eac_flip_erasing="independent"),
+          augment=dict(erasing_prob=0.5, erasing_scale=(0.02, 0.25))), {"eac_loss"}),
     (dict(model=dict(name="vit_ti", width=1.0, depth=1, readout="gap"),
           loss=dict(eac_weight=5.0), optim=dict(name="adamw", lr=1e-3)), {"eac_loss"}),
     (dict(model=dict(head="rul", cbam=True), loss=dict(class_weights="inverse")), set()),
     (dict(model=dict(head="dan"), loss=dict(name="logit_adjusted")),
      {"affinity_loss", "partition_loss"}),
     (dict(loss=dict(name="coupling")), set()),
-], ids=["eac", "eac_vit", "rul_class_weights_cbam", "dan_logit_adjusted", "coupling"])
+], ids=["eac", "eac_noisy_labels", "eac_vit", "rul_class_weights_cbam", "dan_logit_adjusted",
+        "coupling"])
 def test_a_real_train_step_of_each_method_is_finite(sections, terms):
   rng = np.random.default_rng(0)
   labels = np.repeat(np.arange(K), COUNTS).astype(np.int32)

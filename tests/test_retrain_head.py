@@ -226,10 +226,12 @@ def test_pixel_pool_features_fill_only_the_planned_slots(pool):
   np.testing.assert_array_equal(batch(key, 7)[0], batch(key, 7)[0])  # Same key, same batch.
 
 
-def train_heads(max_norm, steps=25, d=16):
-  """The kernel [D, K] after `steps` head steps on random separable features, head.max_norm set."""
+def train_heads(radius, steps=25, d=16):
+  """The kernel [D, K] after `steps` head steps on random separable features, projected onto
+  the ball of `radius` after every step (head.max_norm_radius, head.max_norm_every=1)."""
   config = head_kind.default_config()
-  config.head.update(batch_size=32, steps=steps, lr=0.5, max_norm=max_norm, init="zero")
+  config.head.update(batch_size=32, steps=steps, lr=0.5, init="zero")
+  max_norm = None if radius is None else head_kind.MaxNorm(radius, 1)
   rng = np.random.default_rng(0)
   labels = np.repeat(np.arange(K), [60, 30, 20, 10, 8, 6, 4]).astype(np.int32)
   features = (rng.normal(size=(len(labels), d)) + 3 * np.eye(K, d)[labels]).astype(np.float32)
@@ -238,7 +240,8 @@ def train_heads(max_norm, steps=25, d=16):
   tx, _ = head_kind.make_optimizer(config)
   source = {"kernel": np.zeros((d, K), np.float32), "bias": np.zeros(K, np.float32)}
   state = head_kind.init_state(config, source, tx)
-  step = jax.jit(head_lib.make_train_step(config, np.bincount(labels), jit=False))
+  step = jax.jit(head_lib.make_train_step(config, np.bincount(labels), jit=False,
+                                          max_norm=max_norm))
   for _ in range(steps):
     state, _ = step(state, data)
   return np.asarray(state.params["kernel"]), np.asarray(state.params["bias"])
@@ -247,7 +250,7 @@ def train_heads(max_norm, steps=25, d=16):
 @pytest.mark.slow
 def test_max_norm_projects_every_class_column():
   """Weight balancing's MaxNorm (Alshammari et al. 2022): each class's kernel column ends in
-  the L2 ball; max_norm=None is plain training, bit for bit (a radius never reached too)."""
+  the L2 ball; no MaxNorm is plain training, bit for bit (a radius never reached too)."""
   free, free_bias = train_heads(None)
   assert np.linalg.norm(free, axis=0).max() > 0.5  # The constraint below does bind.
   kernel, _ = train_heads(0.5)
@@ -268,11 +271,14 @@ def test_max_norm_projects_every_class_column():
 def test_weight_balancing_stage_keeps_every_column_in_the_ball(tiny_runs, tmp_path):
   out = tmp_path / "wb"
   retrain(tiny_runs.classifier, out, "--config.head.steps=4", "--config.head.eval_every=2",
-          "--config.head.max_norm=0.05", "--config.head.sampler=class_balanced")
+          "--config.head.max_norm_radius=0.05", "--config.head.max_norm_every=1",
+          "--config.head.sampler=class_balanced")
   for which in ("best", "last"):
     kernel = runs.open_classifier(out, which).variables["params"]["head"]["kernel"]
     assert np.linalg.norm(np.asarray(kernel), axis=0).max() <= 0.05 + 1e-6, which
-  assert json.loads((out / "head.json").read_text())["config"]["head"]["max_norm"] == 0.05
+  head_json = json.loads((out / "head.json").read_text())
+  assert head_json["config"]["head"]["max_norm_radius"] == 0.05
+  assert head_json["max_norm"] == {"radius": 0.05, "every": 1}
 
 
 @pytest.mark.slow
@@ -381,8 +387,12 @@ def test_pixel_pool_is_the_backbone_features_of_the_synthetic_faces(tiny_runs):
     (["--config.synth.mode=feature", "--config.synth.max_share=0"], "synth.max_share"),
     (["--config.head.sampler=oversample"], "head.sampler"),
     (["--config.head.lr=0"], "head.lr"),
-    (["--config.head.max_norm=0"], "head.max_norm"),
-    (["--config.head.max_norm=-1"], "head.max_norm"),
+    (["--config.head.max_norm_radius=0"], "head.max_norm_radius"),
+    (["--config.head.max_norm_thresh=-1"], "head.max_norm_thresh"),
+    (["--config.head.max_norm_every=0"], "head.max_norm_every"),
+    (["--config.head.max_norm_thresh=0.1", "--config.head.max_norm_radius=1"],
+     "head.max_norm_radius"),
+    (["--config.head.max_norm_thresh=0.1", "--config.head.init=zero"], "head.init"),
     (["--config.synth.perturbation=posterior"], "perturbation"),
     (["--config.source.checkpoint=77"], "no checkpoint at step 77"),
     (["--config.synth.mode=feature", "--config.synth.fill=0.001"], "synth.fill"),

@@ -4,6 +4,7 @@ cosine head (model.head, LDAM-DRW's NormedLinear) and attentive patch pooling (m
 APViT's APP): their config rules, a real train step each, the protocol's LDAM-DRW methods and
 the refusal of --tau-norm on a cosine head."""
 
+import json
 import pathlib
 import sys
 import types
@@ -193,3 +194,23 @@ def test_feature_semantic_refuses_an_unknown_variant_before_making_its_out_folde
     feature_semantic.main(["--base", str(tmp_path / "base"), "--out", str(out),
                            "--variants", "crt", "nosuch"])
   assert not out.exists() and not (tmp_path / "base").exists()
+
+
+def test_feature_semantic_reuses_a_head_only_with_its_variants_settings(tmp_path, experiment):
+  """A finished head whose head.json lacks the variant's values (wb trained with the former
+  absolute radius) is refused, not reported under the variant's new settings."""
+  feature_semantic = experiment("feature_semantic")
+  from ferjax.kinds import retrain_head as head_kind  # pylint: disable=import-outside-toplevel
+  _, wb = feature_semantic.heads()["wb"]
+  _, wb_radius = feature_semantic.heads()["wb_radius"]
+  old = head_kind.default_config()
+  configs.apply_overrides(old, [f"--{o}" for o in wb_radius])
+  (tmp_path / "head.json").write_text(json.dumps({"config": configs.to_dict(old)}))
+  for overrides in (wb_radius, [*wb_radius, "config.seed=0"]):
+    config = head_kind.default_config()
+    configs.apply_overrides(config, [f"--{o}" for o in overrides])
+    feature_semantic.check_head(tmp_path, config, overrides)
+  config = head_kind.default_config()
+  configs.apply_overrides(config, [f"--{o}" for o in wb])
+  with pytest.raises(UserError, match="head.max_norm_thresh=None, not 0.1"):
+    feature_semantic.check_head(tmp_path, config, wb)

@@ -159,6 +159,10 @@ def sample_indices(key, step, *, sampler: str, index, class_counts, batch_size: 
 # --- Augmentation: written for one example [H, W, C] float in [-1, 1], vmapped -----------------
 
 CROPS = ("none", "pad", "resized")
+# Random erasing's box: its share of the image area and its aspect (h/w) range, torchvision's
+# `RandomErasing` defaults (EAC, RUL and DAN train with the scale (0.02, 0.25)).
+ERASING_SCALE = (0.02, 0.33)
+ERASING_RATIO = (0.3, 3.3)
 
 
 # Boxes: [x0, y0, x1, y1] float in pixel edges (the whole H x W frame is [0, 0, W, H]). Each
@@ -295,12 +299,13 @@ def random_rotation_one(key, image, max_degrees: float):
   return rotate(image, _rotation_angle(key, max_degrees))
 
 
-def random_erasing_one(key, image, prob: float, scale=(0.02, 0.33), ratio=(0.3, 3.3),
+def random_erasing_one(key, image, prob: float, scale=ERASING_SCALE, ratio=ERASING_RATIO,
                        value: float = 0.0):
   """Random erasing (Zhong et al. 2020): with probability `prob`, one box is set to `value`.
 
-  Box area fraction in `scale`, aspect (h/w) log-uniform in `ratio`; value 0 is mid-gray in
-  [-1, 1] (torchvision's default fill after normalisation). Boxes are clipped to the image.
+  Box area fraction uniform in `scale` (config augment.erasing_scale), aspect (h/w) log-uniform
+  in `ratio`, both torchvision's `RandomErasing` defaults; value 0 is mid-gray in [-1, 1]
+  (torchvision's default fill after normalisation). Boxes are clipped to the image.
   """
   if prob <= 0:
     return image
@@ -330,7 +335,23 @@ def augment_one(key, image, augment_config):
   if cfg.flip:
     image = flip_one(flip_key, image)
   image = random_rotation_one(rotate_key, image, cfg.rotation_deg)
-  return random_erasing_one(erase_key, image, cfg.erasing_prob)
+  return erase_one(erase_key, image, cfg)
+
+
+def erase_one(key, image, augment_config):
+  """Random erasing as `config.augment` sets it (erasing_prob, erasing_scale); the image itself
+  when erasing_prob is 0."""
+  if augment_config.erasing_prob <= 0:
+    return image
+  return random_erasing_one(key, image, augment_config.erasing_prob,
+                            tuple(augment_config.erasing_scale))
+
+
+def erase_batch(key, images, augment_config):
+  """`erase_one` over a batch [B, H, W, C], each image with its own key (EAC's independently
+  erased mirror view)."""
+  keys = jax.random.split(key, images.shape[0])
+  return jax.vmap(lambda k, x: erase_one(k, x, augment_config))(keys, images)
 
 
 def augment_one_with_box(key, image, box, augment_config):
@@ -364,7 +385,7 @@ def augment_one_with_box(key, image, box, augment_config):
     angle = _rotation_angle(rotate_key, cfg.rotation_deg)
     image = rotate(image, angle)
     box = _rotate_box(box, angle, h, w)
-  return random_erasing_one(erase_key, image, cfg.erasing_prob), box
+  return erase_one(erase_key, image, cfg), box
 
 
 def augment_batch(key, images, augment_config):

@@ -28,6 +28,7 @@ BEST_METRICS = ("mean_class_accuracy", "accuracy", "macro_f1")
 TTA_MODES = ("none", "flip")
 # Losses that correct for the train class prior (margins or logit offsets from the counts).
 PRIOR_LOSSES = ("logit_adjusted", "balanced_softmax", "ldam", "coupling")
+EAC_FLIP_ERASING = ("same", "independent")
 
 
 # =================================================================================================
@@ -188,6 +189,10 @@ SPEC = {
                              "of the MSE between the class activation maps of each image and "
                              "the mirrored maps of its mirror image (a second forward pass; "
                              "published 5, with augment.erasing_prob > 0); 0: off."),
+        "eac_flip_erasing": one_of("same", EAC_FLIP_ERASING,
+                                   doc="EAC: same: the mirror view is the erased image "
+                                   "mirrored (EAC's clean-label training); independent: it is "
+                                   "erased with its own box (EAC's noisy-label training)."),
         "affinity_weight": number(1.0, 0, doc="DAN head: weight of its feature-clustering "
                                   "(affinity) loss."),
         "partition_weight": number(1.0, 0, doc="DAN head: weight of its attention-head "
@@ -212,6 +217,10 @@ SPEC = {
         "rotation_deg": number(0.0, 0, 180, doc="Random rotation by an angle drawn uniformly "
                                "from -rotation_deg..rotation_deg degrees; 0: off."),
         "erasing_prob": number(0.0, 0, 1, doc="Probability of random erasing per image; 0: off."),
+        "erasing_scale": custom(pipeline.ERASING_SCALE, "(low, high) with 0 < low <= high <= 1",
+                                _crop_scale, doc="augment.erasing_prob > 0: the range of the "
+                                "erased box's share of the image area (torchvision's default; "
+                                "EAC, RUL and DAN train with (0.02, 0.25))."),
         "mixup_alpha": number(0.0, 0, doc="Mixup with Beta(alpha, alpha) mixing weights; 0: "
                               "off."),
         "face_mixup_alpha": number(0.0, 0,

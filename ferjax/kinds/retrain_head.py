@@ -33,19 +33,23 @@ batch 256, SGD with momentum 0.9).
 Weight balancing (Alshammari et al. 2022, "Long-tailed recognition via weight balancing",
 CVPR; their code's `MaxNorm_via_PGD`): stage 1 learns the whole network with a tuned, larger
 weight decay; stage 2 re-trains the classifier, class-balanced, under a per-class MaxNorm
-constraint by projected gradient descent: after every optimizer step each class's weight vector
-(the kernel column [D] of class k) is projected onto the L2 ball of radius `head.max_norm`,
-w_k <- w_k / max(1, ||w_k|| / max_norm); the bias is not constrained. The paper balances stage
-2 with a class-balanced loss; here class-balanced sampling does it (the same expected gradient
-for cross-entropy). Here:
+constraint by projected gradient descent. As in their code, the radius is relative: with
+threshold t (`head.max_norm_thresh`), r = min_k ||w_k|| + t (max_k ||w_k|| - min_k ||w_k||) over
+the class weight vectors (the kernel columns [D]) of the head stage 2 starts from, so t = 0
+clips every class to the smallest norm and t = 1 clips none at the start; every
+`head.max_norm_every` steps (by default one epoch of the train images, their code's once per
+epoch) and after the last step each column is projected onto the L2 ball of radius r,
+w_k <- w_k / max(1, ||w_k|| / r); the bias is not constrained. `head.max_norm_radius` instead
+takes r as an absolute radius (ours). The paper balances stage 2 with a class-balanced loss;
+here class-balanced sampling does it (the same expected gradient for cross-entropy). Here:
 
     ferjax train --config experiments/configs/classifier_fer2013.py --workdir runs/wb \\
         --config.optim.weight_decay=5e-3
     ferjax retrain-head --workdir runs/wb --out runs/wb_maxnorm \\
-        --config.head.max_norm=1.0 --config.head.sampler=class_balanced
+        --config.head.max_norm_thresh=0.1 --config.head.sampler=class_balanced
 
-Both the weight decay and the threshold are to be tuned on validation (their code's default
-thresholds are 0.1 and 1.0). head.max_norm=None, the default, is plain cRT.
+Both the weight decay and the threshold are to be tuned on validation (their code's thresholds
+are 0.1 in their stage-2 demo and 1.0 by default). Neither field set, the default, is plain cRT.
 """
 
 import json
@@ -102,10 +106,17 @@ SPEC = {
                      "at head.steps), SGD."),
         "momentum": number(0.9, 0, 1, hi_open=True, doc="SGD momentum."),
         "weight_decay": number(5e-4, 0, doc="Weight decay, on the kernel only."),
-        "max_norm": number(None, 0, lo_open=True, optional=True,
-                           doc="Weight balancing's MaxNorm (Alshammari et al. 2022): after every "
-                           "step each class's kernel column is projected onto the L2 ball of "
-                           "this radius; None: unconstrained (plain cRT)."),
+        "max_norm_thresh": number(None, 0, optional=True,
+                                  doc="Weight balancing's MaxNorm (Alshammari et al. 2022, "
+                                  "relative as their code): the class columns are held in the "
+                                  "L2 ball of radius min + t (max - min) of their norms at the "
+                                  "start; None: off."),
+        "max_norm_radius": number(None, 0, lo_open=True, optional=True,
+                                  doc="MaxNorm with this absolute radius instead (ours); "
+                                  "None: off."),
+        "max_norm_every": integer(None, 1, optional=True,
+                                  doc="Steps between MaxNorm projections (and after the last); "
+                                  "None: one epoch of the train images (their code's)."),
         "steps": integer(1000, 1, doc="Training steps of the head."),
         "batch_size": integer(256, 1, doc="Batch size of the head's training."),
         "eval_every": integer(100, 1, doc="Steps between validations (and the last step); the "
@@ -167,6 +178,12 @@ def default_config() -> ml_collections.ConfigDict:
 def validate_config(config) -> None:
   """Field rules (SPEC), then the rules that tie fields together; a UserError names the field."""
   configs.check_spec(config, SPEC)
+  h = config.head
+  if h.max_norm_thresh is not None:
+    check(h.max_norm_radius is None, "head.max_norm_radius", "None with head.max_norm_thresh "
+          "(one MaxNorm rule: relative or absolute)", h.max_norm_radius)
+    check(h.init == "source", "head.init", "source with head.max_norm_thresh (its radius is "
+          "relative to the starting head's class norms, all 0 from zeros)", h.init)
   s = config.synth
   if s.mode != "none":
     check(s.fill > 0, "synth.fill", f"a share > 0 with synth.mode={s.mode} (0 synthesizes "
@@ -205,16 +222,42 @@ def apply_head(head: dict, features):
   return features @ head["kernel"] + head["bias"]
 
 
-def project_max_norm(head: dict, max_norm: float | None) -> dict:
-  """`head` with each class's kernel column (kernel [D, K], column k: class k) projected onto the
-  L2 ball of radius `max_norm`: w_k / max(1, ||w_k|| / max_norm), the PGD step of weight
-  balancing's MaxNorm (Alshammari et al. 2022, `MaxNorm_via_PGD`, L2, classifier weights only;
-  the bias is unchanged). `max_norm` None: `head` unchanged. Pure, jit-friendly."""
-  if max_norm is None:
+class MaxNorm(NamedTuple):
+  """Weight balancing's MaxNorm as the train step applies it: the radius, steps between
+  projections."""
+  radius: float
+  every: int
+
+
+def max_norm(config, head: dict, train_examples: int) -> MaxNorm | None:
+  """The MaxNorm of `config.head` for a stage starting from `head` ({"kernel" [D, K], ...}) on
+  `train_examples` train images; None when neither head.max_norm_thresh nor
+  head.max_norm_radius is set. The relative radius is min + t (max - min) of the kernel's class
+  column norms (`MaxNorm_via_PGD.setPerLayerThresh`, L2); the default interval is one epoch,
+  ceil(train_examples / head.batch_size) steps."""
+  h = config.head
+  if h.max_norm_thresh is None and h.max_norm_radius is None:
+    return None
+  every = h.max_norm_every or -(-train_examples // h.batch_size)
+  if h.max_norm_radius is not None:
+    return MaxNorm(float(h.max_norm_radius), int(every))
+  norms = np.linalg.norm(np.asarray(head["kernel"], np.float64), axis=0)
+  radius = norms.min() + h.max_norm_thresh * (norms.max() - norms.min())
+  return MaxNorm(float(radius), int(every))
+
+
+def project_max_norm(head: dict, radius: float | None) -> dict:
+  """`head` with each class's kernel column (kernel [D, K], column k: class k) longer than
+  `radius` scaled onto the L2 ball of that radius, w_k * radius / ||w_k||, the PGD step of
+  weight balancing's MaxNorm (Alshammari et al. 2022, `MaxNorm_via_PGD.PGD`, L2, tau 1,
+  classifier weights only; the bias is unchanged). `radius` None: `head` unchanged. Pure,
+  jit-friendly."""
+  if radius is None:
     return head
   kernel = head["kernel"]
   norms = jnp.sqrt(jnp.sum(jnp.square(kernel), axis=0, keepdims=True))  # [1, K]
-  return {**head, "kernel": kernel / jnp.maximum(1.0, norms / max_norm)}
+  scale = jnp.where(norms > radius, radius / jnp.where(norms > 0, norms, 1.0), 1.0)
+  return {**head, "kernel": kernel * scale}
 
 
 def make_optimizer(config):

@@ -50,6 +50,15 @@ from ferjax.kinds.classifier_batches import Synthesize
 # =================================================================================================
 # The train step
 # =================================================================================================
+def eac_views(key, images, augment_config):
+  """EAC's noisy-label views of a batch augmented but not yet erased, [B, H, W, C]: (the images
+  randomly erased, their mirrors randomly erased with boxes of their own), as the reference's
+  noisy-label loader makes its second view (mirror, then its own transform)."""
+  erase_key, mirror_key = jax.random.split(key)
+  return (pipeline.erase_batch(erase_key, images, augment_config),
+          pipeline.erase_batch(mirror_key, images[:, :, ::-1, :], augment_config))
+
+
 def make_train_step(config, model, tx, class_counts, num_steps: int, mesh, *,
                     synthesize: Synthesize | None = None, jit: bool = True):
   """`train_step(state, data) -> (state, metrics)`: pure; jitted with the state donated.
@@ -68,7 +77,10 @@ def make_train_step(config, model, tx, class_counts, num_steps: int, mesh, *,
                        partition loss, from what the model sows;
     loss.eac_weight>0  + eac_weight * EAC's consistency between the class activation maps of
                        the batch and of its mirror image (a second forward pass, which also
-                       updates the BatchNorm statistics, as EAC's two passes do).
+                       updates the BatchNorm statistics, as EAC's two passes do). The mirror
+                       view is the erased image mirrored (loss.eac_flip_erasing=same, EAC's
+                       clean-label script), or the image before erasing, mirrored and then
+                       erased with its own box (independent, EAC's noisy-label script).
 
   augment.face_mixup_alpha>0 (SSFER's face mixup) replaces the per-example loss: one forward
   pass of the unmixed batch and one of its mixup (made out of place; BatchNorm statistics
@@ -88,16 +100,25 @@ def make_train_step(config, model, tx, class_counts, num_steps: int, mesh, *,
   l = config.loss
   rul, dan, eac = config.model.head == "rul", config.model.head == "dan", l.eac_weight > 0
   mutable = ["batch_stats", "aux"] if (dan or eac) else ["batch_stats"]
+  # EAC's noisy-label view: the batch is made unerased, each view then erased with its own box.
+  eac_own_box = eac and l.eac_flip_erasing == "independent" and config.augment.erasing_prob > 0
+  batch_config = config
+  if eac_own_box:
+    batch_config = config.copy_and_resolve_references()
+    batch_config.augment.erasing_prob = 0.0
 
   def train_step(state: TrainState, data: dict):
     chex.assert_rank(data["images"], 4)  # The train set on the device: uint8 rows, int32 labels.
     chex.assert_type([data["images"], data["labels"]], [jnp.uint8, jnp.int32])
     step = state.step
     batch_key, mixup_key = jax.random.split(jax.random.fold_in(train_key, step))
-    make_batch = classifier_batches.batch_maker(config, data, num_steps=num_steps,
+    make_batch = classifier_batches.batch_maker(batch_config, data, num_steps=num_steps,
                                                 synthesize=synthesize, mesh=mesh,
                                                 with_boxes=face_alpha > 0)
     images, labels, example_weights, *boxes = make_batch(batch_key, step)
+    own_mirror = None  # EAC's mirror view when it is erased on its own.
+    if eac_own_box:
+      images, own_mirror = eac_views(jax.random.fold_in(mixup_key, 2), images, config.augment)
     model_args = {}
     if face_alpha > 0:  # SSFER: the mixed batch beside the unmixed one, weighted by face IoU.
       mixed_images, partner, lam, iou = pipeline.face_mixup_pairs(mixup_key, images, boxes[0],
@@ -138,7 +159,8 @@ def make_train_step(config, model, tx, class_counts, num_steps: int, mesh, *,
       loss = losses.weighted_average(weighted, mixed_weights, weight_average)
       batch_stats, terms = updates["batch_stats"], {}
       if eac:  # The mirror images' pass; the head's kernel is held fixed in the maps.
-        _, flipped = forward(params, batch_stats, images[:, :, ::-1, :])
+        view = images[:, :, ::-1, :] if own_mirror is None else own_mirror
+        _, flipped = forward(params, batch_stats, view)
         batch_stats = flipped["batch_stats"]
         kernel = jax.lax.stop_gradient(params["head"]["kernel"])
         cams = lambda aux: losses.class_activation_maps(aux["feature_map"][0], kernel)

@@ -135,14 +135,16 @@ def make_batch(config, data: dict, key, step, synthesize=None):
   return features, labels, weights
 
 
-def make_train_step(config, prior_counts, *, synthesize=None, jit: bool = True, tx=None):
+def make_train_step(config, prior_counts, *, synthesize=None, jit: bool = True, tx=None,
+                    max_norm: kind.MaxNorm | None = None):
   """`train_step(state, data) -> (state, metrics)`: pure; jitted once with the state donated.
   `tx`: the optimizer the state was made with (`kind.make_optimizer(config)`, built if None).
 
   Loss: mean_i w_i CE(z_i + tau log pi, y_i), with pi the class prior of the batches
   (`prior_counts`) when head.loss is logit_adjusted (tau = 0 otherwise), w_i the example weights
-  (synth.weight on the synthetic slots). With head.max_norm, every step ends with weight
-  balancing's MaxNorm projection of the kernel's class columns (`kind.project_max_norm`).
+  (synth.weight on the synthetic slots). With `max_norm` (`kind.max_norm`: weight balancing),
+  every max_norm.every-th step and the last (head.steps) end with MaxNorm's projection of the
+  kernel's class columns onto the ball of radius max_norm.radius (`kind.project_max_norm`).
   """
   h = config.head
   made_tx, schedule = kind.make_optimizer(config)
@@ -165,7 +167,11 @@ def make_train_step(config, prior_counts, *, synthesize=None, jit: bool = True, 
 
     (loss, logits), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = kind.project_max_norm(optax.apply_updates(state.params, updates), h.max_norm)
+    params = optax.apply_updates(state.params, updates)
+    if max_norm is not None:
+      due = ((step + 1) % max_norm.every == 0) | (step + 1 == h.steps)
+      projected = kind.project_max_norm(params, max_norm.radius)
+      params = jax.tree.map(lambda a, b: jnp.where(due, a, b), projected, params)
     new_state = state.replace(step=step + 1, params=params, opt_state=opt_state)
     metrics = {"loss": loss, "train_accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
                "lr": schedule(step), "grad_norm": optax.tree.norm(grads)}
@@ -272,7 +278,9 @@ def _retrain(config, run, staging: pathlib.Path, stop_after) -> dict:
   # --- Loop -------------------------------------------------------------------------------------
   tx, _ = kind.make_optimizer(config)
   state = kind.init_state(config, source_head, tx)
-  train_step = make_train_step(config, feature_plan.prior_counts, synthesize=synthesize, tx=tx)
+  max_norm = kind.max_norm(config, state.params, len(train_ds))
+  train_step = make_train_step(config, feature_plan.prior_counts, synthesize=synthesize, tx=tx,
+                               max_norm=max_norm)
   best, last = None, None  # (step, head, metrics, summary)
 
   def validate_head(state):
@@ -308,6 +316,8 @@ def _retrain(config, run, staging: pathlib.Path, stop_after) -> dict:
       "last": last[2],
       "best_per_class_recall": {n: v["recall"] for n, v in best[3].get("per_class", {}).items()},
   }
+  if max_norm is not None:  # Weight balancing: the radius used and the projection interval.
+    result["max_norm"] = max_norm._asdict()
   if vae is not None:
     result["vae"] = {"first_loss": vae.first_loss, "final_loss": vae.final_loss,
                      "curve": vae.curve}

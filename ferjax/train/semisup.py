@@ -15,7 +15,9 @@ as uint8. Each step:
                     (another weak draw, then RandAugment: ferjax.data.randaugment);
   pseudo-labels     the teacher (the EMA of the student, in eval mode) on the weak views: its
                     argmax, kept where its max probability reaches the threshold: semisup.threshold
-                    (fixed), or FlexMatch's per-class threshold (`flex_thresholds`);
+                    (fixed), or FlexMatch's per-class threshold from the record of confident
+                    predictions before the batch, which the batch then updates
+                    (`flex_pseudo_labels`);
   loss              the classifier's supervised loss (loss.*, ferjax.losses) on the labelled
                     batch + semisup.unlabeled_weight * mean_u(mask_u * CE(student(strong_u),
                     pseudo_u)) (FixMatch's: averaged over the whole unlabeled batch); the student
@@ -71,8 +73,10 @@ def flex_thresholds(record, num_classes: int, threshold: float):
   Learning effect sigma_c = #{record == c}; normalised beta_c = sigma_c / max(max_c sigma_c,
   #{record == -1}) (the unused images count, FlexMatch's threshold warm-up); threshold_c =
   M(beta_c) * threshold with the convex M(x) = x / (2 - x). At the start every image is unused,
-  so every threshold is 0 and all pseudo-labels count (as in FlexMatch). Ours differs from the
-  reference only when every image holds one value: it keeps its previous thresholds, we use the
+  so every threshold is 0 and all pseudo-labels count (as in FlexMatch). The train step masks a
+  batch with the thresholds of the record from before it, then writes the batch into the record
+  (USB's `FlexMatchThresholdingHook`, TorchSSL's FlexMatch). Ours differs from the references
+  only when every image holds one value: they keep their previous thresholds, we use the
   formula."""
   counts = jnp.bincount(record + 1, length=num_classes + 1).astype(jnp.float32)
   beta = counts[1:] / jnp.maximum(jnp.max(counts), 1.0)
@@ -80,13 +84,30 @@ def flex_thresholds(record, num_classes: int, threshold: float):
 
 
 def update_record(record, index, confidence, labels, threshold: float):
-  """FlexMatch's record after a batch: pool images `index` whose confidence exceeds `threshold`
-  take their pseudo-label. An image drawn twice keeps its last draw's (deterministic)."""
-  later = jnp.triu(index[:, None] == index[None, :], k=1).any(axis=1)
-  write = (confidence > threshold) & ~later
+  """FlexMatch's record after a batch: pool images `index` whose confidence reaches `threshold`
+  (>=, as the references) take their pseudo-label. An image drawn twice keeps the label of its
+  last confident draw: the references write only the confident draws
+  (`selected_label[idx[select == 1]] = pseudo_label[select == 1]`), so an unconfident later
+  draw never erases a confident earlier one."""
+  confident = confidence >= threshold
+  same = index[:, None] == index[None, :]
+  later = jnp.triu(same & confident[None, :], k=1).any(axis=1)  # A later confident draw.
+  write = confident & ~later
   # Positions not written go to an out-of-range row, which the scatter drops.
   target = jnp.where(write, index, record.shape[0])
   return record.at[target].set(labels, mode="drop")
+
+
+def flex_pseudo_labels(teacher_logits, record, index, threshold: float):
+  """FlexMatch's step: (labels [U], mask [U], confidence [U], thresholds [K], the record after
+  the batch) of teacher logits [U, K] on pool images `index` [U]. The mask uses the thresholds
+  of the record from before the batch; the batch is written into the record afterwards (USB's
+  `FlexMatchThresholdingHook.masking`, TorchSSL's FlexMatch), so on the first step every
+  threshold is 0."""
+  thresholds = flex_thresholds(record, teacher_logits.shape[-1], threshold)
+  labels, mask, confidence = pseudo_labels(teacher_logits, thresholds)
+  new_record = update_record(record, index, confidence, labels, threshold)
+  return labels, mask, confidence, thresholds, new_record
 
 
 def pseudo_labels(teacher_logits, thresholds):
@@ -121,6 +142,10 @@ def load_data(config):
     for source in unlabeled.parse_sources(config.semisup.extra_sources, "semisup.extra_sources"):
       read = unlabeled.read_source(source, extra_data)
       rows = splits.weighted_rows(len(read), source.weight, config.seed)
+      if not len(rows):  # Before step 1: the refused run leaves no record (core.workdir).
+        raise UserError(f"config field 'semisup.extra_sources': {source} gives 0 unlabeled rows "
+                        f"({len(read)} images times weight {source.weight:g}): expected a "
+                        "weight that keeps at least one row, or leave the source out")
       more.append(read[rows])
       more_truth.append(np.full(len(rows), -1, np.int32))
     images, truth = np.concatenate(more), np.concatenate(more_truth)
@@ -176,14 +201,12 @@ def make_train_step(config, model, tx, class_counts, num_classes: int, pool_size
     teacher = {"params": state.teacher_params, "batch_stats": state.teacher_batch_stats}
     teacher_logits = jax.lax.stop_gradient(model.apply(teacher, constrain(weak), train=False)[0])
     record = state.pseudo_record
-    if flexmatch:  # The record first, then the thresholds from it (FlexMatch's order).
-      probs = jax.nn.softmax(teacher_logits.astype(jnp.float32), axis=-1)
-      record = update_record(record, index, jnp.max(probs, -1), jnp.argmax(probs, -1),
-                             s.threshold)
-      thresholds = flex_thresholds(record, num_classes, s.threshold)
+    if flexmatch:
+      pseudo, mask, confidence, thresholds, record = flex_pseudo_labels(teacher_logits, record,
+                                                                        index, s.threshold)
     else:
       thresholds = jnp.full((num_classes,), s.threshold, jnp.float32)
-    pseudo, mask, confidence = pseudo_labels(teacher_logits, thresholds)
+      pseudo, mask, confidence = pseudo_labels(teacher_logits, thresholds)
 
     def objective(params):
       both = jnp.concatenate([images, strong])
@@ -239,6 +262,15 @@ class PseudoTotals:
 
   def add(self, pseudo: dict) -> None:
     self.pending.append(pseudo)
+
+  def interval(self) -> list:
+    """The pending steps' sums as JSON (dtypes kept), saved by a stop between logging points."""
+    return [{k: {"dtype": v.dtype.name, "value": v.tolist()} for k, v in h.items()}
+            for h in jax.device_get(self.pending)]
+
+  def resume_interval(self, saved: list) -> None:
+    """Takes back what `interval()` gave: the resumed run logs the same sums."""
+    self.pending = [{k: np.asarray(v["value"], v["dtype"]) for k, v in h.items()} for h in saved]
 
   def flush(self) -> dict:
     history, self.pending = jax.device_get(self.pending), []
@@ -321,6 +353,7 @@ def train_and_evaluate(config, workdir, *, stop_after: int | None = None) -> dic
                       workdir=workdir, is_main=is_main, checkpoints=ckpt,
                       images_per_step=t.batch_size * (1 + config.semisup.ratio),  # both batches
                       validate=validate if val_ds is not None else None, log_extra=totals.flush,
+                      extra_interval=totals,
                       meta=meta, desc="train-semisup", postfix=("loss", "mask_rate"),
                       curves=(CURVE_KEYS, f"{workdir.name} (semi-supervised)"))
       best_step = ckpt.best_step() if val_ds is not None else None
