@@ -237,6 +237,51 @@ def test_every_leaf_round_trips_exactly(tiny):
   chex.assert_trees_all_equal(got, expected)
 
 
+def write_bfloat16_safetensors(path, state: dict) -> None:
+  """A .safetensors file written by hand (an 8-byte little-endian header length, the JSON header,
+  then the raw bytes), its floating-point tensors stored as bfloat16: the top two bytes of each
+  float32, as torch's `.bfloat16()` truncates exactly representable values."""
+  header, chunks, offset = {}, [], 0
+  for name, value in sorted(state.items()):
+    if value.dtype == np.float32:
+      raw = (np.ascontiguousarray(value).view(np.uint32) >> 16).astype("<u2").tobytes()
+      dtype = "BF16"
+    else:
+      raw, dtype = np.ascontiguousarray(value, "<i8").tobytes(), "I64"
+    header[name] = {"dtype": dtype, "shape": list(value.shape),
+                    "data_offsets": [offset, offset + len(raw)]}
+    chunks.append(raw)
+    offset += len(raw)
+  text = json.dumps(header).encode()
+  path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(chunks))
+
+
+def test_a_bfloat16_state_dict_imports_as_float32(tiny, tmp_path):
+  _, state = tiny
+  truncated = {k: (v.view(np.uint32) & 0xFFFF0000).view(np.float32) if v.dtype == np.float32
+               else v for k, v in state.items()}
+  path = tmp_path / "bf16.safetensors"
+  write_bfloat16_safetensors(path, state)
+  variables = iw.convert_resnet(iw.read_state_dict(path), "resnet18", channels=3, stem="standard")
+  got = flat(variables)
+  assert {v.dtype for v in got.values()} == {np.dtype(np.float32)}
+  chex.assert_trees_all_equal(got, dict(filter(None, (ferjax_leaf(k, v)
+                                                      for k, v in truncated.items()))))
+  out = tmp_path / "imported"
+  assert iw.cli_main(namespace(path, out)) == 0
+  assert (out / iw.WEIGHTS_FILE).is_file()
+
+
+def test_an_integer_weight_is_still_refused(tiny, tmp_path):
+  _, state = tiny
+  state = dict(state, **{"conv1.weight": state["conv1.weight"].astype(np.int32)})
+  path = tmp_path / "int.safetensors"
+  save_file(state, path)
+  message = one_line_error(iw.convert_resnet, iw.read_state_dict(path), "resnet18", channels=3,
+                           stem="standard")
+  assert "conv1.weight has dtype int32, expected floating point" in message
+
+
 @pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50"])
 def test_full_width_torchvision_shapes_fit(arch):
   """Every torchvision parameter at its real shape lands on a ferjax leaf of the same size."""

@@ -178,3 +178,169 @@ def test_reopening_a_run_of_the_other_kind_is_one_line(recorded, capsys):
   err = capsys.readouterr().err.strip()
   assert "holds a VAE-GAN run (ferjax train-vaegan), not a classifier run" in err
   assert len(err.splitlines()) == 1
+
+
+# --- A run is what it reads, not how its paths were spelled ---------------------------------------
+def fake_run(folder: pathlib.Path, kind="vaegan", seed=0) -> pathlib.Path:
+  """A folder with what names a run (run.json and config.json): all the workdir guard reads."""
+  folder.mkdir(parents=True)
+  (folder / "run.json").write_text(json.dumps({"kind": kind}))
+  (folder / "config.json").write_text(json.dumps({"seed": seed, "train": {"num_steps": 2}}))
+  return folder
+
+
+def linked(tree: pathlib.Path, vaegan_spelling: str):
+  """A classifier run in tree/run reading the VAE-GAN run tree/vaegan, spelled as given."""
+  fake_run(tree / "vaegan")
+  config = classifier_kind.default_config()
+  config.augment.vaegan_workdir = vaegan_spelling
+  workdir, _ = workdir_lib.open_for_training(tree / "run", config, "classifier")
+  return workdir, config
+
+
+def test_a_run_resumes_whichever_way_the_other_run_is_spelled(tmp_path, monkeypatch):
+  workdir, config = linked(tmp_path / "tree", str(tmp_path / "tree" / "vaegan"))
+  monkeypatch.chdir(tmp_path)
+  for spelling in ("tree/vaegan", "tree/../tree/vaegan/", str(tmp_path / "tree" / "vaegan")):
+    config.augment.vaegan_workdir = spelling
+    workdir_lib.open_for_training("tree/run", config, "classifier")
+  (tmp_path / "link").symlink_to(tmp_path / "tree")
+  config.augment.vaegan_workdir = "link/vaegan"
+  workdir_lib.open_for_training(workdir, config, "classifier")
+
+
+def test_a_run_recorded_with_a_relative_path_resumes_spelled_absolutely(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  workdir, config = linked(pathlib.Path("tree"), "tree/vaegan")
+  assert json.loads((workdir / "run.json").read_text())["links"] == {
+      "augment.vaegan_workdir": {"path": "../vaegan", "identity": workdir_lib.run_identity(
+          tmp_path / "tree" / "vaegan")}}
+  config.augment.vaegan_workdir = str(tmp_path / "tree" / "vaegan")
+  workdir_lib.open_for_training(tmp_path / "tree" / "run", config, "classifier")
+
+
+@pytest.mark.parametrize("how", ["moved", "copied"])
+def test_a_tree_of_runs_moved_or_copied_together_keeps_working(tmp_path, how):
+  import shutil
+  workdir, config = linked(tmp_path / "tree", str(tmp_path / "tree" / "vaegan"))
+  (shutil.move if how == "moved" else shutil.copytree)(tmp_path / "tree", tmp_path / "new")
+  before = digest(tmp_path / "new")
+  config.augment.vaegan_workdir = str(tmp_path / "new" / "vaegan")
+  workdir_lib.open_for_training(tmp_path / "new" / "run", config, "classifier")  # Resumes.
+  assert digest(tmp_path / "new") == before
+  config.train.num_steps += 10
+  workdir_lib.open_for_training(tmp_path / "new" / "run", config, "classifier")  # Extends.
+  record = json.loads((tmp_path / "new" / "run" / "run.json").read_text())
+  assert record["links"]["augment.vaegan_workdir"]["path"] == "../vaegan"
+
+
+def test_the_other_run_moved_on_its_own_is_known_by_its_identity(tmp_path):
+  workdir, config = linked(tmp_path / "tree", str(tmp_path / "tree" / "vaegan"))
+  (tmp_path / "tree" / "vaegan").rename(tmp_path / "elsewhere")
+  config.augment.vaegan_workdir = str(tmp_path / "elsewhere")
+  workdir_lib.open_for_training(workdir, config, "classifier")
+
+
+def test_another_run_in_its_place_is_refused_naming_the_field(tmp_path):
+  workdir, config = linked(tmp_path / "tree", str(tmp_path / "tree" / "vaegan"))
+  before = digest(workdir)
+  config.augment.vaegan_workdir = str(fake_run(tmp_path / "other", seed=1))
+  with pytest.raises(UserError, match=r"augment\.vaegan_workdir .*nothing was written"):
+    workdir_lib.open_for_training(workdir, config, "classifier")
+  assert digest(workdir) == before
+
+
+def test_a_run_recorded_before_links_were_recorded_compares_real_paths(tmp_path, monkeypatch):
+  workdir, config = linked(tmp_path / "tree", str(tmp_path / "tree" / "vaegan"))
+  record = json.loads((workdir / "run.json").read_text())
+  del record["links"]
+  (workdir / "run.json").write_text(json.dumps(record))
+  monkeypatch.chdir(tmp_path / "tree")
+  config.augment.vaegan_workdir = "vaegan"
+  workdir_lib.open_for_training(workdir, config, "classifier")
+  config.augment.vaegan_workdir = str(fake_run(tmp_path / "other", seed=1))
+  with pytest.raises(UserError, match=r"augment\.vaegan_workdir"):
+    workdir_lib.open_for_training(workdir, config, "classifier")
+
+
+# --- A run's data is part of the run --------------------------------------------------------------
+def faces(folder: pathlib.Path, names=("fear", "happy", "sad"), size=10) -> pathlib.Path:
+  for name in names:
+    (folder / "train" / name).mkdir(parents=True)
+    (folder / "train" / name / "0.png").write_bytes(b"x" * size)
+  return folder
+
+
+def folder_run(tmp_path):
+  config = classifier_kind.default_config()
+  config.data.update(name="folder", manual_dir=str(faces(tmp_path / "faces")))
+  workdir, _ = workdir_lib.open_for_training(tmp_path / "w", config, "classifier")
+  return workdir, config
+
+
+def test_a_folder_dataset_with_other_files_is_refused_naming_both_places(tmp_path):
+  workdir, config = folder_run(tmp_path)
+  assert json.loads((workdir / "run.json").read_text())["data"]["folder"]["files"] == 3
+  before = digest(workdir)
+  other = faces(tmp_path / "animals", ("bird", "cat", "dog"))
+  config.data.manual_dir = str(other)
+  with pytest.raises(UserError, match=rf"data\.manual_dir \('{tmp_path}/faces' -> "
+                                      rf"'{other}'\).*nothing was written"):
+    workdir_lib.open_for_training(workdir, config, "classifier")
+  config.train.num_steps += 10  # Nor as an extension.
+  with pytest.raises(UserError, match=r"data\.manual_dir"):
+    workdir_lib.open_for_training(workdir, config, "classifier")
+  assert digest(workdir) == before
+
+
+def test_a_folder_dataset_moved_with_the_same_files_resumes(tmp_path):
+  workdir, config = folder_run(tmp_path)
+  (tmp_path / "faces").rename(tmp_path / "moved")
+  config.data.manual_dir = str(tmp_path / "moved")
+  workdir_lib.open_for_training(workdir, config, "classifier")
+  (tmp_path / "moved" / "train" / "sad" / "0.png").write_bytes(b"x" * 11)  # Another size.
+  with pytest.raises(UserError, match=r"data\.manual_dir"):
+    workdir_lib.open_for_training(workdir, config, "classifier")
+
+
+def test_a_prepared_dataset_is_known_by_the_source_it_was_prepared_from(tmp_path, monkeypatch):
+  from ferjax.data import builders
+  sources = {"/a": {"manual_dir": "/raw", "files": 9, "fingerprint": "sha256:1"},
+             "/b": {"manual_dir": "/raw", "files": 9, "fingerprint": "sha256:1"},
+             "/c": {"manual_dir": "/other", "files": 7, "fingerprint": "sha256:2"}}
+  monkeypatch.setattr(builders, "prepared_source", lambda name, data_dir, size: sources[data_dir])
+  config = classifier_kind.default_config()
+  config.data.update(name="fer2013", data_dir="/a")
+  workdir, _ = workdir_lib.open_for_training(tmp_path / "w", config, "classifier")
+  config.data.data_dir = "/b"  # A copy of the same preparation.
+  workdir_lib.open_for_training(workdir, config, "classifier")
+  config.data.data_dir = "/c"
+  with pytest.raises(UserError, match=r"data\.data_dir \('/a' -> '/c'\): dataset 'fer2013' "
+                                      r"there holds 7 files, not the 9"):
+    workdir_lib.open_for_training(workdir, config, "classifier")
+
+
+def test_an_unlabeled_folder_source_moved_with_the_same_files_resumes(tmp_path):
+  from ferjax.kinds import pretrain as pretrain_kind
+  config = pretrain_kind.default_config()
+  config.data.sources = f"synthetic,folder:{faces(tmp_path / 'faces')}:2"
+  workdir, _ = workdir_lib.open_for_training(tmp_path / "w", config, "pretrain")
+  (tmp_path / "faces").rename(tmp_path / "moved")
+  config.data.sources = f"synthetic,folder:{tmp_path / 'moved'}:2"
+  workdir_lib.open_for_training(workdir, config, "pretrain")
+  config.data.sources = f"synthetic,folder:{faces(tmp_path / 'other', ('a',))}:2"
+  with pytest.raises(UserError, match=r"data\.sources"):
+    workdir_lib.open_for_training(workdir, config, "pretrain")
+  config.data.sources = f"synthetic,folder:{tmp_path / 'moved'}:3"  # Another weight.
+  with pytest.raises(UserError, match=r"data\.sources"):
+    workdir_lib.open_for_training(workdir, config, "pretrain")
+
+
+def test_a_user_error_or_crash_before_step_1_takes_the_new_record_back(tmp_path):
+  for error in (UserError("bad data"), TypeError("jax said no")):
+    workdir, _ = workdir_lib.open_for_training(tmp_path / "w", classifier_kind.default_config(),
+                                               "classifier")
+    with pytest.raises(type(error)):
+      with workdir_lib.training_lock(workdir):
+        raise error
+    assert not workdir.exists()

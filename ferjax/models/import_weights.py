@@ -257,7 +257,7 @@ def _check_names(state, names, targets, source, where) -> None:
 def _convert_leaf(value, path, name, shape, source, where) -> np.ndarray:
   """One torch array -> its ferjax layout (float32), with the shape checked."""
   value = np.asarray(value)
-  if not np.issubdtype(value.dtype, np.floating):
+  if not _is_float(value.dtype):
     raise UserError(f"{source}: {name} has dtype {value.dtype}, expected floating point")
   value, original = value.astype(np.float32), value.shape
   expected = _torch_shape(path, shape)
@@ -275,6 +275,19 @@ def _convert_leaf(value, path, name, shape, source, where) -> np.ndarray:
   if value.ndim == 4:
     return np.ascontiguousarray(value.transpose(2, 3, 1, 0))  # OIHW -> HWIO
   return np.ascontiguousarray(value.T) if value.ndim == 2 else value
+
+
+def _is_float(dtype) -> bool:
+  """Whether `dtype` is floating point: numpy's own, or one numpy knows through ml_dtypes
+  (bfloat16 and the float8 types, as safetensors hands them over)."""
+  if np.issubdtype(dtype, np.floating):
+    return True
+  import ml_dtypes
+  try:
+    ml_dtypes.finfo(dtype)
+  except (TypeError, ValueError):
+    return False
+  return True
 
 
 def _adapt_input_channels(kernel: np.ndarray, channels: int) -> np.ndarray:
@@ -407,6 +420,7 @@ def cli_main(args) -> int:
   """`ferjax import-weights FILE --arch A --out DIR [--channels 1|3] [--stem S]
   [--num-classes K]`: converts, writes DIR, prints one summary line."""
   out = pathlib.Path(args.out)
+  writing.refuse_clobbering(out, inputs=[args.file], what="--out", folder=True)
   _refuse_existing(out)
   channels = getattr(args, "channels", 3)
   stem = getattr(args, "stem", "standard")

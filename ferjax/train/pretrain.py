@@ -38,6 +38,7 @@ import optax
 from ferjax import configs, plots, writing
 from ferjax.core import checkpoint, loop, parallel
 from ferjax.data import pipeline, unlabeled
+from ferjax.errors import UserError
 from ferjax.kinds import pretrain as kind
 from ferjax.kinds.pretrain import TrainState
 from ferjax.models import mae, vit
@@ -155,6 +156,22 @@ def save_grid(eval_step, params, images: np.ndarray, batch_size: int, mesh, key,
 # ================================================================================================
 # The run
 # ================================================================================================
+def check_pool(pool, data) -> None:
+  """Refuses, in one line naming data.sources, a pool a run cannot train on: a source whose
+  weight leaves it no train row (a small weight times few images rounds to none). Called before
+  step 1, so the refused run leaves no record behind (ferjax.core.workdir)."""
+  for source in unlabeled.parse_sources(data.sources):
+    n, held = pool.counts[str(source)]
+    whole = int(source.weight)
+    rows = whole * n + int(round((source.weight - whole) * n))
+    if rows == 0:
+      raise UserError(f"config field 'data.sources': {source} gives 0 train rows ({n} images "
+                      f"after {held} held out, times weight {source.weight:g}): expected a "
+                      "weight that keeps at least one row, or leave the source out")
+  if not len(pool.train):
+    raise UserError("config field 'data.sources': 0 train rows to pre-train on")
+
+
 def train_and_evaluate(config, workdir, *, stop_after: int | None = None) -> dict:
   """Pre-trains (or resumes from the latest checkpoint in `workdir`); returns a summary dict.
   `stop_after`: see ferjax.core.loop.Schedule."""
@@ -165,6 +182,7 @@ def train_and_evaluate(config, workdir, *, stop_after: int | None = None) -> dic
     mesh = parallel.make_mesh(t.num_devices)
     parallel.check_batch_size(t.batch_size, mesh, "train.batch_size")
     pool = unlabeled.load_pool(config.data, config.seed)
+    check_pool(pool, config.data)
     models = kind.build_models(config)
     state = kind.init_state(config, models, mesh)
     images = parallel.put_rows(pool.train, mesh)
