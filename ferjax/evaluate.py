@@ -56,7 +56,7 @@ from ferjax.core import parallel
 from ferjax.core import workdir as workdir_lib
 from ferjax.data import labels as fer_labels
 from ferjax.data import pipeline, splits
-from ferjax.data.loading import DATASET_NAMES
+from ferjax.data.loading import DATASET_NAMES, check_split_name
 from ferjax.errors import UserError
 from ferjax.kinds import classifier as classifier_kind
 from ferjax.kinds.classifier import TTA_MODES
@@ -258,6 +258,7 @@ def load_other_dataset(config, dataset: str, split: str, *, data_dir=None, manua
 def load_target(config, split: str, dataset=None, *, data_dir=None, manual_dir=None):
   """(the Dataset to score, whether it is another dataset than the run's own): `split` of the
   run's data as it trained (`load_eval_split`), or of `dataset` with every class it has."""
+  check_split_name(split, "--split")
   if dataset is None or is_own_dataset(config, dataset, data_dir, manual_dir):
     return load_eval_split(config, split), False
   if dataset not in DATASET_NAMES:
@@ -349,6 +350,7 @@ def evaluate_run(workdir, split: str = "test", *, checkpoint="best", tta: str | 
   `manual_dir` locate it (default: the run's data dir; `manual_dir` for a `folder` dataset).
   """
   workdir = pathlib.Path(workdir)
+  check_split_name(split, "--split")  # A name, never a path: it names the output files too.
   if not np.isfinite(logit_adjust):
     raise UserError(f"--logit-adjust: expected a finite number, got {logit_adjust}")
   if not (np.isfinite(tau_norm) and tau_norm >= 0):
@@ -417,7 +419,8 @@ def evaluate_run(workdir, split: str = "test", *, checkpoint="best", tta: str | 
 FEATURES_FORMAT_VERSION = 1
 
 
-def write_features(path, dataset, features, logits, run, split: str) -> None:
+def write_features(path, dataset, features, logits, run, split: str, *,
+                   new: bool = False) -> None:
   """Penultimate features of a dataset as one .npz file (read with np.load, no pickle):
 
     features float32 [N, D]; logits float32 [N, K_model] (after any post-hoc adjustment);
@@ -425,9 +428,11 @@ def write_features(path, dataset, features, logits, run, split: str) -> None:
     model_class_names str [K_model]; path str [N] (the source file where the dataset keeps it,
     else '<dataset>/<split>/<index>'); index int64 [N] (position in the split as loaded);
     subject, fold int32 [N] (-1 where the dataset has none: CK+ has both);
-    dataset, split, workdir str; step, format_version int.
+    dataset, split, workdir str (the run's resolved path: with step, the run that wrote the
+    file); step, format_version int.
 
-  `ferjax probe` reads this format."""
+  `ferjax probe` reads this format. With `new`, `path` must not exist (see
+  ferjax.writing.write_new); otherwise it is replaced atomically."""
   n = len(dataset)
   extras = dataset.extras
   index = np.asarray(extras.get("index", np.arange(n)), np.int64)
@@ -439,11 +444,15 @@ def write_features(path, dataset, features, logits, run, split: str) -> None:
                 class_names=np.asarray(fer_labels.canonical_names(dataset.class_names), dtype=str),
                 model_class_names=np.asarray(run.class_names, dtype=str), path=names, index=index,
                 **ids, dataset=np.asarray(dataset.name), split=np.asarray(split),
-                workdir=np.asarray(str(run.workdir)), step=np.asarray(run.step),
+                workdir=np.asarray(str(pathlib.Path(run.workdir).resolve())),
+                step=np.asarray(run.step),
                 format_version=np.asarray(FEATURES_FORMAT_VERSION))
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
-  writing.write_atomic(path, buffer.getvalue())
+  if new:
+    writing.write_new(path, buffer.getvalue(), "--out")
+  else:
+    writing.write_atomic(path, buffer.getvalue())
 
 
 def cli_main(args) -> int:

@@ -17,11 +17,11 @@ A model written by `ferjax export` is opened with ferjax.export.load_exported.
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from ferjax import losses
 from ferjax.data import images as images_lib
 from ferjax.data import pipeline
+from ferjax.data.reading import UnsupportedImage
 from ferjax.errors import UserError
 from ferjax.kinds.classifier import TTA_MODES
 
@@ -124,39 +124,31 @@ def from_model(model, variables, *, class_names, image_size: int, channels: int,
 
 # --- Crops ---------------------------------------------------------------------------------------
 def _to_8bit(image) -> np.ndarray:
-  """One image array (HxW, or HxWxC with 1, 3 or 4 channels; uint8, uint16 or integer) as
-  uint8 [H, W, 1] (gray) or [H, W, 3] (colour; alpha dropped), as training images were read."""
+  """One image array (HxW, or HxWxC with 1, 3 or 4 channels) as uint8 [H, W, 1] (gray) or
+  [H, W, 3] (colour; alpha dropped), as training images were read: values by the rule of
+  `ferjax.data.images.to_uint8` (uint8, bool, 16-bit, floats in 0..1 or 0..255; anything else
+  is an UnsupportedImage error, a ValueError)."""
   array = np.asarray(image)
   if array.ndim == 3 and array.shape[-1] == 1:
     array = array[..., 0]
   if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
     raise ValueError(f"expected an HxW or HxWxC (C = 1, 3 or 4) image, got shape {array.shape}")
-  if array.dtype.kind not in "biu":
-    raise ValueError(f"expected an integer image (uint8, uint16), got {array.dtype}")
   if array.ndim == 3:
     array = array[..., :3]  # RGBA -> RGB drops alpha, as PIL's convert("RGB").
-    if array.dtype != np.uint8:  # Each channel as 8 bits, the way to_8bit scales gray.
-      array = np.stack([_gray_8bit(array[..., c]) for c in range(3)], axis=-1)
-    return array
-  return _gray_8bit(array)[..., None]
-
-
-def _gray_8bit(array: np.ndarray) -> np.ndarray:
-  if array.dtype == np.uint8:
-    return array
-  if array.dtype == bool:
-    return array.astype(np.uint8) * 255
-  if array.dtype != np.uint16:
-    array = array.astype(np.int32)  # PIL mode "I": 8-bit values kept, wider ones scaled.
-  return np.asarray(images_lib.to_8bit(Image.fromarray(array)))
+  array = images_lib.to_uint8(array)
+  return array if array.ndim == 3 else array[..., None]
 
 
 def prepare_crops(images, image_size: int, channels: int) -> np.ndarray:
-  """Face crops of any size and kind (HxW or HxWxC with 1/3/4 channels, 8 or 16 bits) ->
-  uint8 [N, image_size, image_size, channels]: resized bilinear, then gray (ITU-R 601 luma, as
-  PIL's "L") or RGB, exactly as the training data was converted."""
+  """Face crops of any size and kind (HxW or HxWxC with 1/3/4 channels; 8 or 16 bits, floats in
+  0..1 or 0..255, bool) -> uint8 [N, image_size, image_size, channels]: resized bilinear, then
+  gray (ITU-R 601 luma, as PIL's "L") or RGB, exactly as the training data was converted."""
   crops = np.empty((len(images), image_size, image_size, channels), np.uint8)
   for i, image in enumerate(images):
-    crops[i] = images_lib.convert_images(_to_8bit(image)[None], image_size=image_size,
+    try:
+      crop = _to_8bit(image)
+    except UnsupportedImage as e:
+      raise UnsupportedImage(e.reason, f"image {i}") from None
+    crops[i] = images_lib.convert_images(crop[None], image_size=image_size,
                                          channels=channels)[0]
   return crops

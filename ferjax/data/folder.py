@@ -1,16 +1,20 @@
-"""Image-folder datasets: `<root>/<split>/<class>/*.png|jpg`, e.g. `ferjax synthesize` output.
+"""Image-folder datasets: `<root>/<split>/<class>/*.png|jpg|tif`, e.g. `ferjax synthesize` output.
 
     ferjax.data.load("folder", "train", manual_dir="runs/synthetic_faces")
 
 Class order comes from `<root>/classes.txt` (one name per line, UTF-8) when present, else from
-the sorted class folder names. Read straight into memory with Pillow: meant for sets of up to a
-few hundred thousand small images; large real datasets have their own prepared builders.
+the sorted class folder names; a class listed twice (or two names of one canonical class, e.g.
+`happy` and `happiness`) is refused. The split is a plain name, never a path
+(`reading.check_split_name`). Image values are read by the one rule of `images.to_uint8`
+(16-bit scaled, floats in 0..1 or 0..255); values it refuses are a UserError naming the file.
+Read straight into memory with Pillow: meant for sets of up to a few hundred thousand small
+images; large real datasets have their own prepared builders.
 
 Entries named like images that are not regular files (a FIFO would block the reader forever)
 are skipped, counted in one `ferjax: warning:` line. A class without images is loaded as one
 with no examples (the trainer refuses it, naming the class; evaluation reports its zero
-support). An unreadable folder or image, a class folder name that is not UTF-8, and an image over Pillow's
-decompression-bomb limit are one-line UserErrors.
+support). An unreadable folder or image, a class folder name that is not UTF-8, and an image
+over Pillow's decompression-bomb limit are one-line UserErrors.
 """
 
 import pathlib
@@ -18,12 +22,13 @@ import pathlib
 import numpy as np
 from PIL import Image
 
-from ferjax.data import reading
+from ferjax.data import labels, reading
+from ferjax.data.reading import check_split_name
 from ferjax.data.dataset import Dataset
 from ferjax.data.images import to_8bit
 from ferjax.errors import UserError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 def check_class_name(name, where) -> str:
@@ -40,6 +45,8 @@ def check_class_name(name, where) -> str:
 
 
 def class_names(root: pathlib.Path, split_dir: pathlib.Path) -> tuple[str, ...]:
+  """The class names of `classes.txt`, else of the class folders: each a valid folder name, no
+  two the same class (by canonical name: `happy` and `Happiness` are one class)."""
   listed = root / "classes.txt"
   if reading.is_regular(listed):
     try:
@@ -48,9 +55,11 @@ def class_names(root: pathlib.Path, split_dir: pathlib.Path) -> tuple[str, ...]:
       raise reading.io_error(e, "read the class list") from None
     if not names:
       raise UserError(f"{reading.shown(listed)}: expected one class name per line, found none")
-    return tuple(check_class_name(n, listed) for n in names)
-  return tuple(check_class_name(p.name, p) for p in reading.list_dir(split_dir)
-               if p.is_dir() and not p.name.startswith("."))
+    names = tuple(check_class_name(n, listed) for n in names)
+    return labels.check_distinct(names, f"{reading.shown(listed)}: class")
+  names = tuple(check_class_name(p.name, p) for p in reading.list_dir(split_dir)
+                if p.is_dir() and not p.name.startswith("."))
+  return labels.check_distinct(names, f"{reading.shown(split_dir)}: class folder")
 
 
 def load(root, split: str) -> Dataset:
@@ -58,6 +67,7 @@ def load(root, split: str) -> Dataset:
   if root is None:
     raise UserError("dataset 'folder': pass manual_dir (config field data.manual_dir), the "
                     "folder holding <split>/<class>/*.png")
+  check_split_name(split)
   root = pathlib.Path(root).expanduser()
   split_dir = root / split
   if not split_dir.is_dir():

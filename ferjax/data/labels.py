@@ -17,6 +17,8 @@ comma-separated list, applied by `select_classes` when a split is loaded:
 
 Names on the right are matched by canonical name, so "-disgust" works on every dataset and
 "anger" finds FER-2013's `angry`. With `data.classes` set, kept classes carry canonical names.
+A class named or used twice (by canonical name: "happy,happiness"), or a spec that leaves fewer
+than two classes, is refused: a model of one class learns nothing and scores perfectly.
 """
 
 import numpy as np
@@ -50,7 +52,8 @@ def canonical_names(class_names) -> tuple[str, ...]:
 
 def parse_classes(spec: str, field: str = "data.classes") -> list[tuple[str, tuple[str, ...]]]:
   """[(new class name, (canonical source names, ...)), ...] of a keep/merge spec, or
-  [("-", (dropped, ...))] for a drop spec. A UserError naming `field` when malformed."""
+  [("-", (dropped, ...))] for a drop spec. A UserError naming `field` when malformed: a class
+  named or used twice (by canonical name), or a keep/merge list of fewer than two classes."""
   entries = [e.strip() for e in str(spec).split(",") if e.strip()]
   example = "e.g. '-disgust' or 'anger,happy,sad' or 'happy,negative=anger+fear+sad'"
   if not entries:
@@ -61,8 +64,14 @@ def parse_classes(spec: str, field: str = "data.classes") -> list[tuple[str, tup
     raise UserError(f"{field}: mixes dropped ('-name') and kept classes in {spec!r}: give either "
                     f"the classes to drop or the classes to keep ({example})")
   if drops:
-    return [("-", tuple(canonical(e[1:]) for e in drops))]
-  parsed = []
+    dropped = tuple(canonical(e[1:]) for e in drops)
+    for k, name in enumerate(dropped):
+      if not name:
+        raise UserError(f"{field}: entry {drops[k]!r} has an empty name ({example})")
+      if name in dropped[:k]:
+        raise UserError(f"{field}: class {name!r} is named twice in {spec!r}")
+    return [("-", dropped)]
+  parsed, used = [], []
   for entry in entries:
     new, merge, sources = entry.partition("=")
     if merge:  # new=a+b+c
@@ -72,8 +81,33 @@ def parse_classes(spec: str, field: str = "data.classes") -> list[tuple[str, tup
       name, sources = canonical(new), (canonical(new),)
     if not name or not sources:
       raise UserError(f"{field}: entry {entry!r} has an empty name ({example})")
+    if canonical(name) in (canonical(n) for n, _ in parsed):
+      raise UserError(f"{field}: class {name!r} is named twice in {spec!r}")
+    for source in sources:
+      if source in used:
+        raise UserError(f"{field}: class {source!r} is used twice in {spec!r}")
+      used.append(source)
     parsed.append((name, sources))
+  if len(parsed) < 2:
+    raise UserError(f"{field}: {spec!r} leaves one class ({parsed[0][0]!r}): expected at least "
+                    f"two classes to tell apart ({example})")
   return parsed
+
+
+def check_distinct(class_names, where: str) -> tuple[str, ...]:
+  """`class_names` as a tuple when no two are the same class by canonical name (`happy`,
+  `Happy` and `happiness` are one class); else a one-line UserError starting with `where`
+  (e.g. "<file>: class") that names both."""
+  seen = {}
+  for name in class_names:
+    key = canonical(name)
+    if key in seen:
+      first = seen[key]
+      what = ("is listed twice" if first == name
+              else f"and {first!r} are the same class ({key!r})")
+      raise UserError(f"{where} {name!r} {what}: expected each class once")
+    seen[key] = name
+  return tuple(class_names)
 
 
 def class_mapping(class_names, spec: str, field: str = "data.classes", where: str = ""):
@@ -95,20 +129,18 @@ def class_mapping(class_names, spec: str, field: str = "data.classes", where: st
     kept = [k for k in range(len(old)) if k not in dropped]
     if not kept:
       raise UserError(f"{field}: {spec!r} drops every class of the dataset{where}")
+    if len(kept) < 2:
+      raise UserError(f"{field}: {spec!r} leaves one class of the dataset{where} "
+                      f"({old[kept[0]]!r}): expected at least two classes to tell apart")
     mapping = np.full(len(old), -1, np.int32)
     mapping[kept] = np.arange(len(kept))
     return tuple(old[k] for k in kept), mapping
   mapping = np.full(len(old), -1, np.int32)
   names = []
-  for new_label, (name, sources) in enumerate(parsed):
-    if name in names:
-      raise UserError(f"{field}: class {name!r} is named twice in {spec!r}")
+  for new_label, (name, sources) in enumerate(parsed):  # Distinct: parse_classes checks.
     names.append(name)
     for source in sources:
-      k = index(source)
-      if mapping[k] >= 0:
-        raise UserError(f"{field}: class {source!r} is used twice in {spec!r}")
-      mapping[k] = new_label
+      mapping[index(source)] = new_label
   return tuple(names), mapping
 
 

@@ -1,7 +1,9 @@
-"""`ferjax.data.load`: one entry point for every dataset ferjax knows."""
+"""`ferjax.data.load`: one entry point for every dataset ferjax knows, and the one check of a
+split name given by a user (`check_split_name`)."""
 
 from ferjax.data.dataset import Dataset
 from ferjax.data.images import convert
+from ferjax.data.reading import check_split_name
 from ferjax.errors import UserError
 
 DATASET_NAMES = ("synthetic", "fer2013", "ferplus", "rafdb", "affectnet", "affectnet8", "ckplus",
@@ -9,8 +11,6 @@ DATASET_NAMES = ("synthetic", "fer2013", "ferplus", "rafdb", "affectnet", "affec
 # Too big for host memory at full size: `load` leaves their images on disk (LazyImages), the
 # trainers read them in chunks straight onto the devices; `ferjax data stats` streams them.
 STREAMED = ("affectnet", "affectnet8")
-
-
 def load(name: str, split: str, *, data_dir=None, manual_dir=None, image_size=None,
          channels=None, lazy: bool | None = None, **options) -> Dataset:
   """Loads split `split` of dataset `name` into host memory.
@@ -25,6 +25,7 @@ def load(name: str, split: str, *, data_dir=None, manual_dir=None, image_size=No
   """
   if name not in DATASET_NAMES:
     raise UserError(f"unknown dataset {name!r}: expected one of {', '.join(DATASET_NAMES)}")
+  check_split_name(split)
   if channels not in (None, 1, 3):
     raise UserError(f"channels: expected 1 or 3, got {channels!r}")
   if image_size is not None and not 8 <= int(image_size) <= 1024:

@@ -11,6 +11,7 @@ import codecs
 import contextlib
 import csv
 import errno
+import re
 import stat
 import sys
 import warnings
@@ -25,6 +26,16 @@ from ferjax.errors import UserError
 # MAX_IMAGE_PIXELS; `strict_images` turns the warning into an error too (no face is that big).
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
                 Image.DecompressionBombWarning)
+
+
+class UnsupportedImage(UserError, ValueError):
+  """Image values whose range ferjax does not understand (NaN, negative, floats over 255, ...):
+  a ValueError, so readers that skip undecodable files skip it too, and a UserError elsewhere.
+  `reason` is the message without the file name."""
+
+  def __init__(self, reason: str, name: str = ""):
+    super().__init__(f"{name}: {reason}" if name else reason)
+    self.reason = reason
 
 
 def shown(path) -> str:
@@ -54,6 +65,8 @@ def strict_images():
 
 def image_reason(error: BaseException) -> str:
   """A short reason for an image that cannot be read, for messages."""
+  if isinstance(error, UnsupportedImage):
+    return error.reason
   if isinstance(error, Image.UnidentifiedImageError):
     return "not an image PIL can read"
   if isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
@@ -163,3 +176,17 @@ def io_error(error: OSError, action: str, hint: str = "") -> UserError:
   if error.errno == errno.ENOSPC:
     reason = "no space left on device"
   return UserError(f"cannot {action}{where}: {reason}{': ' + hint if hint else ''}")
+
+
+# A split is a name, never a path: it becomes a folder name (`folder` datasets) and part of
+# output file names (`eval_<split>.json`).
+SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def check_split_name(split, field: str = "split") -> str:
+  """`split` when it is a plain name (a letter or digit, then letters, digits, '_', '.', '-';
+  no '..'); else a one-line UserError naming `field`, before anything is read."""
+  if not isinstance(split, str) or not SPLIT_NAME.fullmatch(split) or ".." in split:
+    raise UserError(f"{field}: expected a split name such as 'train', 'validation' or 'test' "
+                    f"(letters, digits, '_', '.', '-'; no path), got {split!r}")
+  return split

@@ -21,7 +21,7 @@ import numpy as np
 from ferjax.data import dataset as dataset_lib
 from ferjax.data import labels
 from ferjax.data.dataset import Dataset
-from ferjax.data.loading import DATASET_NAMES, load
+from ferjax.data.loading import DATASET_NAMES, check_split_name, load
 from ferjax.errors import UserError
 
 
@@ -47,7 +47,7 @@ def load_split(data, split: str, *, train: bool, limit: int | None = None) -> Da
   hold-out); the synthetic set's train split carries its generator's noise, its true labels in
   extras["clean_label"].
   """
-  split = fold_split(data, split)
+  split = fold_split(data, check_split_name(split))
   lt = data.get("imbalance_ratio") if train else None
   if train and limit is None:
     limit = data.get("num_examples")
@@ -75,7 +75,21 @@ def load_split(data, split: str, *, train: bool, limit: int | None = None) -> Da
     ds = ds.take(first)
   if len(ds) == 0:
     raise UserError(f"dataset {data.name!r} split {split!r} holds no images")
+  if train:
+    check_two_classes(ds, f"dataset {data.name!r} split {split!r}")
   return ds
+
+
+def check_two_classes(ds: Dataset, what: str) -> None:
+  """Refuses a train set with images of fewer than two classes: a model of one class always
+  scores perfectly and learns nothing."""
+  present = [ds.class_names[k] for k in np.unique(np.asarray(ds.labels)) if k >= 0]
+  if len(present) < 2:
+    classes = f"only class {present[0]!r}" if present else "no class"
+    empty = [repr(n) for n in ds.class_names if n not in present]
+    none = f" (none of {', '.join(empty)})" if empty else ""
+    raise UserError(f"{what}: has images of {classes}{none}: expected images of at least two "
+                    f"classes to train on")
 
 
 def select_classes(ds: Dataset, spec: str) -> tuple[Dataset, str]:
@@ -232,6 +246,7 @@ def has_split(data, split: str) -> bool:
   if data.name == "synthetic":
     from ferjax.data.synthetic import SPLITS
     return split in SPLITS
+  check_split_name(split)
   if data.name == "folder":
     return data.manual_dir is not None and (pathlib.Path(data.manual_dir).expanduser()
                                             / split).is_dir()
@@ -321,6 +336,9 @@ def load_splits(data, seed: int, *, with_pool: bool = False):
   (train, validation, pool): the rest of train, the unlabeled pool of a semi-supervised run
   (None without a label fraction below 1). Its `labels` are the hidden true labels (clean ones
   under label noise), for diagnostics only: a trainer must not learn from them."""
+  check_split_name(data.get("split", "train"), "data.split")
+  if data.get("val_split") is not None:
+    check_split_name(data.val_split, "data.val_split")
   if data.name == "joint":
     return (*load_joint(data, seed), None) if with_pool else load_joint(data, seed)
   train = load_split(data, data.get("split", "train"), train=True)

@@ -17,8 +17,10 @@ commas. A source of weight w has each of its images drawn w times as often as a 
 
 Every image is converted to the run's size and channels: a folder's files (any format Pillow
 opens, any size) are centre-cropped to a square, resized bilinearly and converted to gray or RGB;
-hidden files and folders (a leading '.') are left out. A file that cannot be decoded is skipped:
-the skipped files of a folder are counted in one `ferjax: warning:` line. A folder without a
+hidden files and folders (a leading '.') are left out. Values are read by the one rule of
+`ferjax.data.images.to_uint8` (16-bit scaled, floats in 0..1 or 0..255). A file that cannot be
+decoded, or whose values that rule refuses (NaN, negative, floats over 255), is skipped: the
+skipped files of a folder are counted in one `ferjax: warning:` line. A folder without a
 single readable image is a one-line UserError naming it.
 
 Validation: a seeded `data.val_fraction` of each source's distinct images (before weighting) is
