@@ -6,13 +6,15 @@
 The metrics (class consistency, Frechet distance and diversity of the judge's features) are
 ferjax.augment.quality's; this command also trains the judge's recipe on synthetic faces only
 for the classification accuracy score (CAS), so it sits above the trainers. Writes
-`<out>/synthetic_quality.json` and `<out>/synthetic_quality.md`.
+`<out>/synthetic_quality.json` and `<out>/synthetic_quality.md` (and the CAS classifier's run,
+`<out>/cas_classifier`). `--out` may not lie inside either run or the judge's image folder, and
+must be new, empty or an earlier evaluate-synthetic output; it is locked while written.
 """
 
 import json
 import pathlib
 
-from ferjax import evaluate, runs
+from ferjax import evaluate, runs, writing
 from ferjax.augment import quality, synthesis
 from ferjax.core import workdir as workdir_lib
 from ferjax.data import Dataset, splits
@@ -21,15 +23,29 @@ from ferjax.kinds import classifier as classifier_kind
 from ferjax.train import classifier
 
 
+OUT_FILES = ("synthetic_quality.json", "synthetic_quality.md", "cas_classifier")
+
+
 def evaluate_synthetic(vaegan_workdir, classifier_workdir, out, *, per_class: int = 200,
                        cas_steps=None, seed: int = 0, decode=None) -> dict:
   out = workdir_lib.check_writable(out, "--out")
+  writing.refuse_clobbering(out, input_dirs=[vaegan_workdir, classifier_workdir], what="--out",
+                            folder=True)
+  writing.refuse_foreign_folder(out, "evaluate-synthetic", owned=lambda name: name in OUT_FILES)
   judge = runs.open_classifier(classifier_workdir, "best")
-  config, mesh = judge.config, judge.mesh
+  config = judge.config
   if config.augment.get("vaegan_workdir"):
     raise UserError(f"--classifier {classifier_workdir}: trained with semantic augmentation; the "
                     "judge must be trained on real images only")
-  out.mkdir(parents=True, exist_ok=True)
+  writing.refuse_clobbering(out, input_dirs=[config.data.get("manual_dir")], what="--out")
+  with writing.output_folder(out, "evaluate-synthetic", owned=lambda name: name in OUT_FILES):
+    return _evaluate(judge, vaegan_workdir, classifier_workdir, out, per_class=per_class,
+                     cas_steps=cas_steps, seed=seed, decode=decode)
+
+
+def _evaluate(judge, vaegan_workdir, classifier_workdir, out, *, per_class, cas_steps, seed,
+              decode) -> dict:
+  config, mesh = judge.config, judge.mesh
   predict = lambda images: evaluate.predict_logits(
       judge.model, judge.variables, images, tta="none", mesh=mesh,
       batch_size=evaluate.eval_batch_size(config, mesh), return_features=True)
@@ -71,7 +87,8 @@ def evaluate_synthetic(vaegan_workdir, classifier_workdir, out, *, per_class: in
                                         train_counts=judge.train_counts, mesh=mesh)
     result["cas"] = {k: cas_test[k] for k in ("accuracy", "mean_class_accuracy", "macro_f1")}
     result["cas"].update(steps=steps, best_step=summary["best_step"],
-                         per_class_recall={n: v["recall"] for n, v in cas_test["per_class"].items()})
+                         per_class_recall={n: v["recall"]
+                                           for n, v in cas_test["per_class"].items()})
   (out / "synthetic_quality.json").write_text(json.dumps(result, indent=2) + "\n")
   (out / "synthetic_quality.md").write_text(quality.markdown(result))
   return result

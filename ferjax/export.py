@@ -5,9 +5,15 @@
 writes one file that runs without the run's config, checkpoints or orbax: the line
 `ferjax-exported-model`, the length of a JSON header as a decimal line, the header (format and
 version, class_names, image_size, channels, prior_counts, source run and step, jax version,
-the model's size and sha256) and the model, serialised with `jax.export`: uint8 crops
-[batch, S, S, C] (batch symbolic), flip (bool) and tau (float32) -> probabilities [batch, K],
-weights baked in, lowered for cpu, cuda and tpu.
+the model's size and sha256, and a sha256 of the header and the model together) and the model,
+serialised with `jax.export`: uint8 crops [batch, S, S, C] (batch symbolic), flip (bool) and
+tau (float32) -> probabilities [batch, K], weights baked in, lowered for cpu, cuda and tpu.
+
+Loading checks the whole file against its checksum (format 2; format 1 files, written before the
+header was covered, have only the model's) and the header against the model itself: image size,
+channels and the number of class names must be those of the serialised function's input and
+output shapes. The file is published with a hard link, so an existing file is never replaced,
+even by two exports racing to one path.
 """
 
 import functools
@@ -27,7 +33,8 @@ from ferjax.errors import UserError
 # --- Writing an export --------------------------------------------------------------------------
 MAGIC = b"ferjax-exported-model\n"
 FORMAT = "ferjax-exported-model"
-FORMAT_VERSION = 1  # The newest format this ferjax reads and the one it writes.
+FORMAT_VERSION = 2  # The newest format this ferjax reads and the one it writes.
+CHECKSUM_FROM = 2  # The first format whose "checksum" covers the header and the model.
 PLATFORMS = ("cpu", "cuda", "tpu")
 
 
@@ -53,6 +60,7 @@ def export_run(workdir, out, checkpoint="best") -> dict:
   if out.exists() or out.is_symlink():
     raise UserError(f"--out {reading.shown(out)}: already exists; choose another name (an export "
                     "never overwrites a file)")
+  writing.refuse_clobbering(out, input_dirs=[workdir], what="--out")
   workdir_lib.check_writable(out.parent, "--out")
   run = runs.open_classifier(workdir, str(checkpoint), mesh=parallel.make_mesh(1))
   image_size, channels = int(run.config.data.image_size), int(run.config.data.channels)
@@ -70,8 +78,16 @@ def export_run(workdir, out, checkpoint="best") -> dict:
       "ferjax_version": ferjax.__version__,
       "model_bytes": len(payload), "model_sha256": hashlib.sha256(payload).hexdigest(),
   }
-  writing.write_atomic(out, _pack(header, payload))
+  header["checksum"] = checksum(header, payload)
+  writing.write_new(out, _pack(header, payload), "--out")
   return header
+
+
+def checksum(header: dict, payload: bytes) -> str:
+  """sha256 of the header (less its "checksum", as sorted compact JSON) and the model."""
+  fields = {k: v for k, v in header.items() if k != "checksum"}
+  text = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+  return hashlib.sha256(text + b"\n" + payload).hexdigest()
 
 
 def _pack(header: dict, payload: bytes) -> bytes:
@@ -119,6 +135,9 @@ def read_exported(path) -> tuple[dict, bytes]:
                     f"{header['model_bytes']} bytes): export it again")
   if hashlib.sha256(payload).hexdigest() != header["model_sha256"]:
     raise UserError(f"{shown}: damaged ferjax export (model checksum differs): export it again")
+  if version >= CHECKSUM_FROM and header.get("checksum") != checksum(header, payload):
+    raise UserError(f"{shown}: damaged or edited ferjax export (the checksum of its header and "
+                    "model differs): export it again")
   return header, payload
 
 
@@ -149,6 +168,7 @@ def load_exported(path) -> inference.Predictor:
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
     raise UserError(f"{shown}: this jax {jax.__version__} cannot load a model exported with jax "
                     f"{made_with} ({reason})") from None
+  _check_signature(exported, header, shown)
   backend = jax.default_backend()
   if not any(p == backend or (backend == "gpu" and p in ("cuda", "rocm"))
              for p in exported.platforms):
@@ -156,11 +176,42 @@ def load_exported(path) -> inference.Predictor:
                     f"machine's {backend}")
   call, device = jax.jit(exported.call), jax.devices()[0]
   source = header.get("source", {})
-  return inference.Predictor(lambda batch, flip, tau: call(jax.device_put(batch, device), flip, tau),
-                   class_names=header["class_names"], image_size=header["image_size"],
-                   channels=header["channels"], prior_counts=header["prior_counts"],
-                   source=f"{shown} (exported from {source.get('workdir', '?')}, step "
-                          f"{source.get('step', '?')})")
+  run = lambda batch, flip, tau: call(jax.device_put(batch, device), flip, tau)
+  return inference.Predictor(run, class_names=header["class_names"],
+                             image_size=header["image_size"], channels=header["channels"],
+                             prior_counts=header["prior_counts"],
+                             source=f"{shown} (exported from {source.get('workdir', '?')}, step "
+                                    f"{source.get('step', '?')})")
+
+
+def _check_signature(exported, header: dict, shown: str) -> None:
+  """The header's image size, channels and class count against the serialised function's input
+  and output shapes: one line naming the file when they differ (an edited header)."""
+  try:
+    crops, flip, tau = exported.in_avals
+    probs, = exported.out_avals
+    size, width, channels = (int(d) for d in crops.shape[1:])
+    num_classes = int(probs.shape[1])
+    ok = (crops.dtype == np.uint8 and len(crops.shape) == 4 and flip.shape == ()
+          and tau.shape == () and len(probs.shape) == 2 and size == width)
+  except (ValueError, TypeError, IndexError):
+    ok = False
+  if not ok:
+    raise UserError(f"{shown}: not a ferjax exported model (its function takes "
+                    f"{list(exported.in_avals)} and returns {list(exported.out_avals)})")
+  problems = {
+      "image_size": (header["image_size"] != size,
+                     f"is {header['image_size']}, but the model takes {size}x{size} crops"),
+      "channels": (header["channels"] != channels,
+                   f"is {header['channels']}, but the model takes {channels}-channel crops"),
+      "class_names": (len(header["class_names"]) != num_classes,
+                      f"lists {len(header['class_names'])} names, but the model has "
+                      f"{num_classes} classes"),
+  }
+  for field, (wrong, text) in problems.items():
+    if wrong:
+      raise UserError(f"{shown}: damaged or edited ferjax export (header field {field!r} {text}): "
+                      "export it again")
 
 
 def cli_export(args) -> int:

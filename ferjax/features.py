@@ -6,7 +6,7 @@ as one .npz file (the format of ferjax.evaluate.write_features), for `ferjax pro
 
 import pathlib
 
-from ferjax import evaluate, runs
+from ferjax import evaluate, runs, writing
 from ferjax.core import parallel
 from ferjax.errors import UserError
 
@@ -25,15 +25,18 @@ def features_run(workdir, out, *, split: str = "test", dataset: str | None = Non
                     f"another name)")
   if not out.parent.is_dir():
     raise UserError(f"--out {out}: its folder {out.parent} does not exist")
+  writing.refuse_clobbering(out, input_dirs=[workdir, manual_dir], what="--out")
   run = runs.open_classifier(pathlib.Path(workdir), str(checkpoint))
   config = run.config
+  if dataset is None or evaluate.is_own_dataset(config, dataset, data_dir, manual_dir):
+    writing.refuse_clobbering(out, input_dirs=[config.data.get("manual_dir")], what="--out")
   tta = evaluate.check_tta(tta or config.eval.tta)
   data, _ = evaluate.load_target(config, split, dataset, data_dir=data_dir, manual_dir=manual_dir)
   logits, feats = evaluate.predict_logits(
       run.model, run.variables, data.images, tta=tta, mesh=run.mesh,
       batch_size=evaluate.eval_batch_size(config, run.mesh), return_features=True)
   if parallel.is_main_process():
-    evaluate.write_features(out, data, feats, logits, run, split)
+    evaluate.write_features(out, data, feats, logits, run, split, new=True)
   return {"out": str(out), "num_examples": len(data), "dim": int(feats.shape[-1])}
 
 

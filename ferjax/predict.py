@@ -20,21 +20,31 @@ One row per face (JSON lines or CSV) goes to stdout or `--output`: file, face in
 w, h), label, confidence and per-class probabilities. `--out DIR` adds annotated copies of the
 images (DIR/annotated/) and DIR/faces.png, a contact sheet of the crops with their labels. The
 summary line goes to stderr while stdout carries the rows, else to stdout.
+
+Outputs never clobber inputs: `--output` and `--out` may not be an input (an image, the boxes
+CSV, the model), lie inside an input folder or the run's workdir, nor (for `--out`) hold one.
+`--output` replaces only an empty file or an earlier rows file (written atomically); `--out`
+must be new, empty or an earlier `predict --out` folder (its marker file, which also locks it
+while a predict writes there: a second one at once is refused); its annotated/ is replaced as a
+whole, so it holds one run's pictures.
 """
 
 import csv
 import dataclasses
 import glob
+import io
 import json
 import math
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from ferjax import export, inference
+from ferjax import export, inference, writing
 from ferjax.data import reading
 from ferjax.data.images import to_8bit
 from ferjax.errors import UserError
@@ -363,29 +373,123 @@ def _label(draw, xy, text, font, colour, above=False):
 
 
 def write_pictures(out: pathlib.Path, found: Found, rows, class_names) -> None:
-  """DIR/annotated/<image name>.png for every image read, and DIR/faces.png."""
+  """DIR/annotated/<image name>.png for every image read, and DIR/faces.png. The annotated
+  copies are written into a new hidden folder that then replaces DIR/annotated/ as a whole, so
+  the folder holds this run's pictures only (the caller holds DIR's lock)."""
   by_file, names = {}, set()
   for face, row in zip(found.faces, rows):
     by_file.setdefault(face.file, []).append((face, row))
   try:
-    (out / "annotated").mkdir(parents=True, exist_ok=True)
-    for path in found.images:
-      try:
-        image = read_image(path)  # Read again: the images are not all kept in memory.
-      except reading.IMAGE_ERRORS as e:
-        reading.warn(f"{path}: not annotated, it changed since it was read ({reading.image_reason(e)})")
-        continue
-      name, n = path.stem, 1
-      while name in names:
-        name, n = f"{path.stem}-{n}", n + 1
-      names.add(name)
-      pairs = by_file.get(path, [])
-      annotate(image, [f for f, _ in pairs], [r for _, r in pairs], class_names).save(
-          out / "annotated" / f"{name}.png")
+    out.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=".annotated.partial-", dir=out))
+    try:
+      for path in found.images:
+        try:
+          image = read_image(path)  # Read again: the images are not all kept in memory.
+        except reading.IMAGE_ERRORS as e:
+          reading.warn(f"{path}: not annotated, it changed since it was read "
+                       f"({reading.image_reason(e)})")
+          continue
+        name, n = path.stem, 1
+        while name in names:
+          name, n = f"{path.stem}-{n}", n + 1
+        names.add(name)
+        pairs = by_file.get(path, [])
+        annotate(image, [f for f, _ in pairs], [r for _, r in pairs], class_names).save(
+            staging / f"{name}.png")
+      os.chmod(staging, 0o777 & ~writing.UMASK)
+      _replace_folder(staging, out / "annotated")
+    finally:
+      shutil.rmtree(staging, ignore_errors=True)
     if found.faces:
-      contact_sheet(found.faces, rows, class_names).save(out / "faces.png")
+      with writing.atomic_path(out / "faces.png") as partial:
+        contact_sheet(found.faces, rows, class_names).save(partial)
   except OSError as e:
     raise reading.io_error(e, "write the pictures", "check --out") from None
+
+
+def _replace_folder(new: pathlib.Path, folder: pathlib.Path) -> None:
+  """Renames `new` to `folder`, the old `folder` (or a file or link there) moved aside first
+  and then removed."""
+  if not (folder.exists() or folder.is_symlink()):
+    os.rename(new, folder)
+    return
+  old = pathlib.Path(tempfile.mkdtemp(prefix=".annotated.old-", dir=folder.parent))
+  os.rename(folder, old / "annotated")
+  os.rename(new, folder)
+  shutil.rmtree(old, ignore_errors=True)
+
+
+# --- Outputs ------------------------------------------------------------------------------------
+OUT_FILES = ("annotated", "faces.png")  # What --out holds; a folder holding only them is ours.
+ROWS_KEYS = {"file", "face", "box", "label", "confidence", "probabilities"}
+CSV_HEAD = "file,face,x,y,w,h,label,confidence"
+
+
+def input_folders(inputs) -> list[pathlib.Path]:
+  """The folders among the PATH arguments (given, or matched by a pattern): read recursively."""
+  folders = []
+  for text in inputs:
+    path = pathlib.Path(text).expanduser()
+    if path.is_dir():
+      folders.append(path)
+    elif not path.exists() and any(c in text for c in "*?["):
+      folders += [pathlib.Path(p) for p in glob.glob(os.path.expanduser(text), recursive=True)
+                  if os.path.isdir(p)]
+  return folders
+
+
+def is_rows_file(path) -> bool:
+  """Whether `path` is an empty regular file or one that `ferjax predict --output` wrote."""
+  path = pathlib.Path(path)
+  if path.is_symlink() or not path.is_file():
+    return False
+  try:
+    with open(path, "rb") as f:
+      first = f.read(1 << 16).split(b"\n", 1)[0].decode("utf-8")
+  except (OSError, UnicodeDecodeError):
+    return False
+  if not first or first.startswith(CSV_HEAD):
+    return True
+  try:
+    row = json.loads(first)
+  except ValueError:
+    return False
+  return isinstance(row, dict) and ROWS_KEYS <= set(row)
+
+
+def check_outputs(args, files, boxes) -> None:
+  """--output and --out against the inputs (see the module docstring); one line each."""
+  inputs = [*files, args.boxes, args.model, *(boxes or {})]
+  folders = [*input_folders(args.paths), args.workdir]
+  if args.output is not None:
+    output = pathlib.Path(args.output)
+    writing.refuse_clobbering(output, inputs=inputs, input_dirs=folders, what="--output")
+    if output.is_symlink():
+      raise UserError(f"--output {reading.shown(output)}: is a symbolic link: expected a file "
+                      "name (nothing was written)")
+    if output.exists() and not is_rows_file(output):
+      raise UserError(f"--output {reading.shown(output)}: already exists and is not a rows file "
+                      "of `ferjax predict`: choose another name (nothing was written)")
+  if args.out is not None:
+    out = pathlib.Path(args.out)
+    writing.refuse_clobbering(out, inputs=inputs, input_dirs=folders, what="--out", folder=True)
+    writing.refuse_foreign_folder(out, "predict", owned=lambda name: name in OUT_FILES)
+    if args.output is not None:
+      mine = [out / name for name in (*OUT_FILES, writing.marker_name("predict"))]
+      writing.refuse_clobbering(args.output, inputs=mine, input_dirs=mine[:1], what="--output")
+
+
+def write_rows_file(path, rows, class_names, fmt: str) -> None:
+  """The rows into `path`, replaced atomically."""
+  buffer = io.StringIO(newline="")
+  write_rows(rows, class_names, fmt, buffer)
+  try:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writing.write_atomic(path, buffer.getvalue().encode("utf-8"))
+  except OSError as e:
+    raise reading.io_error(e, "write the rows", "check --output") from None
 
 
 # --- `ferjax predict` --------------------------------------------------------------------------
@@ -424,6 +528,7 @@ def cli_main(args) -> int:
   # Listing the inputs is quick; reading them waits until the model has loaded.
   boxes = read_boxes(args.boxes) if args.boxes is not None else None
   paths, skipped = find_files(args.paths) if boxes is None else ([], [])
+  check_outputs(args, paths, boxes)
   predictor = load_predictor(args)
   if args.logit_adjust and predictor.prior_counts is None:
     raise UserError(f"--logit-adjust: {predictor.source} records no class prior to adjust by")
@@ -438,15 +543,10 @@ def cli_main(args) -> int:
     write_rows(rows, names, args.format, sys.stdout)
     sys.stdout.flush()
   else:
-    try:
-      output = pathlib.Path(args.output)
-      output.parent.mkdir(parents=True, exist_ok=True)
-      with open(output, "w", newline="", encoding="utf-8") as f:
-        write_rows(rows, names, args.format, f)
-    except OSError as e:
-      raise reading.io_error(e, "write the rows", "check --output") from None
-  if args.out is not None:
-    write_pictures(pathlib.Path(args.out), found, rows, names)
+    write_rows_file(args.output, rows, names, args.format)
+  if args.out is not None:  # Locked while written: two predicts into one folder never mix.
+    with writing.output_folder(args.out, "predict", owned=lambda name: name in OUT_FILES):
+      write_pictures(pathlib.Path(args.out), found, rows, names)
   if found.skipped:
     reading.warn(_skipped_text(found.skipped))
   if detect is not None and not found.faces:

@@ -18,10 +18,18 @@ evaluation modes:
     each held-out fold). With `K` folds, K may not exceed the smallest class count nor the number
     of subjects.
 
+The training file must hold at least two classes. Both files must come from the same run (the
+workdir and step `ferjax features` records); `--allow-other-run` accepts features of another
+run, for a deliberate transfer. `--out` may not be an input, nor hold a file the probe did not
+write.
+
 The probe (`fit_logistic`): mean cross-entropy + l2/2 * |W|^2 on features standardised with the
 training part's mean and std, minimised full-batch by L-BFGS (optax, zoom line search) in one
-jitted loop (at most `steps` iterations, stopping early at a gradient norm below 1e-5). The
-standardisation is folded into the returned (W, b), which act on raw features.
+jitted loop that runs to convergence: it stops at a gradient norm below GRAD_TOL or when an
+iteration no longer lowers the objective (float32 precision reached). `steps` (DEFAULT_STEPS) is
+only a safety cap: fits that reach it are counted in the result ("capped_fits") and `ferjax
+probe` prints a warning. The standardisation is folded into the returned (W, b), which act on
+raw features.
 
 L2 is chosen on the training part only (`select_l2`): inner folds (INNER_FOLDS, stratified, by
 subject or by given fold when known) over a log-spaced grid, best by mean class accuracy (ties:
@@ -35,6 +43,7 @@ See docs/methods.md (DeepFEVER-style transfer).
 import functools
 import json
 import pathlib
+import sys
 import zipfile
 import zlib
 
@@ -50,9 +59,9 @@ from ferjax.core import workdir as workdir_lib
 from ferjax.evaluate import FEATURES_FORMAT_VERSION, confusion_matrix, metrics_from_confusion
 
 DEFAULT_GRID = tuple(float(v) for v in np.logspace(-6, 1, 10))
-DEFAULT_STEPS = 100
+DEFAULT_STEPS = 20000  # A safety cap, not a budget: fits stop on convergence (GRAD_TOL).
 INNER_FOLDS = 3
-GRAD_TOL = 1e-5
+GRAD_TOL = 1e-8
 SCORE = "mean_class_accuracy"  # What the inner cross-validation maximises.
 
 # key: (dtype kind, ndim); "row" keys have one entry per example.
@@ -128,7 +137,8 @@ def _check_consistency(path, raw) -> None:
   """Row counts, class names, label range, finite features, format version."""
   version = int(raw["format_version"])
   if version != FEATURES_FORMAT_VERSION:
-    raise UserError(f"{path}: key 'format_version': expected {FEATURES_FORMAT_VERSION}, got {version}")
+    raise UserError(f"{path}: key 'format_version': expected {FEATURES_FORMAT_VERSION}, got "
+                    f"{version}")
   n, dim = raw["features"].shape
   if n == 0 or dim == 0:
     raise UserError(f"{path}: key 'features': no examples or no feature dimensions (shape "
@@ -154,7 +164,7 @@ def _check_consistency(path, raw) -> None:
 # --- The logistic regression ----------------------------------------------------------------------
 def _lbfgs_fit(z, y, weights, mean, scale, l2, init, steps):
   """(W, b) minimising sum(weights * CE) + l2/2 |W|^2 of ((z - mean) / scale) @ W + b, and the
-  number of L-BFGS iterations used (at most `steps`)."""
+  number of L-BFGS iterations used (`steps` when it stopped at the cap before converging)."""
 
   def loss_fn(params):
     w, b = params
@@ -166,18 +176,24 @@ def _lbfgs_fit(z, y, weights, mean, scale, l2, init, steps):
   value_and_grad = optax.value_and_grad_from_state(loss_fn)
 
   def cond(carry):
-    count = otu.tree_get(carry[1], "count")
-    grad_norm = otu.tree_norm(otu.tree_get(carry[1], "grad"))
-    return (count == 0) | ((count < steps) & (grad_norm >= GRAD_TOL))
+    _, state, previous = carry
+    count = otu.tree_get(state, "count")
+    grad_norm = otu.tree_norm(otu.tree_get(state, "grad"))
+    lowered = otu.tree_get(state, "value") < previous  # Else float32 precision is reached.
+    return (count == 0) | ((count < steps) & (grad_norm >= GRAD_TOL) & lowered)
 
   def body(carry):
-    params, state = carry
+    params, state, _ = carry
     value, grad = value_and_grad(params, state=state)
     updates, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=loss_fn)
-    return optax.apply_updates(params, updates), state
+    return optax.apply_updates(params, updates), state, value
 
-  params, state = jax.lax.while_loop(cond, body, (init, opt.init(init)))
-  return params, otu.tree_get(state, "count")
+  start = (init, opt.init(init), jnp.asarray(jnp.inf, jnp.float32))
+  params, state, previous = jax.lax.while_loop(cond, body, start)
+  converged = ((otu.tree_norm(otu.tree_get(state, "grad")) < GRAD_TOL)
+               | (otu.tree_get(state, "value") >= previous))
+  count = otu.tree_get(state, "count")
+  return params, jnp.where(converged, jnp.minimum(count, steps - 1), count)
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "steps"))
@@ -234,15 +250,18 @@ def _moments(x):
 
 
 def fit_logistic(x, y, num_classes: int, l2: float, *, steps: int = DEFAULT_STEPS,
-                 pad_to: int | None = None):
-  """(W [D, K], b [K]) of a multinomial logistic regression on (x [N, D], y [N]).
+                 pad_to: int | None = None, return_iterations: bool = False):
+  """(W [D, K], b [K]) of a multinomial logistic regression on (x [N, D], y [N]); with
+  `return_iterations`, also the L-BFGS iterations used (`steps`: stopped at the cap).
 
   Minimises mean cross-entropy + l2/2 |W|^2 over features standardised with x's mean and std;
   the standardisation is folded into the returned float64 (W, b), so `predict(W, b, x)`, i.e.
   argmax(x @ W + b), takes raw features. Deterministic; see the module docstring for the solver.
   """
-  w, b, _ = _fit_masked(x, y, num_classes, np.ones((1, len(x)), bool), [l2], steps=steps,
-                        pad_to=pad_to)
+  w, b, counts = _fit_masked(x, y, num_classes, np.ones((1, len(x)), bool), [l2], steps=steps,
+                             pad_to=pad_to)
+  if return_iterations:
+    return w[0, 0], b[0, 0], int(counts[0, 0])
   return w[0, 0], b[0, 0]
 
 
@@ -314,7 +333,8 @@ def select_l2(x, y, num_classes: int, *, groups=None, grid=DEFAULT_GRID, folds: 
   Only (x, y) is seen: pass the training part alone. Inner folds are stratified and grouped by
   `groups` when given; their number is min(folds, number of groups). Returns {"l2", "grid"
   (ascending), "scores" (per grid value), "folds", "w", "b" (the fit on all of x at the chosen
-  L2, from the same compiled path as the inner fits: no second fit needed)}.
+  L2, from the same compiled path as the inner fits: no second fit needed), "fits" and
+  "capped_fits" (how many of them stopped at the `steps` cap)}.
   """
   grid = sorted(float(v) for v in grid)
   units = len(np.unique(groups)) if groups is not None else len(y)
@@ -325,7 +345,7 @@ def select_l2(x, y, num_classes: int, *, groups=None, grid=DEFAULT_GRID, folds: 
   inner = stratified_folds(y, k, np.random.default_rng(seed), groups)
   masks = np.stack([inner != f for f in range(k)] + [np.ones(len(y), bool)])  # Last: all rows.
   descending = grid[::-1]
-  w, b, _ = _fit_masked(x, y, num_classes, masks, descending, steps=steps, pad_to=pad_to)
+  w, b, counts = _fit_masked(x, y, num_classes, masks, descending, steps=steps, pad_to=pad_to)
   scores = np.zeros((k, len(grid)))
   for f in range(k):
     held = ~masks[f]
@@ -335,7 +355,8 @@ def select_l2(x, y, num_classes: int, *, groups=None, grid=DEFAULT_GRID, folds: 
   mean = scores.mean(0)
   best = int(np.argmax(mean))  # The first best of the descending grid: the larger L2 on ties.
   return {"l2": descending[best], "grid": grid, "scores": mean[::-1].tolist(), "folds": k,
-          "w": w[k, best], "b": b[k, best]}
+          "w": w[k, best], "b": b[k, best], "fits": int(counts.size),
+          "capped_fits": int(np.sum(counts >= steps))}
 
 
 # --- Evaluation -----------------------------------------------------------------------------------
@@ -345,8 +366,10 @@ def evaluate_split(train, test, train_rows, test_rows, *, l2=None, grid=DEFAULT_
   num_classes = len(train["class_names"])
   x, y = train["features"][train_rows], train["labels"][train_rows]
   if l2 is not None:
-    chosen = {"l2": float(l2), "grid": None, "scores": None, "folds": 0}
-    w, b = fit_logistic(x, y, num_classes, chosen["l2"], steps=steps, pad_to=pad_to)
+    w, b, count = fit_logistic(x, y, num_classes, float(l2), steps=steps, pad_to=pad_to,
+                               return_iterations=True)
+    chosen = {"l2": float(l2), "grid": None, "scores": None, "folds": 0, "fits": 1,
+              "capped_fits": int(count >= steps)}
   else:
     chosen = select_l2(x, y, num_classes, groups=_inner_groups(train, train_rows), grid=grid,
                        seed=seed, steps=steps, pad_to=pad_to)
@@ -357,7 +380,8 @@ def evaluate_split(train, test, train_rows, test_rows, *, l2=None, grid=DEFAULT_
   return {"num_train": int(len(train_rows)), "num_test": int(len(test_rows)),
           "l2": chosen["l2"], "cv_scores": chosen["scores"], "inner_folds": chosen["folds"],
           **{key: metrics[key] for key in ("accuracy", "mean_class_accuracy", "macro_f1")},
-          "confusion": metrics["confusion"]}
+          "confusion": metrics["confusion"], "fits": chosen["fits"],
+          "capped_fits": chosen["capped_fits"]}
 
 
 def _inner_groups(data, rows):
@@ -429,15 +453,23 @@ def summarize(per_fold: list[dict], class_names) -> dict:
 
 
 def run_probe(train_path, test_path=None, folds=None, *, l2=None, seed: int = 0,
-              grid=DEFAULT_GRID, steps: int = DEFAULT_STEPS) -> dict:
+              grid=DEFAULT_GRID, steps: int = DEFAULT_STEPS,
+              allow_other_run: bool = False) -> dict:
   """The probe's JSON-ready result for `ferjax probe` (see the module docstring)."""
   _check_mode(test_path, folds, l2)
   train = read_features(train_path)
+  present = np.unique(train["labels"])
+  if len(present) < 2:
+    raise UserError(f"{train_path}: key 'labels': all {len(train['labels'])} examples are of one "
+                    f"class ({train['class_names'][present[0]]!r}); a probe needs at least 2 "
+                    "classes")
   if test_path is None:
     per_fold = cross_validate(train, str(folds), l2=l2, grid=grid, seed=seed, steps=steps)
   else:
     test = read_features(test_path)
     _check_compatible(train, test)
+    if not allow_other_run:
+      _check_same_run(train, test)
     per_fold = [{"fold": None, **evaluate_split(
         train, test, np.arange(len(train["labels"])), np.arange(len(test["labels"])), l2=l2,
         grid=grid, seed=seed, steps=steps)}]
@@ -447,7 +479,9 @@ def run_probe(train_path, test_path=None, folds=None, *, l2=None, seed: int = 0,
               sorted(float(v) for v in grid), "inner_folds": INNER_FOLDS, "steps": int(steps),
               "selected_by": SCORE, "dataset": train["dataset"], "split": train["split"],
               "workdir": train["workdir"], "step": int(train["step"])}
+  capped = sum(r["capped_fits"] for r in per_fold)
   return {**settings, "class_names": list(train["class_names"]), "per_fold": per_fold,
+          "fits": sum(r["fits"] for r in per_fold), "capped_fits": capped,
           **summarize(per_fold, train["class_names"])}
 
 
@@ -469,6 +503,23 @@ def _check_compatible(train, test) -> None:
   if train["features"].shape[1] != test["features"].shape[1]:
     raise UserError(f"{test['filename']}: {test['features'].shape[1]}-d features, but "
                     f"{train['filename']} has {train['features'].shape[1]}-d ones")
+
+
+def run_of(data) -> tuple[str, int] | None:
+  """(resolved workdir, step) of the run that wrote a features file; None when unknown (a file
+  that records a relative workdir: written before the path was stored resolved)."""
+  workdir = str(data["workdir"])
+  return (workdir, int(data["step"])) if pathlib.PurePath(workdir).is_absolute() else None
+
+
+def _check_same_run(train, test) -> None:
+  a, b = run_of(train), run_of(test)
+  if a is not None and a == b:
+    return
+  describe = lambda run: "an unknown run" if run is None else f"{run[0]} at step {run[1]}"
+  raise UserError(f"--test {test['filename']}: features of {describe(b)}, --train "
+                  f"{train['filename']}'s of {describe(a)}: a probe compares features of one "
+                  "run (pass --allow-other-run for a deliberate transfer)")
 
 
 # --- Output ---------------------------------------------------------------------------------------
@@ -506,25 +557,55 @@ def write_outputs(result: dict, out) -> None:
   writing.write_atomic(out, json.dumps(result, indent=2) + "\n")
 
 
-def _check_out(out) -> None:
+def _check_out(out, inputs) -> None:
+  """--out and the confusion PNG beside it: neither an input, nor a file the probe did not
+  write (an earlier probe result, and its PNG, may be replaced)."""
   out = pathlib.Path(out)
+  png = confusion_path(out)
+  for path, what in ((out, "--out"), (png, f"--out {out}: its confusion plot")):
+    writing.refuse_clobbering(path, inputs=inputs, what=what)
   if out.is_dir():
     raise UserError(f"--out {out}: is a folder (expected a .json file path)")
   if not out.parent.is_dir():
     raise UserError(f"--out {out}: folder {out.parent} does not exist")
+  earlier = _is_probe_result(out)
+  if (out.exists() or out.is_symlink()) and not earlier:
+    raise UserError(f"--out {out}: already exists and is not a `ferjax probe` result: choose "
+                    "another name (nothing was written)")
+  if (png.exists() or png.is_symlink()) and not earlier:
+    raise UserError(f"--out {out}: {png} already exists and was not written by `ferjax probe` "
+                    "with this --out: choose another name (nothing was written)")
   workdir_lib.check_writable(out.parent, "--out")
+
+
+def _is_probe_result(path) -> bool:
+  """Whether `path` is a regular file holding a `ferjax probe` result."""
+  path = pathlib.Path(path)
+  if path.is_symlink() or not path.is_file():
+    return False
+  try:
+    result = json.loads(path.read_text())
+  except (OSError, UnicodeDecodeError, ValueError):
+    return False
+  return isinstance(result, dict) and {"per_fold", "summary", "selected_by"} <= set(result)
 
 
 def cli_main(args) -> int:
   """`ferjax probe`: see the module docstring."""
   out = getattr(args, "out", None)
+  test = getattr(args, "test", None)
   if out is not None:
-    _check_out(out)
-  result = run_probe(args.train, getattr(args, "test", None), getattr(args, "folds", None),
-                     l2=getattr(args, "l2", None), seed=int(getattr(args, "seed", 0) or 0))
+    _check_out(out, [args.train, test])
+  result = run_probe(args.train, test, getattr(args, "folds", None),
+                     l2=getattr(args, "l2", None), seed=int(getattr(args, "seed", 0) or 0),
+                     allow_other_run=bool(getattr(args, "allow_other_run", False)))
   if out is not None:
     write_outputs(result, out)
   print(format_table(result))
+  if result["capped_fits"]:
+    print(f"ferjax: warning: {result['capped_fits']} of {result['fits']} fits stopped at the "
+          f"{result['steps']}-iteration cap before converging (their scores may be off)",
+          file=sys.stderr)
   if out is not None:
     print(f"-> {out} ({confusion_path(out).name})")
   return 0

@@ -38,10 +38,13 @@ def export(vaegan_workdir, out, per_class: int, *, config=None, seed: int = 0) -
   out = pathlib.Path(out)
   if per_class < 1:
     raise UserError(f"--per-class: expected at least 1, got {per_class}")
-  if out.exists():
+  if out.exists() or out.is_symlink():
     raise UserError(f"{out} already exists: choose a new --out folder (nothing is overwritten)")
+  writing.refuse_clobbering(out, input_dirs=[vaegan_workdir], what="--out")
   workdir_lib.check_writable(out, "--out")
   vae = runs.open_vaegan(vaegan_workdir, "latest")
+  seed_data = (vae.config if config is None else config).data
+  writing.refuse_clobbering(out, input_dirs=[seed_data.get("manual_dir")], what="--out")
   ds, how = seed_dataset(vae, config)
   fake, labels, seed_idx = synthesis.synthesize_per_class(
       vae, ds.images, ds.labels, ds.num_classes, per_class, seed=seed, **how)
@@ -51,8 +54,8 @@ def export(vaegan_workdir, out, per_class: int, *, config=None, seed: int = 0) -
   try:
     with writing.staged_folder(out, "--out") as staging:
       folder.write(staging, "train", fake, labels, ds.class_names)
-      plots.save_seed_grid(staging / "grid.png", synthesis.seeds_like(ds.images[seed_idx], fake), fake, labels,
-                           ds.class_names)
+      plots.save_seed_grid(staging / "grid.png", synthesis.seeds_like(ds.images[seed_idx], fake),
+                           fake, labels, ds.class_names)
       provenance = {
           "vaegan_workdir": str(vaegan_workdir), "vaegan_step": vae.step, **how, "seed": seed,
           "per_class": per_class, "seed_dataset": ds.name, "class_names": list(ds.class_names),

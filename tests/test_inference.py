@@ -100,8 +100,8 @@ def test_prepare_crops_converts_like_training_data():
   assert inference.prepare_crops([], 32, 1).shape == (0, 32, 32, 1)
   with pytest.raises(ValueError, match="HxWxC"):
     inference.prepare_crops([np.zeros((8, 8, 2), np.uint8)], 32, 1)
-  with pytest.raises(ValueError, match="integer"):
-    inference.prepare_crops([np.zeros((8, 8), np.float32)], 32, 1)
+  with pytest.raises(ValueError, match="image 0: .*negative"):  # Floats: in 0..1 or 0..255.
+    inference.prepare_crops([np.full((8, 8), -1.0, np.float32)], 32, 1)
 
 
 # --- Export ---------------------------------------------------------------------------------------
@@ -109,7 +109,8 @@ def test_prepare_crops_converts_like_training_data():
 def test_export_round_trip(predictor, export_file, crops):
   assert not [p for p in export_file.parent.iterdir() if p != export_file]  # No partial left.
   header, payload = export.read_exported(export_file)
-  assert header["format"] == "ferjax-exported-model" and header["version"] == 1
+  assert header["format"] == "ferjax-exported-model" and header["version"] == 2
+  assert header["checksum"] == export.checksum(header, payload)
   assert tuple(header["class_names"]) == predictor.class_names
   assert (header["image_size"], header["channels"], header["source"]["step"]) == (32, 1, 2)
   assert header["jax_version"] == jax.__version__
@@ -195,5 +196,52 @@ def test_load_refuses_bad_files(export_file, tmp_path):
   garbage = b"not a jax.export" * 8  # Intact container, model jax cannot read.
   fake = {**header, "model_bytes": len(garbage),
           "model_sha256": hashlib.sha256(garbage).hexdigest()}
+  fake["checksum"] = export.checksum(fake, garbage)
   (tmp_path / "garbage.ferjax").write_bytes(export._pack(fake, garbage))
   _refusal(tmp_path / "garbage.ferjax", "cannot load a model exported with jax")
+
+
+# --- Edited headers -------------------------------------------------------------------------------
+def _edited(tmp_path, export_file, name, version=None, **changes):
+  """A copy of the export with header fields changed (format `version`: its checksum
+  recomputed when None, dropped for 1, kept stale otherwise)."""
+  header, payload = export.read_exported(export_file)
+  header = {**header, **changes}
+  if version == 1:
+    header = {k: v for k, v in header.items() if k != "checksum"}
+    header["version"] = 1
+  elif version is None:
+    header["checksum"] = export.checksum(header, payload)
+  path = tmp_path / name
+  path.write_bytes(export._pack(header, payload))
+  return path
+
+
+def test_load_refuses_edited_headers(export_file, tmp_path):
+  header, _ = export.read_exported(export_file)
+  names = header["class_names"]
+  stale = {"version": 2}  # The header edited, its checksum left as it was.
+  _refusal(_edited(tmp_path, export_file, "reversed.ferjax", class_names=names[::-1], **stale),
+           "edited", "checksum")
+  _refusal(_edited(tmp_path, export_file, "other_run.ferjax", **stale,
+                   source={"workdir": "runs/other", "step": 99, "checkpoint": "best"}),
+           "edited", "checksum")
+  # Consistent checksums (or format 1 files, which have none): checked against the model.
+  for version in (None, 1):
+    _refusal(_edited(tmp_path, export_file, "six.ferjax", version, class_names=names[:6],
+                     prior_counts=header["prior_counts"][:6]),
+             "'class_names' lists 6 names", "model has 7 classes")
+    many = [f"c{i}" for i in range(100_000)]
+    _refusal(_edited(tmp_path, export_file, "many.ferjax", version, class_names=many,
+                     prior_counts=None), "lists 100000 names", "model has 7 classes")
+    _refusal(_edited(tmp_path, export_file, "size.ferjax", version, image_size=48),
+             "'image_size' is 48", "32x32")
+    _refusal(_edited(tmp_path, export_file, "rgb.ferjax", version, channels=3),
+             "'channels' is 3", "1-channel")
+
+
+def test_load_reads_format_1_files(export_file, tmp_path, crops):
+  old = export.load_exported(_edited(tmp_path, export_file, "v1.ferjax", 1))
+  new = export.load_exported(export_file)
+  np.testing.assert_array_equal(old.probabilities(crops[:4]), new.probabilities(crops[:4]))
+  assert old.class_names == new.class_names

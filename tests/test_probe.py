@@ -31,7 +31,7 @@ def make_features(path, *, per_class=(20, 20, 20), dim=8, spread=0.3, seed=0, su
       "subject": np.full(n, -1, np.int32) if subjects is None else np.asarray(subjects, np.int32),
       "fold": np.full(n, -1, np.int32) if folds is None else np.asarray(folds, np.int32),
       "dataset": np.asarray("synthetic"), "split": np.asarray("all"),
-      "workdir": np.asarray("runs/x"), "step": np.asarray(10), "format_version": np.asarray(1)}
+      "workdir": np.asarray("/runs/x"), "step": np.asarray(10), "format_version": np.asarray(1)}
   arrays.update(overrides)
   with open(path, "wb") as f:
     np.savez(f, **{k: v for k, v in arrays.items() if v is not None})
@@ -45,9 +45,10 @@ def blobs(n_per_class=40, dim=8, num_classes=3, spread=0.3, seed=0):
   return x.astype(np.float32), y
 
 
-def namespace(train, test=None, folds=None, l2=None, seed=0, out=None):
+def namespace(train, test=None, folds=None, l2=None, seed=0, out=None, allow_other_run=False):
   return argparse.Namespace(train=str(train), test=None if test is None else str(test),
-                            folds=folds, l2=l2, seed=seed, out=None if out is None else str(out))
+                            folds=folds, l2=l2, seed=seed, out=None if out is None else str(out),
+                            allow_other_run=allow_other_run)
 
 
 # --- The fit ----------------------------------------------------------------------------------
@@ -308,3 +309,79 @@ def test_features_written_by_evaluate_are_read_by_probe(tmp_path):
   assert data["class_names"] == ("anger", "happy", "sad") and data["step"] == 7
   assert data["dataset"] == "stub" and data["split"] == "test"
   assert data["format_version"] == evaluate.FEATURES_FORMAT_VERSION
+
+
+# --- Convergence ----------------------------------------------------------------------------------
+def _objective(x, y, num_classes, l2, w_raw, b_raw):
+  """The probe's objective (mean cross-entropy + l2/2 |W|^2 on standardised features) of a fit
+  returned in raw-feature form, in float64."""
+  x = np.asarray(x, np.float64)
+  mean, std = x.mean(0), x.std(0)
+  w = w_raw * std[:, None]  # The same logits on standardised features: z @ w + b.
+  logits = (x - mean) / std @ w + (b_raw + mean @ w_raw)
+  logits -= logits.max(1, keepdims=True)
+  log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+  return -log_p[np.arange(len(y)), y].mean() + 0.5 * l2 * np.sum(w * w)
+
+
+def _reference_optimum(x, y, num_classes, l2) -> float:
+  """The minimum of the same objective found independently: scipy's float64 L-BFGS-B run to a
+  tight tolerance (or, without scipy, long float64 gradient descent)."""
+  x = np.asarray(x, np.float64)
+  z = (x - x.mean(0)) / x.std(0)
+  n, d = z.shape
+  onehot = np.eye(num_classes)[y]
+
+  def value_and_grad(theta):
+    w, b = theta[:d * num_classes].reshape(d, num_classes), theta[d * num_classes:]
+    logits = z @ w + b
+    logits -= logits.max(1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(1, keepdims=True)
+    value = -np.log(p[np.arange(n), y]).mean() + 0.5 * l2 * np.sum(w * w)
+    g = (p - onehot) / n
+    return value, np.concatenate([(z.T @ g + l2 * w).ravel(), g.sum(0)])
+
+  theta = np.zeros(d * num_classes + num_classes)
+  try:
+    from scipy import optimize
+  except ImportError:
+    for _ in range(200_000):
+      theta -= 0.5 * value_and_grad(theta)[1]
+    return value_and_grad(theta)[0]
+  found = optimize.minimize(value_and_grad, theta, jac=True, method="L-BFGS-B",
+                            options={"maxiter": 100_000, "gtol": 1e-12, "ftol": 1e-16})
+  return float(found.fun)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("l2", [1e-6, 6e-6, 1e-3])
+def test_fit_reaches_the_optimum_at_small_l2(l2):
+  rng = np.random.default_rng(1)
+  y = np.repeat(np.arange(4), 20)
+  x = (np.eye(4, 32)[y] * 2 + rng.normal(0, 1.0, (len(y), 32))).astype(np.float32)
+  w, b, iterations = probe.fit_logistic(x, y, 4, l2, return_iterations=True)
+  assert iterations < probe.DEFAULT_STEPS  # Converged, not stopped by the cap.
+  gap = _objective(x, y, 4, l2, w, b) - _reference_optimum(x, y, 4, l2)
+  assert -1e-7 < gap < 1e-7, gap
+
+
+@pytest.mark.slow
+def test_cap_is_reported(tmp_path, capsys):
+  path = make_features(tmp_path / "a.npz", spread=1.0)
+  result = probe.run_probe(path, folds="3", l2=1e-6, steps=3)
+  assert result["capped_fits"] == result["fits"] == 3
+  assert all(r["capped_fits"] == 1 for r in result["per_fold"])
+  chosen = probe.run_probe(path, folds="3", grid=(1e-6, 1e-3), steps=3)
+  assert chosen["fits"] == 3 * (3 + 1) * 2 and chosen["capped_fits"] > 0
+
+
+def test_cli_warns_when_the_cap_is_hit(tmp_path, capsys, monkeypatch):
+  path = make_features(tmp_path / "a.npz", spread=1.0)
+  monkeypatch.setattr(probe, "DEFAULT_STEPS", 3)
+  monkeypatch.setattr(probe.run_probe, "__kwdefaults__",
+                      {**probe.run_probe.__kwdefaults__, "steps": 3})
+  assert probe.cli_main(namespace(path, folds="3", l2=1e-6)) == 0
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("ferjax: warning: 3 of 3 fits stopped at the "
+                                             "3-iteration cap"), err

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from ferjax import plots
+from ferjax import plots, writing
 from ferjax.data import loading, reading
 from ferjax.data.dataset import Dataset
 from ferjax.errors import UserError
@@ -149,7 +149,25 @@ def _stats_dir(args) -> pathlib.Path:
   if out.exists() and not out.is_dir():
     raise UserError(f"data stats: --out {reading.shown(out)} is not a folder: expected a folder "
                     f"for the PNGs")
+  if args.out is not None and args.name != "synthetic":  # The prepared data is read from there.
+    data_dir = pathlib.Path(builders.default_data_dir() if args.data_dir is None
+                            else args.data_dir).expanduser()
+    stats_dir = data_dir / "stats"
+    if not _inside(out, stats_dir):
+      writing.refuse_clobbering(out, input_dirs=[data_dir], what="data stats: --out",
+                                folder=True)
+  writing.refuse_foreign_folder(out, "data stats", owned=_stats_file, what="data stats: --out")
   return out
+
+
+def _inside(path, folder) -> bool:
+  path, folder = pathlib.Path(path).resolve(), pathlib.Path(folder).resolve()
+  return path == folder or folder in path.parents
+
+
+def _stats_file(name: str) -> bool:
+  """Whether `name` is one of the PNGs `ferjax data stats` writes."""
+  return name.endswith(".png") and ("_class_histogram" in name or "_samples_" in name)
 
 
 def _load_for_stats(name: str, split: str, data_dir):
