@@ -6,8 +6,11 @@ A `UserError` ends in one line on stderr and exit code 2; anything else is a bug
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 
+from ferjax.core import interrupt
 from ferjax.errors import Interrupted, UserError
 
 EPILOG_CONFIG = ("Config fields are overridden with --config.FIELD=VALUE (typed by the field; "
@@ -245,8 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--l2", type=float, default=None, help="fixed L2 weight (default: chosen by "
                  "inner cross-validation over 1e-6..1e1)")
   p.add_argument("--seed", type=int, default=0, help="seed of the folds (default 0)")
+  p.add_argument("--allow-other-run", action="store_true",
+                 help="with --test: accept features written by another run (or checkpoint) "
+                      "than --train's, for a deliberate transfer (default: refuse)")
   p.add_argument("--out", metavar="FILE",
-                 help="write the result here (JSON) and FILE_confusion.png beside it")
+                 help="write the result here (JSON) and FILE_confusion.png beside it (not an "
+                      "input; an existing file only if an earlier probe wrote it)")
 
   p = _verb(verbs, "import-weights", "ferjax.models.import_weights:cli_main",
             "Convert a pretrained torchvision/timm ResNet state dict (.safetensors; .pth/.pt "
@@ -384,8 +391,10 @@ def _run_handler(spec: str, args) -> int:
 
 
 def main(argv=None) -> int:
-  parser = build_parser()
+  # First: a signal at any later moment (the imports included) ends in one line and 130 or 143.
+  previous_handlers = interrupt.install()
   try:
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     args.overrides = [a for a in rest if a.startswith("--config.")]
     unknown = [a for a in rest if not a.startswith("--config.")]
@@ -403,16 +412,31 @@ def main(argv=None) -> int:
       from ferjax.core import parallel
       parallel.initialize_distributed(args.coordinator_address, args.num_processes,
                                       args.process_id, args.init_timeout)
-    return _run_handler(args.handler, args)
-  except UserError as e:
-    print(f"ferjax: error: {e}", file=sys.stderr)
-    return 2
+    code = _run_handler(args.handler, args)
+    interrupt.check()  # A signal whose exception a library swallowed still stops with the line.
+    return code
   except Interrupted as e:  # Stopped on a signal after saving (ferjax.core.interrupt).
     print(f"ferjax: interrupted: {e}", file=sys.stderr)
     return e.exit_code
-  except KeyboardInterrupt:
-    print("ferjax: interrupted", file=sys.stderr)
-    return 130
+  except BaseException as e:  # A signal may surface as any exception (inside an import...).
+    signum = interrupt.received()
+    if signum is None and isinstance(e, KeyboardInterrupt):
+      signum = signal.SIGINT
+    if signum is not None:
+      print(f"ferjax: interrupted: {interrupt.stopped_message(signum)}", file=sys.stderr)
+      if argv is None:
+        # This process's own command: end it here, as work the signal cut short (e.g. an XLA
+        # compile) can crash the interpreter's teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + signum)
+      return 128 + signum
+    if isinstance(e, UserError):
+      print(f"ferjax: error: {e}", file=sys.stderr)
+      return 2
+    raise
+  finally:
+    interrupt.uninstall(previous_handlers)
 
 
 if __name__ == "__main__":

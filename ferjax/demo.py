@@ -36,6 +36,7 @@ import numpy as np
 
 from ferjax import configs, evaluate, plots, report, runs
 from ferjax.augment import quality, synthesis
+from ferjax.core import interrupt
 from ferjax.core import workdir as workdir_lib
 from ferjax.data import splits
 from ferjax.errors import UserError
@@ -70,6 +71,7 @@ def _config(name: str, overrides=()):
 
 
 def _banner(k: int, text: str) -> None:
+  interrupt.check()  # A signal that a stage's library swallowed stops the demo here.
   print(f"\n=== {k}/{STAGES} {text} ===", flush=True)
 
 

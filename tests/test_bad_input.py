@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from badinput import copy_run, expect_one_line
+from badinput import PROGRESS, copy_run, expect_one_line
 from ferjax.core import monitor
 
 
@@ -460,10 +460,54 @@ def test_a_full_disk_during_training_is_one_line_and_keeps_the_checkpoint(tiny_r
   assert max(r["step"] for r in monitor.read_metrics(w)) == 4
 
 
-# --- Signals and hangs: real processes ---------------------------------------------------------
+# --- Signals, hangs and a real full disk: real processes ---------------------------------------
 def _ferjax(*args, **kwargs):
   return subprocess.Popen([sys.executable, "-m", "ferjax.cli", *map(str, args)],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def _messages(err: str) -> list[str]:
+  """The stderr lines that are not progress bars."""
+  lines = [line.split("\r")[-1] for line in err.split("\n")]
+  return [line for line in lines if line.strip() and not PROGRESS.match(line)]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """mount(size_kib) -> a folder on a new tmpfs of that size (skips where mounting is not
+  allowed, e.g. without root)."""
+  mounted = []
+
+  def mount(size_kib: int):
+    folder = tmp_path / f"disk{len(mounted)}"
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs",
+                           str(folder)], capture_output=True)
+    if done.returncode != 0:
+      pytest.skip("cannot mount a small tmpfs here (needs root)")
+    mounted.append(folder)
+    return folder
+  yield mount
+  for folder in mounted:
+    subprocess.run(["umount", str(folder)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_keeps_the_checkpoint(tiny_runs,
+                                                                                  small_disk):
+  """A real full disk while orbax writes: its writer threads' tracebacks and asyncio's leftovers
+  stay off stderr; the one line is all a user sees."""
+  size = sum(p.stat().st_size for p in tiny_runs.classifier.rglob("*") if p.is_file()) // 1024
+  w = small_disk(size + 400) / "w"  # Room for the run and its metrics, not for a new step.
+  shutil.copytree(tiny_runs.classifier, w)
+  proc = _ferjax("train", "--config", tiny_runs.classifier_config, "--workdir", w,
+                 "--config.train.num_steps=8")
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 2, err
+  assert "Traceback" not in out + err
+  assert len(_messages(err)) == 1, err
+  assert _messages(err)[0].startswith("ferjax: error: ") and "No space left" in err
+  assert (w / "checkpoints" / "last" / "4").is_dir()
 
 
 @pytest.mark.slow
@@ -479,6 +523,7 @@ def test_ctrl_c_saves_the_step_and_exits_with_one_line(tiny_runs, tmp_path):
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 130, err
   assert "Traceback" not in out + err
+  assert len(_messages(err)) == 1, err
   last = err.strip().splitlines()[-1]
   assert last.startswith("ferjax: interrupted: SIGINT: stopped after step"), last
   step = int(last.split("after step ")[1].split(",")[0])

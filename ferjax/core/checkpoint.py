@@ -18,10 +18,12 @@ Damaged folders are left on disk (never delete what a person may still repair), 
 longer count: `latest_step()` skips them, and saving that step number again replaces them.
 Garbled orbax bookkeeping that restoring does not need (`<step>/_CHECKPOINT_METADATA`, the
 commit time) is not damage. Orbax's own logging and the leftovers of its failed parallel reads
-are kept off stderr: a user sees the one line.
+are kept off stderr, and so are those of a save that fails on a full disk (its writer threads'
+tracebacks, asyncio's abandoned writes): a user sees the one line.
 """
 
 import contextlib
+import errno
 import logging
 import pathlib
 import re
@@ -31,7 +33,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ferjax import writing
 from ferjax.errors import UserError
+
+# A write that fails on one of these is a full disk (or quota, or read-only file system), which the
+# trainer reports in one line (core.workdir.disk_errors).
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def _manager(directory: pathlib.Path, max_to_keep: int, create: bool) -> ocp.CheckpointManager:
@@ -131,9 +138,17 @@ class Checkpoints:
     if step in manager.all_steps():  # Re-saving a step (e.g. the final one) is a no-op.
       return
     # force: a step below a damaged newer one (a run resumed past it) is saved too.
-    manager.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
-    manager.wait_until_finished()
+    _drop_failed_save_leftovers()
+    with _held_logs() as held:
+      try:
+        manager.save(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        manager.wait_until_finished()
+      except Exception as e:
+        if writing.os_errno(e) not in DISK_ERRNOS:
+          held.let_through()  # Not a full disk: orbax's own account stays.
+        raise
+      held.let_through()
 
   # --- restoring ------------------------------------------------------------------------------
   def latest_step(self) -> int | None:
@@ -287,6 +302,57 @@ def _quiet():
     yield
   finally:
     logger.setLevel(level)
+
+
+class _HeldLogs(logging.Handler):
+  """Keeps the log records it receives; `_held_logs` drops them unless `let_through()` was
+  called."""
+
+  def __init__(self):
+    super().__init__()
+    self.records, self.released = [], False
+
+  def emit(self, record):
+    self.records.append(record)
+
+  def let_through(self):
+    self.released = True
+
+
+@contextlib.contextmanager
+def _held_logs():
+  """Holds back what orbax logs (absl) while the block runs: a save that fails on a full disk
+  logs each of its writer threads' tracebacks, and the caller's one line says it all. After the
+  block the records are dropped, or logged after all when the block called `let_through()`."""
+  logger = logging.getLogger("absl")
+  held = _HeldLogs()
+  handlers, propagate = logger.handlers, logger.propagate
+  logger.handlers, logger.propagate = [held], False
+  try:
+    yield held
+  finally:
+    logger.handlers, logger.propagate = handlers, propagate
+    if held.released:
+      for record in held.records:
+        logger.handle(record)
+
+
+def _drop_failed_save_leftovers():
+  """Installs, once, a filter on asyncio's logger that drops the leftovers of a failed save.
+
+  When a save fails (e.g. on a full disk), orbax abandons its other writes; their futures,
+  garbage-collected at any later moment, each log "exception was never retrieved" with a
+  traceback naming the save's temporary folder. The save's own error says it all.
+  """
+  logger = logging.getLogger("asyncio")
+  if any(getattr(f, "ferjax_checkpoint_saves", False) for f in logger.filters):
+    return
+
+  def keep(record) -> bool:
+    text = record.getMessage()
+    return not ("never retrieved" in text and ".orbax-checkpoint-tmp" in text)
+  keep.ferjax_checkpoint_saves = True
+  logger.addFilter(keep)
 
 
 def _drop_failed_read_leftovers():

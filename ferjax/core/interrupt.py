@@ -1,53 +1,165 @@
-"""Ctrl-C and SIGTERM during training: finish the step, save it, exit with one line.
+"""Ctrl-C and SIGTERM: a signal at any moment stops the process with one line; a trainer saves.
 
 Python turns SIGINT into a KeyboardInterrupt wherever the main thread happens to be: inside a
-JAX host callback it was swallowed (about one time in twelve training ran on to the end), and
-inside an orbax save it printed a thread traceback. While a trainer runs, `StopRequests` replaces
-both handlers by one that only records the signal; the loop checks it after every step, saves
-that step as a resume point and raises `errors.Interrupted`, which the CLI prints as one line
-(exit 130 for SIGINT, 143 for SIGTERM). A second signal while the first is being handled
-interrupts at once, as Python's default would.
+JAX host callback it was swallowed (the run trained on to the end), inside an import it became
+an ImportError traceback, and SIGTERM's default handler ended the process without a word. So the
+CLI calls `install()` first thing, before the heavy imports, and one handler serves the whole
+process, every verb and every stage of the demo. It records the signal, then:
 
-Single-process runs only: in a multi-process run every process must agree on the step at which
-to stop and save (a save is collective), so there the default handlers stay and a signal ends
-the process; a resume then restarts from the last checkpoint, which is exact.
+* inside a training loop (`StopRequests`), nothing more: the loop reads the record after every
+  step, saves that step as a resume point and raises `errors.Interrupted`;
+* anywhere else (imports, data loading, evaluation, between two stages), it raises `Stopped` (a
+  KeyboardInterrupt) at once.
+
+The record stays: a `Stopped` that a library swallowed still stops the run at the next check
+(the next loop step, entering or leaving a loop, `check()` between the demo's stages) and at the
+latest when the verb returns; one that Python could not raise (inside a garbage-collector
+callback) is sent again a moment later. The CLI prints each as one line, `ferjax: interrupted:
+...`, with exit code 130 for SIGINT and 143 for SIGTERM. A second signal while a loop saves the
+first one's step interrupts at once, as Python's default would.
+
+Single-process runs only defer: in a multi-process run every process must agree on the step at
+which to stop and save (a save is collective), so there the handler raises at once and a resume
+restarts from the last checkpoint, which is exact.
 """
 
+import os
 import signal
+import sys
 import threading
-
-import jax
 
 from ferjax.errors import Interrupted
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
+_received = None  # The first signal's number since `install()`.
+_deferring = 0  # How many training loops (nested) read the record themselves.
 
-class StopRequests:
-  """Context manager; truthy once SIGINT or SIGTERM arrived (`.signum` says which)."""
 
-  def __init__(self):
-    self.signum = None
-    self._previous = {}
+class Stopped(KeyboardInterrupt):
+  """A signal outside a training loop; `signum` says which."""
 
-  def __bool__(self) -> bool:
-    return self.signum is not None
-
-  def _handle(self, signum, frame):
-    if self.signum is not None:  # Asked twice: stop now.
-      raise KeyboardInterrupt
+  def __init__(self, signum: int):
+    super().__init__(signal.Signals(signum).name)
     self.signum = signum
 
+
+def _handle(signum, frame):
+  global _received
+  again = _received is not None
+  if not again:
+    _received = signum
+  if _deferring and not again:
+    return  # The loop saves this step, then stops.
+  raise Stopped(_received)
+
+
+def _unraisable(unraisable):
+  """Where Python cannot raise (a garbage-collector callback, a __del__), it prints the exception
+  as "Exception ignored in" and a traceback, and goes on: a `Stopped` there is dropped, and its
+  signal sent again a moment later (from a timer thread, so not inside this hook), to be raised
+  where the main thread then is. Anything else goes to Python's hook."""
+  if isinstance(unraisable.exc_value, Stopped):
+    threading.Timer(0.1, os.kill, (os.getpid(), unraisable.exc_value.signum)).start()
+  else:
+    _python_unraisablehook(unraisable)
+
+
+_python_unraisablehook = sys.unraisablehook
+
+
+def install():
+  """Makes `_handle` the SIGINT and SIGTERM handler and forgets earlier signals; returns what
+  `uninstall` needs to put the previous handlers back (None off the main thread, where Python
+  cannot set handlers)."""
+  global _received, _python_unraisablehook
+  if threading.current_thread() is not threading.main_thread():
+    return None
+  _received = None
+  previous = {s: signal.signal(s, _handle) for s in SIGNALS}
+  if sys.unraisablehook is not _unraisable:
+    _python_unraisablehook = sys.unraisablehook
+    sys.unraisablehook = _unraisable
+  return previous
+
+
+def uninstall(previous) -> None:
+  """Puts back the handlers `install()` replaced, and forgets the signal received."""
+  global _received
+  _received = None
+  for s, handler in (previous or {}).items():
+    signal.signal(s, handler)
+  if previous and sys.unraisablehook is _unraisable:
+    sys.unraisablehook = _python_unraisablehook
+
+
+def installed() -> bool:
+  return all(signal.getsignal(s) is _handle for s in SIGNALS)
+
+
+def received() -> int | None:
+  """The number of the signal received since `install()`, or None."""
+  return _received
+
+
+def check() -> None:
+  """Raises `Stopped` when a signal was received (e.g. one whose exception a library swallowed)."""
+  if _received is not None:
+    raise Stopped(_received)
+
+
+def stopped_message(signum: int) -> str:
+  """The line (after `ferjax: interrupted: `) for a signal outside a training loop."""
+  return (f"{signal.Signals(signum).name}: stopped; finished steps and stages are kept (run the "
+          "same command again to go on)")
+
+
+class StopRequests:
+  """Context manager around a training loop; truthy once SIGINT or SIGTERM arrived (`.signum`
+  says which). Installs the handler for the loop when the CLI did not (the Python API, tests).
+  A signal received before the loop starts stops it at once; one received after the loop read
+  it for the last time stops the run when the loop ends."""
+
+  def __init__(self):
+    self._previous = None
+    self._deferring = False
+
+  @property
+  def signum(self) -> int | None:
+    return _received
+
+  def __bool__(self) -> bool:
+    return _received is not None
+
   def __enter__(self):
+    global _deferring
+    import jax  # Here: `install()` runs before the CLI imports jax.
     if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
-      for s in SIGNALS:
-        self._previous[s] = signal.signal(s, self._handle)
+      if not installed():
+        self._previous = install()
+      _deferring += 1
+      self._deferring = True
+    try:
+      check()
+    except Stopped:
+      self._leave()
+      raise
     return self
 
-  def __exit__(self, *exc):
-    for s, handler in self._previous.items():
-      signal.signal(s, handler)
-    self._previous = {}
+  def __exit__(self, kind, value, traceback):
+    signum = _received
+    self._leave()
+    if kind is None and signum is not None:
+      raise Stopped(signum)
+
+  def _leave(self):
+    global _deferring
+    if self._deferring:
+      _deferring -= 1
+      self._deferring = False
+    if self._previous is not None:  # Installed for this loop only: the next one starts afresh.
+      uninstall(self._previous)
+      self._previous = None
 
   def stop(self, step: int, workdir=None) -> Interrupted:
     """The exception that ends the run once `step` is saved in `workdir` (None: a stage without

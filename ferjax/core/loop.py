@@ -20,7 +20,9 @@ step's bookkeeping, the same for all of them:
      point); every checkpoint_every steps, at the end of the call and on a stop signal, a resume
      point; validation time is not counted as training time;
   5. a stop: Ctrl-C or SIGTERM (read once per step, `interrupt.StopRequests`) or `stop_after`
-     ends the call after saving that step; calling again resumes from it, bit-identically.
+     ends the call after saving that step; calling again resumes from it, bit-identically, its
+     metrics.jsonl too: a stop logs nothing, and the train metrics of the steps since the last
+     logging point are saved with the checkpoint, for the resumed run to log at the next one.
 At the end: curves.png of `curves` from metrics.jsonl, and the writer is closed.
 
 `itstime` is big_vision's rule for "is this one of every n steps, or the last".
@@ -109,7 +111,7 @@ def resume(checkpoints, state, workdir, desc: str):
 # =================================================================================================
 def run(train_step: Callable, state, *, schedule: Schedule, workdir: pathlib.Path, is_main: bool,
         checkpoints, images_per_step: int, watch=("loss",), validate: Callable | None = None,
-        draw: Callable | None = None, log_extra: Callable | None = None,
+        draw: Callable | None = None, log_extra: Callable | None = None, extra_interval=None,
         meta: dict | None = None, desc: str = "train", postfix=("loss",),
         curves: tuple | None = None, first_val: dict | None = None) -> Done:
   """Runs `train_step(state) -> (state, metrics)` from `state.step` to `schedule.last_step`.
@@ -118,6 +120,9 @@ def run(train_step: Callable, state, *, schedule: Schedule, workdir: pathlib.Pat
                                      by the `checkpoints`' best_metric), logged as val_<name>;
   draw(state, step) -> {name: path}  pictures written (process 0 only), logged as images;
   log_extra() -> dict                more metrics logged beside the step metrics' means;
+  extra_interval                     what log_extra sums between logging points, carried over a
+                                     stop like the step metrics: interval() -> JSON saved with the
+                                     stop's checkpoint, resume_interval(saved) given it back;
   checkpoints                        a core.checkpoint.Checkpoints (the caller opens and closes
                                      it), or None for a stage without resume points;
   meta                               stored with every checkpoint;
@@ -136,6 +141,11 @@ def run(train_step: Callable, state, *, schedule: Schedule, workdir: pathlib.Pat
     write(step, _logged(first_val))
   last_checkpoint = checkpoints.latest_step if checkpoints is not None else (lambda: None)
   logged = monitor.IntervalMetrics(images_per_step, watch=watch, last_checkpoint=last_checkpoint)
+  if step and checkpoints is not None:  # Stopped between two logging points: the steps since.
+    saved = _saved_meta(checkpoints, step)
+    logged.resume_interval(saved.get(INTERVAL))
+    if extra_interval is not None and saved.get(EXTRA_INTERVAL):
+      extra_interval.resume_interval(saved[EXTRA_INTERVAL])
   train_metrics, val_metrics, drawn = {}, {}, {}
   with writer or contextlib.nullcontext(), interrupt.StopRequests() as stop, \
       monitor.progress(s.num_steps, initial=step, desc=desc) as bar:
@@ -144,18 +154,25 @@ def run(train_step: Callable, state, *, schedule: Schedule, workdir: pathlib.Pat
       logged.add(metrics)  # Device arrays: fetched only at logging points.
       step += 1
       bar.update(1)
-      stopping = bool(stop)  # Read once: a signal arriving mid-step counts from the next one.
+      signalled = bool(stop)  # Read once: a signal arriving mid-step counts from the next one.
+      # A stop (a signal, or stop_after before the run's end) saves this step as a resume point.
+      stopping = signalled or step == s.last_step < s.num_steps
       is_eval = itstime(step, s.eval_every, s.num_steps)
       # Resume points only every checkpoint_every steps: a validation step saves just a new best
       # (a save per epoch doubled the FER-2013 recipe's wall time on an H200).
-      is_save = checkpoints is not None and itstime(step, s.checkpoint_every, s.last_step)
-      if itstime(step, s.log_every) or is_eval or is_save or stopping:
+      is_save = checkpoints is not None and itstime(step, s.checkpoint_every, s.num_steps)
+      # Logged where an uninterrupted run logs, so that a stopped and resumed run's metrics.jsonl
+      # is the same: a stop between two logging points only runs the guards, and the steps since
+      # the last logging point are saved with the checkpoint, logged by the resumed run.
+      if itstime(step, s.log_every) or is_eval or is_save:
         train_metrics = logged.flush(step)  # The NaN guard first: a NaN state is never saved.
         if log_extra is not None:
           train_metrics.update(log_extra())
         write(step, train_metrics)
         bar.set_postfix({k: f"{train_metrics[k]:.4g}" for k in postfix if k in train_metrics},
                         refresh=False)
+      elif stopping:
+        logged.check(step)
       if is_eval and validate is not None:
         val_metrics = validate(state)
         shown = _logged(val_metrics)
@@ -166,20 +183,39 @@ def run(train_step: Callable, state, *, schedule: Schedule, workdir: pathlib.Pat
         drawn = draw(state, step)
         writer.write_images(step, drawn)
       if checkpoints is not None:
+        extra = meta
+        if stopping and logged.interval():  # Steps not yet logged: carried to the resumed run.
+          extra = {**(meta or {}), INTERVAL: logged.interval()}
+          if extra_interval is not None:
+            extra[EXTRA_INTERVAL] = extra_interval.interval()
         if is_eval and validate is not None:
-          checkpoints.save(step, state, metrics=val_metrics, extra=meta, last=is_save or stopping)
+          checkpoints.save(step, state, metrics=val_metrics, extra=extra, last=is_save or stopping)
         elif is_save or stopping:  # Ctrl-C or SIGTERM: this step becomes a resume point too.
-          checkpoints.save(step, state, extra=meta)
+          checkpoints.save(step, state, extra=extra)
       if is_eval:
         logged.restart_clock()  # Validation time is not training time.
-      if stopping:
+      if signalled:
         raise stop.stop(step, workdir if checkpoints is not None else None)
+    if stop:  # A signal after the last step read it: that step is saved.
+      raise stop.stop(step, workdir if checkpoints is not None else None)
 
     if writer and curves is not None:
       keys, title = curves
       plots.save_curves(monitor.read_metrics(workdir), keys, workdir / "curves.png", title=title)
       writer.write_images(step, {"curves": workdir / "curves.png"})
   return Done(state=state, step=step, train=train_metrics, val=val_metrics, drawn=drawn)
+
+
+# The checkpoint meta keys of the train metrics (and extra_interval's sums) of the steps since the
+# last logging point, saved by a stop between two logging points.
+INTERVAL, EXTRA_INTERVAL = "interval_metrics", "interval_extra"
+
+
+def _saved_meta(checkpoints, step: int) -> dict:
+  """The meta saved with the checkpoint of `step` (empty when it is not the latest)."""
+  if checkpoints.latest_step() != step:
+    return {}
+  return checkpoints.read_meta("latest")
 
 
 def _logged(val_metrics: dict) -> dict:

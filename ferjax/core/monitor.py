@@ -151,9 +151,11 @@ class IntervalMetrics:
   """The train metrics of every step since the last logging point, as both trainers log them.
 
   `add(metrics)` keeps the step's device arrays (nothing is fetched, so the host does not wait
-  on the device); `flush(step)` fetches them, runs the guards on each step (before any
-  checkpoint of that state is written), and returns their means over the interval with the
-  throughput (steps/s, images/s) since the last flush or `restart_clock()`.
+  on the device); `check(step)` fetches them and runs the guards on each step (before any
+  checkpoint of that state is written); `flush(step)` checks, and returns the means over the
+  interval with the throughput (steps/s, images/s) since the last flush or `restart_clock()`.
+  A run stopped between two logging points saves `interval()` with its checkpoint, and the
+  resumed run's `resume_interval` takes it back, so both log the same means.
 
   Guards: any non-finite value stops training (`check_finite`), and so does an explosion: a
   watched loss (`watch`) above EXPLOSION times its running mean after WARMUP steps (a loss of
@@ -168,14 +170,17 @@ class IntervalMetrics:
     self.batch_size = batch_size
     self.watch = tuple(watch)
     self.last_checkpoint = last_checkpoint
-    self.pending = []
+    self.pending = []  # Device arrays, not yet checked.
+    self.fetched = []  # Host values, checked, not yet logged.
     self.throughput = Throughput()
     self.running = {k: (0.0, 0) for k in self.watch}  # (mean of |value|, count)
 
   def add(self, metrics: dict) -> None:
     self.pending.append(metrics)
 
-  def flush(self, step: int) -> dict:
+  def check(self, step: int) -> None:
+    """Fetches the steps added since the last call and runs the guards on them (`step`: the
+    last one's number), keeping them for the next `flush`."""
     history = jax.device_get(self.pending)
     self.pending = []
     for i, m in enumerate(history):
@@ -189,9 +194,32 @@ class IntervalMetrics:
                  "no checkpoint had been saved yet")
         raise NonFiniteLoss(f"{e}; training stopped, {where} (lower the learning rate or check "
                             "the data)") from None
+    self.fetched.extend(history)
+
+  def flush(self, step: int) -> dict:
+    self.check(step)
+    history, self.fetched = self.fetched, []
     means = {k: float(np.mean([m[k] for m in history])) for k in history[0]} if history else {}
     means.update(self.throughput.tick(len(history), self.batch_size))
     return means
+
+  def interval(self) -> dict:
+    """The checked steps not yet logged, as JSON ({name: {"dtype", "values"}}, one value per
+    step), to save with a checkpoint taken between two logging points."""
+    if not self.fetched:
+      return {}
+    return {k: {"dtype": np.asarray(self.fetched[0][k]).dtype.name,
+                "values": [np.asarray(m[k]).tolist() for m in self.fetched]}
+            for k in self.fetched[0]}
+
+  def resume_interval(self, saved: dict) -> None:
+    """Takes back the steps `interval()` gave (a resumed run): the next `flush` averages them
+    with the new ones, exactly as the uninterrupted run did."""
+    if not saved:
+      return
+    columns = {k: np.asarray(v["values"], dtype=v["dtype"]) for k, v in saved.items()}
+    count = len(next(iter(columns.values())))
+    self.fetched = [{k: column[i] for k, column in columns.items()} for i in range(count)]
 
   def _check_explosion(self, step: int, metrics: dict) -> None:
     for k in self.watch:
