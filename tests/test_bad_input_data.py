@@ -122,7 +122,8 @@ def read_only(monkeypatch, root: Path):
   def refuse(path):
     raise OSError(errno.EROFS, "Read-only file system", os.fsdecode(path))
 
-  real_open, real_mkdir = builtins.open, os.mkdir
+  real_open, real_mkdir, real_os_open = builtins.open, os.mkdir, os.open
+  writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
   def fake_open(file, mode="r", *args, **kwargs):
     if isinstance(file, (str, bytes, os.PathLike)) and under(file) and set(mode) & set("wax+"):
@@ -134,9 +135,15 @@ def read_only(monkeypatch, root: Path):
       refuse(path)
     return real_mkdir(path, *args, **kwargs)
 
+  def fake_os_open(path, flags, *args, **kwargs):  # Locks and staged files open this way.
+    if under(path) and flags & writing:
+      refuse(path)
+    return real_os_open(path, flags, *args, **kwargs)
+
   monkeypatch.setattr(builtins, "open", fake_open)
   monkeypatch.setattr(io, "open", fake_open)
   monkeypatch.setattr(os, "mkdir", fake_mkdir)
+  monkeypatch.setattr(os, "open", fake_os_open)
 
 
 def bomb_png(path: Path, size=20000):
