@@ -47,6 +47,8 @@ from ferjax.data.loading import DATASET_NAMES
 from ferjax.errors import UserError
 
 CPU_FALLBACK = "classifier_fer2013_cpu.py"
+# Full GPU recipes (days on a CPU): on a CPU a dataset without a `_cpu` config gets CPU_FALLBACK.
+GPU_RECIPES = ("classifier_fer2013.py", "classifier_rafdb.py", "classifier_affectnet.py")
 METRICS = (("accuracy", "Accuracy"), ("mean_class_accuracy", "Mean class accuracy"))
 # The split a test dataset is reported on when it is not the train dataset (default "test").
 OFF_DIAGONAL_SPLIT = {"ckplus": "all"}
@@ -130,7 +132,7 @@ def config_for(source: Source, chosen: dict) -> tuple[str, list[str]]:
     return chosen[source.label], source.overrides()
   names = [f"classifier_{source.name}.py"]
   if jax.default_backend() == "cpu":
-    names.insert(0, f"classifier_{source.name}_cpu.py")
+    names = [f"classifier_{source.name}_cpu.py", *(n for n in names if n not in GPU_RECIPES)]
   for name in names:
     if (runner.CONFIGS / name).is_file() and source.name != "folder":
       return name, source.overrides()
