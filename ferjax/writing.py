@@ -24,6 +24,10 @@ OS_MESSAGES = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": e
                "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES}
 
 
+# A full disk, a quota or a read-only mount: what a write can meet that is not the code's fault.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
 def os_errno(error: BaseException) -> int | None:
   """The errno of an OSError, else the one its message names (see OS_MESSAGES), else None."""
   if isinstance(error, OSError) and error.errno is not None:

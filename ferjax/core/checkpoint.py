@@ -23,7 +23,6 @@ tracebacks, asyncio's abandoned writes): a user sees the one line.
 """
 
 import contextlib
-import errno
 import logging
 import pathlib
 import re
@@ -38,7 +37,7 @@ from ferjax.errors import UserError
 
 # A write that fails on one of these is a full disk (or quota, or read-only file system), which the
 # trainer reports in one line (core.workdir.disk_errors).
-DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+DISK_ERRNOS = writing.DISK_ERRNOS
 
 
 def _manager(directory: pathlib.Path, max_to_keep: int, create: bool) -> ocp.CheckpointManager:

@@ -24,7 +24,6 @@ rather than silently restarted from step 0. A run that fails before it logged or
 """
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -302,7 +301,7 @@ def check_writable(folder, what: str) -> pathlib.Path:
   return folder
 
 
-DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+DISK_ERRNOS = writing.DISK_ERRNOS
 
 
 @contextlib.contextmanager
