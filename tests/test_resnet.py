@@ -49,8 +49,24 @@ def test_stems_differ_in_first_layer_and_pooling():
   assert standard["params"]["stem_conv"]["kernel"].shape == (7, 7, 1, 8)
 
 
+def test_strided_stem_is_the_small_stem_at_half_the_map():
+  """Same parameters as the small stem (a 3x3 conv, no pool), every map halved."""
+  def run(stem):
+    model = resnet.create_model("resnet10", num_classes=7, stem=stem, width=0.125)
+    x = jnp.zeros((1, 48, 48, 1))
+    return jax.eval_shape(lambda: model.init_with_output(
+        jax.random.key(0), x, train=False, capture_intermediates=True))
+  (_, small), (_, strided) = run("small"), run("strided")
+  assert jax.tree.map(lambda a: a.shape, small["params"]) == jax.tree.map(
+      lambda a: a.shape, strided["params"])
+  for block, side in (("stage1_block1", 24), ("stage2_block1", 12), ("stage4_block1", 3)):
+    assert strided["intermediates"][block]["__call__"][0].shape[1:3] == (side, side)
+    assert small["intermediates"][block]["__call__"][0].shape[1] == 2 * side
+
+
 @pytest.mark.parametrize("name,stem,size", [
-    ("resnet18", "small", 48), ("resnet18", "small", 32), ("resnet34", "standard", 112),
+    ("resnet18", "small", 48), ("resnet18", "small", 32), ("resnet10", "strided", 48),
+    ("resnet34", "standard", 112),
     ("resnet50", "standard", 96)])
 def test_smallest_feature_map_matches_the_model(name, stem, size):
   """The helper configs rely on predicts the last stage's map of the real network."""
@@ -68,6 +84,8 @@ def test_smallest_feature_map_matches_the_model(name, stem, size):
 def test_known_map_sizes():
   assert resnet.smallest_feature_map(48, "small") == 6
   assert resnet.smallest_feature_map(32, "small") == 4
+  assert resnet.smallest_feature_map(48, "strided") == 3
+  assert resnet.smallest_feature_map(32, "strided") == 2
   assert resnet.smallest_feature_map(96, "standard") == 3
   assert resnet.smallest_feature_map(64, "standard") == 2  # Too small: the small stem is for this.
 

@@ -101,7 +101,8 @@ SPEC = {
         "depth": integer(None, 1, optional=True, doc="ViT only: number of transformer blocks; "
                          "None: the preset's 12."),
         "stem": one_of("small", resnet.STEMS, doc="ResNet only: small (3x3 stride-1 conv, no "
-                       "pool) or standard (7x7 stride-2 conv and max-pool)."),
+                       "pool), strided (3x3 stride-2 conv, no pool: half the maps, for CPUs) or "
+                       "standard (7x7 stride-2 conv and max-pool)."),
         "width": number(1.0, 0, 8, lo_open=True, doc="Channel multiplier (0.25: a ResNet's "
                         "16-32-64-128 stages)."),
         "cbam": flag(False, doc="ResNet only: CBAM attention in every block."),

@@ -1,10 +1,14 @@
 """ResNet-10/18/34/50 classifiers for face images, with an optional CBAM block attention.
 
-Two stems:
+Three stems:
   standard  7x7/2 conv + 3x3/2 max-pool (torchvision layout), for inputs of ~96 px and up;
-  small     3x3/1 conv, no max-pool, for 32-64 px inputs such as FER-2013's 48 px.
+  small     3x3/1 conv, no max-pool, for 32-64 px inputs such as FER-2013's 48 px;
+  strided   3x3/2 conv, no max-pool: the small stem at half the map, for 48 px on a CPU (the
+            first stage, the costliest on XLA:CPU, runs at 24x24, so width 0.5 costs about what
+            the small stem at width 0.25 does: classifier_fer2013_cpu.py).
 The four stages then halve the map three times, so the last stage sees the input divided by 8
-(small) or by 32 (standard): 48 px small -> 48-24-12-6; 112 px standard -> 28-14-7-4.
+(small), 16 (strided) or 32 (standard): 48 px small -> 48-24-12-6; 48 px strided -> 24-12-6-3;
+112 px standard -> 28-14-7-4.
 XLA on CPU is ~100x slower on a 3x3 conv over a 2x2 map than over a 3x3 one, so
 `smallest_feature_map` lets configs refuse to go below 3x3 (32 px small ends at 4x4: fine;
 64 px standard would end at 2x2: use the small stem there).
@@ -64,7 +68,7 @@ ARCHITECTURES = {
     "resnet50": ((3, 4, 6, 3), "bottleneck"),
 }
 MODEL_NAMES = tuple(ARCHITECTURES)
-STEMS = ("small", "standard")
+STEMS = ("small", "standard", "strided")
 INPUT_NORMS = ("none", "per_image")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 HEADS = ("linear", "cosine", "rul", "dan")
@@ -335,8 +339,9 @@ class ResNet(nn.Module):
       x = conv(widths[0], (7, 7), 2, padding=3, name="stem_conv")(x)
       x = nn.relu(norm(name="stem_norm")(x))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    else:
-      x = conv(widths[0], (3, 3), 1, padding=1, name="stem_conv")(x)
+    else:  # small: 3x3/1; strided: 3x3/2 (half the map from the start: 48 px -> 24-12-6-3).
+      stride = 2 if self.stem == "strided" else 1
+      x = conv(widths[0], (3, 3), stride, padding=1, name="stem_conv")(x)
       x = nn.relu(norm(name="stem_norm")(x))
 
     for stage, num_blocks in enumerate(self.stage_sizes):
@@ -413,6 +418,8 @@ def smallest_feature_map(image_size: int, stem: str) -> int:
   if stem == "standard":
     size = (size + 2 * 3 - 7) // 2 + 1  # 7x7/2 conv, padding 3.
     size = (size + 2 * 1 - 3) // 2 + 1  # 3x3/2 max-pool, padding 1.
+  elif stem == "strided":
+    size = (size + 2 * 1 - 3) // 2 + 1  # 3x3/2 conv, padding 1.
   for _ in range(3):  # Stages 2-4 each halve the map with a 3x3/2 conv, padding 1.
     size = (size + 2 * 1 - 3) // 2 + 1
   return size
