@@ -11,13 +11,18 @@ synthesis of a quarter of the batch with an untrained DCGAN-64 VAE-GAN of the sa
 crop/flip/erasing); the target is at most 15%.
 The MAE rows time SSFER's stage 1 (pretrain_fer2013.py: ViT-S, 75% of the patches masked) at
 48 px with 4 px patches and at 112 px with 16 px patches; the target is MFU >= 40% in bf16.
---cpu measures the CPU rows instead (small-stem ResNet-18, 48 px gray, batch 64, f32; the MAE
-rows at batch 16, f32) and, CPU speed moving with the machine and its load, measures the
-ResNet's references in the same run:
+--cpu measures the CPU rows instead (small-stem ResNet-18, 48 px gray, batch 64, f32; the network
+of the FER-2013 CPU recipe, classifier_fer2013_cpu.py, its full train step; the MAE rows at batch
+16, f32) and, CPU speed moving with the machine and its load, measures each ResNet row's
+references (the same network) in the same run, one after the other:
 experiments/reference_resnet18.py for plain Flax, and for PyTorch eager with the interpreter
 given by --torch-python (torch is not a ferjax dependency; without it that column stays empty).
 A second table times the train step with each toolbox method (METHOD_ROWS) against the plain
 linear head on the same backbone and batch. Writes bench.jsonl and bench.md.
+--match TEXT measures only the rows whose name contains TEXT, without the method table:
+
+  python experiments/bench_targets.py --out runs/bench_cpu --cpu --match "CPU recipe" \
+      --torch-python /path/to/python-with-torch                    # ~2 minutes
 """
 
 import argparse
@@ -53,15 +58,22 @@ GPU_ROWS = [
     ("MAE pre-training, ViT-S/16, 112 px gray, batch 512, bf16",
      ["pretrain", "--config", PRETRAIN, *VIT_112], "pretrain", None, None),
 ]
-CPU_ROWS = [  # The ResNet row's references are measured in the same run (measure_cpu_references).
+CPU_RECIPE = "experiments/configs/classifier_fer2013_cpu.py"
+# CPU rows: (row name, `ferjax bench` arguments, record "what", reference_resnet18.py arguments
+# for the same network, or None). The references are measured in the same run
+# (measure_cpu_references), one after the other.
+CPU_ROWS = [
     ("ResNet-18 small stem, 48 px gray, batch 64, f32",
-     ["classifier", *SMALL, "--batch", "64", "--steps", "3"], "classifier", None, None),
+     ["classifier", *SMALL, "--batch", "64", "--steps", "3"], "classifier", []),
+    ("FER-2013 CPU recipe: ResNet-18 x0.25 strided stem, 48 px gray, batch 64, f32",
+     ["classifier", "--config", CPU_RECIPE, "--steps", "20"], "classifier",
+     ["--depth", "18", "--width", "0.25", "--stem", "strided", "--steps", "20"]),
     ("MAE pre-training, ViT-S/4, 48 px gray, batch 16, f32",
      ["pretrain", "--config", PRETRAIN, "--config.model.dtype=float32", "--batch", "16",
-      "--steps", "2"], "pretrain", None, None),
+      "--steps", "2"], "pretrain", None),
     ("MAE pre-training, ViT-S/16, 112 px gray, batch 16, f32",
      ["pretrain", "--config", PRETRAIN, *VIT_112, "--config.model.dtype=float32", "--batch",
-      "16", "--steps", "2"], "pretrain", None, None),
+      "16", "--steps", "2"], "pretrain", None),
 ]
 REFERENCE = pathlib.Path(__file__).with_name("reference_resnet18.py")
 # The toolbox's cost on the train step: each method against the plain linear head, same
@@ -80,16 +92,16 @@ METHOD_ROWS = [
 ]
 
 
-def measure_cpu_references(torch_python, log) -> tuple:
+def measure_cpu_references(torch_python, log, reference_args) -> tuple:
   """images/s of the plain-Flax and (given an interpreter with torch) PyTorch references."""
   speeds = []
   for python, framework in ((sys.executable, "flax"), (torch_python, "torch")):
-    if python is None:
+    if python is None or reference_args is None:
       speeds.append(None)
       continue
-    print(f"$ {python} {REFERENCE.name} --framework {framework}", flush=True)
-    result = subprocess.run([python, str(REFERENCE), "--framework", framework],
-                            capture_output=True, text=True)
+    command = [str(REFERENCE), "--framework", framework, *reference_args]
+    print(f"$ {python} {' '.join(command)}", flush=True)
+    result = subprocess.run([python, *command], capture_output=True, text=True)
     log.write(result.stdout + result.stderr)
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     speeds.append(json.loads(lines[-1])["images_per_s"] if result.returncode == 0 and lines
@@ -139,6 +151,8 @@ def main() -> int:
   parser.add_argument("--out", default="runs/bench", help="output folder")
   parser.add_argument("--cpu", action="store_true", help="the CPU row, with its references")
   parser.add_argument("--torch-python", help="--cpu: a Python with torch, for the PyTorch column")
+  parser.add_argument("--match", help="only the rows whose name contains this text (no method "
+                      "table)")
   args = parser.parse_args()
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
@@ -148,10 +162,12 @@ def main() -> int:
   with open(out / "bench.jsonl", "w") as jsonl, open(out / "bench.log", "w") as log:
     rows = GPU_ROWS
     if args.cpu:
-      flax_speed, torch_speed = measure_cpu_references(args.torch_python, log)
-      rows = [(name, bench_args, what, *((flax_speed, torch_speed) if what == "classifier"
-                                          else (None, None)))
-              for name, bench_args, what, _, _ in CPU_ROWS]
+      rows = [(name, bench_args, what,
+               *measure_cpu_references(args.torch_python, log, reference_args))
+              for name, bench_args, what, reference_args in CPU_ROWS
+              if args.match is None or args.match in name]
+    elif args.match is not None:
+      rows = [row for row in rows if args.match in row[0]]
     for name, bench_args, what, target, torch in rows:
       records = run_row(bench_args, log)
       for record in records:
@@ -177,7 +193,7 @@ def main() -> int:
           f"{record['compile_s']} | {'' if flops is None else f'{flops / 1e9:.2f}'} | "
           f"{'' if mfu is None else f'{100 * mfu:.1f}%'} | {'; '.join(notes)} |")
       print(lines[-1], flush=True)
-    method_lines = method_table(args.cpu, jsonl, log, devices)
+    method_lines = [] if args.match is not None else method_table(args.cpu, jsonl, log, devices)
   table = (f"Device: {', '.join(sorted(devices)) or 'none measured'}\n\n" + "\n".join(lines)
            + "\n\n" + "\n".join(method_lines) + "\n")
   (out / "bench.md").write_text(table)

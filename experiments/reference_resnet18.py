@@ -4,10 +4,14 @@
   python experiments/reference_resnet18.py --framework torch      # PyTorch eager (if installed)
   python experiments/reference_resnet18.py --size 112 --channels 3 --stem standard --batch 256 \
       --dtype bfloat16                                            # the H200 rows
+  python experiments/reference_resnet18.py --framework torch --width 0.25 --stem strided \
+      --steps 20                                                  # the CPU FER-2013 recipe's net
 
-A small-stem (or torchvision-stem) ResNet-18 train step written the plain way, with nothing of
-ferjax: the Flax-examples ResNet with SGD-momentum and softmax cross-entropy on one random
-batch, jitted with donation; or torchvision's ResNet-18 layout in PyTorch eager, same stem.
+A small-stem (or torchvision-stem, or strided-stem) ResNet-18 (or -10, one block a stage; at a
+width multiplier: 64-128-256-512 times --width channels) train step written the plain way, with
+nothing of ferjax: the Flax-examples ResNet with SGD-momentum and softmax cross-entropy on one
+random batch, jitted with donation; or torchvision's ResNet layout in PyTorch eager, same stem.
+Stems as ferjax's: small 3x3/1 conv; strided 3x3/2 conv; standard 7x7/2 conv + 3x3/2 max-pool.
 Prints one JSON line like `ferjax bench`: images/s of a full train step after warm-up, median
 of 3 repeats. bench_targets.py's GPU reference figures were measured this way; measuring both sides
 on the same machine in the same session is the only fair comparison (CPU figures move by 20-30%
@@ -23,6 +27,14 @@ import time
 import numpy as np
 
 NUM_CLASSES = 7
+
+
+def widths(args) -> tuple[int, ...]:
+  return tuple(max(4, int(round(64 * args.width * 2 ** i))) for i in range(4))
+
+
+def stem_stride(args) -> int:
+  return 1 if args.stem == "small" else 2
 
 
 def flax_step(args):
@@ -52,12 +64,12 @@ def flax_step(args):
     @nn.compact
     def __call__(self, x):
       if args.stem == "standard":
-        x = nn.relu(norm()(conv(64, (7, 7), 2, padding=3)(x)))
+        x = nn.relu(norm()(conv(widths(args)[0], (7, 7), 2, padding=3)(x)))
         x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
       else:
-        x = nn.relu(norm()(conv(64, (3, 3))(x)))
-      for stage, width in enumerate((64, 128, 256, 512)):
-        for i in range(2):
+        x = nn.relu(norm()(conv(widths(args)[0], (3, 3), stem_stride(args))(x)))
+      for stage, width in enumerate(widths(args)):
+        for i in range(1 if args.depth == 10 else 2):
           x = Block(width, 2 if stage > 0 and i == 0 else 1)(x)
       return nn.Dense(NUM_CLASSES, dtype=dtype)(jnp.mean(x, (1, 2))).astype(jnp.float32)
 
@@ -119,16 +131,16 @@ def torch_step(args):
       return torch.relu(self.bn2(self.conv2(y)) + self.down(x))
 
   standard = args.stem == "standard"
-  layers = [nn.Conv2d(args.channels, 64, 7 if standard else 3, 2 if standard else 1,
-                      3 if standard else 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
+  cin = widths(args)[0]
+  layers = [nn.Conv2d(args.channels, cin, 7 if standard else 3, stem_stride(args),
+                      3 if standard else 1, bias=False), nn.BatchNorm2d(cin), nn.ReLU()]
   if standard:
     layers.append(nn.MaxPool2d(3, 2, 1))
-  cin = 64
-  for stage, width in enumerate((64, 128, 256, 512)):
-    for i in range(2):
+  for stage, width in enumerate(widths(args)):
+    for i in range(1 if args.depth == 10 else 2):
       layers.append(Block(cin, width, 2 if stage > 0 and i == 0 else 1))
       cin = width
-  layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, NUM_CLASSES)]
+  layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, NUM_CLASSES)]
 
   device = "cuda" if torch.cuda.is_available() else "cpu"
   model = nn.Sequential(*layers).to(device).train()
@@ -153,7 +165,9 @@ def torch_step(args):
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--framework", choices=("flax", "torch"), default="flax")
-  parser.add_argument("--stem", choices=("small", "standard"), default="small")
+  parser.add_argument("--stem", choices=("small", "standard", "strided"), default="small")
+  parser.add_argument("--depth", type=int, choices=(10, 18), default=18)
+  parser.add_argument("--width", type=float, default=1.0, help="channel multiplier")
   parser.add_argument("--size", type=int, default=48, help="image side in pixels")
   parser.add_argument("--channels", type=int, choices=(1, 3), default=1)
   parser.add_argument("--batch", type=int, default=64)
@@ -176,6 +190,7 @@ def main() -> int:
     rates.append(args.batch * args.steps / (time.perf_counter() - start))
   print(json.dumps({"what": f"reference_{args.framework}", "batch": args.batch,
                     "dtype": args.dtype, "device": device, "stem": args.stem,
+                    "model": f"resnet{args.depth}", "width": args.width,
                     "image_size": args.size, "channels": args.channels,
                     "images_per_s": round(float(np.median(rates)), 1),
                     "first_step_s": round(first_step_s, 2)}))

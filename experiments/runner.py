@@ -19,6 +19,7 @@ DATASETS = {
     "synthetic": ("classifier_synthetic.py", "vaegan_synthetic.py"),
     "synthetic_tiny": ("classifier_synthetic_tiny.py", "vaegan_synthetic_tiny.py"),
     "fer2013": ("classifier_fer2013.py", "vaegan_fer2013.py"),
+    "fer2013_cpu": ("classifier_fer2013_cpu.py", "vaegan_fer2013_cpu.py"),  # 2-core CPU sized.
 }
 
 

@@ -12,14 +12,15 @@ validation (data.val_split=None: no subject on both sides) and `test` is fold<k>
 fold it is fold 0. The checkpoint is chosen on mean class accuracy on that hold-out (contempt and
 fear have a few dozen images each).
 
-The model is that of classifier_fer2013_cpu.py (ResNet-10, small stem, width 0.25, per-image
+The model is that of classifier_fer2013_cpu.py (ResNet-18, strided stem, width 0.25, per-image
 standardisation of the input), so a FER-2013 run can seed it (--config.model.init_from=RUN; the
 head is replaced, the classes differ). The recipe: random crop with 4 px reflect padding,
 horizontal flip, rotation up to 10 degrees, label smoothing 0.1, AdamW with warm-up and cosine
 decay, batch 64, 400 steps (about 30 epochs of a fold's ~880 training images).
 Measured on a CK+-sized stand-in (984 random 48 px faces, 123 subjects; no accuracy to report):
 3 min 44 s per fold on a 2-core CPU shared with other jobs (load average about 4), compile and 4
-validations included; an estimated 2 minutes on an idle one.
+validations included; an estimated 2 minutes on an idle one. (Measured with the earlier model,
+small stem at width 0.25, whose train step took 2.7x as long as this one's: `ferjax bench`.)
 """
 
 from ferjax.kinds import classifier
@@ -34,8 +35,8 @@ def get_config():
   config.data.val_fraction = 0.1
   config.data.fold = None  # 0..9: experiments/ckplus_cv.py sets it per run.
 
-  config.model.name = "resnet10"
-  config.model.stem = "small"
+  config.model.name = "resnet18"
+  config.model.stem = "strided"
   config.model.width = 0.25
   config.model.input_norm = "per_image"
   config.model.dtype = "float32"
