@@ -273,6 +273,12 @@ def test_features_out_inside_the_image_folder_read(tiny_runs, tmp_path, capsys):
                   ["--out", "inside the input folder"], capsys, protect=[tmp_path])
 
 
+def test_retrain_head_out_inside_the_run_it_reads(tiny_runs, tmp_path, capsys):
+  run = copy_run(tiny_runs.classifier, tmp_path / "run")
+  expect_one_line(["retrain-head", "--workdir", run, "--out", run / "crt"],
+                  ["--out", "inside the input folder"], capsys, protect=[tmp_path])
+
+
 def test_export_out_inside_the_workdir(tiny_runs, tmp_path, capsys):
   run = copy_run(tiny_runs.classifier, tmp_path / "run")
   expect_one_line(["export", "--workdir", run, "--out", run / "m.ferjax"],

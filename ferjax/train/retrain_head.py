@@ -210,6 +210,10 @@ def retrain_head(config, workdir, out, *, stop_after: int | None = None) -> dict
   only that many steps (the stage has no resume points: it is short, and written whole)."""
   kind.validate_config(config)
   out = check_out(out)
+  # The new run may not live inside a run it reads (a later extension or cleanup of that run
+  # would find a foreign folder in it, or remove the new run with it).
+  writing.refuse_clobbering(out, input_dirs=[workdir, config.synth.vaegan_workdir],
+                            what="--out", folder=True)
   run = runs.open_classifier(workdir, str(config.source.checkpoint))
   if run.config.model.get("head", "linear") != "linear":  # NormedLinear: no bias, scaled cosines.
     raise UserError(f"--workdir {workdir}: its model.head is {run.config.model.head!r}: "
