@@ -22,7 +22,7 @@ any test dataset: no checkpoint, no setting, no early stop.
 Config per train dataset: `--config-for NAME=FILE`, else experiments/configs/
 classifier_<name>_cpu.py on a CPU-only machine, then classifier_<name>.py, then
 classifier_fer2013_cpu.py with data.name set to the dataset (the CPU FER-2013 recipe: 48 px
-gray, about 10 minutes of training on a 2-core CPU per run). `--folder LABEL=DIR` adds an image-
+gray, about 20 minutes of training on a 2-core CPU per run). `--folder LABEL=DIR` adds an image-
 folder dataset (`DIR/<split>/<class>/*.png`) under the name LABEL, usable in --train and --test.
 FER+ relabels FER-2013's images (same split membership), so the cells between the two measure a
 change of labels, not of domain.
