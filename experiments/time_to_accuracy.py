@@ -7,7 +7,7 @@
 For each seed, `ferjax train --config CONFIG --config.seed=S` runs in a child process while this
 script notes the wall time (from launch: start-up, compile, data loading and validations
 included) at which each resume checkpoint appears in `checkpoints/last/`. The config must keep
-every checkpoint (classifier_fer2013_cpu.py saves every 500th step and keeps 8). When the run
+every checkpoint (classifier_fer2013_cpu.py saves every 500th step and keeps 14). When the run
 ends, each of those checkpoints and the `best` one (chosen on the run's own validation: the
 hold-out of train in the CPU recipe) is scored on `--split` (default `validation`, FER-2013's
 PublicTest), so PublicTest selects nothing. A seed is resumable only as a whole: a seed folder
@@ -28,6 +28,8 @@ import sys
 import time
 
 import numpy as np
+
+from ferjax import report
 
 DEFAULT_CONFIG = "experiments/configs/classifier_fer2013_cpu.py"
 LEVELS = (50.0, 55.0, 58.0, 60.0, 62.0)
@@ -100,10 +102,10 @@ def run_seed(args, seed: int, overrides: list[str]) -> None:
 
 
 def mean_std(values) -> str:
+  """Mean ± sample std in the values' own units (minutes, %), formatted as every table
+  (report.stat would scale fractions to percent)."""
   values = np.asarray(values, dtype=float)
-  if len(values) == 1:
-    return f"{values[0]:.2f}"
-  return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"  # The sample std, as every table.
+  return report.fmt((values.mean(), values.std(ddof=1) if len(values) > 1 else None))
 
 
 def collect(out: pathlib.Path) -> str:
