@@ -20,8 +20,9 @@ config.data.val_split=None it keeps no validation split either and the heads use
 checkpoint, as experiments/protocol.py does). Finished heads in --out are reused, so adding
 --sweep later trains only the new ones.
 
-Takes the protocol's finished runs (`none` and `logit_adj`, one per seed; trained if missing)
-and, on each run's frozen backbone, re-trains the classifier head with `ferjax retrain-head`
+Takes the protocol's finished runs (`none` and `logit_adj`, one per seed; trained if missing;
+with --variants only the backbones those heads need, and tau_norm only with `none`) and, on
+each run's frozen backbone, re-trains the classifier head with `ferjax retrain-head`
 under every variant below (ferjax.train.retrain_head; nothing of the backbone changes). Each variant is
 evaluated, at its head chosen on validation, on validation (for choices) and test (reported).
 Methods (backbone / head stage):
@@ -214,7 +215,9 @@ def main(argv=None) -> int:
   names += [n for n in SWEEP if args.sweep and n not in names]
   chosen = runner.select(grid, names, "--variants")
   out.mkdir(parents=True, exist_ok=True)  # Only once the arguments are known to be good.
-  needed = {"none", "logit_adj", *(grid[name][0] for name in chosen)}
+  needed = {*(grid[name][0] for name in chosen)}
+  if args.variants is None:  # The full table: plain training and logit adjustment beside.
+    needed |= {"none", "logit_adj"}
   evals = {}
   for seed in args.seeds:
     for method in [m for m in BACKBONES if m in needed]:
@@ -225,8 +228,9 @@ def main(argv=None) -> int:
   if train_vaegan and any(name in SWEEP_PIXEL for name in chosen):
     runner.train_vaegan(vaegan_config, vaegan, vaegan_overrides)
   for seed in args.seeds:
-    evals.setdefault("tau_norm", []).append(
-        tau_norm(base / f"none_seed{seed}", args.report_split))
+    if "none" in needed:
+      evals.setdefault("tau_norm", []).append(
+          tau_norm(base / f"none_seed{seed}", args.report_split))
     for name in chosen:
       method, overrides = grid[name]
       print(f"=== {name}, seed {seed} ===", flush=True)

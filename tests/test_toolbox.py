@@ -214,3 +214,28 @@ def test_feature_semantic_reuses_a_head_only_with_its_variants_settings(tmp_path
   configs.apply_overrides(config, [f"--{o}" for o in wb])
   with pytest.raises(UserError, match="head.max_norm_thresh=None, not 0.1"):
     feature_semantic.check_head(tmp_path, config, wb)
+
+
+def test_feature_semantic_trains_only_the_backbones_its_chosen_heads_need(tmp_path, monkeypatch,
+                                                                          experiment):
+  """`--variants wb` trains the strong-weight-decay backbone only (no plain, no logit-adjusted,
+  no tau-normalisation); the default table trains all three."""
+  feature_semantic, runner = experiment("feature_semantic"), experiment("runner")
+  trained, heads_run = [], []
+  fake = {"accuracy": 0.5, "mean_class_accuracy": 0.5, "per_class_recall": [0.5] * 7}
+  monkeypatch.setattr(runner, "train_and_test",
+                      lambda config, workdir, overrides, report_split: (
+                          trained.append(pathlib.Path(workdir).name) or {**fake, "val": fake}))
+  monkeypatch.setattr(feature_semantic, "run_head", lambda backbone, out, overrides, split: (
+      heads_run.append(out.name) or {**fake, "val": fake}))
+  monkeypatch.setattr(feature_semantic, "tau_norm",
+                      lambda backbone, split: heads_run.append("tau") or {**fake, "val": fake})
+  monkeypatch.setattr(runner, "write_results", lambda *args: "")
+  feature_semantic.main(["--base", str(tmp_path / "base"), "--out", str(tmp_path / "heads"),
+                         "--seeds", "0", "--variants", "wb", "wb_radius"])
+  assert trained == ["wd_seed0"] and heads_run == ["wb_seed0", "wb_radius_seed0"]
+  trained.clear()
+  heads_run.clear()
+  feature_semantic.main(["--base", str(tmp_path / "base"), "--out", str(tmp_path / "heads"),
+                         "--seeds", "0"])
+  assert trained == ["none_seed0", "logit_adj_seed0", "wd_seed0"] and "tau" in heads_run
