@@ -253,9 +253,11 @@ def main(argv=None) -> int:
              + (" --variants " + " ".join(args.variants) if args.variants else ""))
   pixel_note = (f"; the pix_* heads' faces from the VAE-GAN {vaegan}"
                 if any(n in SWEEP_PIXEL for n in chosen) else "")
-  notes = (f"Backbones: `python experiments/protocol.py --dataset {args.dataset} --methods none "
-           f"logit_adj --out {base}{overrides}` (checkpoints chosen on validation; `wd`, when a "
-           f"head needs it, trained into the same folder). Heads: `{command}`; each head "
+  trained = [m for m in BACKBONES if m in needed]
+  notes = (f"Backbones ({', '.join(trained)}): the protocol's recipe in {base}, as `python "
+           f"experiments/protocol.py --dataset {args.dataset} --methods none logit_adj --out "
+           f"{base}{overrides}` trains none and logit_adj, with config.optim.weight_decay=0.05 "
+           f"for wd (checkpoints chosen on validation). Heads: `{command}`; each head "
            f"re-trained on the frozen backbone's features (`ferjax retrain-head`), chosen on "
            f"validation mean class accuracy{pixel_note}; *_best: chosen per seed on validation "
            f"mean class accuracy (feat_best among the feat_a* alphas, feat_la_best among every "
