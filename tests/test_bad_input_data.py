@@ -593,14 +593,21 @@ def test_lock_wait_announces_then_times_out(base, tmp_path, capsys):
   assert sorted(p.name for p in data.iterdir()) == [".fer2013.lock"]
 
 
-def test_lock_wait_proceeds_once_released(base, tmp_path, capsys):
+def test_lock_wait_proceeds_once_released(base, tmp_path, capsys, monkeypatch):
   import fcntl
-  import threading
+  from ferjax import writing
   data = tmp_path / "data"
   data.mkdir()
   held = open(data / ".fer2013.lock", "a+")
   fcntl.flock(held, fcntl.LOCK_EX)
-  threading.Timer(0.6, held.close).start()
+  tries, real_try = [], writing._try_lock
+
+  def try_lock(f):  # The holder lets go while the waiter polls (after its waiting line), on
+    tries.append(f)  # any machine load: a timer could fire before the first try.
+    if len(tries) == 2:
+      held.close()
+    return real_try(f)
+  monkeypatch.setattr(writing, "_try_lock", try_lock)
   rc, out, err = run(["data", "prepare", "fer2013", "--manual-dir", base / "raw", "--data-dir",
                       data, "--wait", "30"], capsys)
   assert rc == 0 and out.startswith("prepared fer2013"), err

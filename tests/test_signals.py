@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import flax
 import jax.numpy as jnp
@@ -129,6 +130,52 @@ def test_a_signal_inside_an_import_is_one_line_not_an_import_error(monkeypatch, 
   assert err.strip().splitlines() == [err.strip()], err
   assert err.startswith("ferjax: interrupted: SIGTERM: stopped"), err
   assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # Put back.
+
+
+def test_a_signal_during_an_import_is_raised_once_the_import_is_done(tmp_path, monkeypatch,
+                                                                     capsys):
+  """C code that imports a module (numpy's C API) prints an exception raised in the import as a
+  traceback: the signal waits for the import to finish, then stops the verb in one line."""
+  (tmp_path / "ferjax_slow_import.py").write_text(
+      "import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(0.3)\n"
+      "DONE = True\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  monkeypatch.delitem(sys.modules, "ferjax_slow_import", raising=False)
+  imported = []
+
+  def handler(args):
+    import ferjax_slow_import  # pylint: disable=import-outside-toplevel,import-error
+    imported.append(ferjax_slow_import.DONE)
+    time.sleep(5)
+    return 0
+
+  monkeypatch.setattr(cli, "_run_handler", lambda spec, args: handler(args))
+  try:
+    assert cli.main(["data", "stats", "synthetic"]) == 143
+  finally:
+    sys.modules.pop("ferjax_slow_import", None)
+  assert imported == [True]  # The import ran to its end.
+  err = capsys.readouterr().err
+  assert err.strip().splitlines() == [err.strip()], err
+  assert err.startswith("ferjax: interrupted: SIGTERM: stopped"), err
+
+
+def test_the_unraisable_exception_hooks_never_call_each_other_in_a_cycle(monkeypatch):
+  """The CLI installs the signal handler per verb and checkpoint reads add their own hook: however
+  often both happen, an unraisable exception reaches the first hook once (it used to recurse
+  until the recursion limit)."""
+  from ferjax.core import checkpoint  # pylint: disable=import-outside-toplevel
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+  monkeypatch.setattr(interrupt, "_hook_installed", False)
+  monkeypatch.setattr(interrupt, "_python_unraisablehook", interrupt._python_unraisablehook)
+  for _ in range(3):
+    previous = interrupt.install()
+    checkpoint._drop_failed_read_leftovers()
+    interrupt.uninstall(previous)
+  unraisable = types.SimpleNamespace(exc_value=ValueError("x"), object=None)
+  sys.unraisablehook(unraisable)
+  assert seen == [unraisable]
 
 
 def test_a_signal_a_library_swallowed_still_ends_the_verb_with_its_code(monkeypatch, capsys):

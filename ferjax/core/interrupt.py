@@ -8,8 +8,9 @@ process, every verb and every stage of the demo. It records the signal, then:
 
 * inside a training loop (`StopRequests`), nothing more: the loop reads the record after every
   step, saves that step as a resume point and raises `errors.Interrupted`;
-* anywhere else (imports, data loading, evaluation, between two stages), it raises `Stopped` (a
-  KeyboardInterrupt) at once.
+* anywhere else (data loading, evaluation, between two stages), it raises `Stopped` (a
+  KeyboardInterrupt) at once; inside an import, once the import is done (C code that imports a
+  module can print an exception raised there as a traceback), by sending the signal again.
 
 The record stays: a `Stopped` that a library swallowed still stops the run at the next check
 (the next loop step, entering or leaving a loop, `check()` between the demo's stages) and at the
@@ -51,7 +52,25 @@ def _handle(signum, frame):
     _received = signum
   if _deferring and not again:
     return  # The loop saves this step, then stops.
+  if _importing(frame):
+    # Raised inside an import, the exception can reach C code that prints it as a traceback
+    # (numpy's C API does, for the extensions that import numpy): sent again a moment later, to
+    # be raised once the import is done.
+    threading.Timer(RESEND_S, os.kill, (os.getpid(), _received)).start()
+    return
   raise Stopped(_received)
+
+
+RESEND_S = 0.05
+
+
+def _importing(frame) -> bool:
+  """Whether `frame` runs inside a module being imported (importlib's frames below it)."""
+  while frame is not None:
+    if frame.f_code.co_filename.startswith("<frozen importlib"):
+      return True
+    frame = frame.f_back
+  return False
 
 
 def _unraisable(unraisable):
@@ -66,31 +85,35 @@ def _unraisable(unraisable):
 
 
 _python_unraisablehook = sys.unraisablehook
+_hook_installed = False  # Whether `_unraisable` is in the chain of unraisable-exception hooks.
 
 
 def install():
   """Makes `_handle` the SIGINT and SIGTERM handler and forgets earlier signals; returns what
   `uninstall` needs to put the previous handlers back (None off the main thread, where Python
   cannot set handlers)."""
-  global _received, _python_unraisablehook
+  global _received, _python_unraisablehook, _hook_installed
   if threading.current_thread() is not threading.main_thread():
     return None
   _received = None
   previous = {s: signal.signal(s, _handle) for s in SIGNALS}
-  if sys.unraisablehook is not _unraisable:
+  # Once per process, and never taken out: other hooks installed later (checkpoint.py's) wrap
+  # this one, so wrapping them in turn, or putting back the hook this one replaced, would make
+  # a cycle (each calling the other until the recursion limit).
+  if not _hook_installed:
     _python_unraisablehook = sys.unraisablehook
     sys.unraisablehook = _unraisable
+    _hook_installed = True
   return previous
 
 
 def uninstall(previous) -> None:
-  """Puts back the handlers `install()` replaced, and forgets the signal received."""
+  """Puts back the handlers `install()` replaced, and forgets the signal received (the
+  unraisable-exception hook stays: without the handlers it only passes exceptions on)."""
   global _received
   _received = None
   for s, handler in (previous or {}).items():
     signal.signal(s, handler)
-  if previous and sys.unraisablehook is _unraisable:
-    sys.unraisablehook = _python_unraisablehook
 
 
 def installed() -> bool:
