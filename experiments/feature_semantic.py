@@ -215,7 +215,7 @@ def main(argv=None) -> int:
   names += [n for n in SWEEP if args.sweep and n not in names]
   chosen = runner.select(grid, names, "--variants")
   out.mkdir(parents=True, exist_ok=True)  # Only once the arguments are known to be good.
-  needed = {*(grid[name][0] for name in chosen)}
+  needed = {grid[name][0] for name in chosen}
   if args.variants is None:  # The full table: plain training and logit adjustment beside.
     needed |= {"none", "logit_adj"}
   evals = {}

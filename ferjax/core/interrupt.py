@@ -54,14 +54,16 @@ def _handle(signum, frame):
     return  # The loop saves this step, then stops.
   if _importing(frame):
     # Raised inside an import, the exception can reach C code that prints it as a traceback
-    # (numpy's C API does, for the extensions that import numpy): sent again a moment later, to
-    # be raised once the import is done.
-    threading.Timer(RESEND_S, os.kill, (os.getpid(), _received)).start()
+    # (numpy's C API does, for the extensions that import numpy): raised once the import is done.
+    _send_again(_received)
     return
   raise Stopped(_received)
 
 
-RESEND_S = 0.05
+def _send_again(signum: int) -> None:
+  """Sends `signum` to this process a moment later, from a timer thread, so that the handler
+  runs again wherever the main thread then is."""
+  threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
 
 
 def _importing(frame) -> bool:
@@ -79,7 +81,7 @@ def _unraisable(unraisable):
   signal sent again a moment later (from a timer thread, so not inside this hook), to be raised
   where the main thread then is. Anything else goes to Python's hook."""
   if isinstance(unraisable.exc_value, Stopped):
-    threading.Timer(0.1, os.kill, (os.getpid(), unraisable.exc_value.signum)).start()
+    _send_again(unraisable.exc_value.signum)
   else:
     _python_unraisablehook(unraisable)
 
